@@ -1,0 +1,227 @@
+"""The `edgecompile` command. Every user error is one line on stderr and exit code 2."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from edgecompile import __version__
+from edgecompile.errors import EdgeCompileError
+
+console = Console(stderr=True)
+out = Console()
+
+
+def parse_latent(text: str | None) -> tuple[int, int] | None:
+    if text is None:
+        return None
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise EdgeCompileError(f"--latent {text!r} is not HxW (e.g. --latent 8x8 or --latent 128x96)") from None
+    return h, w
+
+
+def emit_json(data) -> None:
+    click.echo(json.dumps(data, indent=2, default=str))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="edgecompile")
+def cli() -> None:
+    """Compile elastic efficient-DiT checkpoints into verified Core ML packages."""
+
+
+@cli.command()
+@click.argument("source", required=False)
+@click.option("--latent", help="Latent size HxW for the token counts (default: the config's sample_size).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def info(source: str | None, latent: str | None, as_json: bool) -> None:
+    """Parameters, weight bytes and tokens per stage of every width of a config or checkpoint.
+
+    SOURCE is a YAML/JSON config or a checkpoint folder; the bundled default checkpoint when omitted.
+    """
+    from edgecompile.model.checkpoint import load_config_or_checkpoint
+    from edgecompile.model.elastic import count_params
+    from edgecompile.model.config import width_label
+
+    config, ckpt = load_config_or_checkpoint(source)
+    size = parse_latent(latent) or config.sample_size
+    config.check_latent_size(*size)
+    h, w = config.token_grid(*size)
+    mh, mw = config.middle_grid(*size)
+    tokens = {"down": h * w, "middle": mh * mw, "up": h * w}
+    widths = {}
+    for wd in config.widths:
+        n = count_params(config, wd)
+        d = config.dims(wd)
+        widths[width_label(wd)] = {
+            "params": n, "weight_bytes_fp16": 2 * n, "weight_bytes_fp32": 4 * n,
+            "hidden": d.hidden, "heads": d.heads, "kv_heads": d.kv_heads, "tokens": tokens,
+        }
+    data = {
+        "config": config.name, "source": str(ckpt.path) if ckpt else str(source), "latent": list(size),
+        "token_grid": [h, w], "middle_grid": [mh, mw], "widths": widths,
+    }
+    if ckpt is not None:
+        data["checkpoint"] = {"dtype": ckpt.dtype, "provenance": ckpt.provenance}
+    if as_json:
+        emit_json(data)
+        return
+    table = Table(title=f"{config.name}: latent {size[0]}x{size[1]}, tokens down/middle/up {tokens['down']}/{tokens['middle']}/{tokens['up']}")
+    for col in ("width", "params", "fp16 weights", "hidden", "heads (q/kv)"):
+        table.add_column(col, justify="right")
+    for label, row in widths.items():
+        table.add_row(label, f"{row['params'] / 1e6:,.2f} M", f"{row['weight_bytes_fp16'] / 2**20:,.1f} MiB",
+                      str(row["hidden"]), f"{row['heads']}/{row['kv_heads']}")
+    out.print(table)
+    if ckpt is not None:
+        acc = ckpt.provenance.get("sample_accuracy")
+        out.print(f"checkpoint {ckpt.path} ({ckpt.dtype})" + (f"; sample accuracy per width: {acc}" if acc else ""))
+
+
+@cli.command()
+@click.argument("config_path", metavar="CONFIG")
+@click.option("-o", "--output", required=True, type=click.Path(), help="Checkpoint folder to write.")
+@click.option("--seed", default=0, show_default=True, help="Initialisation seed.")
+@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "float16", "bfloat16"]))
+@click.option("--force", is_flag=True, help="Replace an existing output.")
+def init(config_path: str, output: str, seed: int, dtype: str, force: bool) -> None:
+    """Write a randomly initialised checkpoint of CONFIG (to try an architecture or scale before training)."""
+    import torch
+
+    from edgecompile.atomic import check_output_path
+    from edgecompile.model.checkpoint import save_checkpoint
+    from edgecompile.model.config import ModelConfig
+    from edgecompile.model.dit import EfficientDiT, randomize_untrained
+
+    config = ModelConfig.load(config_path)
+    check_output_path(Path(output), force)
+    torch.manual_seed(seed)
+    model = randomize_untrained(EfficientDiT(config), seed)
+    save_checkpoint(model, output, dtype=dtype, provenance={"init": "random", "seed": seed}, force=force)
+    console.print(f"wrote {output} ({sum(p.numel() for p in model.parameters()) / 1e6:,.2f} M parameters, seed {seed})")
+
+
+@cli.command()
+@click.argument("checkpoint", required=False)
+@click.option("--width", "width_text", default="0.5", show_default=True, help="0.375, 0.5, 1.0, a comma list, or 'all'.")
+@click.option("--bits", default="16", show_default=True, help="Weight bits: 16 (fp16), 8, 6, 4 or mixed.")
+@click.option("-o", "--output", default="dist", show_default=True, type=click.Path(), help="Output folder (one subfolder per width).")
+@click.option("--latent", help="Latent size HxW (default: the config's sample_size).")
+@click.option("--target", default="iOS17", show_default=True, type=click.Choice(["iOS17", "iOS18"]))
+@click.option("--format", "fmt", default="coreml", show_default=True, type=click.Choice(["coreml", "onnx"]))
+@click.option("--query-chunk", type=int, help="Split attention queries into chunks of this many tokens.")
+@click.option("--no-verify", is_flag=True, help="Skip executing the package against the checkpoint.")
+@click.option("--force", is_flag=True, help="Replace existing output folders.")
+@click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
+def export(checkpoint, width_text, bits, output, latent, target, fmt, query_chunk, no_verify, force, as_json):
+    """Compile CHECKPOINT (default: the bundled one) into one package per width."""
+    from edgecompile.export import ExportOptions, parse_widths, run_export
+    from edgecompile.model.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(checkpoint)
+    opts = ExportOptions(
+        output=Path(output), widths=parse_widths(width_text, ckpt.config), bits=str(bits), latent_hw=parse_latent(latent),
+        target=target, fmt=fmt, force=force, verify=not no_verify, query_chunk=query_chunk,
+    )
+    with console.status("exporting") as status:
+        reports = run_export(ckpt, opts, on_stage=lambda s: status.update(f"[bold]{s}"))
+    if as_json:
+        emit_json({"packages": reports})
+        return
+    table = Table(title=f"edgecompile export: {ckpt.config.name}")
+    for col in ("width", "package", "params", "size", "PSNR vs checkpoint", "time"):
+        table.add_column(col, justify="right" if col not in ("package",) else "left")
+    for r in reports:
+        v = r.get("verify", {})
+        psnr = f"{v['psnr_vs_checkpoint_db']:.1f} dB" if v else "not verified"
+        table.add_row(f"{r['width']:g}", r["path"], f"{r['params'] / 1e6:.2f} M", f"{r['size_bytes'] / 2**20:.2f} MiB",
+                      psnr, f"{sum(r['stage_seconds'].values()):.1f} s")
+    out.print(table)
+
+
+@cli.command()
+@click.argument("package", type=click.Path())
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def inspect(package, as_json):
+    """Op counts, layout ops per block, I/O, metadata and weight bytes of a saved .mlpackage (works on Linux)."""
+    from edgecompile.coreml.package import layout_ops_per_block, load_package, weight_census
+
+    view = load_package(package)
+    census = weight_census(view)
+    data = {
+        "package": str(view.path), "inputs": view.inputs, "outputs": view.outputs, "metadata": view.metadata,
+        "ops": view.ops, "layout_ops_per_block": layout_ops_per_block(view), **census,
+    }
+    if as_json:
+        emit_json(data)
+        return
+    meta = view.metadata
+    out.print(f"[bold]{view.path}[/bold]  width {meta.get('edgecompile.width', '?')}, bits {meta.get('edgecompile.bits', '?')}, "
+              f"latent {meta.get('edgecompile.latent', '?')}, {census['weight_bytes'] / 2**20:.2f} MiB of weights"
+              + (f", {census['average_bits']:.2f} bits/weight palettized" if census["average_bits"] else ""))
+    io_table = Table(title="inputs / outputs")
+    for col in ("kind", "name", "shape", "dtype", "meaning"):
+        io_table.add_column(col)
+    for kind, feats in (("input", view.inputs), ("output", view.outputs)):
+        for f in feats:
+            io_table.add_row(kind, f["name"], "x".join(map(str, f["shape"])), f["dtype"], f["description"])
+    out.print(io_table)
+    ops_table = Table(title="ops")
+    ops_table.add_column("op")
+    ops_table.add_column("count", justify="right")
+    for k, v in view.ops.items():
+        ops_table.add_row(k, str(v))
+    out.print(ops_table)
+    lay = Table(title="layout ops per transformer block")
+    for col in ("block", "transpose", "reshape"):
+        lay.add_column(col, justify="right")
+    for blk, counts in data["layout_ops_per_block"].items():
+        lay.add_row(blk, str(counts["transpose"]), str(counts["reshape"]))
+    out.print(lay)
+
+
+@cli.command()
+@click.argument("package", type=click.Path())
+@click.option("--checkpoint", type=click.Path(), help="The checkpoint it was exported from (default: the bundled one).")
+@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16"]),
+              help="Interpreter arithmetic: fp32 proves the graph; fp16 predicts device numerics.")
+@click.option("--runtime", default="auto", show_default=True, type=click.Choice(["auto", "coreml", "interpreter"]))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def verify(package, checkpoint, precision, runtime, as_json):
+    """Execute PACKAGE and compare it with the fp32 torch reference of its checkpoint and width (PSNR)."""
+    from edgecompile.coreml.verify import verify_package
+
+    result = verify_package(package, checkpoint, precision=precision, runtime=runtime)
+    if as_json:
+        emit_json(result.to_dict())
+        return
+    out.print(f"{package}: width {result.width:g}, {result.runtime}: PSNR {result.psnr_db:.1f} dB vs {result.reference}"
+              + ("" if result.psnr_db == result.psnr_vs_checkpoint_db else f", {result.psnr_vs_checkpoint_db:.1f} dB vs the unquantized checkpoint"))
+
+
+def main(argv: list[str] | None = None) -> None:
+    try:
+        cli.main(args=argv, prog_name="edgecompile", standalone_mode=False)
+    except EdgeCompileError as e:
+        click.echo(f"edgecompile: error: {e}", err=True)
+        sys.exit(2)
+    except click.exceptions.Abort:
+        click.echo("edgecompile: interrupted; nothing was written", err=True)
+        sys.exit(130)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(2)
+    except KeyboardInterrupt:
+        click.echo("edgecompile: interrupted; nothing was written", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

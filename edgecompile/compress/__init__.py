@@ -1,0 +1,1 @@
+"""Compression: k-means palettization, sensitivity sweep, bit allocation, self-distillation."""

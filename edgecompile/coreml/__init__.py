@@ -1,0 +1,1 @@
+"""Core ML: conversion, package I/O, reading packages back, verification."""

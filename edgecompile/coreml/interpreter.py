@@ -1,0 +1,321 @@
+"""A numpy reference interpreter for the MIL ops edgecompile emits, so a saved .mlpackage can be executed and
+verified on Linux, where Core ML itself cannot run (coremltools' Linux wheel has no libcoremlpython).
+
+precision="fp32" computes everything in float32 (proves the graph); precision="fp16" rounds every op's
+floating inputs and outputs to float16, as a prediction of device numerics (the ANE/GPU compute in fp16).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+import numpy as np
+
+from edgecompile.errors import EdgeCompileError
+
+OPS: dict[str, Callable[..., Any]] = {}
+
+
+def op(*names: str):
+    def register(fn):
+        for n in names:
+            OPS[n] = fn
+        return fn
+
+    return register
+
+
+# ---- elementwise --------------------------------------------------------------------------------------
+for _name, _fn in {
+    "add": np.add, "sub": np.subtract, "mul": np.multiply, "real_div": np.divide, "maximum": np.maximum,
+    "minimum": np.minimum, "pow": np.power,
+}.items():
+    OPS[_name] = (lambda f: lambda x, y, **_: f(x, y))(_fn)
+
+for _name, _fn in {
+    "sin": np.sin, "cos": np.cos, "exp": np.exp, "sqrt": np.sqrt, "tanh": np.tanh, "abs": np.abs,
+    "rsqrt": lambda x: 1.0 / np.sqrt(x), "relu": lambda x: np.maximum(x, 0), "sigmoid": lambda x: 1.0 / (1.0 + np.exp(-x)),
+    "silu": lambda x: x / (1.0 + np.exp(-x)), "square": np.square, "identity": lambda x: x,
+}.items():
+    OPS[_name] = (lambda f: lambda x, **_: f(x))(_fn)
+
+
+@op("gelu")
+def _gelu(x, mode="EXACT", **_):
+    if mode == "TANH_APPROXIMATION":
+        return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
+    if mode == "SIGMOID_APPROXIMATION":
+        return x / (1 + np.exp(-1.702 * x))
+    from scipy.special import erf
+
+    return 0.5 * x * (1 + erf(x / math.sqrt(2)))
+
+
+@op("softmax")
+def _softmax(x, axis=-1, **_):
+    e = np.exp(x - x.max(axis=int(axis), keepdims=True))
+    return e / e.sum(axis=int(axis), keepdims=True)
+
+
+@op("layer_norm")
+def _layer_norm(x, axes, gamma=None, beta=None, epsilon=1e-5, **_):
+    axes = tuple(int(a) for a in np.atleast_1d(axes))
+    mean = x.mean(axis=axes, keepdims=True)
+    var = ((x - mean) ** 2).mean(axis=axes, keepdims=True)
+    out = (x - mean) / np.sqrt(var + epsilon)
+    shape = [1] * x.ndim
+    for a in axes:
+        shape[a] = x.shape[a]
+    if gamma is not None:
+        out = out * gamma.reshape(shape)
+    if beta is not None:
+        out = out + beta.reshape(shape)
+    return out
+
+
+@op("reduce_mean", "reduce_sum", "reduce_max")
+def _reduce(x, axes=None, keep_dims=False, _op_type="reduce_mean", **_):
+    fn = {"reduce_mean": np.mean, "reduce_sum": np.sum, "reduce_max": np.max}[_op_type]
+    return fn(x, axis=None if axes is None else tuple(int(a) for a in np.atleast_1d(axes)), keepdims=bool(keep_dims))
+
+
+# ---- shape ----------------------------------------------------------------------------------------------
+@op("reshape")
+def _reshape(x, shape, **_):
+    shape = [x.shape[i] if s == 0 else int(s) for i, s in enumerate(np.atleast_1d(shape))]
+    return x.reshape(shape)
+
+
+@op("transpose")
+def _transpose(x, perm, **_):
+    return np.transpose(x, [int(p) for p in perm])
+
+
+@op("expand_dims")
+def _expand_dims(x, axes, **_):
+    for a in sorted(int(v) for v in np.atleast_1d(axes)):
+        x = np.expand_dims(x, a)
+    return x
+
+
+@op("squeeze")
+def _squeeze(x, axes=None, **_):
+    return np.squeeze(x, axis=None if axes is None else tuple(int(a) for a in np.atleast_1d(axes)))
+
+
+@op("concat")
+def _concat(values, axis, interleave=False, **_):
+    if interleave:
+        raise EdgeCompileError("the MIL interpreter does not support concat(interleave=True)")
+    return np.concatenate(values, axis=int(axis))
+
+
+@op("split")
+def _split(x, axis, num_splits=None, split_sizes=None, **_):
+    axis = int(axis)
+    if split_sizes is None:
+        return np.split(x, int(num_splits), axis=axis)
+    return np.split(x, np.cumsum(split_sizes)[:-1], axis=axis)
+
+
+@op("slice_by_index")
+def _slice_by_index(x, begin, end, stride=None, begin_mask=None, end_mask=None, squeeze_mask=None, **_):
+    idx = []
+    for i in range(x.ndim):
+        b = None if begin_mask is not None and begin_mask[i] else int(begin[i])
+        e = None if end_mask is not None and end_mask[i] else int(end[i])
+        s = 1 if stride is None else int(stride[i])
+        if squeeze_mask is not None and squeeze_mask[i]:
+            idx.append(int(begin[i]))
+        else:
+            idx.append(slice(b, e, s))
+    return x[tuple(idx)]
+
+
+@op("tile")
+def _tile(x, reps, **_):
+    return np.tile(x, [int(r) for r in reps])
+
+
+@op("pixel_shuffle")
+def _pixel_shuffle(x, upscale_factor, **_):
+    r = int(upscale_factor)
+    n, c, h, w = x.shape
+    return x.reshape(n, c // (r * r), r, r, h, w).transpose(0, 1, 4, 2, 5, 3).reshape(n, c // (r * r), h * r, w * r)
+
+
+@op("cast")
+def _cast(x, dtype, **_):
+    return np.asarray(x).astype({"fp16": np.float16, "fp32": np.float32, "int32": np.int32, "bool": bool,
+                                 "int16": np.int16, "int8": np.int8, "uint8": np.uint8}[dtype])
+
+
+# ---- linear algebra ----------------------------------------------------------------------------------------
+@op("einsum")
+def _einsum(values, equation, **_):
+    return np.einsum(equation, *values, optimize=True)
+
+
+@op("matmul")
+def _matmul(x, y, transpose_x=False, transpose_y=False, **_):
+    if transpose_x:
+        x = np.swapaxes(x, -1, -2)
+    if transpose_y:
+        y = np.swapaxes(y, -1, -2)
+    return np.matmul(x, y)
+
+
+@op("linear")
+def _linear(x, weight, bias=None, **_):
+    out = x @ weight.T
+    return out if bias is None else out + bias
+
+
+def _pads(pad_type, pad, kernel, strides, dilations, in_hw):
+    if pad_type == "valid":
+        return [0, 0, 0, 0]
+    if pad_type == "custom":
+        return [int(p) for p in pad]
+    if pad_type in ("same", "same_lower"):
+        out = []
+        for k, s, d, n in zip(kernel, strides, dilations, in_hw):
+            total = max((math.ceil(n / s) - 1) * s + (k - 1) * d + 1 - n, 0)
+            lo = total // 2 if pad_type == "same" else total - total // 2
+            out += [lo, total - lo]
+        return out
+    raise EdgeCompileError(f"the MIL interpreter does not support conv pad_type {pad_type!r}")
+
+
+@op("conv")
+def _conv(x, weight, bias=None, strides=(1, 1), pad_type="valid", pad=(0, 0, 0, 0), dilations=(1, 1), groups=1, **_):
+    if x.ndim != 4:
+        raise EdgeCompileError(f"the MIL interpreter supports 2-D conv only (got rank {x.ndim})")
+    groups = int(groups)
+    cout, cin_g, kh, kw = weight.shape
+    sh, sw = (int(s) for s in strides)
+    dh, dw = (int(d) for d in dilations)
+    t, b, l, r = _pads(pad_type, pad, (kh, kw), (sh, sw), (dh, dw), x.shape[2:])
+    if t or b or l or r:
+        x = np.pad(x, ((0, 0), (0, 0), (t, b), (l, r)))
+    n, cin, h, w = x.shape
+    oh, ow = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
+    if kh == kw == 1 and groups == 1:
+        xs = x[:, :, : (oh - 1) * sh + 1 : sh, : (ow - 1) * sw + 1 : sw]
+        out = np.einsum("nchw,oc->nohw", xs, weight[:, :, 0, 0], optimize=True)
+    else:
+        win = np.lib.stride_tricks.sliding_window_view(x, (dh * (kh - 1) + 1, dw * (kw - 1) + 1), axis=(2, 3))
+        win = win[:, :, ::sh, ::sw, ::dh, ::dw][:, :, :oh, :ow]  # (n, cin, oh, ow, kh, kw)
+        win = win.reshape(n, groups, cin // groups, oh, ow, kh, kw)
+        wg = weight.reshape(groups, cout // groups, cin_g, kh, kw)
+        out = np.einsum("ngchwij,gocij->ngohw", win, wg, optimize=True).reshape(n, cout, oh, ow)
+    if bias is not None:
+        out = out + bias.reshape(1, -1, 1, 1)
+    return out
+
+
+@op("conv_transpose")
+def _conv_transpose(x, weight, bias=None, strides=(1, 1), pad_type="valid", pad=(0, 0, 0, 0), dilations=(1, 1),
+                    groups=1, output_shape=None, **_):
+    if int(groups) != 1 or any(int(d) != 1 for d in dilations):
+        raise EdgeCompileError("the MIL interpreter supports conv_transpose with groups=1 and dilation 1 only")
+    n, cin, h, w = x.shape
+    _, cout, kh, kw = weight.shape  # MIL conv_transpose weight: (C_in, C_out / groups, kh, kw)
+    sh, sw = (int(s) for s in strides)
+    full = np.zeros((n, cout, (h - 1) * sh + kh, (w - 1) * sw + kw), dtype=np.result_type(x, weight))
+    for i in range(kh):
+        for j in range(kw):
+            full[:, :, i : i + (h - 1) * sh + 1 : sh, j : j + (w - 1) * sw + 1 : sw] += np.einsum("nchw,co->nohw", x, weight[:, :, i, j])
+    t, b, l, r = [int(p) for p in pad] if pad_type == "custom" else [0, 0, 0, 0]
+    out = full[:, :, t : full.shape[2] - b, l : full.shape[3] - r]
+    if output_shape is not None:
+        out = out[:, :, : int(output_shape[2]), : int(output_shape[3])]
+    if bias is not None:
+        out = out + bias.reshape(1, -1, 1, 1)
+    return out
+
+
+# ---- compressed weights ----------------------------------------------------------------------------------------
+@op("constexpr_lut_to_dense")
+def _lut_to_dense(indices=None, lut=None, shape=None, vector_axis=None, **_):
+    """iOS18: indices (uint, weight shape) + lut (..., 2^n, vector) with per-group broadcasting; iOS16/17:
+    packed uint8 indices + flat lut + shape. Either way each weight element is lut[group][index]."""
+    if shape is not None:  # iOS16/17 form
+        from coremltools.optimize.coreml._utils import restore_elements_from_packed_bits
+
+        nbits = int(math.log2(lut.shape[-1]))
+        idx = restore_elements_from_packed_bits(indices, nbits, int(np.prod(shape)))
+        return lut[idx].reshape([int(s) for s in shape])
+    rank = indices.ndim
+    lut_groups = lut.shape[:rank]
+    out = np.empty(indices.shape, dtype=lut.dtype)
+    block = [indices.shape[i] // lut_groups[i] for i in range(rank)]
+    for g in np.ndindex(*lut_groups):
+        sl = tuple(slice(g[i] * block[i], (g[i] + 1) * block[i]) for i in range(rank))
+        out[sl] = lut[g][..., 0][indices[sl]]
+    return out
+
+
+class MILInterpreter:
+    """Executes the main function of a pymil Program with numpy."""
+
+    def __init__(self, program, precision: str = "fp32"):
+        if precision not in ("fp32", "fp16"):
+            raise EdgeCompileError(f"--precision {precision} is not supported: use fp32 or fp16")
+        self.function = program.functions["main"]
+        self.precision = precision
+        unknown = sorted({o.op_type for o in self.function.operations if o.op_type != "const" and o.op_type not in OPS})
+        if unknown:
+            raise EdgeCompileError(
+                f"the package uses MIL op(s) the reference interpreter does not implement: {', '.join(unknown)} "
+                "(verify it on macOS with Core ML, or export without the option that introduced them)"
+            )
+        self._consts: dict[str, Any] = {}
+
+    def _float(self, v):
+        if isinstance(v, np.ndarray) and v.dtype.kind == "f":
+            return v.astype(np.float16).astype(np.float32) if self.precision == "fp16" else v.astype(np.float32)
+        if isinstance(v, (np.floating, float)) and not isinstance(v, bool):
+            return np.float32(np.float16(v)) if self.precision == "fp16" else np.float32(v)
+        return v
+
+    def _const(self, var):
+        val = var.val
+        if isinstance(val, np.ndarray) and val.dtype.kind == "f":
+            val = self._float(val)
+        return val
+
+    def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        env: dict[str, Any] = {}
+        for name, var in self.function.inputs.items():
+            if name not in inputs:
+                raise EdgeCompileError(f"missing input {name!r} for the package (inputs: {', '.join(self.function.inputs)})")
+            env[name] = self._float(np.asarray(inputs[name]))
+
+        def value(v):
+            if isinstance(v, (list, tuple)):
+                return [value(x) for x in v]
+            if v.name in env:
+                return env[v.name]
+            if v.val is not None:
+                return self._const(v)
+            raise EdgeCompileError(f"MIL interpreter: no value for variable {v.name}")
+
+        for o in self.function.operations:
+            if o.op_type == "const":
+                env[o.outputs[0].name] = self._const(o.outputs[0])
+                continue
+            kwargs = {k: value(v) for k, v in o.inputs.items()}
+            if o.op_type == "cast" and kwargs["dtype"] in ("fp16", "fp32"):
+                env[o.outputs[0].name] = self._float(np.asarray(kwargs["x"], dtype=np.float32))  # precision is ours to set
+                continue
+            try:
+                result = OPS[o.op_type](**kwargs, _op_type=o.op_type)
+            except EdgeCompileError:
+                raise
+            except Exception as e:  # a broken graph or an op variant we do not know: say which op
+                raise EdgeCompileError(f"MIL interpreter failed on op {o.name} ({o.op_type}): {e}") from None
+            results = result if isinstance(result, list) else [result]
+            for var, val in zip(o.outputs, results):
+                env[var.name] = self._float(np.asarray(val))
+        return {v.name: np.asarray(env[v.name], dtype=np.float32) for v in self.function.outputs}

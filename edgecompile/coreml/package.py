@@ -1,0 +1,146 @@
+"""Reading a saved .mlpackage back (on Linux too): its MIL program with weights, I/O, metadata, op census."""
+
+from __future__ import annotations
+
+import collections
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgecompile.coreml.convert import import_coremltools, quiet_coremltools
+from edgecompile.errors import EdgeCompileError
+
+LAYOUT_OPS = ("transpose", "reshape")
+BLOCK_NAME = re.compile(r"^(down|middle|up)_(\d+)_")
+
+
+@dataclass
+class PackageView:
+    path: Path
+    spec: Any
+    program: Any
+    metadata: dict[str, str]
+    inputs: list[dict]
+    outputs: list[dict]
+    ops: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def config(self) -> dict | None:
+        raw = self.metadata.get("edgecompile.config")
+        return json.loads(raw) if raw else None
+
+    @property
+    def width(self) -> float | None:
+        raw = self.metadata.get("edgecompile.width")
+        return float(raw) if raw else None
+
+    @property
+    def latent_hw(self) -> tuple[int, int] | None:
+        raw = self.metadata.get("edgecompile.latent")
+        return tuple(int(v) for v in raw.split("x")) if raw else None
+
+    @property
+    def main(self):
+        return self.program.functions["main"]
+
+
+def _feature(f) -> dict:
+    arr = f.type.multiArrayType
+    dtypes = {65568: "float32", 65552: "float16", 131104: "int32"}
+    return {"name": f.name, "shape": [int(s) for s in arr.shape], "dtype": dtypes.get(arr.dataType, str(arr.dataType)),
+            "description": f.shortDescription}
+
+
+def load_package(path: str | Path) -> PackageView:
+    path = Path(path)
+    if not path.exists():
+        raise EdgeCompileError(f"package {path} not found: pass the .mlpackage written by `edgecompile export`")
+    if not (path / "Manifest.json").is_file():
+        raise EdgeCompileError(f"{path} is not an .mlpackage (no Manifest.json)")
+    ct = import_coremltools()
+    try:
+        with quiet_coremltools():
+            from coremltools.converters.mil.frontend.milproto import load as milproto_load
+
+            ml = ct.models.MLModel(str(path), skip_model_load=True)
+            spec = ml.get_spec()
+            program = milproto_load.load(spec, spec.specificationVersion, ml.weights_dir)
+    except EdgeCompileError:
+        raise
+    except Exception as e:
+        raise EdgeCompileError(f"package {path} could not be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    meta = dict(spec.description.metadata.userDefined)
+    view = PackageView(
+        path=path, spec=spec, program=program, metadata=meta,
+        inputs=[_feature(f) for f in spec.description.input], outputs=[_feature(f) for f in spec.description.output],
+    )
+    view.ops = dict(sorted(collections.Counter(o.op_type for o in view.main.operations).items(), key=lambda kv: -kv[1]))
+    return view
+
+
+def block_of_ops(view: PackageView) -> dict[str, str]:
+    """Attribute each op to a transformer block ('down.0', ...) by dataflow: an op belongs to the block whose
+    weights it reads, else to the block of its first computed input. Ops outside any block map to 'other'."""
+    owner: dict[str, str] = {}
+    for o in view.main.operations:
+        block = None
+        for v in o.inputs.values():
+            for var in v if isinstance(v, (list, tuple)) else [v]:
+                m = BLOCK_NAME.match(var.name)
+                if m and var.op is not None and var.op.op_type in ("const",) or (m and var.op is not None and var.op.op_type.startswith("constexpr")):
+                    block = f"{m.group(1)}.{m.group(2)}"
+                    break
+            if block:
+                break
+        if block is None:
+            for v in o.inputs.values():
+                var = v[0] if isinstance(v, (list, tuple)) and v else v
+                if not isinstance(var, (list, tuple)) and var.name in owner:
+                    block = owner[var.name]
+                    break
+        for out in o.outputs:
+            owner[out.name] = block or "other"
+        owner[o.name] = block or "other"
+    return owner
+
+
+def layout_ops_per_block(view: PackageView) -> dict[str, dict[str, int]]:
+    owner = block_of_ops(view)
+    per: dict[str, dict[str, int]] = collections.defaultdict(lambda: {k: 0 for k in LAYOUT_OPS})
+    for o in view.main.operations:
+        if o.op_type in LAYOUT_OPS:
+            per[owner[o.name]][o.op_type] += 1
+    return dict(sorted(per.items()))
+
+
+def weight_census(view: PackageView) -> dict[str, Any]:
+    """Bytes of weights as stored: dense consts at their dtype, palettized ones as indices + LUT."""
+    dense = palettized = 0
+    n_dense = n_palettized = 0
+    palettized_bits: dict[str, float] = {}
+    for o in view.main.operations:
+        if o.op_type == "const":
+            val = o.outputs[0].val
+            if isinstance(val, np.ndarray) and val.size >= 16 and val.dtype.kind == "f":
+                dense += val.nbytes
+                n_dense += 1
+        elif o.op_type == "constexpr_lut_to_dense":
+            ins = {k: v.val for k, v in o.inputs.items()}
+            lut, idx = ins["lut"], ins["indices"]
+            nbits = int(round(np.log2(lut.shape[-2] if "shape" not in ins else lut.shape[-1])))
+            numel = int(np.prod(ins["shape"])) if "shape" in ins else idx.size
+            nbytes = numel * nbits / 8 + lut.nbytes
+            palettized += nbytes
+            n_palettized += 1
+            palettized_bits[o.outputs[0].name] = (nbits, numel)
+    total_w = sum(n for _, n in palettized_bits.values())
+    avg = sum(b * n for b, n in palettized_bits.values()) / total_w if total_w else None
+    return {
+        "weight_bytes": int(dense + palettized), "dense_bytes": int(dense), "palettized_bytes": int(palettized),
+        "dense_tensors": n_dense, "palettized_tensors": n_palettized, "average_bits": avg,
+        "bits_per_layer": {k: b for k, (b, _) in palettized_bits.items()},
+    }

@@ -1,0 +1,122 @@
+"""Execute a saved package and compare it with the fp32 torch reference of its checkpoint and width.
+
+On macOS Core ML runs the package; everywhere else (and on request) the numpy MIL interpreter does.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from edgecompile.coreml.convert import LATENT, OUTPUT, TEXT, TIMESTEP, sha256_file
+from edgecompile.coreml.interpreter import MILInterpreter
+from edgecompile.coreml.package import PackageView, load_package
+from edgecompile.errors import EdgeCompileError
+from edgecompile.metrics import psnr_db
+from edgecompile.model.checkpoint import DEFAULT_CHECKPOINT, Checkpoint, load_checkpoint
+from edgecompile.model.config import ModelConfig
+
+N_VERIFY_INPUTS = 3  # three timesteps spread over the trajectory
+
+
+@dataclass
+class VerifyResult:
+    package: str
+    runtime: str
+    precision: str
+    width: float
+    psnr_db: float
+    psnr_vs_checkpoint_db: float
+    per_input_psnr_db: list[float] = field(default_factory=list)
+    reference: str = "fp32 torch reference of the checkpoint"
+
+    def to_dict(self) -> dict:
+        return dict(self.__dict__)
+
+
+def verification_inputs(config: ModelConfig, latent_hw: tuple[int, int], n: int = N_VERIFY_INPUTS, seed: int = 1234):
+    """Deterministic (latent, t, text) triples in package layout; text is (1, text_dim, 1, T)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i in range(n):
+        latent = torch.randn((1, config.latent_channels, *latent_hw), generator=g)
+        t = torch.tensor([0.15 + 0.7 * i / max(n - 1, 1)])
+        text = torch.randn((1, config.text_dim, 1, config.text_len), generator=g)
+        out.append((latent, t, text))
+    return out
+
+
+def checkpoint_for(view: PackageView, checkpoint: str | Path | None) -> Checkpoint:
+    """Load the checkpoint a package came from; refuse a different one (by content hash)."""
+    path = Path(checkpoint) if checkpoint is not None else DEFAULT_CHECKPOINT
+    want = view.metadata.get("edgecompile.checkpoint_sha256")
+    ckpt = load_checkpoint(path)
+    if want and want != "none":
+        have = sha256_file(path / "model.safetensors")
+        if have != want:
+            hint = "pass --checkpoint with the folder it was exported from" if checkpoint is None else "is this the checkpoint it was exported from?"
+            raise EdgeCompileError(f"package {view.path} was exported from another checkpoint than {path} (weights hash differs): {hint}")
+    return ckpt
+
+
+def coreml_runner(view: PackageView) -> Callable | None:
+    """Core ML prediction where it exists (macOS); None elsewhere."""
+    if sys.platform != "darwin":
+        return None
+    import coremltools as ct
+
+    ml = ct.models.MLModel(str(view.path), compute_units=ct.ComputeUnit.CPU_AND_NE)
+    return lambda feeds: ml.predict(feeds)[OUTPUT]
+
+
+def run_package(view: PackageView, inputs, precision: str = "fp32", runtime: str = "auto") -> tuple[list[np.ndarray], str]:
+    runner = coreml_runner(view) if runtime in ("auto", "coreml") else None
+    if runtime == "coreml" and runner is None:
+        raise EdgeCompileError("--runtime coreml needs macOS (Core ML is not available on this platform): use --runtime interpreter")
+    if runner is not None and precision == "fp32":
+        label = "coreml"
+    else:
+        interp = MILInterpreter(view.program, precision=precision)
+        runner = lambda feeds: interp.run(feeds)[OUTPUT]  # noqa: E731
+        label = f"mil-interpreter ({precision})"
+    outs = []
+    for latent, t, text in inputs:
+        feeds = {LATENT: latent.numpy(), TIMESTEP: t.numpy(), TEXT: text.numpy()}
+        outs.append(np.asarray(runner(feeds), dtype=np.float32))
+    return outs, label
+
+
+def verify_package(package: str | Path, checkpoint: str | Path | None = None, precision: str = "fp32",
+                   runtime: str = "auto", simulated: Callable | None = None) -> VerifyResult:
+    """`simulated(latent, t, text_btd)` is edgecompile's own compressed torch model when the package is palettized:
+    psnr_db compares against it; psnr_vs_checkpoint_db always compares against the unquantized checkpoint."""
+    from edgecompile.compress.simulate import simulated_model_for_package
+
+    view = load_package(package)
+    if view.width is None or view.config is None or view.latent_hw is None:
+        raise EdgeCompileError(f"package {package} has no edgecompile metadata: verify checks packages written by `edgecompile export`")
+    ckpt = checkpoint_for(view, checkpoint)
+    width = view.width
+    inputs = verification_inputs(ckpt.config, view.latent_hw)
+    outs, label = run_package(view, inputs, precision=precision, runtime=runtime)
+    model = ckpt.model
+    if simulated is None:
+        simulated = simulated_model_for_package(view, ckpt)
+    per, per_ckpt = [], []
+    with torch.no_grad():
+        for (latent, t, text), out in zip(inputs, outs):
+            text_btd = text[:, :, 0, :].transpose(1, 2)
+            ref = model(latent, t, text_btd, width=width).numpy()
+            sim = ref if simulated is None else simulated(latent, t, text_btd).numpy()
+            per.append(psnr_db(sim, out))
+            per_ckpt.append(psnr_db(ref, out))
+    return VerifyResult(
+        package=str(package), runtime=label, precision=precision, width=width,
+        psnr_db=min(per), psnr_vs_checkpoint_db=min(per_ckpt), per_input_psnr_db=per,
+        reference="edgecompile's compressed torch simulation" if simulated is not None else "fp32 torch reference of the checkpoint",
+    )

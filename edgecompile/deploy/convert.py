@@ -1,0 +1,41 @@
+"""Reference (training layout) -> deploy (ANE layout) weights. Module names are shared by both models, so
+the map is generic: a linear (out, in) becomes a 1x1 conv (out, in, 1, 1); a per-width parameter is read
+from the width being deployed; the final projection's rows are reordered for pixel_shuffle."""
+
+from __future__ import annotations
+
+import torch
+
+from edgecompile.deploy.dit import DeployDiT
+from edgecompile.model.config import width_key
+from edgecompile.model.dit import EfficientDiT
+from edgecompile.model.elastic import extract_width
+
+
+def reference_tensor(ref_state: dict[str, torch.Tensor], name: str) -> torch.Tensor:
+    if name in ref_state:
+        return ref_state[name]
+    head, _, leaf = name.rpartition(".")
+    for key in (f"{name}.{width_key(1.0)}", f"{head}.{leaf}.{width_key(1.0)}"):
+        if key in ref_state:
+            return ref_state[key]
+    raise KeyError(f"no reference tensor for deploy parameter {name}")
+
+
+@torch.no_grad()
+def deploy_model(model: EfficientDiT, width: float = 1.0, latent_hw: tuple[int, int] | None = None,
+                 query_chunk: int | None = None) -> DeployDiT:
+    """The deploy graph of `width` of `model` (a supernetwork or an already extracted dense model)."""
+    dense = model if model.config.widths == (1.0,) else extract_width(model, width)
+    config = dense.config
+    latent_hw = tuple(latent_hw or config.sample_size)
+    deploy = DeployDiT(config, latent_hw, query_chunk=query_chunk)
+    ref_state = dense.state_dict()
+    p, ch = config.patch_size, config.latent_channels
+    for name, param in deploy.named_parameters():
+        src = reference_tensor(ref_state, name)
+        if name.startswith("final.") and p > 1:
+            # reference rows are ordered (i, j, c); pixel_shuffle wants (c, i, j)
+            src = src.view(p, p, ch, *src.shape[1:]).permute(2, 0, 1, *range(3, src.ndim + 2)).reshape(src.shape)
+        param.copy_(src.reshape(param.shape))
+    return deploy.eval()

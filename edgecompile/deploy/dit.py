@@ -1,0 +1,317 @@
+"""The ANE-layout rewrite of a dense (one-width) EfficientDiT (SnapGen++ supplementary C).
+
+Layout tricks, each justified where it is used:
+- Activations stay 4-D with channels at axis 1: (B, C, H, W) maps, or (B, C, 1, S) for a flat sequence
+  (ml-ane-transformers: the ANE tiles the last axis; channels-third-from-last avoids layout copies).
+- Every nn.Linear is a 1x1 nn.Conv2d; LayerNorm reduces over axis 1.
+- Split-einsum attention: per head, q and v are channel slices; k is transposed once per attention layer
+  to (B, S, 1, C) so that scores are `einsum("bchq,bkhc->bkhq")` with softmax over axis 1.
+- Grid BNA: the token map is kept in *block-column layout* through the down/up stages: the bx column strips of
+  the grid are stacked vertically, (B, C, bx*h, bw). Every BNA block (bh x bw tokens) is then a contiguous run of
+  the flattened sequence, a block's neighbourhood is 2r+1 contiguous runs, and every 2x2 stride-2 convolution
+  (KV compression, downsample, upsample) stays inside its strip, so it computes exactly what it does on the
+  plain grid. Entering and leaving this layout costs slices and one concat, no transpose.
+- BNA runs as an explicit Python loop over query blocks (unrolled in the traced graph) with slices and concats
+  only inside the loop.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgecompile.errors import EdgeCompileError
+from edgecompile.model.config import ModelConfig
+from edgecompile.model.dit import bna_partition, sincos_2d, timestep_frequencies
+
+NEG_INF = -1e4  # fp16-safe "minus infinity" for masks
+
+
+def conv1x1(cin: int, cout: int, bias: bool = True) -> nn.Conv2d:
+    return nn.Conv2d(cin, cout, 1, bias=bias)
+
+
+class LayerNormANE(nn.Module):
+    """LayerNorm over the channel axis of (B, C, H, W), optional per-channel affine."""
+
+    def __init__(self, channels: int, affine: bool, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(channels)) if affine else None
+        self.bias = nn.Parameter(torch.zeros(channels)) if affine else None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean = x.mean(dim=1, keepdim=True)
+        zero_mean = x - mean
+        out = zero_mean * torch.rsqrt((zero_mean * zero_mean).mean(dim=1, keepdim=True) + self.eps)
+        if self.weight is not None:
+            out = out * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
+        return out
+
+
+def split_einsum_attention(q, k_t, v, heads: int, kv_heads: int, head_dim: int, mask=None, query_chunk: int | None = None):
+    """Per-head attention in ANE layout.
+
+    q (B, Hq*d, 1, Sq), k_t (B, Sk, 1, Hkv*d) (already transposed), v (B, Hkv*d, 1, Sk) -> (B, Hq*d, 1, Sq).
+    Query head i reads key/value head i // (Hq / Hkv) (GQA: shared slices, no copies).
+    `mask` is an additive (1, Sk, 1, Sq) bias; `query_chunk` splits the query axis (Apple's SPLIT_EINSUM_V2).
+    """
+    group = heads // kv_heads
+    scale = head_dim**-0.5
+    sq = q.shape[3]
+    chunks = [(0, sq)] if not query_chunk or query_chunk >= sq else [(s, min(s + query_chunk, sq)) for s in range(0, sq, query_chunk)]
+    outs = []
+    for i in range(heads):
+        j = i // group
+        q_h = q[:, i * head_dim : (i + 1) * head_dim] * scale
+        k_h = k_t[:, :, :, j * head_dim : (j + 1) * head_dim]
+        v_h = v[:, j * head_dim : (j + 1) * head_dim]
+        pieces = []
+        for s0, s1 in chunks:
+            qc = q_h if len(chunks) == 1 else q_h[:, :, :, s0:s1]
+            w = torch.einsum("bchq,bkhc->bkhq", qc, k_h)
+            if mask is not None:
+                w = w + (mask if len(chunks) == 1 else mask[:, :, :, s0:s1])
+            w = w.softmax(dim=1)
+            pieces.append(torch.einsum("bkhq,bchk->bchq", w, v_h))
+        outs.append(pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=3))
+    return torch.cat(outs, dim=1)
+
+
+class BlockLayout:
+    """Where each BNA block and its neighbourhood sit in the flattened down/up-stage sequence."""
+
+    def __init__(self, config: ModelConfig, h: int, w: int):
+        self.config = config
+        self.h, self.w = h, w
+        self.grid = config.bna_tiling == "grid"
+        if self.grid:
+            self.rows, self.cols = config.bna_block_grid(h, w)
+            self.bh, self.bw = h // self.rows, w // self.cols
+            # A strip is bw tokens wide and h tall; 2x2 stride-2 windows stay inside it when bw is divisible by
+            # the strides (h already is), so they see the same tokens as on the raster grid.
+            need = math.lcm(config.kv_compression, 2 if config.stage_downsample else 1)
+            if self.bw % need:
+                raise EdgeCompileError(
+                    f"latent gives BNA blocks {self.bw} tokens wide; the deploy layout needs a width divisible by {need} "
+                    "(2x2 convolutions must not straddle block columns): choose another latent size or bna_blocks"
+                )
+        n_blocks = config.bna_blocks
+        self.block_len = h * w // n_blocks
+        order, neighbours = bna_partition(config, h, w)
+        self.neighbour_runs = []  # per query block: list of (start, end) token ranges in the deploy sequence
+        for b in range(n_blocks):
+            nb = sorted(self.deploy_index(int(n)) for n in neighbours[b] if n >= 0)
+            runs = []
+            for n in nb:
+                s, e = n * self.block_len, (n + 1) * self.block_len
+                if runs and runs[-1][1] == s:
+                    runs[-1] = (runs[-1][0], e)
+                else:
+                    runs.append((s, e))
+            self.neighbour_runs.append((self.deploy_index(b), runs))
+
+    def deploy_index(self, ref_block: int) -> int:
+        """Block number in the deploy sequence of the reference model's block `ref_block` (row-major blocks)."""
+        if not self.grid:
+            return ref_block
+        i, j = divmod(ref_block, self.cols)
+        return j * self.rows + i  # column strips stacked: column-major block order
+
+    def to_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, h, w) raster map -> (B, C, cols*h, bw) block-column layout (slices + one concat)."""
+        if not self.grid or self.cols == 1:
+            return x
+        s = x.shape[3] // self.cols
+        return torch.cat([x[:, :, :, j * s : (j + 1) * s] for j in range(self.cols)], dim=2)
+
+    def from_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.grid or self.cols == 1:
+            return x
+        s = x.shape[2] // self.cols
+        return torch.cat([x[:, :, j * s : (j + 1) * s] for j in range(self.cols)], dim=3)
+
+
+class DeploySelfAttention(nn.Module):
+    def __init__(self, config: ModelConfig, sparse: bool, layout: BlockLayout | None, query_chunk: int | None):
+        super().__init__()
+        d = config.dims(1.0)
+        self.d, self.sparse, self.layout, self.query_chunk = d, sparse, layout, query_chunk
+        self.q = conv1x1(d.hidden, d.attn_dim)
+        self.k = conv1x1(d.hidden, d.kv_dim)
+        self.v = conv1x1(d.hidden, d.kv_dim)
+        self.out = conv1x1(d.attn_dim, d.hidden)
+        if sparse:
+            s = config.kv_compression
+            self.k_compress = nn.Conv2d(d.kv_dim, d.kv_dim, s, stride=s, groups=d.kv_dim)
+            self.v_compress = nn.Conv2d(d.kv_dim, d.kv_dim, s, stride=s, groups=d.kv_dim)
+            self.gate = conv1x1(d.hidden, d.heads)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        d = self.d
+        b, c, hh, ww = x.shape
+        seq = hh * ww
+        flat = lambda m: m.reshape(b, m.shape[1], 1, -1)  # noqa: E731  one reshape per tensor per layer
+        q, k, v = self.q(x), self.k(x), self.v(x)
+        if not self.sparse:
+            out = split_einsum_attention(flat(q), flat(k).transpose(1, 3), flat(v), d.heads, d.kv_heads, d.head_dim,
+                                         query_chunk=self.query_chunk)
+            return self.out(out).reshape(b, c, hh, ww)
+        q_seq, v_seq = flat(q), flat(v)
+        k_seq_t = flat(k).transpose(1, 3)  # the one key transpose of the local branch
+        kc_t = flat(self.k_compress(k)).transpose(1, 3)  # ... and of the global branch
+        vc = flat(self.v_compress(v))
+        global_out = split_einsum_attention(q_seq, kc_t, vc, d.heads, d.kv_heads, d.head_dim, query_chunk=self.query_chunk)
+        local_out = self.bna(q_seq, k_seq_t, v_seq, seq)
+        g = torch.sigmoid(flat(self.gate(x)))  # (B, Hq, 1, S): per token, per head
+        mixed = torch.cat(
+            [local_out[:, i * d.head_dim : (i + 1) * d.head_dim] * (1 - g[:, i : i + 1])
+             + global_out[:, i * d.head_dim : (i + 1) * d.head_dim] * g[:, i : i + 1] for i in range(d.heads)],
+            dim=1,
+        )
+        return self.out(mixed).reshape(b, c, hh, ww)
+
+    def bna(self, q_seq, k_seq_t, v_seq, seq: int) -> torch.Tensor:
+        """Eq. 3 as a loop over query blocks: slices and concats only (the loop unrolls in the graph)."""
+        d, lay = self.d, self.layout
+        nb = lay.block_len
+        outs = [None] * (seq // nb)
+        for block, runs in lay.neighbour_runs:
+            q_b = q_seq[:, :, :, block * nb : (block + 1) * nb]
+            k_b = torch.cat([k_seq_t[:, s:e] for s, e in runs], dim=1) if len(runs) > 1 else k_seq_t[:, runs[0][0] : runs[0][1]]
+            v_b = torch.cat([v_seq[:, :, :, s:e] for s, e in runs], dim=3) if len(runs) > 1 else v_seq[:, :, :, runs[0][0] : runs[0][1]]
+            outs[block] = split_einsum_attention(q_b, k_b, v_b, d.heads, d.kv_heads, d.head_dim)
+        return torch.cat(outs, dim=3)
+
+
+class DeployCrossAttention(nn.Module):
+    def __init__(self, config: ModelConfig, query_chunk: int | None):
+        super().__init__()
+        d = config.dims(1.0)
+        self.d, self.query_chunk = d, query_chunk
+        self.q = conv1x1(d.hidden, d.attn_dim)
+        self.k = conv1x1(config.text_dim, d.kv_dim)
+        self.v = conv1x1(config.text_dim, d.kv_dim)
+        self.out = conv1x1(d.attn_dim, d.hidden)
+
+    def forward(self, x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        d = self.d
+        b, c, hh, ww = x.shape
+        q = self.q(x).reshape(b, d.attn_dim, 1, hh * ww)
+        k_t = self.k(text).transpose(1, 3)  # text is (B, text_dim, 1, T): one transpose
+        out = split_einsum_attention(q, k_t, self.v(text), d.heads, d.kv_heads, d.head_dim, query_chunk=self.query_chunk)
+        return self.out(out).reshape(b, c, hh, ww)
+
+
+class DeployFeedForward(nn.Module):
+    def __init__(self, hidden: int, inner: int):
+        super().__init__()
+        self.fc1 = conv1x1(hidden, inner)
+        self.fc2 = conv1x1(inner, hidden)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x), approximate="tanh"))
+
+
+class DeployBlock(nn.Module):
+    def __init__(self, config: ModelConfig, stage: str, skip_in: bool, layout: BlockLayout | None, query_chunk: int | None):
+        super().__init__()
+        d = config.dims(1.0)
+        self.hidden = d.hidden
+        sparse = stage != "middle" and config.down_up_attention == "assa"
+        inner = d.ffn_middle if stage == "middle" else d.ffn_outer
+        self.skip_fuse = conv1x1(2 * d.hidden, d.hidden) if skip_in else None
+        self.norm1 = LayerNormANE(d.hidden, affine=False)
+        self.attn = DeploySelfAttention(config, sparse, layout if sparse else None, query_chunk)
+        self.norm_cross = LayerNormANE(d.hidden, affine=True)
+        self.cross = DeployCrossAttention(config, query_chunk)
+        self.norm2 = LayerNormANE(d.hidden, affine=False)
+        self.ffn = DeployFeedForward(d.hidden, inner)
+        self.scale_shift_table = nn.Parameter(torch.zeros(1, 6 * d.hidden, 1, 1))
+
+    def forward(self, x, t0, text, skip=None):
+        if self.skip_fuse is not None:
+            x = self.skip_fuse(torch.cat([x, skip], dim=1))
+        # Modulation broadcasts over (H, W) in channel layout: (B, D, 1, 1) chunks.
+        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.scale_shift_table + t0).chunk(6, dim=1)
+        x = x + gate_sa * self.attn(self.norm1(x) * (1 + scale_sa) + shift_sa)
+        x = x + self.cross(self.norm_cross(x), text)
+        return x + gate_ff * self.ffn(self.norm2(x) * (1 + scale_ff) + shift_ff)
+
+
+class DeployDiT(nn.Module):
+    """Static-shape deploy graph of one width at one latent size.
+
+    Inputs: latent (B, C, H, W), timestep (B,) in [0, 1], text (B, text_dim, 1, T). Output: velocity (B, C, H, W).
+    """
+
+    def __init__(self, config: ModelConfig, latent_hw: tuple[int, int], query_chunk: int | None = None):
+        super().__init__()
+        if config.widths != (1.0,):
+            raise ValueError("DeployDiT takes a dense (extracted) config; use edgecompile.deploy.convert.deploy_model")
+        config.check_latent_size(*latent_hw)
+        self.config = c = config
+        self.latent_hw = latent_hw
+        d = c.dims(1.0)
+        h, w = c.token_grid(*latent_hw)
+        self.grid_hw = (h, w)
+        sparse = c.down_up_attention == "assa" and (c.depth_down + c.depth_up) > 0
+        self.layout = BlockLayout(c, h, w) if sparse else None
+        p = c.patch_size
+        self.patch_embed = nn.Conv2d(c.latent_channels, d.hidden, p, stride=p)
+        pos = sincos_2d(h, w, d.hidden).T.reshape(1, d.hidden, h, w)
+        self.register_buffer("pos", self._to_layout(pos), persistent=False)
+        self.register_buffer("freqs", timestep_frequencies(c.frequency_dim).view(1, -1), persistent=False)
+        self.t_mlp1 = conv1x1(c.frequency_dim, d.hidden)
+        self.t_mlp2 = conv1x1(d.hidden, d.hidden)
+        self.t_block = conv1x1(d.hidden, 6 * d.hidden)
+        n_skip = c.depth_middle // 2 if c.middle_skips else 0
+        self.down = nn.ModuleList(DeployBlock(c, "down", False, self.layout, query_chunk) for _ in range(c.depth_down))
+        if c.stage_downsample:
+            self.downsample = nn.Conv2d(d.hidden, d.hidden, 2, stride=2)
+            self.upsample = nn.ConvTranspose2d(d.hidden, d.hidden, 2, stride=2)
+        self.middle = nn.ModuleList(
+            DeployBlock(c, "middle", i >= c.depth_middle - n_skip, None, query_chunk) for i in range(c.depth_middle)
+        )
+        self.n_skips = n_skip
+        self.up = nn.ModuleList(DeployBlock(c, "up", False, self.layout, query_chunk) for _ in range(c.depth_up))
+        self.final_norm = LayerNormANE(d.hidden, affine=False)
+        self.final_table = nn.Parameter(torch.zeros(1, 2 * d.hidden, 1, 1))
+        self.final = conv1x1(d.hidden, p * p * c.latent_channels)
+
+    def _to_layout(self, x):
+        return self.layout.to_blocks(x) if self.layout is not None else x
+
+    def _from_layout(self, x):
+        return self.layout.from_blocks(x) if self.layout is not None else x
+
+    def forward(self, latent: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        c = self.config
+        x = self._to_layout(self.patch_embed(latent)) + self.pos
+        args = timestep.view(-1, 1) * self.freqs
+        tfeat = torch.cat([args.cos(), args.sin()], dim=1).view(-1, c.frequency_dim, 1, 1)
+        temb = self.t_mlp2(F.silu(self.t_mlp1(tfeat)))
+        t0 = self.t_block(F.silu(temb))
+        for blk in self.down:
+            x = blk(x, t0, text)
+        hi_res = x
+        if c.stage_downsample:
+            x = self.downsample(x)  # stays inside block-column strips: same result as on the raster grid
+        skips = []
+        for i, blk in enumerate(self.middle):
+            x = blk(x, t0, text, skips.pop() if blk.skip_fuse is not None else None)
+            if i < self.n_skips:
+                skips.append(x)
+        if c.stage_downsample:
+            x = self.upsample(x) + hi_res
+        for blk in self.up:
+            x = blk(x, t0, text)
+        hidden = temb.shape[1]
+        shift, scale = self.final_table[:, :hidden] + temb, self.final_table[:, hidden:] + temb
+        x = self.final(self.final_norm(x) * (1 + scale) + shift)
+        x = self._from_layout(x)
+        p = c.patch_size
+        return F.pixel_shuffle(x, p) if p > 1 else x

@@ -1,0 +1,25 @@
+"""The same deploy graph as ONNX (for Android runtimes, the paper's low-end target), same I/O names."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import warnings
+from pathlib import Path
+
+import torch
+
+from edgecompile.coreml.convert import LATENT, OUTPUT, TEXT, TIMESTEP, example_inputs
+from edgecompile.deploy.dit import DeployDiT
+
+
+def export_onnx(deploy: DeployDiT, path: str | Path, opset: int = 17) -> Path:
+    path = Path(path)
+    example = example_inputs(deploy)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(
+            deploy.eval(), example, str(path), input_names=[LATENT, TIMESTEP, TEXT], output_names=[OUTPUT],
+            opset_version=opset, dynamo=False,
+        )
+    return path

@@ -1,0 +1,1 @@
+"""The reference, training-layout elastic DiT: config, model, elastic slicing, checkpoints, sampling."""

@@ -1,0 +1,166 @@
+"""The checkpoint users hand to edgecompile: a folder, loaded without executing any code.
+
+    CKPT/
+      checkpoint.json      {"format": "edgecompile-checkpoint", "format_version": 1,
+                            "model": {config fields}, "dtype": "float32|float16|bfloat16",
+                            "extracted_width": null | w, "provenance": {...}}
+      model.safetensors    the supernetwork state dict (names as in EfficientDiT.state_dict())
+      prompts.safetensors  optional: "tokens" (N, T, text_dim) conditioning sequences, "null" (1, T, text_dim)
+                           the unconditional sequence for CFG; metadata "labels" = JSON list of N names
+
+Loading validates everything against the config and reports every problem in one clear error.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from edgecompile.atomic import atomic_path
+from edgecompile.errors import EdgeCompileError
+from edgecompile.model.config import ModelConfig
+from edgecompile.model.dit import EfficientDiT
+
+FORMAT = "edgecompile-checkpoint"
+FORMAT_VERSION = 1
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parents[1] / "checkpoints" / "default"
+
+
+@dataclass
+class Prompts:
+    """Conditioning sequences shipped with a checkpoint (for the toy model: one per digit class)."""
+
+    tokens: torch.Tensor  # (N, T, text_dim)
+    null: torch.Tensor  # (1, T, text_dim)
+    labels: list[str]
+
+
+@dataclass
+class Checkpoint:
+    config: ModelConfig
+    model: EfficientDiT
+    path: Path | None = None
+    dtype: str = "float32"
+    prompts: Prompts | None = None
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+
+def save_checkpoint(
+    model: EfficientDiT, dest: str | Path, dtype: str = "float32", prompts: Prompts | None = None,
+    provenance: dict[str, Any] | None = None, force: bool = False,
+) -> Path:
+    if dtype not in DTYPES:
+        raise EdgeCompileError(f"checkpoint dtype {dtype!r} is not supported: use one of {', '.join(DTYPES)}")
+    dest = Path(dest)
+    with atomic_path(dest, force=force) as tmp:
+        tensors = {k: v.detach().to(DTYPES[dtype]).contiguous() for k, v in model.state_dict().items()}
+        save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": FORMAT, "dtype": dtype})
+        meta = {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "model": model.config.to_dict(), "dtype": dtype,
+            "provenance": provenance or {},
+        }
+        if prompts is not None:
+            save_file(
+                {"tokens": prompts.tokens.float().contiguous(), "null": prompts.null.float().contiguous()},
+                str(tmp / "prompts.safetensors"), metadata={"labels": json.dumps(prompts.labels)},
+            )
+        (tmp / "checkpoint.json").write_text(json.dumps(meta, indent=2) + "\n")
+    return dest
+
+
+def read_checkpoint_meta(path: Path) -> dict[str, Any]:
+    if not path.exists():
+        raise EdgeCompileError(f"checkpoint {path} not found: pass a checkpoint folder (see `edgecompile init`)")
+    if not path.is_dir():
+        raise EdgeCompileError(f"checkpoint {path} is not a folder: a checkpoint is a folder with checkpoint.json and model.safetensors")
+    meta_path = path / "checkpoint.json"
+    if not meta_path.is_file():
+        raise EdgeCompileError(f"checkpoint {path} has no checkpoint.json: is it an edgecompile checkpoint folder?")
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise EdgeCompileError(f"checkpoint {path}: checkpoint.json is corrupt ({str(e).splitlines()[0]})") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise EdgeCompileError(f"checkpoint {path}: checkpoint.json is not an {FORMAT} file (missing 'format': '{FORMAT}')")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise EdgeCompileError(f"checkpoint {path}: format_version {meta.get('format_version')} is not supported (this edgecompile reads {FORMAT_VERSION})")
+    if meta.get("dtype", "float32") not in DTYPES:
+        raise EdgeCompileError(f"checkpoint {path}: dtype {meta.get('dtype')!r} is not one of {', '.join(DTYPES)}")
+    return meta
+
+
+def _summarise(names: list[str], limit: int = 3) -> str:
+    more = f" and {len(names) - limit} more" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more
+
+
+def load_checkpoint(path: str | Path | None = None) -> Checkpoint:
+    """Load and validate a checkpoint folder (the bundled default when `path` is None)."""
+    path = Path(path) if path is not None else DEFAULT_CHECKPOINT
+    meta = read_checkpoint_meta(path)
+    config = ModelConfig.from_dict(meta.get("model"), source=f"checkpoint {path} (checkpoint.json 'model')")
+    dtype = meta.get("dtype", "float32")
+    weights = path / "model.safetensors"
+    if not weights.is_file():
+        raise EdgeCompileError(f"checkpoint {path} has no model.safetensors")
+    model = EfficientDiT(config)
+    expected = model.state_dict()
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise EdgeCompileError(f"checkpoint {path}: model.safetensors is corrupt or truncated ({str(e).splitlines()[0]})") from None
+    problems = []
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing:
+        problems.append(f"{len(missing)} missing key(s) ({_summarise(missing)})")
+    if unexpected:
+        problems.append(f"{len(unexpected)} unexpected key(s) ({_summarise(unexpected)})")
+    shapes = [f"{k} {tuple(tensors[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items() if k in tensors and tensors[k].shape != v.shape]
+    if shapes:
+        problems.append(f"{len(shapes)} shape mismatch(es) ({_summarise(shapes)})")
+    dtypes = [f"{k} is {str(v.dtype).removeprefix('torch.')}" for k, v in tensors.items() if k in expected and v.dtype != DTYPES[dtype]]
+    if dtypes:
+        problems.append(f"{len(dtypes)} tensor(s) not of the declared dtype {dtype} ({_summarise(dtypes)})")
+    if problems:
+        raise EdgeCompileError(
+            f"checkpoint {path} does not match its config {config.name!r}: " + "; ".join(problems)
+            + " (was it saved from a different config?)"
+        )
+    model.load_state_dict({k: v.float() for k, v in tensors.items()})
+    model.eval()
+    prompts = _load_prompts(path, config)
+    return Checkpoint(config=config, model=model, path=path, dtype=dtype, prompts=prompts, provenance=meta.get("provenance", {}))
+
+
+def _load_prompts(path: Path, config: ModelConfig) -> Prompts | None:
+    file = path / "prompts.safetensors"
+    if not file.is_file():
+        return None
+    try:
+        with safe_open(str(file), framework="pt") as f:
+            tokens, null = f.get_tensor("tokens"), f.get_tensor("null")
+            labels = json.loads((f.metadata() or {}).get("labels", "[]"))
+    except (SafetensorError, OSError, RuntimeError, ValueError, KeyError) as e:
+        raise EdgeCompileError(f"checkpoint {path}: prompts.safetensors is corrupt ({str(e).splitlines()[0]})") from None
+    if tokens.ndim != 3 or tokens.shape[2] != config.text_dim or null.shape[-1] != config.text_dim:
+        raise EdgeCompileError(
+            f"checkpoint {path}: prompts.safetensors holds tokens of shape {tuple(tokens.shape)}, expected (N, T, {config.text_dim})"
+        )
+    return Prompts(tokens=tokens.float(), null=null.float().reshape(1, *null.shape[-2:]), labels=labels)
+
+
+def load_config_or_checkpoint(path: str | Path | None) -> tuple[ModelConfig, Checkpoint | None]:
+    """`info` and friends accept a YAML/JSON config or a checkpoint folder (default: the bundled checkpoint)."""
+    if path is not None and Path(path).is_file() and Path(path).suffix in (".yaml", ".yml", ".json"):
+        return ModelConfig.load(path), None
+    ckpt = load_checkpoint(path)
+    return ckpt.config, ckpt

@@ -1,0 +1,258 @@
+"""The model config: one validated dataclass, loaded from YAML or JSON (recipes/*.yaml).
+
+Every dimension of every width is derived here (`ModelConfig.dims`), so the reference model, the deploy
+rewrite, the compressor and the cost model all read the same numbers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from edgecompile.errors import EdgeCompileError
+
+BNA_TILINGS = ("grid", "sequence")
+DOWN_UP_ATTENTIONS = ("assa", "full")
+
+
+def width_label(width: float) -> str:
+    """Canonical text for a width: '0.375', '0.5', '1.0' (JSON keys, file names, metadata)."""
+    return repr(float(width))
+
+
+def width_key(width: float) -> str:
+    """Module-name-safe form of a width ('w0_375'): per-width parameters live under this key."""
+    return "w" + width_label(width).replace(".", "_")
+
+
+@dataclass(frozen=True)
+class WidthDims:
+    """The concrete dimensions of one elastic width."""
+
+    width: float
+    hidden: int  # residual-stream channels
+    heads: int  # query heads
+    kv_heads: int  # key/value heads (GQA)
+    head_dim: int
+    ffn_outer: int  # FFN hidden channels in down/up blocks
+    ffn_middle: int  # FFN hidden channels in middle blocks
+
+    @property
+    def attn_dim(self) -> int:
+        return self.heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.kv_heads * self.head_dim
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """An elastic three-stage efficient DiT (SnapGen++ §3.1-3.2)."""
+
+    name: str = "toy"
+    latent_channels: int = 1
+    patch_size: int = 1
+    sample_size: tuple[int, int] = (8, 8)  # default latent (H, W); any compatible size works at export
+    hidden_dim: int = 96
+    head_dim: int = 6
+    num_heads: int = 16
+    num_kv_heads: int = 8
+    text_dim: int = 32
+    text_len: int = 4
+    depth_down: int = 2
+    depth_middle: int = 4
+    depth_up: int = 3
+    ffn_ratio: float = 4.0  # down/up blocks
+    ffn_ratio_middle: float = 3.0
+    down_up_attention: str = "assa"  # "full" rebuilds ablation (B) of Fig. 3
+    stage_downsample: bool = True  # False: one stage at full token resolution (ablation A, plain DiT)
+    middle_skips: bool = True  # U-ViT dense long skips in the middle stage
+    kv_compression: int = 2  # stride of the depthwise conv compressing k and v (eq. 1)
+    bna_blocks: int = 16
+    bna_radius: int = 1
+    bna_tiling: str = "grid"  # "grid": B blocks tile the 2-D token grid; "sequence": the flat sequence (eq. 2)
+    widths: tuple[float, ...] = (0.375, 0.5, 1.0)
+    frequency_dim: int = 256  # sinusoidal timestep features
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sample_size", tuple(int(s) for s in self.sample_size))
+        object.__setattr__(self, "widths", tuple(sorted(float(w) for w in self.widths)))
+        self.validate()
+
+    # ---- validation -------------------------------------------------------------------------------
+    def validate(self) -> None:
+        positive = [
+            "latent_channels", "patch_size", "hidden_dim", "head_dim", "num_heads", "num_kv_heads",
+            "text_dim", "text_len", "bna_blocks", "kv_compression", "frequency_dim",
+        ]
+        for name in positive:
+            if int(getattr(self, name)) < 1:
+                raise EdgeCompileError(f"config {self.name!r}: {name} must be >= 1, got {getattr(self, name)}")
+        for name in ("depth_down", "depth_middle", "depth_up", "bna_radius"):
+            if int(getattr(self, name)) < 0:
+                raise EdgeCompileError(f"config {self.name!r}: {name} must be >= 0, got {getattr(self, name)}")
+        if self.depth_down + self.depth_middle + self.depth_up == 0:
+            raise EdgeCompileError(f"config {self.name!r}: the model needs at least one block")
+        if self.num_heads % self.num_kv_heads:
+            raise EdgeCompileError(
+                f"config {self.name!r}: num_heads ({self.num_heads}) must be a multiple of num_kv_heads "
+                f"({self.num_kv_heads}) for grouped-query attention"
+            )
+        if self.bna_tiling not in BNA_TILINGS:
+            raise EdgeCompileError(f"config {self.name!r}: bna_tiling must be one of {BNA_TILINGS}, got {self.bna_tiling!r}")
+        if self.down_up_attention not in DOWN_UP_ATTENTIONS:
+            raise EdgeCompileError(
+                f"config {self.name!r}: down_up_attention must be one of {DOWN_UP_ATTENTIONS}, got {self.down_up_attention!r}"
+            )
+        if self.bna_tiling == "grid" and math.isqrt(self.bna_blocks) ** 2 != self.bna_blocks:
+            raise EdgeCompileError(
+                f"config {self.name!r}: grid BNA tiles the token grid into sqrt(B) x sqrt(B) blocks, so bna_blocks "
+                f"must be a perfect square, got {self.bna_blocks}"
+            )
+        if len(self.sample_size) != 2:
+            raise EdgeCompileError(f"config {self.name!r}: sample_size must be [H, W], got {list(self.sample_size)}")
+        if not self.widths or self.widths[-1] != 1.0:
+            raise EdgeCompileError(f"config {self.name!r}: widths must include 1.0 (the supernetwork), got {list(self.widths)}")
+        for w in self.widths:
+            self.dims(w)
+        self.check_latent_size(*self.sample_size)
+
+    def dims(self, width: float = 1.0) -> WidthDims:
+        """Dimensions at `width`; a clear error when a dimension would not be whole."""
+        width = float(width)
+        if not 0.0 < width <= 1.0:
+            raise EdgeCompileError(f"width {width:g} is out of range: a width is a fraction in (0, 1]")
+        wanted = {
+            "hidden_dim": self.hidden_dim * width,
+            "num_heads": self.num_heads * width,
+            "num_kv_heads": self.num_kv_heads * width,
+            "FFN hidden (down/up)": self.hidden_dim * self.ffn_ratio * width,
+            "FFN hidden (middle)": self.hidden_dim * self.ffn_ratio_middle * width,
+        }
+        broken = [f"{k}={v:g}" for k, v in wanted.items() if abs(v - round(v)) > 1e-9 or round(v) < 1]
+        hidden = round(wanted["hidden_dim"])
+        if not broken and hidden % 4:
+            broken.append(f"hidden_dim={hidden} (2-D sin-cos positions need a multiple of 4)")
+        if broken:
+            good = ", ".join(width_label(w) for w in self.valid_widths())
+            raise EdgeCompileError(
+                f"width {width:g} does not divide config {self.name!r} ({'; '.join(broken)}): "
+                f"use a width whose dimensions stay whole, e.g. {good}"
+            )
+        return WidthDims(
+            width=width,
+            hidden=hidden,
+            heads=round(wanted["num_heads"]),
+            kv_heads=round(wanted["num_kv_heads"]),
+            head_dim=self.head_dim,
+            ffn_outer=round(wanted["FFN hidden (down/up)"]),
+            ffn_middle=round(wanted["FFN hidden (middle)"]),
+        )
+
+    def valid_widths(self) -> list[float]:
+        """Widths k/num_heads that divide every dimension (for error messages and `info`)."""
+        out = []
+        for k in range(1, self.num_heads + 1):
+            w = k / self.num_heads
+            try:
+                self._dims_quiet(w)
+                out.append(w)
+            except EdgeCompileError:
+                pass
+        return out
+
+    def _dims_quiet(self, w: float) -> None:
+        for v in (self.hidden_dim * w, self.num_heads * w, self.num_kv_heads * w,
+                  self.hidden_dim * self.ffn_ratio * w, self.hidden_dim * self.ffn_ratio_middle * w):
+            if abs(v - round(v)) > 1e-9 or round(v) < 1:
+                raise EdgeCompileError("no")
+        if round(self.hidden_dim * w) % 4:
+            raise EdgeCompileError("no")
+
+    # ---- token grids -------------------------------------------------------------------------------
+    def token_grid(self, latent_h: int, latent_w: int) -> tuple[int, int]:
+        return latent_h // self.patch_size, latent_w // self.patch_size
+
+    def middle_grid(self, latent_h: int, latent_w: int) -> tuple[int, int]:
+        h, w = self.token_grid(latent_h, latent_w)
+        return (h // 2, w // 2) if self.stage_downsample else (h, w)
+
+    def bna_block_grid(self, h: int, w: int) -> tuple[int, int]:
+        """(rows, cols) of BNA blocks on an h x w token grid in grid tiling."""
+        side = math.isqrt(self.bna_blocks)
+        return side, side
+
+    def check_latent_size(self, latent_h: int, latent_w: int) -> None:
+        """Raise a clear error when a latent of this size cannot run through the model."""
+        p = self.patch_size
+        where = f"latent {latent_h}x{latent_w} for config {self.name!r}"
+        if latent_h < 1 or latent_w < 1 or latent_h % p or latent_w % p:
+            raise EdgeCompileError(f"{where}: H and W must be positive multiples of patch_size {p}")
+        h, w = self.token_grid(latent_h, latent_w)
+        needs_even = self.stage_downsample or (self.down_up_attention == "assa" and self.depth_down + self.depth_up > 0)
+        if needs_even:
+            s = self.kv_compression if self.down_up_attention == "assa" else 1
+            m = 2 * s // math.gcd(2, s) if self.stage_downsample else s
+            if h % m or w % m:
+                raise EdgeCompileError(f"{where}: the {h}x{w} token grid must be divisible by {m} (2x2 downsample / KV compression)")
+        if self.down_up_attention == "assa" and self.depth_down + self.depth_up > 0:
+            if self.bna_tiling == "grid":
+                rows, cols = self.bna_block_grid(h, w)
+                if h % rows or w % cols:
+                    raise EdgeCompileError(
+                        f"{where}: grid BNA splits the {h}x{w} token grid into {rows}x{cols} blocks; "
+                        f"use a latent whose token grid is divisible by {rows}x{cols}"
+                    )
+            elif (h * w) % self.bna_blocks:
+                raise EdgeCompileError(
+                    f"{where}: sequence BNA splits {h * w} tokens into {self.bna_blocks} blocks; use a latent whose token count is divisible by it"
+                )
+
+    # ---- I/O ---------------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["sample_size"] = list(self.sample_size)
+        d["widths"] = list(self.widths)
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> "ModelConfig":
+        if not isinstance(data, dict):
+            raise EdgeCompileError(f"{source}: expected a mapping of config fields, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise EdgeCompileError(f"{source}: unknown config field(s) {', '.join(unknown)}; known fields: {', '.join(sorted(known))}")
+        try:
+            return cls(**data)
+        except EdgeCompileError:
+            raise
+        except (TypeError, ValueError) as e:
+            raise EdgeCompileError(f"{source}: invalid config ({e})") from None
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ModelConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise EdgeCompileError(f"config file {path} not found: pass a YAML or JSON config, e.g. recipes/toy.yaml")
+        try:
+            text = path.read_text()
+            data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, yaml.YAMLError) as e:
+            raise EdgeCompileError(f"config file {path} could not be parsed: {str(e).splitlines()[0]}") from None
+        if isinstance(data, dict) and "model" in data and isinstance(data["model"], dict):
+            data = data["model"]
+        return cls.from_dict(data, source=str(path))
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+
+RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"

@@ -1,0 +1,406 @@
+"""The reference elastic efficient DiT of SnapGen++ (§3.1, §3.2), in the ordinary training layout (B, L, D).
+
+One supernetwork holds the full-width weights. Running it at width w slices every attention / FFN projection
+to its leading rows and columns (heads stay whole because head_dim is fixed); the cross-attention key/value
+projections keep their full text input; LayerNorm and adaLN modulation parameters are stored once per width.
+`edgecompile.model.elastic.extract_width` turns one width into a standalone dense model of this same class.
+
+Blocks: self-attention -> cross-attention to text tokens -> FFN, with adaLN-single timestep modulation
+(PixArt-alpha). Down/up self-attention is ASSA: a global branch over 2x2-conv-compressed keys/values (eq. 1)
+and blockwise neighbourhood attention (eq. 2-3), mixed per head by an input-dependent sigmoid gate.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgecompile.model.config import ModelConfig, WidthDims, width_key
+
+
+# ---------------------------------------------------------------------------------------------------
+# Elastic building blocks: full-width parameters, sliced at call time.
+# ---------------------------------------------------------------------------------------------------
+class ElasticLinear(nn.Module):
+    """nn.Linear whose weight is sliced to the leading rows/cols of each of its groups.
+
+    Groups exist where a weight packs several width-sized chunks side by side (the 6 adaLN chunks of
+    t_block, the [x, skip] halves of a U-ViT skip fusion): each chunk is sliced on its own.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, in_groups: int = 1, out_groups: int = 1):
+        super().__init__()
+        self.in_groups, self.out_groups = in_groups, out_groups
+        self.weight = nn.Parameter(torch.empty(out_features, in_features))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        nn.init.xavier_uniform_(self.weight)
+
+    def sliced(self, in_f: int, out_f: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        og, ig = self.out_groups, self.in_groups
+        full_out, full_in = self.weight.shape
+        w = self.weight.view(og, full_out // og, ig, full_in // ig)[:, : out_f // og, :, : in_f // ig]
+        b = None if self.bias is None else self.bias.view(og, -1)[:, : out_f // og].reshape(out_f)
+        return w.reshape(out_f, in_f), b
+
+    def forward(self, x: torch.Tensor, in_f: int, out_f: int) -> torch.Tensor:
+        return F.linear(x, *self.sliced(in_f, out_f))
+
+
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return x * (1 + scale) + shift
+
+
+def sincos_2d(h: int, w: int, dim: int) -> torch.Tensor:
+    """(h*w, dim) fixed 2-D sin-cos positions for any grid (MAE style): one checkpoint, any aspect ratio."""
+    def one_axis(pos: torch.Tensor, d: int) -> torch.Tensor:
+        omega = 1.0 / 10000 ** (torch.arange(d // 2, dtype=torch.float64) / (d / 2))
+        out = pos.double().reshape(-1)[:, None] * omega[None]
+        return torch.cat([out.sin(), out.cos()], dim=1)
+
+    gy, gx = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+    return torch.cat([one_axis(gy, dim // 2), one_axis(gx, dim // 2)], dim=1).float()
+
+
+def timestep_frequencies(dim: int) -> torch.Tensor:
+    """The dim/2 angular frequencies, with DiT/PixArt's t*1000 scaling folded in (t is in [0, 1])."""
+    half = dim // 2
+    return (torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float64) / half) * 1000).float()
+
+
+def timestep_features(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sinusoidal features of t in [0, 1] (scaled to 0..1000 as DiT/PixArt do)."""
+    t = t if t.dtype == torch.float64 else t.float()
+    freqs = timestep_frequencies(dim).to(t)
+    args = t[:, None] * freqs[None]
+    return torch.cat([args.cos(), args.sin()], dim=-1)
+
+
+class PerWidthLayerNorm(nn.Module):
+    """LayerNorm whose affine parameters are kept separately for each width (§3.2: 'isolated')."""
+
+    def __init__(self, config: ModelConfig, affine: bool = True):
+        super().__init__()
+        self.affine = affine
+        if affine:
+            self.weight = nn.ParameterDict({width_key(w): nn.Parameter(torch.ones(config.dims(w).hidden)) for w in config.widths})
+            self.bias = nn.ParameterDict({width_key(w): nn.Parameter(torch.zeros(config.dims(w).hidden)) for w in config.widths})
+
+    def forward(self, x: torch.Tensor, d: WidthDims) -> torch.Tensor:
+        if not self.affine:
+            return F.layer_norm(x, (d.hidden,), eps=1e-6)
+        k = width_key(d.width)
+        return F.layer_norm(x, (d.hidden,), self.weight[k], self.bias[k], eps=1e-6)
+
+
+def per_width_table(config: ModelConfig, rows: int) -> nn.ParameterDict:
+    """adaLN-single scale/shift table (rows, D_w), one per width."""
+    return nn.ParameterDict(
+        {width_key(w): nn.Parameter(torch.randn(rows, config.dims(w).hidden) / config.dims(w).hidden ** 0.5) for w in config.widths}
+    )
+
+
+# ---------------------------------------------------------------------------------------------------
+# Attention
+# ---------------------------------------------------------------------------------------------------
+def gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """q (B, Hq, Lq, d), k/v (B, Hkv, Lk, d): query head i reads key/value head i // (Hq / Hkv).
+
+    Plain softmax(q k^T / sqrt(d)) v, broadcasting each key/value head over its query group: with this
+    model's small heads it is faster on CPU than the fused kernels, and it is the formula the deploy
+    rewrite reproduces. `mask` (Lq, Lk) boolean: True = may attend.
+    """
+    b, hq, lq, d = q.shape
+    hkv = k.shape[1]
+    qg = q.view(b, hkv, hq // hkv, lq, d)
+    scores = (qg * d**-0.5) @ k[:, :, None].transpose(-1, -2)
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return (scores.softmax(dim=-1) @ v[:, :, None]).view(b, hq, lq, d)
+
+
+def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    b, n, c = x.shape
+    return x.view(b, n, heads, c // heads).transpose(1, 2)
+
+
+def merge_heads(x: torch.Tensor) -> torch.Tensor:
+    b, h, n, d = x.shape
+    return x.transpose(1, 2).reshape(b, n, h * d)
+
+
+@functools.lru_cache(maxsize=64)
+def bna_partition(config: ModelConfig, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Blockwise neighbourhood layout for an h x w token grid.
+
+    Returns (order, neighbours): `order` (L,) lists token indices block by block (block-major), so block b
+    is order[b*Nb:(b+1)*Nb]; `neighbours` (B, K) lists each block's neighbour blocks N_r(b), padded with -1.
+    Sequence tiling (eq. 2): blocks are contiguous runs of the flat sequence, neighbours b-r..b+r.
+    Grid tiling (supp. D): blocks are rectangles of the 2-D grid, neighbours within Chebyshev distance r,
+    so B=16, r=1 gives each block its 3x3 = 9 spatial neighbour blocks.
+    """
+    n_blocks, r = config.bna_blocks, config.bna_radius
+    if config.bna_tiling == "sequence":
+        order = torch.arange(h * w)
+        coords = [(b,) for b in range(n_blocks)]
+    else:
+        rows, cols = config.bna_block_grid(h, w)
+        bh, bw = h // rows, w // cols
+        order = torch.arange(h * w).view(rows, bh, cols, bw).permute(0, 2, 1, 3).reshape(-1)
+        coords = [(i, j) for i in range(rows) for j in range(cols)]
+    nbrs = [[c for c, cc in enumerate(coords) if max(abs(a - b) for a, b in zip(cc, coords[b_])) <= r] for b_ in range(n_blocks)]
+    k = max(len(n) for n in nbrs)
+    neighbours = torch.full((n_blocks, k), -1, dtype=torch.long)
+    for b_, n in enumerate(nbrs):
+        neighbours[b_, : len(n)] = torch.tensor(n)
+    return order, neighbours
+
+
+@functools.lru_cache(maxsize=64)
+def bna_mask(config: ModelConfig, h: int, w: int) -> torch.Tensor:
+    """(L, L) boolean mask of eq. 3 in token order: True where query i may attend to key j."""
+    order, neighbours = bna_partition(config, h, w)
+    n_blocks = neighbours.shape[0]
+    block_of = torch.empty(h * w, dtype=torch.long)
+    block_of[order] = torch.arange(n_blocks).repeat_interleave(h * w // n_blocks)
+    allowed = torch.zeros(n_blocks, n_blocks, dtype=torch.bool)
+    for b_ in range(n_blocks):
+        allowed[b_, neighbours[b_][neighbours[b_] >= 0]] = True
+    return allowed[block_of[:, None], block_of[None, :]]
+
+
+def blockwise_neighbourhood_attention(config: ModelConfig, q, k, v, h: int, w: int) -> torch.Tensor:
+    """Eq. 3: each query block attends to the concatenated key/value blocks of its neighbourhood.
+
+    q (B, Hq, L, d), k/v (B, Hkv, L, d) in token order; returns (B, Hq, L, d) in token order.
+    """
+    order, neighbours = bna_partition(config, h, w)
+    n_blocks, kmax = neighbours.shape
+    bsz, hq, length, d = q.shape
+    nb = length // n_blocks
+
+    def blocks(x):  # (B, H, L, d) -> (B, H, n_blocks, Nb, d), block-major
+        return x[:, :, order].reshape(x.shape[0], x.shape[1], n_blocks, nb, d)
+
+    qb, kb, vb = blocks(q), blocks(k), blocks(v)
+    idx = neighbours.clamp(min=0)
+    kn = kb[:, :, idx].reshape(bsz, k.shape[1], n_blocks, kmax * nb, d)  # neighbour keys, concatenated
+    vn = vb[:, :, idx].reshape(bsz, v.shape[1], n_blocks, kmax * nb, d)
+    valid = (neighbours >= 0).repeat_interleave(nb, dim=1)[:, None, :]  # (n_blocks, 1, K*Nb)
+    # Fold the blocks into the batch axis so each block is one independent attention.
+    fold = lambda x: x.transpose(1, 2).reshape(bsz * n_blocks, x.shape[1], x.shape[3], d)  # noqa: E731
+    out = gqa_attention(fold(qb), fold(kn), fold(vn), mask=None if bool(valid.all()) else valid.repeat(bsz, 1, 1)[:, None, None])
+    out = out.view(bsz, n_blocks, hq, nb, d).transpose(1, 2).reshape(bsz, hq, length, d)
+    result = torch.empty_like(out)
+    result[:, :, order] = out
+    return result
+
+
+DENSE_BNA_MAX_TOKENS = 256
+
+
+class SelfAttention(nn.Module):
+    """GQA self-attention; `sparse=True` makes it ASSA (global over compressed KV + BNA, gated per head)."""
+
+    def __init__(self, config: ModelConfig, sparse: bool):
+        super().__init__()
+        c = config
+        self.config, self.sparse = c, sparse
+        full = c.dims(1.0)
+        self.q = ElasticLinear(full.hidden, full.attn_dim)
+        self.k = ElasticLinear(full.hidden, full.kv_dim)
+        self.v = ElasticLinear(full.hidden, full.kv_dim)
+        self.out = ElasticLinear(full.attn_dim, full.hidden)
+        if sparse:
+            s = c.kv_compression
+            # Depthwise 2x2 stride-2 conv on the k and v maps (eq. 1; depthwise as in PixArt-Sigma's KV
+            # compression): cheap, and elastic by plain channel slicing.
+            self.k_compress = nn.Conv2d(full.kv_dim, full.kv_dim, s, stride=s, groups=full.kv_dim)
+            self.v_compress = nn.Conv2d(full.kv_dim, full.kv_dim, s, stride=s, groups=full.kv_dim)
+            self.gate = ElasticLinear(full.hidden, full.heads)
+
+    def forward(self, x: torch.Tensor, d: WidthDims, grid: tuple[int, int]) -> torch.Tensor:
+        q = split_heads(self.q(x, d.hidden, d.attn_dim), d.heads)
+        k_flat = self.k(x, d.hidden, d.kv_dim)
+        v_flat = self.v(x, d.hidden, d.kv_dim)
+        k, v = split_heads(k_flat, d.kv_heads), split_heads(v_flat, d.kv_heads)
+        if not self.sparse:
+            return self.out(merge_heads(gqa_attention(q, k, v)), d.attn_dim, d.hidden)
+        h, w = grid
+        kc = split_heads(self.compress(self.k_compress, k_flat, d, h, w), d.kv_heads)
+        vc = split_heads(self.compress(self.v_compress, v_flat, d, h, w), d.kv_heads)
+        global_out = gqa_attention(q, kc, vc)
+        if h * w <= DENSE_BNA_MAX_TOKENS:  # short sequences: one masked dense attention is cheaper than gathers
+            local_out = gqa_attention(q, k, v, mask=bna_mask(self.config, h, w))
+        else:
+            local_out = blockwise_neighbourhood_attention(self.config, q, k, v, h, w)
+        g = torch.sigmoid(self.gate(x, d.hidden, d.heads)).transpose(1, 2)[..., None]  # (B, Hq, L, 1)
+        mixed = g * global_out + (1 - g) * local_out
+        return self.out(merge_heads(mixed), d.attn_dim, d.hidden)
+
+    @staticmethod
+    def compress(conv: nn.Conv2d, tokens: torch.Tensor, d: WidthDims, h: int, w: int) -> torch.Tensor:
+        b, n, c = tokens.shape
+        maps = tokens.transpose(1, 2).reshape(b, c, h, w)
+        out = F.conv2d(maps, conv.weight[:c], conv.bias[:c], stride=conv.stride, groups=c)
+        return out.flatten(2).transpose(1, 2)
+
+
+class CrossAttention(nn.Module):
+    """Queries from the image tokens; keys/values from text tokens (B, T, text_dim), whose input is never sliced."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        full = config.dims(1.0)
+        self.q = ElasticLinear(full.hidden, full.attn_dim)
+        self.k = ElasticLinear(config.text_dim, full.kv_dim)
+        self.v = ElasticLinear(config.text_dim, full.kv_dim)
+        self.out = ElasticLinear(full.attn_dim, full.hidden)
+        self.text_dim = config.text_dim
+
+    def forward(self, x: torch.Tensor, text: torch.Tensor, d: WidthDims) -> torch.Tensor:
+        q = split_heads(self.q(x, d.hidden, d.attn_dim), d.heads)
+        k = split_heads(self.k(text, self.text_dim, d.kv_dim), d.kv_heads)
+        v = split_heads(self.v(text, self.text_dim, d.kv_dim), d.kv_heads)
+        return self.out(merge_heads(gqa_attention(q, k, v)), d.attn_dim, d.hidden)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, config: ModelConfig, middle: bool):
+        super().__init__()
+        full = config.dims(1.0)
+        self.middle = middle
+        inner = full.ffn_middle if middle else full.ffn_outer
+        self.fc1 = ElasticLinear(full.hidden, inner)
+        self.fc2 = ElasticLinear(inner, full.hidden)
+
+    def forward(self, x: torch.Tensor, d: WidthDims) -> torch.Tensor:
+        inner = d.ffn_middle if self.middle else d.ffn_outer
+        return self.fc2(F.gelu(self.fc1(x, d.hidden, inner), approximate="tanh"), inner, d.hidden)
+
+
+class DiTBlock(nn.Module):
+    """Self-attention -> cross-attention -> FFN with adaLN-single modulation (PixArt-alpha)."""
+
+    def __init__(self, config: ModelConfig, stage: str, skip_in: bool = False):
+        super().__init__()
+        self.stage = stage
+        sparse = stage != "middle" and config.down_up_attention == "assa"
+        full = config.dims(1.0)
+        # U-ViT long skip: cat([x, skip]) -> linear, sliced per half.
+        self.skip_fuse = ElasticLinear(2 * full.hidden, full.hidden, in_groups=2) if skip_in else None
+        self.norm1 = PerWidthLayerNorm(config, affine=False)
+        self.attn = SelfAttention(config, sparse=sparse)
+        self.norm_cross = PerWidthLayerNorm(config, affine=True)
+        self.cross = CrossAttention(config)
+        self.norm2 = PerWidthLayerNorm(config, affine=False)
+        self.ffn = FeedForward(config, middle=stage == "middle")
+        self.scale_shift_table = per_width_table(config, 6)
+
+    def forward(self, x, t0, text, d: WidthDims, grid, skip=None):
+        if self.skip_fuse is not None:
+            x = self.skip_fuse(torch.cat([x, skip], dim=-1), 2 * d.hidden, d.hidden)
+        mod = self.scale_shift_table[width_key(d.width)][None] + t0.view(t0.shape[0], 6, d.hidden)
+        shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (m[:, None] for m in mod.unbind(1))
+        x = x + gate_sa * self.attn(modulate(self.norm1(x, d), shift_sa, scale_sa), d, grid)
+        x = x + self.cross(self.norm_cross(x, d), text, d)
+        x = x + gate_ff * self.ffn(modulate(self.norm2(x, d), shift_ff, scale_ff), d)
+        return x
+
+
+class EfficientDiT(nn.Module):
+    """Rectified-flow velocity predictor v(x_t, t, text) (eq. 4). Latent (B, C, H, W) in, velocity out."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = c = config
+        full = c.dims(1.0)
+        p = c.patch_size
+        self.patch_embed = nn.Conv2d(c.latent_channels, full.hidden, p, stride=p)
+        self.t_mlp1 = ElasticLinear(c.frequency_dim, full.hidden)
+        self.t_mlp2 = ElasticLinear(full.hidden, full.hidden)
+        self.t_block = ElasticLinear(full.hidden, 6 * full.hidden, out_groups=6)  # adaLN-single, shared by all blocks
+        self.down = nn.ModuleList(DiTBlock(c, "down") for _ in range(c.depth_down))
+        if c.stage_downsample:
+            self.downsample = nn.Conv2d(full.hidden, full.hidden, 2, stride=2)
+            self.upsample = nn.ConvTranspose2d(full.hidden, full.hidden, 2, stride=2)
+        n_skip = c.depth_middle // 2 if c.middle_skips else 0
+        self.middle = nn.ModuleList(
+            DiTBlock(c, "middle", skip_in=i >= c.depth_middle - n_skip) for i in range(c.depth_middle)
+        )
+        self.up = nn.ModuleList(DiTBlock(c, "up") for _ in range(c.depth_up))
+        self.final_norm = PerWidthLayerNorm(c, affine=False)
+        self.final_table = per_width_table(c, 2)
+        self.final = ElasticLinear(full.hidden, p * p * c.latent_channels)
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        # Zero the residual-branch outputs and the final projection (DiT's adaLN-zero spirit): training
+        # starts from an identity network, which is what makes the small default model train in minutes.
+        for blk in [*self.down, *self.middle, *self.up]:
+            for lin in (blk.attn.out, blk.cross.out, blk.ffn.fc2):
+                nn.init.zeros_(lin.weight)
+        nn.init.zeros_(self.final.weight)
+        nn.init.zeros_(self.final.bias)
+
+    @property
+    def n_skips(self) -> int:
+        return sum(b.skip_fuse is not None for b in self.middle)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, width: float = 1.0) -> torch.Tensor:
+        c = self.config
+        d = c.dims(width)
+        bsz, _, lh, lw = x.shape
+        c.check_latent_size(lh, lw)
+        h, w = c.token_grid(lh, lw)
+        p = c.patch_size
+
+        tok = F.conv2d(x, self.patch_embed.weight[: d.hidden], self.patch_embed.bias[: d.hidden], stride=p)
+        tok = tok.flatten(2).transpose(1, 2) + sincos_2d(h, w, d.hidden).to(x)
+        temb = self.t_mlp2(F.silu(self.t_mlp1(timestep_features(t, c.frequency_dim), c.frequency_dim, d.hidden)), d.hidden, d.hidden)
+        t0 = self.t_block(F.silu(temb), d.hidden, 6 * d.hidden)
+
+        for blk in self.down:
+            tok = blk(tok, t0, text, d, (h, w))
+        hi_res = tok
+        mh, mw = h, w
+        if c.stage_downsample:
+            maps = tok.transpose(1, 2).reshape(bsz, d.hidden, h, w)
+            wgt = self.downsample.weight[: d.hidden, : d.hidden]
+            tok = F.conv2d(maps, wgt, self.downsample.bias[: d.hidden], stride=2).flatten(2).transpose(1, 2)
+            mh, mw = h // 2, w // 2
+
+        skips = []  # U-ViT: the first n_skips middle blocks feed the last n_skips, innermost first
+        for i, blk in enumerate(self.middle):
+            skip = skips.pop() if blk.skip_fuse is not None else None
+            tok = blk(tok, t0, text, d, (mh, mw), skip=skip)
+            if i < self.n_skips:
+                skips.append(tok)
+
+        if c.stage_downsample:
+            maps = tok.transpose(1, 2).reshape(bsz, d.hidden, mh, mw)
+            wgt = self.upsample.weight[: d.hidden, : d.hidden]
+            up = F.conv_transpose2d(maps, wgt, self.upsample.bias[: d.hidden], stride=2)
+            tok = up.flatten(2).transpose(1, 2) + hi_res  # hourglass skip around the middle stage
+        for blk in self.up:
+            tok = blk(tok, t0, text, d, (h, w))
+
+        shift, scale = (self.final_table[width_key(d.width)][None] + temb[:, None]).unbind(1)
+        tok = modulate(self.final_norm(tok, d), shift[:, None], scale[:, None])
+        out = self.final(tok, d.hidden, p * p * c.latent_channels)  # (B, L, p*p*C)
+        out = out.view(bsz, h, w, p, p, c.latent_channels).permute(0, 5, 1, 3, 2, 4)
+        return out.reshape(bsz, c.latent_channels, lh, lw)
+
+
+@torch.no_grad()
+def randomize_untrained(model: EfficientDiT, seed: int = 0, std: float = 0.02) -> EfficientDiT:
+    """Give the zero-initialised residual branches random weights so an untrained model computes something
+    (for `edgecompile init`, scale benchmarks and tests)."""
+    g = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        if p.ndim >= 1 and not p.abs().any():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return model
