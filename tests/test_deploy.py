@@ -1,0 +1,78 @@
+import numpy as np
+import pytest
+import torch
+
+from edgecompile.coreml.convert import example_inputs
+from edgecompile.deploy.convert import deploy_model
+from edgecompile.metrics import psnr_db
+from tests.conftest import CONFIGS, TINY, trained_like
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_deploy_equals_reference_at_100_db_for_every_width(name):
+    config = CONFIGS[name]
+    model = trained_like(config)
+    for w in config.widths:
+        deploy = deploy_model(model, w)
+        latent, t, text = example_inputs(deploy, batch=2, seed=3)
+        with torch.no_grad():
+            ref = model(latent, t, text[:, :, 0].transpose(1, 2), width=w)
+            out = deploy(latent, t, text)
+        assert psnr_db(ref.numpy(), out.numpy()) >= 100, (name, w)
+
+
+def test_query_chunking_changes_nothing():
+    model = trained_like(CONFIGS["toy"])
+    plain, chunked = deploy_model(model, 0.5), deploy_model(model, 0.5, query_chunk=24)
+    ex = example_inputs(plain)
+    with torch.no_grad():
+        assert psnr_db(plain(*ex).numpy(), chunked(*ex).numpy()) >= 100
+
+
+def test_deploy_at_another_latent_size():
+    model = trained_like(CONFIGS["toy"])
+    deploy = deploy_model(model, 1.0, latent_hw=(16, 8))
+    ex = example_inputs(deploy)
+    with torch.no_grad():
+        ref = model(ex[0], ex[1], ex[2][:, :, 0].transpose(1, 2))
+        assert psnr_db(ref.numpy(), deploy(*ex).numpy()) >= 100
+
+
+def traced_ops(module, ex):
+    graph = torch.jit.trace(module, ex, check_trace=False).inlined_graph
+    return [n.kind() for n in graph.nodes()]
+
+
+def test_bna_loop_has_no_layout_ops_and_one_key_transpose_per_attention_layer():
+    model = trained_like(CONFIGS["toy"])
+    deploy = deploy_model(model, 0.5)
+    attn = deploy.down[0].attn
+    d = attn.d
+    seq = 64
+    q = torch.randn(1, d.attn_dim, 1, seq)
+    k_t = torch.randn(1, seq, 1, d.kv_dim)
+    v = torch.randn(1, d.kv_dim, 1, seq)
+    loop_ops = traced_ops(lambda q, k, v: attn.bna(q, k, v, seq), (q, k_t, v))
+    assert not [o for o in loop_ops if o in ("aten::transpose", "aten::permute", "aten::reshape", "aten::view")]
+    assert loop_ops.count("aten::einsum") == 2 * d.heads * len(attn.layout.neighbour_runs)
+    x = torch.randn(1, d.hidden, 8, 8)
+    layer_ops = traced_ops(attn, (x,))
+    assert layer_ops.count("aten::transpose") == 2  # keys of the BNA branch and of the compressed global branch
+    middle_ops = traced_ops(deploy.middle[0].attn, (torch.randn(1, d.hidden, 4, 4),))
+    assert middle_ops.count("aten::transpose") == 1
+
+
+def test_onnx_export_matches_torch(tmp_path):
+    import onnxruntime as ort
+
+    from edgecompile.deploy.onnx_export import export_onnx
+
+    deploy = deploy_model(trained_like(TINY), 0.5)
+    path = export_onnx(deploy, tmp_path / "m.onnx")
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    ex = example_inputs(deploy, seed=5)
+    out = sess.run(None, dict(zip([i.name for i in sess.get_inputs()], [e.numpy() for e in ex])))[0]
+    with torch.no_grad():
+        assert psnr_db(deploy(*ex).numpy(), out) >= 60
+    assert [i.name for i in sess.get_inputs()] == ["latent_image_embeddings", "timestep", "token_level_text_embeddings"]
+    assert np.isfinite(out).all()
