@@ -19,13 +19,16 @@ setup: $(STAMP)
 
 demo: setup
 	$(BIN)/edgecompile info
-	$(BIN)/edgecompile export --width 0.5 --bits mixed -o $(OUT)/demo --force
+	$(BIN)/edgecompile export --width 0.5 -o $(OUT)/demo --force
+	$(BIN)/edgecompile inspect $(OUT)/demo/w0.5/toy_w0.5_fp16.mlpackage
+	$(BIN)/edgecompile verify $(OUT)/demo/w0.5/toy_w0.5_fp16.mlpackage --precision fp16
 
 test: setup
 	$(BIN)/python -m pytest -q tests
 
 bench: setup
-	$(BIN)/python benchmarks/run_all.py --output $(OUT)/bench
+	$(BIN)/python benchmarks/graph_census.py --output $(OUT)/bench
+	$(BIN)/python benchmarks/export_scale.py --output $(OUT)/bench
 
 lint: setup
 	$(BIN)/ruff check edgecompile tests benchmarks scripts

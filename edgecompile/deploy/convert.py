@@ -26,16 +26,19 @@ def reference_tensor(ref_state: dict[str, torch.Tensor], name: str) -> torch.Ten
 def deploy_model(model: EfficientDiT, width: float = 1.0, latent_hw: tuple[int, int] | None = None,
                  query_chunk: int | None = None) -> DeployDiT:
     """The deploy graph of `width` of `model` (a supernetwork or an already extracted dense model)."""
-    dense = model if model.config.widths == (1.0,) else extract_width(model, width)
+    dense = model if model.config.widths == (1.0,) else extract_width(model, width, share=True)
     config = dense.config
     latent_hw = tuple(latent_hw or config.sample_size)
-    deploy = DeployDiT(config, latent_hw, query_chunk=query_chunk)
+    with torch.device("meta"):  # parameters are assigned below, as views of the reference where possible
+        deploy = DeployDiT(config, latent_hw, query_chunk=query_chunk)
     ref_state = dense.state_dict()
     p, ch = config.patch_size, config.latent_channels
+    state = {}
     for name, param in deploy.named_parameters():
         src = reference_tensor(ref_state, name)
         if name.startswith("final.") and p > 1:
             # reference rows are ordered (i, j, c); pixel_shuffle wants (c, i, j)
             src = src.view(p, p, ch, *src.shape[1:]).permute(2, 0, 1, *range(3, src.ndim + 2)).reshape(src.shape)
-        param.copy_(src.reshape(param.shape))
+        state[name] = src.reshape(param.shape)
+    deploy.load_state_dict(state, assign=True)
     return deploy.eval()

@@ -259,12 +259,14 @@ class DeployDiT(nn.Module):
         h, w = c.token_grid(*latent_hw)
         self.grid_hw = (h, w)
         sparse = c.down_up_attention == "assa" and (c.depth_down + c.depth_up) > 0
-        self.layout = BlockLayout(c, h, w) if sparse else None
+        with torch.device("cpu"):
+            self.layout = BlockLayout(c, h, w) if sparse else None
         p = c.patch_size
         self.patch_embed = nn.Conv2d(c.latent_channels, d.hidden, p, stride=p)
-        pos = sincos_2d(h, w, d.hidden).T.reshape(1, d.hidden, h, w)
-        self.register_buffer("pos", self._to_layout(pos), persistent=False)
-        self.register_buffer("freqs", timestep_frequencies(c.frequency_dim).view(1, -1), persistent=False)
+        with torch.device("cpu"):  # constants are computed even when the module is built on the meta device
+            pos = sincos_2d(h, w, d.hidden).T.reshape(1, d.hidden, h, w)
+            self.register_buffer("pos", self._to_layout(pos), persistent=False)
+            self.register_buffer("freqs", timestep_frequencies(c.frequency_dim).view(1, -1), persistent=False)
         self.t_mlp1 = conv1x1(c.frequency_dim, d.hidden)
         self.t_mlp2 = conv1x1(d.hidden, d.hidden)
         self.t_block = conv1x1(d.hidden, 6 * d.hidden)

@@ -110,7 +110,8 @@ def load_checkpoint(path: str | Path | None = None) -> Checkpoint:
     weights = path / "model.safetensors"
     if not weights.is_file():
         raise EdgeCompileError(f"checkpoint {path} has no model.safetensors")
-    model = EfficientDiT(config)
+    with torch.device("meta"):  # no allocation: the loaded tensors become the parameters (assign=True)
+        model = EfficientDiT(config)
     expected = model.state_dict()
     try:
         with safe_open(str(weights), framework="pt") as f:
@@ -135,7 +136,7 @@ def load_checkpoint(path: str | Path | None = None) -> Checkpoint:
             f"checkpoint {path} does not match its config {config.name!r}: " + "; ".join(problems)
             + " (was it saved from a different config?)"
         )
-    model.load_state_dict({k: v.float() for k, v in tensors.items()})
+    model.load_state_dict({k: tensors.pop(k).float() for k in list(tensors)}, assign=True)
     model.eval()
     prompts = _load_prompts(path, config)
     return Checkpoint(config=config, model=model, path=path, dtype=dtype, prompts=prompts, provenance=meta.get("provenance", {}))

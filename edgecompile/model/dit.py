@@ -54,8 +54,16 @@ def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch
     return x * (1 + scale) + shift
 
 
+@functools.lru_cache(maxsize=64)
 def sincos_2d(h: int, w: int, dim: int) -> torch.Tensor:
-    """(h*w, dim) fixed 2-D sin-cos positions for any grid (MAE style): one checkpoint, any aspect ratio."""
+    """(h*w, dim) fixed 2-D sin-cos positions for any grid (MAE style): one checkpoint, any aspect ratio.
+
+    Cached: a constant of the grid, so a traced graph sees one tensor rather than the ops that built it."""
+    with torch.device("cpu"):
+        return _sincos_2d(h, w, dim)
+
+
+def _sincos_2d(h: int, w: int, dim: int) -> torch.Tensor:
     def one_axis(pos: torch.Tensor, d: int) -> torch.Tensor:
         omega = 1.0 / 10000 ** (torch.arange(d // 2, dtype=torch.float64) / (d / 2))
         out = pos.double().reshape(-1)[:, None] * omega[None]
@@ -142,6 +150,11 @@ def bna_partition(config: ModelConfig, h: int, w: int) -> tuple[torch.Tensor, to
     Grid tiling (supp. D): blocks are rectangles of the 2-D grid, neighbours within Chebyshev distance r,
     so B=16, r=1 gives each block its 3x3 = 9 spatial neighbour blocks.
     """
+    with torch.device("cpu"):  # cached constants: never build them on the meta device of a caller's context
+        return _bna_partition(config, h, w)
+
+
+def _bna_partition(config: ModelConfig, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
     n_blocks, r = config.bna_blocks, config.bna_radius
     if config.bna_tiling == "sequence":
         order = torch.arange(h * w)
@@ -164,9 +177,9 @@ def bna_mask(config: ModelConfig, h: int, w: int) -> torch.Tensor:
     """(L, L) boolean mask of eq. 3 in token order: True where query i may attend to key j."""
     order, neighbours = bna_partition(config, h, w)
     n_blocks = neighbours.shape[0]
-    block_of = torch.empty(h * w, dtype=torch.long)
-    block_of[order] = torch.arange(n_blocks).repeat_interleave(h * w // n_blocks)
-    allowed = torch.zeros(n_blocks, n_blocks, dtype=torch.bool)
+    block_of = torch.empty(h * w, dtype=torch.long, device="cpu")
+    block_of[order] = torch.arange(n_blocks, device="cpu").repeat_interleave(h * w // n_blocks)
+    allowed = torch.zeros(n_blocks, n_blocks, dtype=torch.bool, device="cpu")
     for b_ in range(n_blocks):
         allowed[b_, neighbours[b_][neighbours[b_] >= 0]] = True
     return allowed[block_of[:, None], block_of[None, :]]
@@ -353,7 +366,7 @@ class EfficientDiT(nn.Module):
     def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, width: float = 1.0) -> torch.Tensor:
         c = self.config
         d = c.dims(width)
-        bsz, _, lh, lw = x.shape
+        bsz, lh, lw = x.shape[0], int(x.shape[2]), int(x.shape[3])  # plain ints: shapes are static per export
         c.check_latent_size(lh, lw)
         h, w = c.token_grid(lh, lw)
         p = c.patch_size

@@ -19,23 +19,32 @@ def width_config(config: ModelConfig, width: float) -> ModelConfig:
 
 
 @torch.no_grad()
-def extract_width(model: EfficientDiT, width: float) -> EfficientDiT:
-    """Slice width `width` out of the supernetwork; the result equals `model(..., width=width)`."""
-    dense = EfficientDiT(width_config(model.config, width))
+def extract_width(model: EfficientDiT, width: float, share: bool = False) -> EfficientDiT:
+    """Slice width `width` out of the supernetwork; the result equals `model(..., width=width)`.
+
+    share=True returns views of the supernetwork's storage where slicing allows (no copy of a 1.6B model
+    for read-only uses such as export); otherwise the dense model owns its weights.
+    """
+    with torch.device("meta"):
+        dense = EfficientDiT(width_config(model.config, width))
     source = dict(model.named_modules())
+    state = {}
     for name, mod in dense.named_modules():
         src = source[name]
+        prefix = f"{name}." if name else ""
         if isinstance(mod, ElasticLinear):
             w, b = src.sliced(mod.weight.shape[1], mod.weight.shape[0])
-            mod.weight.copy_(w)
+            state[prefix + "weight"] = w
             if b is not None:
-                mod.bias.copy_(b)
+                state[prefix + "bias"] = b
         elif isinstance(mod, torch.nn.ParameterDict):
-            mod[DENSE_KEY].copy_(src[width_key(width)])
+            state[prefix + DENSE_KEY] = src[width_key(width)]
         else:
             for pname, p in mod.named_parameters(recurse=False):  # convolutions: leading channels
-                sp = getattr(src, pname)
-                p.copy_(sp[tuple(slice(0, n) for n in p.shape)])
+                state[prefix + pname] = getattr(src, pname)[tuple(slice(0, n) for n in p.shape)]
+    if not share:
+        state = {k: v.detach().clone() for k, v in state.items()}
+    dense.load_state_dict(state, assign=True)
     return dense.eval()
 
 

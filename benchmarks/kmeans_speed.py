@@ -1,0 +1,89 @@
+"""edgecompile's fp16-histogram k-means versus coremltools 9.0's own k-means (the one palettize_weights calls:
+exact 1-D DP over np.unique values for fp16 tensors >= 10k elements, scikit-learn KMeans below that).
+
+Prints, per tensor and bit-width: time of each, speed ratio, and MSE ratio (ours / coremltools'; target <= 1.001)
+on a 4096x4096 fp16 tensor (per tensor and with group size 32) and on real weights of the bundled checkpoint.
+
+    python benchmarks/kmeans_speed.py [--output DIR] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import _common
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from edgecompile.compress.kmeans import palettize
+from edgecompile.coreml.convert import import_coremltools, quiet_coremltools
+
+
+def coremltools_kmeans(weight: np.ndarray, nbits: int, group_size: int | None):
+    """coremltools' k-means on each group of output channels (as palettize_weights does per group)."""
+    import_coremltools()
+    from coremltools.models.neural_network.quantization_utils import _get_kmeans_lookup_table_and_weight
+
+    rows = weight.shape[0]
+    g = group_size or rows
+    out = np.empty_like(weight)
+    with quiet_coremltools():
+        for r in range(0, rows, g):
+            block = weight[r : r + g]
+            lut, idx = _get_kmeans_lookup_table_and_weight(nbits, block)
+            out[r : r + g] = lut.astype(np.float16).reshape(-1)[np.asarray(idx).reshape(-1)].reshape(block.shape)
+    return out
+
+
+def mse(a, b) -> float:
+    return float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2))
+
+
+def measure(name: str, weight: np.ndarray, nbits: int, group_size: int | None) -> dict:
+    t = time.perf_counter()
+    ours = palettize(weight, nbits, group_size).decode()
+    t_ours = time.perf_counter() - t
+    t = time.perf_counter()
+    theirs = coremltools_kmeans(weight, nbits, group_size)
+    t_ct = time.perf_counter() - t
+    m_ours, m_ct = mse(ours, weight), mse(theirs, weight)
+    return {"tensor": name, "shape": list(weight.shape), "nbits": nbits, "group_size": group_size,
+            "seconds_edgecompile": t_ours, "seconds_coremltools": t_ct, "speedup": t_ct / t_ours,
+            "mse_edgecompile": m_ours, "mse_coremltools": m_ct, "mse_ratio": m_ours / m_ct if m_ct else 1.0}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--output")
+    ap.add_argument("--quick", action="store_true", help="skip the grouped 4096x4096 case")
+    args = ap.parse_args()
+    from edgecompile.model.checkpoint import load_checkpoint
+
+    rows = []
+    big = (np.random.default_rng(0).standard_normal((4096, 4096)) * 0.02).astype(np.float16)
+    cases = [("random 4096x4096", big, 4, None), ("random 4096x4096", big, 8, None)]
+    if not args.quick:
+        cases.append(("random 4096x4096", big, 4, 32))
+    ckpt = load_checkpoint()
+    state = ckpt.model.state_dict()
+    for name in ("middle.0.ffn.fc1.weight", "down.0.attn.q.weight", "up.2.ffn.fc2.weight"):
+        w = state[name].numpy().astype(np.float16)
+        cases += [(f"default ckpt {name}", w, 4, None), (f"default ckpt {name}", w, 8, None)]
+    for case in cases:
+        rows.append(measure(*case))
+    table = Table(title="k-means palettization: edgecompile vs coremltools 9.0 (same fp16 tensor)")
+    for col in ("tensor", "bits", "group", "edgecompile s", "coremltools s", "speedup", "MSE ratio"):
+        table.add_column(col, justify="right" if col != "tensor" else "left")
+    for r in rows:
+        table.add_row(r["tensor"], str(r["nbits"]), str(r["group_size"] or "-"), f"{r['seconds_edgecompile']:.3f}",
+                      f"{r['seconds_coremltools']:.3f}", f"{r['speedup']:.1f}x", f"{r['mse_ratio']:.5f}")
+    Console().print(table)
+    path = _common.write_result("kmeans_speed", {"cases": rows}, Path(args.output) if args.output else None)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
