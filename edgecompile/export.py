@@ -84,6 +84,7 @@ def package_name(config_name: str, width: float, bits: str, fmt: str) -> str:
 def export_width(ckpt: Checkpoint, width: float, opts: ExportOptions, timer: StageTimer) -> dict:
     """Build one width's output folder; returns its report (also written as report.json)."""
     from edgecompile.coreml.convert import PackageInfo, convert_to_mlmodel, set_metadata, sha256_file
+    from edgecompile.compress.palettize_model import palettizable_layers
     from edgecompile.deploy.convert import deploy_model
 
     config = ckpt.config
@@ -92,6 +93,15 @@ def export_width(ckpt: Checkpoint, width: float, opts: ExportOptions, timer: Sta
         dense = extract_width(ckpt.model, width)
     with timer.stage("rewrite"):
         deploy = deploy_model(dense, latent_hw=latent_hw, query_chunk=opts.query_chunk)
+    palettes, bits_map = {}, {}
+    if opts.bits != "16":
+        from edgecompile.compress.palettize_model import palettize_deploy, uniform_bits
+
+        if opts.bits == "mixed":
+            raise EdgeCompileError("--bits mixed needs the sensitivity sweep, which this version does not have yet: use --bits 4, 6 or 8")
+        with timer.stage("palettize"):
+            bits_map = uniform_bits(deploy, int(opts.bits))
+            palettes = palettize_deploy(deploy, bits_map)
     params = count_params(config, width)
     ckpt_sha = sha256_file(ckpt.path / "model.safetensors") if ckpt.path else None
     name = package_name(config.name, width, opts.bits, opts.fmt)
@@ -100,6 +110,10 @@ def export_width(ckpt: Checkpoint, width: float, opts: ExportOptions, timer: Sta
         "latent": list(latent_hw), "bits": opts.bits, "format": opts.fmt, "target": opts.target,
         "checkpoint": str(ckpt.path) if ckpt.path else None, "checkpoint_sha256": ckpt_sha, "package": name,
     }
+    if bits_map:
+        sizes = {n: m.weight.numel() for n, m in palettizable_layers(deploy).items()}
+        report["bits_per_layer"] = bits_map
+        report["average_bits"] = sum(bits_map[n] * sizes[n] for n in bits_map) / sum(sizes[n] for n in bits_map)
     with atomic_path(opts.width_dir(width), force=opts.force) as tmp:
         if opts.fmt == "onnx":
             from edgecompile.deploy.onnx_export import export_onnx
@@ -112,16 +126,23 @@ def export_width(ckpt: Checkpoint, width: float, opts: ExportOptions, timer: Sta
 
             with timer.stage("convert"):
                 ml = convert_to_mlmodel(deploy, target=opts.target)
+                if palettes:
+                    from edgecompile.compress.palettize_model import apply_palettes, bits_metadata
+
+                    ml = apply_palettes(ml, palettes)
                 info = PackageInfo(width=width, params=params, config=config.to_dict(), checkpoint_sha256=ckpt_sha, bits=opts.bits)
-                set_metadata(ml, info, deploy)
+                set_metadata(ml, info, deploy, extra=bits_metadata(bits_map, None) if palettes else None)
                 ml.save(str(tmp / name))
             report["coremltools"] = ct.__version__
             report["size_bytes"] = sum(f.stat().st_size for f in (tmp / name).rglob("*") if f.is_file())
             if opts.verify:
                 from edgecompile.coreml.verify import verify_package
 
+                simulated = None
+                if palettes:
+                    simulated = lambda x, t, c: deploy(x, t, c.transpose(1, 2)[:, :, None])  # noqa: E731
                 with timer.stage("verify"):
-                    result = verify_package(tmp / name, ckpt.path)
+                    result = verify_package(tmp / name, ckpt.path, simulated=simulated)
                 report["verify"] = result.to_dict()
                 report["verify"]["package"] = name
         report["stage_seconds"] = dict(timer.seconds)

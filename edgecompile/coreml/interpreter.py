@@ -241,7 +241,7 @@ def _lut_to_dense(indices=None, lut=None, shape=None, vector_axis=None, **_):
     """iOS18: indices (uint, weight shape) + lut (..., 2^n, vector) with per-group broadcasting; iOS16/17:
     packed uint8 indices + flat lut + shape. Either way each weight element is lut[group][index]."""
     if shape is not None:  # iOS16/17 form
-        from coremltools.optimize.coreml._utils import restore_elements_from_packed_bits
+        from coremltools.optimize._utils import restore_elements_from_packed_bits
 
         nbits = int(math.log2(lut.shape[-1]))
         idx = restore_elements_from_packed_bits(indices, nbits, int(np.prod(shape)))

@@ -1,0 +1,41 @@
+import json
+
+import pytest
+
+from edgecompile.model.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
+from tests.test_coreml import run_cli
+
+
+def test_info_json_on_a_config(capsys):
+    code, out, _ = run_cli(["info", "recipes/snapgenpp.yaml", "--json"], capsys)
+    data = json.loads(out)
+    assert code == 0 and set(data["widths"]) == {"0.375", "0.5", "1.0"}
+    full = data["widths"]["1.0"]
+    assert full["weight_bytes_fp16"] == 2 * full["params"]
+    assert full["tokens"] == {"down": 4096, "middle": 1024, "up": 4096}
+
+
+def test_info_token_counts_follow_the_latent(capsys):
+    code, out, _ = run_cli(["info", "recipes/toy.yaml", "--latent", "8x16", "--json"], capsys)
+    assert json.loads(out)["widths"]["0.5"]["tokens"] == {"down": 128, "middle": 32, "up": 128}
+
+
+def test_init_writes_a_loadable_checkpoint(tmp_path, capsys):
+    code, _, err = run_cli(["init", "recipes/toy.yaml", "-o", str(tmp_path / "ck"), "--seed", "3"], capsys)
+    assert code == 0, err
+    ckpt = load_checkpoint(tmp_path / "ck")
+    assert ckpt.config.name == "toy" and ckpt.provenance["seed"] == 3
+    code, _, err = run_cli(["init", "recipes/toy.yaml", "-o", str(tmp_path / "ck")], capsys)
+    assert code == 2 and "already exists" in err
+
+
+@pytest.mark.skipif(not (DEFAULT_CHECKPOINT / "model.safetensors").exists(), reason="bundled checkpoint not trained yet")
+def test_bundled_checkpoint_generates_recognisable_digits():
+    from edgecompile.model.digits import sample_accuracy, train_classifier
+
+    ckpt = load_checkpoint()
+    assert ckpt.prompts is not None and ckpt.prompts.tokens.shape[0] == 10
+    clf = train_classifier()
+    acc, samples = sample_accuracy(lambda x, t, c: ckpt.model(x, t, c, width=1.0), ckpt.prompts, clf, per_class=5, steps=20)
+    assert samples.shape == (50, 1, 8, 8)
+    assert acc >= 0.7  # the full README figure uses 20 per class; 5 per class keeps this test fast

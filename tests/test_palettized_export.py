@@ -1,0 +1,71 @@
+import numpy as np
+import pytest
+import torch
+
+from edgecompile.compress.palettize_model import const_name, palettizable_layers, palettize_deploy, uniform_bits
+from edgecompile.coreml.interpreter import OPS
+from edgecompile.coreml.package import load_package, weight_census
+from edgecompile.coreml.verify import verify_package
+from edgecompile.deploy.convert import deploy_model
+from edgecompile.export import ExportOptions, run_export
+from edgecompile.model.checkpoint import load_checkpoint, save_checkpoint
+from edgecompile.model.config import ModelConfig
+from tests.conftest import trained_like
+
+SMALL = ModelConfig(name="small", hidden_dim=64, head_dim=16, num_heads=4, num_kv_heads=2, text_dim=16, text_len=3,
+                    depth_down=1, depth_middle=2, depth_up=1, widths=(0.5, 1.0), bna_blocks=4)
+
+
+@pytest.fixture(scope="module")
+def palettized(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pal")
+    save_checkpoint(trained_like(SMALL), root / "ckpt")
+    ckpt = load_checkpoint(root / "ckpt")
+    report = run_export(ckpt, ExportOptions(output=root / "out", widths=[1.0], bits="4"))[0]
+    return ckpt, report
+
+
+def test_package_decodes_to_exactly_the_simulated_weights(palettized):
+    ckpt, report = palettized
+    deploy = deploy_model(ckpt.model, 1.0)
+    bits = uniform_bits(deploy, 4)
+    palettize_deploy(deploy, bits)
+    expected = {const_name(n): m.weight.detach().numpy().astype(np.float16) for n, m in palettizable_layers(deploy).items()}
+    view = load_package(report["path"])
+    decoded = {}
+    for op in view.main.operations:
+        if op.op_type == "constexpr_lut_to_dense":
+            ins = {k: v.val for k, v in op.inputs.items()}
+            decoded[op.outputs[0].name] = OPS["constexpr_lut_to_dense"](**ins)
+    assert len(decoded) == len(expected) > 5
+    for name, value in decoded.items():
+        key = next(k for k in expected if name.startswith(k.removesuffix("_to_fp16")))
+        assert np.array_equal(value.reshape(expected[key].shape), expected[key]), name
+
+
+def test_palettized_package_reports_bits_and_verifies(palettized):
+    ckpt, report = palettized
+    census = weight_census(load_package(report["path"]))
+    assert census["average_bits"] == 4.0 and report["average_bits"] == 4.0
+    result = verify_package(report["path"], ckpt.path)
+    assert result.psnr_db >= 60 and result.reference.startswith("edgecompile's compressed")
+    assert result.psnr_vs_checkpoint_db < result.psnr_db  # 4-bit weights differ from the checkpoint
+
+
+def test_mixed_bits_without_a_sweep_is_a_clear_error(palettized, tmp_path):
+    from edgecompile.errors import EdgeCompileError
+
+    ckpt, _ = palettized
+    with pytest.raises(EdgeCompileError, match="mixed"):
+        run_export(ckpt, ExportOptions(output=tmp_path, widths=[1.0], bits="mixed"))
+    assert not any(tmp_path.iterdir())
+
+
+def test_recipe_naming_an_unknown_layer_is_an_error():
+    from edgecompile.errors import EdgeCompileError
+
+    deploy = deploy_model(trained_like(SMALL), 1.0)
+    with pytest.raises(EdgeCompileError, match="does not have"):
+        palettize_deploy(deploy, {"down.0.nonexistent": 4})
+    with torch.no_grad():
+        assert palettizable_layers(deploy)
