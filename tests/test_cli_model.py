@@ -1,8 +1,6 @@
 import json
 
-import pytest
-
-from edgecompile.model.checkpoint import DEFAULT_CHECKPOINT, load_checkpoint
+from edgecompile.model.checkpoint import load_checkpoint
 from tests.test_coreml import run_cli
 
 
@@ -29,7 +27,6 @@ def test_init_writes_a_loadable_checkpoint(tmp_path, capsys):
     assert code == 2 and "already exists" in err
 
 
-@pytest.mark.skipif(not (DEFAULT_CHECKPOINT / "model.safetensors").exists(), reason="bundled checkpoint not trained yet")
 def test_bundled_checkpoint_generates_recognisable_digits():
     from edgecompile.model.digits import sample_accuracy, train_classifier
 

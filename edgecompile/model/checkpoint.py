@@ -102,11 +102,11 @@ def _summarise(names: list[str], limit: int = 3) -> str:
 
 
 def load_checkpoint(path: str | Path | None = None) -> Checkpoint:
-    """Load and validate a checkpoint folder (the bundled default when `path` is None)."""
+    """Load and validate a checkpoint folder (the bundled default when `path` is None); weights become fp32."""
     path = Path(path) if path is not None else DEFAULT_CHECKPOINT
     meta = read_checkpoint_meta(path)
     config = ModelConfig.from_dict(meta.get("model"), source=f"checkpoint {path} (checkpoint.json 'model')")
-    dtype = meta.get("dtype", "float32")
+    stored = meta.get("dtype", "float32")
     weights = path / "model.safetensors"
     if not weights.is_file():
         raise EdgeCompileError(f"checkpoint {path} has no model.safetensors")
@@ -128,9 +128,9 @@ def load_checkpoint(path: str | Path | None = None) -> Checkpoint:
     shapes = [f"{k} {tuple(tensors[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items() if k in tensors and tensors[k].shape != v.shape]
     if shapes:
         problems.append(f"{len(shapes)} shape mismatch(es) ({_summarise(shapes)})")
-    dtypes = [f"{k} is {str(v.dtype).removeprefix('torch.')}" for k, v in tensors.items() if k in expected and v.dtype != DTYPES[dtype]]
+    dtypes = [f"{k} is {str(v.dtype).removeprefix('torch.')}" for k, v in tensors.items() if k in expected and v.dtype != DTYPES[stored]]
     if dtypes:
-        problems.append(f"{len(dtypes)} tensor(s) not of the declared dtype {dtype} ({_summarise(dtypes)})")
+        problems.append(f"{len(dtypes)} tensor(s) not of the declared dtype {stored} ({_summarise(dtypes)})")
     if problems:
         raise EdgeCompileError(
             f"checkpoint {path} does not match its config {config.name!r}: " + "; ".join(problems)
@@ -139,7 +139,7 @@ def load_checkpoint(path: str | Path | None = None) -> Checkpoint:
     model.load_state_dict({k: tensors.pop(k).float() for k in list(tensors)}, assign=True)
     model.eval()
     prompts = _load_prompts(path, config)
-    return Checkpoint(config=config, model=model, path=path, dtype=dtype, prompts=prompts, provenance=meta.get("provenance", {}))
+    return Checkpoint(config=config, model=model, path=path, dtype=stored, prompts=prompts, provenance=meta.get("provenance", {}))
 
 
 def _load_prompts(path: Path, config: ModelConfig) -> Prompts | None:
