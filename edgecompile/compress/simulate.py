@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 
-import torch
-
 
 def simulated_model_for_package(view, ckpt):
     """None for an fp16 package (its reference is the checkpoint itself); else a callable (latent, t, text_btd)."""

@@ -287,7 +287,7 @@ class MILInterpreter:
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         env: dict[str, Any] = {}
-        for name, var in self.function.inputs.items():
+        for name in self.function.inputs:
             if name not in inputs:
                 raise EdgeCompileError(f"missing input {name!r} for the package (inputs: {', '.join(self.function.inputs)})")
             env[name] = self._float(np.asarray(inputs[name]))

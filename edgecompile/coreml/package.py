@@ -91,7 +91,7 @@ def block_of_ops(view: PackageView) -> dict[str, str]:
         for v in o.inputs.values():
             for var in v if isinstance(v, (list, tuple)) else [v]:
                 m = BLOCK_NAME.match(var.name)
-                if m and var.op is not None and var.op.op_type in ("const",) or (m and var.op is not None and var.op.op_type.startswith("constexpr")):
+                if m and var.op is not None and (var.op.op_type == "const" or var.op.op_type.startswith("constexpr")):
                     block = f"{m.group(1)}.{m.group(2)}"
                     break
             if block:
