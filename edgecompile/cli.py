@@ -137,7 +137,7 @@ def export(checkpoint, width_text, bits, output, latent, target, fmt, query_chun
         return
     table = Table(title=f"edgecompile export: {ckpt.config.name}")
     for col in ("width", "package", "params", "size", "PSNR vs checkpoint", "time"):
-        table.add_column(col, justify="right" if col not in ("package",) else "left")
+        table.add_column(col, justify="right" if col != "package" else "left", overflow="fold")
     for r in reports:
         v = r.get("verify", {})
         psnr = f"{v['psnr_vs_checkpoint_db']:.1f} dB" if v else "not verified"

@@ -105,6 +105,25 @@ def test_interpreter_ops_match_torch():
     np.testing.assert_allclose(d, ln.numpy(), atol=1e-4)
 
 
+def test_interpreter_batch_norm_matches_torch():
+    import torch
+    from coremltools.converters.mil import Builder as mb
+
+    g = np.random.default_rng(1)
+    x = g.standard_normal((1, 3, 4, 5)).astype(np.float32)
+    mean, var, gamma, beta = (g.standard_normal(3).astype(np.float32) for _ in range(4))
+    var = np.abs(var) + 0.1
+
+    @mb.program(input_specs=[mb.TensorSpec(shape=x.shape)])
+    def prog(x):
+        return mb.batch_norm(x=x, mean=mean, variance=var, gamma=gamma, beta=beta, epsilon=1e-3)
+
+    out = list(MILInterpreter(prog).run({"x": x}).values())[0]
+    ref = torch.nn.functional.batch_norm(torch.from_numpy(x), torch.from_numpy(mean), torch.from_numpy(var),
+                                         torch.from_numpy(gamma), torch.from_numpy(beta), eps=1e-3)
+    np.testing.assert_allclose(out, ref.numpy(), atol=1e-5)
+
+
 def test_cli_inspect_and_verify_json(exported, tiny_checkpoint, capsys):
     path = package_path(exported[0.5])
     code, out, _ = run_cli(["inspect", path, "--json"], capsys)
@@ -145,3 +164,13 @@ def test_existing_output_needs_force(tiny_checkpoint, tmp_path, capsys):
     code, _, err = run_cli(["export", str(tiny_checkpoint), "--width", "0.5", "-o", str(tmp_path), "--format", "onnx"], capsys)
     assert code == 2 and "--force" in err and (target / "keep.txt").read_text() == "user data"
     assert [p.name for p in tmp_path.iterdir()] == ["w0.5"]  # no temporary left behind
+
+
+def test_bundled_checkpoint_exports_and_verifies(tmp_path):
+    """The path `make demo` takes, on trained weights (they convert to ops random weights do not, e.g. batch_norm)."""
+    from edgecompile.export import ExportOptions, run_export
+    from edgecompile.model.checkpoint import load_checkpoint
+
+    report = run_export(load_checkpoint(), ExportOptions(output=tmp_path, widths=[0.375]))[0]
+    assert report["verify"]["psnr_db"] >= 60
+    assert load_package(report["path"]).metadata["edgecompile.width"] == "0.375"

@@ -74,6 +74,33 @@ def _layer_norm(x, axes, gamma=None, beta=None, epsilon=1e-5, **_):
     return out
 
 
+def _per_channel(v, ndim):
+    return None if v is None else np.asarray(v).reshape((1, -1) + (1,) * (ndim - 2))
+
+
+@op("batch_norm")
+def _batch_norm(x, mean, variance, gamma=None, beta=None, epsilon=1e-5, **_):
+    """Inference batch norm over axis 1 (coremltools folds per-channel mul+add constants into it)."""
+    out = (x - _per_channel(mean, x.ndim)) / np.sqrt(_per_channel(variance, x.ndim) + epsilon)
+    if gamma is not None:
+        out = out * _per_channel(gamma, x.ndim)
+    if beta is not None:
+        out = out + _per_channel(beta, x.ndim)
+    return out
+
+
+@op("instance_norm")
+def _instance_norm(x, gamma=None, beta=None, epsilon=1e-5, **_):
+    axes = tuple(range(2, x.ndim))
+    mean = x.mean(axis=axes, keepdims=True)
+    out = (x - mean) / np.sqrt(((x - mean) ** 2).mean(axis=axes, keepdims=True) + epsilon)
+    if gamma is not None:
+        out = out * _per_channel(gamma, x.ndim)
+    if beta is not None:
+        out = out + _per_channel(beta, x.ndim)
+    return out
+
+
 @op("reduce_mean", "reduce_sum", "reduce_max")
 def _reduce(x, axes=None, keep_dims=False, _op_type="reduce_mean", **_):
     fn = {"reduce_mean": np.mean, "reduce_sum": np.sum, "reduce_max": np.max}[_op_type]
