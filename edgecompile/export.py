@@ -122,8 +122,9 @@ def export_width(ckpt: Checkpoint, width: float, opts: ExportOptions, timer: Sta
                 export_onnx(deploy, tmp / name)
             report["size_bytes"] = (tmp / name).stat().st_size
         else:
-            import coremltools as ct
+            from edgecompile.coreml.convert import import_coremltools
 
+            ct = import_coremltools()  # quiet: coremltools prints warnings on import
             with timer.stage("convert"):
                 ml = convert_to_mlmodel(deploy, target=opts.target)
                 if palettes:

@@ -115,6 +115,9 @@ DP_START_MIN_CLUSTERS = 16
 def _coarse_exact_start(x, weights, k, w_cum, s1_cum) -> np.ndarray:
     """Exact DP k-means (coremltools' bundled kmeans1d) on 16 companding-quantile super-bins per cluster: a start
     next to the global optimum that Lloyd alone misses for large k, at a fraction of the DP's cost on all values."""
+    from edgecompile.coreml.convert import import_coremltools
+
+    import_coremltools()  # quiet import first: coremltools prints warnings on import
     from coremltools._deps import kmeans1d  # the exact O(kn) DP coremltools itself uses
 
     bins = _init_by_density(x, weights, min(COARSE_BINS_PER_CLUSTER * k, len(x)), 1 / 3)

@@ -68,8 +68,9 @@ def coreml_runner(view: PackageView) -> Callable | None:
     """Core ML prediction where it exists (macOS); None elsewhere."""
     if sys.platform != "darwin":
         return None
-    import coremltools as ct
+    from edgecompile.coreml.convert import import_coremltools
 
+    ct = import_coremltools()
     ml = ct.models.MLModel(str(view.path), compute_units=ct.ComputeUnit.CPU_AND_NE)
     return lambda feeds: ml.predict(feeds)[OUTPUT]
 
