@@ -174,3 +174,20 @@ def test_bundled_checkpoint_exports_and_verifies(tmp_path):
     report = run_export(load_checkpoint(), ExportOptions(output=tmp_path, widths=[0.375]))[0]
     assert report["verify"]["psnr_db"] >= 60
     assert load_package(report["path"]).metadata["edgecompile.width"] == "0.375"
+
+
+def test_interrupted_export_leaves_no_partial_output(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    import edgecompile.coreml.convert as convert
+    from edgecompile.export import ExportOptions, run_export
+    from edgecompile.model.checkpoint import load_checkpoint
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(convert, "convert_to_mlmodel", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_export(load_checkpoint(tiny_checkpoint), ExportOptions(output=tmp_path / "a", widths=[0.5]))
+    assert not any((tmp_path / "a").iterdir())  # neither the package folder nor a temporary
+    code, _, err = run_cli(["export", str(tiny_checkpoint), "--width", "0.5", "-o", str(tmp_path / "b")], capsys)
+    assert code == 130 and "interrupted" in err
+    assert not any((tmp_path / "b").iterdir())
