@@ -13,10 +13,7 @@ from edgecompile.model.elastic import extract_width
 
 
 def reference_tensor(ref_state: dict[str, torch.Tensor], name: str) -> torch.Tensor:
-    if name in ref_state:
-        return ref_state[name]
-    head, _, leaf = name.rpartition(".")
-    for key in (f"{name}.{width_key(1.0)}", f"{head}.{leaf}.{width_key(1.0)}"):
+    for key in (name, f"{name}.{width_key(1.0)}"):  # shared weights, then per-width parameters
         if key in ref_state:
             return ref_state[key]
     raise KeyError(f"no reference tensor for deploy parameter {name}")

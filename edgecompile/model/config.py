@@ -129,26 +129,17 @@ class ModelConfig:
         width = float(width)
         if not 0.0 < width <= 1.0:
             raise EdgeCompileError(f"width {width:g} is out of range: a width is a fraction in (0, 1]")
-        wanted = {
-            "hidden_dim": self.hidden_dim * width,
-            "num_heads": self.num_heads * width,
-            "num_kv_heads": self.num_kv_heads * width,
-            "FFN hidden (down/up)": self.hidden_dim * self.ffn_ratio * width,
-            "FFN hidden (middle)": self.hidden_dim * self.ffn_ratio_middle * width,
-        }
-        broken = [f"{k}={v:g}" for k, v in wanted.items() if abs(v - round(v)) > 1e-9 or round(v) < 1]
-        hidden = round(wanted["hidden_dim"])
-        if not broken and hidden % 4:
-            broken.append(f"hidden_dim={hidden} (2-D sin-cos positions need a multiple of 4)")
+        broken = self._width_problems(width)
         if broken:
             good = ", ".join(width_label(w) for w in self.valid_widths())
             raise EdgeCompileError(
                 f"width {width:g} does not divide config {self.name!r} ({'; '.join(broken)}): "
                 f"use a width whose dimensions stay whole, e.g. {good}"
             )
+        wanted = self._width_values(width)
         return WidthDims(
             width=width,
-            hidden=hidden,
+            hidden=round(wanted["hidden_dim"]),
             heads=round(wanted["num_heads"]),
             kv_heads=round(wanted["num_kv_heads"]),
             head_dim=self.head_dim,
@@ -156,25 +147,26 @@ class ModelConfig:
             ffn_middle=round(wanted["FFN hidden (middle)"]),
         )
 
+    def _width_values(self, width: float) -> dict[str, float]:
+        return {
+            "hidden_dim": self.hidden_dim * width,
+            "num_heads": self.num_heads * width,
+            "num_kv_heads": self.num_kv_heads * width,
+            "FFN hidden (down/up)": self.hidden_dim * self.ffn_ratio * width,
+            "FFN hidden (middle)": self.hidden_dim * self.ffn_ratio_middle * width,
+        }
+
+    def _width_problems(self, width: float) -> list[str]:
+        """Dimensions that `width` would make fractional (empty when the width divides the config)."""
+        wanted = self._width_values(width)
+        broken = [f"{k}={v:g}" for k, v in wanted.items() if abs(v - round(v)) > 1e-9 or round(v) < 1]
+        if not broken and round(wanted["hidden_dim"]) % 4:
+            broken.append(f"hidden_dim={round(wanted['hidden_dim'])} (2-D sin-cos positions need a multiple of 4)")
+        return broken
+
     def valid_widths(self) -> list[float]:
         """Widths k/num_heads that divide every dimension (for error messages and `info`)."""
-        out = []
-        for k in range(1, self.num_heads + 1):
-            w = k / self.num_heads
-            try:
-                self._dims_quiet(w)
-                out.append(w)
-            except EdgeCompileError:
-                pass
-        return out
-
-    def _dims_quiet(self, w: float) -> None:
-        for v in (self.hidden_dim * w, self.num_heads * w, self.num_kv_heads * w,
-                  self.hidden_dim * self.ffn_ratio * w, self.hidden_dim * self.ffn_ratio_middle * w):
-            if abs(v - round(v)) > 1e-9 or round(v) < 1:
-                raise EdgeCompileError("no")
-        if round(self.hidden_dim * w) % 4:
-            raise EdgeCompileError("no")
+        return [k / self.num_heads for k in range(1, self.num_heads + 1) if not self._width_problems(k / self.num_heads)]
 
     # ---- token grids -------------------------------------------------------------------------------
     def token_grid(self, latent_h: int, latent_w: int) -> tuple[int, int]:
