@@ -108,20 +108,76 @@ def init(config_path: str, output: str, seed: int, dtype: str, force: bool) -> N
     console.print(f"wrote {output} ({sum(p.numel() for p in model.parameters()) / 1e6:,.2f} M parameters, seed {seed})")
 
 
+class StageProgress:
+    """A rich progress display: one line per pipeline stage, with a bar for stages that report progress."""
+
+    def __init__(self):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TimeElapsedColumn(), console=console, transient=False)
+        self.task = None
+        self.stage = ""
+
+    def __enter__(self):
+        self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        self._finish()
+        return self.progress.__exit__(*exc)
+
+    def _finish(self):
+        if self.task is not None:
+            t = self.progress.tasks[self.task]
+            self.progress.update(self.task, total=t.total or 1, completed=t.total or 1)
+
+    def on_stage(self, name: str) -> None:
+        self._finish()
+        self.stage = name
+        self.task = self.progress.add_task(name, total=None)
+
+    def update(self, description: str, done: int, total: int) -> None:
+        if self.task is None:
+            self.on_stage(description)
+        self.progress.update(self.task, description=f"{self.stage}: {description}", completed=done, total=total)
+
+
+def parse_bits_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(sorted({int(v) for v in text.split(",")}))
+    except ValueError:
+        raise EdgeCompileError(f"--candidates/--bits {text!r} is not a comma list of bit-widths (e.g. 4,8)") from None
+
+
 @cli.command()
 @click.argument("checkpoint", required=False)
 @click.option("--width", "width_text", default="0.5", show_default=True, help="0.375, 0.5, 1.0, a comma list, or 'all'.")
-@click.option("--bits", default="16", show_default=True, help="Weight bits: 16 (fp16), 8, 6, 4 or mixed.")
+@click.option("--bits", default="16", show_default=True, help="Weight bits: 16 (fp16), 8, 6, 4 or mixed (sensitivity sweep).")
 @click.option("-o", "--output", default="dist", show_default=True, type=click.Path(), help="Output folder (one subfolder per width).")
 @click.option("--latent", help="Latent size HxW (default: the config's sample_size).")
 @click.option("--target", default="iOS17", show_default=True, type=click.Choice(["iOS17", "iOS18"]))
 @click.option("--format", "fmt", default="coreml", show_default=True, type=click.Choice(["coreml", "onnx"]))
+@click.option("--recipe", type=click.Path(), help="Mixed-bit recipe from `edgecompile sweep` (skips the sweep).")
+@click.option("--target-bits", default=4.3, show_default=True, type=float, help="Average bits for --bits mixed.")
+@click.option("--candidates", default="4,8", show_default=True, help="Bit-widths --bits mixed chooses from.")
+@click.option("--sweep-mode", default="local", show_default=True, type=click.Choice(["local", "e2e"]), help="Sensitivity signal for --bits mixed.")
+@click.option("--group-size", type=int, help="One LUT per group of this many output channels (iOS18).")
+@click.option("--calibration", type=click.Path(), help="Calibration inputs from `edgecompile calibrate` (default: built from the checkpoint).")
+@click.option("--no-distill", is_flag=True, help="Skip self-distillation of biases and norms after palettization.")
+@click.option("--distill-steps", type=int, help="Self-distillation steps (default: by model size; early stop on plateau).")
+@click.option("--swift-resources", is_flag=True, help="Lay the output out as the Swift Core ML pipelines expect (Resources/).")
 @click.option("--query-chunk", type=int, help="Split attention queries into chunks of this many tokens.")
 @click.option("--no-verify", is_flag=True, help="Skip executing the package against the checkpoint.")
 @click.option("--force", is_flag=True, help="Replace existing output folders.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
-def export(checkpoint, width_text, bits, output, latent, target, fmt, query_chunk, no_verify, force, as_json):
-    """Compile CHECKPOINT (default: the bundled one) into one package per width."""
+def export(checkpoint, width_text, bits, output, latent, target, fmt, recipe, target_bits, candidates, sweep_mode, group_size,
+           calibration, no_distill, distill_steps, swift_resources, query_chunk, no_verify, force, as_json):
+    """Compile CHECKPOINT (default: the bundled one) into one verified package per width.
+
+    Pipeline: load -> extract width -> calibrate -> sweep (or --recipe) -> palettize -> self-distill -> rewrite
+    -> convert -> verify -> package.
+    """
     from edgecompile.export import ExportOptions, parse_widths, run_export
     from edgecompile.model.checkpoint import load_checkpoint
 
@@ -129,21 +185,116 @@ def export(checkpoint, width_text, bits, output, latent, target, fmt, query_chun
     opts = ExportOptions(
         output=Path(output), widths=parse_widths(width_text, ckpt.config), bits=str(bits), latent_hw=parse_latent(latent),
         target=target, fmt=fmt, force=force, verify=not no_verify, query_chunk=query_chunk,
+        recipe=Path(recipe) if recipe else None, target_bits=target_bits, candidates=parse_bits_list(candidates),
+        sweep_mode=sweep_mode, group_size=group_size, calibration=Path(calibration) if calibration else None,
+        distill=not no_distill, distill_steps=distill_steps, swift_resources=swift_resources,
     )
-    with console.status("exporting") as status:
-        reports = run_export(ckpt, opts, on_stage=lambda s: status.update(f"[bold]{s}"))
+    with StageProgress() as display:
+        reports = run_export(ckpt, opts, on_stage=display.on_stage, progress=display.update)
     if as_json:
         emit_json({"packages": reports})
         return
-    table = Table(title=f"edgecompile export: {ckpt.config.name}")
-    for col in ("width", "package", "params", "size", "PSNR vs checkpoint", "time"):
-        table.add_column(col, justify="right" if col != "package" else "left", overflow="fold")
+    out.print(summary_table(ckpt.config.name, reports))
+
+
+def summary_table(name: str, reports: list[dict]) -> Table:
+    table = Table(title=f"edgecompile export: {name}")
+    for col in ("width", "package", "params", "size", "avg bits", "PSNR vs checkpoint", "calib. PSNR (palettized -> distilled)", "time per stage"):
+        table.add_column(col, justify="left" if col in ("package", "time per stage") else "right", overflow="fold")
     for r in reports:
         v = r.get("verify", {})
         psnr = f"{v['psnr_vs_checkpoint_db']:.1f} dB" if v else "not verified"
+        cal = r.get("calibration_psnr_db", {})
+        cal_text = " -> ".join(f"{cal[k]:.1f}" for k in ("palettized", "distilled") if k in cal) + " dB" if cal else "-"
+        stages = ", ".join(f"{k} {sec:.1f}s" for k, sec in r["stage_seconds"].items())
         table.add_row(f"{r['width']:g}", r["path"], f"{r['params'] / 1e6:.2f} M", f"{r['size_bytes'] / 2**20:.2f} MiB",
-                      psnr, f"{sum(r['stage_seconds'].values()):.1f} s")
+                      f"{r.get('average_bits', 16):.2f}", psnr, cal_text, stages)
+    return table
+
+
+@cli.command()
+@click.argument("checkpoint", required=False)
+@click.option("--width", default=0.5, show_default=True, type=float)
+@click.option("-o", "--output", required=True, type=click.Path(), help="Calibration file to write (.safetensors).")
+@click.option("--prompts", type=click.Path(), help="Your text embeddings: safetensors with 'tokens' (N, T, D), optional 'null'.")
+@click.option("--schedules", default="4,20", show_default=True, help="Sampling step counts whose trajectories are recorded.")
+@click.option("--latent", help="Latent size HxW (default: the config's sample_size).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--cfg", "cfg_scale", default=2.0, show_default=True, help="Classifier-free guidance scale of the app.")
+@click.option("--force", is_flag=True)
+def calibrate(checkpoint, width, output, prompts, schedules, latent, seed, cfg_scale, force):
+    """Record calibration inputs along the unquantized model's own sampling trajectories."""
+    from edgecompile.atomic import check_output_path
+    from edgecompile.compress.calibration import build_calibration, default_calibration, load_user_prompts
+    from edgecompile.model.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(checkpoint)
+    ckpt.config.dims(width)
+    check_output_path(Path(output), force)
+    steps = parse_bits_list(schedules)
+    hw = parse_latent(latent) or ckpt.config.sample_size
+    ckpt.config.check_latent_size(*hw)
+    if prompts:
+        tokens, null = load_user_prompts(prompts, ckpt.config)
+        calib = build_calibration(ckpt.model, width, tokens, null, hw, steps, seed, cfg_scale, prompts_label=str(prompts))
+    else:
+        calib = default_calibration(ckpt, width, hw, seed, steps)
+    calib.save(output, force=force)
+    console.print(f"wrote {output}: {len(calib)} inputs (width {width:g}, schedules {list(steps)}, seed {seed})")
+
+
+@cli.command()
+@click.argument("checkpoint", required=False)
+@click.option("--width", default=0.5, show_default=True, type=float)
+@click.option("--bits", "bits_text", default="4,8", show_default=True, help="Candidate bit-widths.")
+@click.option("--mode", default="local", show_default=True, type=click.Choice(["local", "e2e"]),
+              help="local: each layer's own output error (one forward pass); e2e: denoiser-output error (one pass per layer and bits).")
+@click.option("--target-bits", type=float, help="Average bits to allocate (default 4.3 unless --target-psnr).")
+@click.option("--target-psnr", type=float, help="Allocate the fewest bits whose calibration PSNR reaches this (dB).")
+@click.option("--group-size", type=int, help="Sweep grouped LUTs of this many output channels.")
+@click.option("--calibration", type=click.Path(), help="Calibration file (default: built from the checkpoint).")
+@click.option("-o", "--output", required=True, type=click.Path(), help="Recipe JSON to write.")
+@click.option("--force", is_flag=True)
+@click.option("--json", "as_json", is_flag=True)
+def sweep(checkpoint, width, bits_text, mode, target_bits, target_psnr, group_size, calibration, output, force, as_json):
+    """Per-layer palettization sensitivity and a mixed-bit recipe for one width."""
+    from edgecompile.atomic import check_output_path
+    from edgecompile.compress.calibration import default_calibration, load_calibration
+    from edgecompile.compress.recipe import DEFAULT_TARGET_BITS, make_recipe
+    from edgecompile.compress.sensitivity import PaletteCache
+    from edgecompile.deploy.convert import deploy_model
+    from edgecompile.model.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(checkpoint)
+    ckpt.config.dims(width)
+    check_output_path(Path(output), force)
+    if target_bits is not None and target_psnr is not None:
+        raise EdgeCompileError("give --target-bits or --target-psnr, not both")
+    if group_size is not None and group_size < 1:
+        raise EdgeCompileError(f"--group-size {group_size} must be a positive number of output channels")
+    candidates = list(parse_bits_list(bits_text))
+    with StageProgress() as display:
+        display.on_stage("calibration inputs")
+        calib = load_calibration(calibration) if calibration else default_calibration(ckpt, width)
+        calib.check(ckpt.config, source="calibration set")
+        model = deploy_model(ckpt.model, width, latent_hw=tuple(calib.latent.shape[2:]))
+        display.on_stage(f"{mode} sweep")
+        recipe = make_recipe(model, ckpt.config.name, width, calib, candidates, mode,
+                             target_bits if target_psnr is None and target_bits is not None else DEFAULT_TARGET_BITS,
+                             target_psnr, PaletteCache(model, group_size), progress=display.update)
+    recipe.save(output, force=force)
+    if as_json:
+        emit_json({"recipe": str(output), **{k: v for k, v in recipe.to_dict().items() if k != "layers"}})
+        return
+    table = Table(title=f"{mode} sweep, width {width:g}: {recipe.average_bits:.3f} bits on average, predicted PSNR {recipe.predicted_psnr_db:.1f} dB")
+    for col in ("layer", "size", *(f"sens. {b}-bit" for b in candidates), "bits"):
+        table.add_column(col, justify="left" if col == "layer" else "right")
+    order = sorted(recipe.bits, key=lambda n: -recipe.sensitivity[n][min(candidates)])
+    for n in order[:15]:
+        table.add_row(n, f"{recipe.sizes[n]:,}", *(f"{recipe.sensitivity[n][b]:.3g}" for b in candidates), str(recipe.bits[n]))
     out.print(table)
+    out.print(f"{len(order)} layers (15 most sensitive shown); sweep cost {recipe.sweep['cost_forward_passes']:.1f} forward passes "
+              f"+ {recipe.sweep['kmeans_seconds']:.1f} s of k-means; wrote {output}")
 
 
 @cli.command()

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgecompile.compress.kmeans import Palette, palettize
+from edgecompile.compress.kmeans import Palette
 from edgecompile.errors import EdgeCompileError
 
 MIN_ELEMENTS = 2048  # smaller weights stay fp16 (coremltools' own weight_threshold default)
@@ -30,9 +30,15 @@ def const_name(layer: str) -> str:
 
 
 @torch.no_grad()
-def palettize_deploy(model: nn.Module, bits: dict[str, int], group_size: int | None = None) -> dict[str, Palette]:
-    """Replace each listed layer's weight by its decoded palette (in place); return the palettes."""
+def palettize_deploy(model: nn.Module, bits: dict[str, int], group_size: int | None = None, cache=None) -> dict[str, Palette]:
+    """Replace each listed layer's weight by its decoded palette; return the palettes.
+
+    The weight is replaced by a new parameter, not written into: deploy weights may be views of the checkpoint.
+    `cache` (a PaletteCache over a model with the same weights) supplies palettes already computed by the sweep."""
+    from edgecompile.compress.sensitivity import PaletteCache
+
     layers = palettizable_layers(model)
+    cache = cache or PaletteCache(model, group_size)
     unknown = sorted(set(bits) - set(layers))
     if unknown:
         raise EdgeCompileError(f"recipe names layer(s) this model does not have or cannot palettize: {', '.join(unknown[:3])}")
@@ -40,9 +46,8 @@ def palettize_deploy(model: nn.Module, bits: dict[str, int], group_size: int | N
     for name, nbits in bits.items():
         if nbits >= 16:
             continue
-        weight = layers[name].weight
-        p = palettize(weight.detach().cpu().numpy(), nbits, group_size)
-        weight.copy_(torch.from_numpy(p.decode().astype(np.float32)))
+        p = cache.palette(name, nbits)
+        layers[name].weight = nn.Parameter(torch.from_numpy(p.decode().astype(np.float32)), requires_grad=False)
         palettes[name] = p
     return palettes
 
@@ -51,37 +56,45 @@ def uniform_bits(model: nn.Module, nbits: int) -> dict[str, int]:
     return {name: nbits for name in palettizable_layers(model)}
 
 
-def apply_palettes(mlmodel, palettes: dict[str, Palette]):
-    """Write edgecompile's LUTs and indices into the converted model (per-tensor palettes)."""
-    from edgecompile.coreml.convert import import_coremltools, quiet_coremltools
+def palettization_config(ct, palettes: dict[str, Palette]):
+    """coremltools' palettizer config that writes edgecompile's LUTs and indices, one `custom` config per const."""
+    return ct.optimize.coreml.OptimizationConfig(op_name_configs={const_name(layer): _custom_config(ct, p, layer) for layer, p in palettes.items()})
 
-    ct = import_coremltools()
-    program = mlmodel._mil_program
-    consts = {op.name for f in program.functions.values() for op in f.operations if op.op_type == "const"}
-    configs = {}
-    for layer, p in palettes.items():
-        name = const_name(layer)
-        if name not in consts:
-            raise EdgeCompileError(f"internal: the converted program has no const {name} for layer {layer}")
-        if p.group_size is not None:
-            raise EdgeCompileError("--group-size needs per-grouped-channel LUTs, which this edgecompile does not write yet")
-        lut = p.lut[0]
 
-        def lut_function(weight, lut=lut, layer=layer):
-            # Index the weight coremltools holds (its layout may differ from torch's, e.g. conv_transpose):
-            # its values are exactly our fp16 LUT entries, so a lookup in the sorted LUT recovers the indices.
-            w16 = np.asarray(weight, dtype=np.float16).reshape(-1)
-            order = np.argsort(lut, kind="stable")
-            pos = np.clip(np.searchsorted(lut[order], w16), 0, len(lut) - 1)
-            idx = order[pos]
-            if not np.array_equal(lut[idx], w16):
-                raise EdgeCompileError(f"internal: the converted weight of {layer} is not made of its palette's values")
-            return lut.astype(weight.dtype), idx.astype(np.uint8)
+def check_palettized(mlmodel, palettes: dict[str, Palette]) -> None:
+    """Every palettized layer must have become a LUT op (a const renamed by coremltools would be skipped silently)."""
+    luts = set()
+    for function in mlmodel.get_spec().mlProgram.functions.values():
+        for block in function.block_specializations.values():
+            luts.update(out.name for op in block.operations if op.type == "constexpr_lut_to_dense" for out in op.outputs)
+    missing = sorted(layer for layer in palettes if f"{const_name(layer)}_palettized" not in luts)
+    if missing:
+        raise EdgeCompileError(f"internal: the converted program has no palettized weight for layer(s) {', '.join(missing[:3])}")
 
-        configs[name] = ct.optimize.coreml.OpPalettizerConfig(mode="custom", lut_function=lut_function, weight_threshold=0)
-    config = ct.optimize.coreml.OptimizationConfig(op_name_configs=configs)
-    with quiet_coremltools():
-        return ct.optimize.coreml.palettize_weights(mlmodel, config)
+
+def _custom_config(ct, p: Palette, layer: str):
+    """A `custom` palettizer config that hands coremltools this layer's LUT(s) and indices.
+
+    coremltools calls lut_function once per group of output channels, in order (axis 0, the layout of a conv
+    weight in both torch and MIL); per-tensor palettes are the one-group case."""
+    groups = iter(range(len(p.lut)))
+
+    def lut_function(weight, layer=layer):
+        # Index the weight coremltools holds (its layout may differ from torch's, e.g. conv_transpose):
+        # its values are exactly our fp16 LUT entries, so a lookup in the sorted LUT recovers the indices.
+        lut = p.lut[next(groups)]
+        w16 = np.asarray(weight, dtype=np.float16).reshape(-1)
+        order = np.argsort(lut, kind="stable")
+        pos = np.clip(np.searchsorted(lut[order], w16), 0, len(lut) - 1)
+        idx = order[pos]
+        if not np.array_equal(lut[idx], w16):
+            raise EdgeCompileError(f"internal: the converted weight of {layer} is not made of its palette's values")
+        return lut.astype(weight.dtype), idx.astype(np.uint8)
+
+    if p.group_size is None:
+        return ct.optimize.coreml.OpPalettizerConfig(mode="custom", lut_function=lut_function, weight_threshold=0)
+    return ct.optimize.coreml.OpPalettizerConfig(mode="custom", lut_function=lut_function, weight_threshold=0,
+                                                 granularity="per_grouped_channel", group_size=p.group_size, channel_axis=0)
 
 
 def bits_metadata(bits: dict[str, int], group_size: int | None) -> dict[str, str]:

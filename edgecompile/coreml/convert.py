@@ -85,8 +85,10 @@ class PackageInfo:
     description: str = ""
 
 
-def convert_to_mlmodel(deploy: DeployDiT, target: str = "iOS17", compute_precision: str = "float16"):
-    """Trace and convert; returns an in-memory ct.models.MLModel (mlprogram)."""
+def convert_to_mlmodel(deploy: DeployDiT, target: str = "iOS17", compute_precision: str = "float16", palettes: dict | None = None):
+    """Trace and convert; returns an in-memory ct.models.MLModel (mlprogram).
+
+    `palettes` (layer -> Palette) are then written in with coremltools' palettize_weights (edgecompile's own LUTs)."""
     ct = import_coremltools()
     if target not in TARGETS:
         from edgecompile.errors import EdgeCompileError
@@ -112,6 +114,12 @@ def convert_to_mlmodel(deploy: DeployDiT, target: str = "iOS17", compute_precisi
             minimum_deployment_target=getattr(ct.target, target),
             compute_precision=precision,
         )
+    if palettes:
+        from edgecompile.compress.palettize_model import check_palettized, palettization_config
+
+        with quiet_coremltools():
+            ml = ct.optimize.coreml.palettize_weights(ml, palettization_config(ct, palettes))
+        check_palettized(ml, palettes)
     return ml
 
 

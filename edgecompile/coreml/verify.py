@@ -39,8 +39,20 @@ class VerifyResult:
         return dict(self.__dict__)
 
 
-def verification_inputs(config: ModelConfig, latent_hw: tuple[int, int], n: int = N_VERIFY_INPUTS, seed: int = 1234):
-    """Deterministic (latent, t, text) triples in package layout; text is (1, text_dim, 1, T)."""
+def verification_inputs(config: ModelConfig, latent_hw: tuple[int, int], n: int = N_VERIFY_INPUTS, seed: int = 1234,
+                        ckpt: Checkpoint | None = None, width: float | None = None):
+    """Deterministic (latent, t, text) triples in package layout; text is (1, text_dim, 1, T).
+
+    With a checkpoint that ships prompts, the inputs are what the app feeds: points of the unquantized model's own
+    4-step trajectories (seed `seed`, not the calibration seed), so the PSNR against the checkpoint is measured
+    where the package will run. Otherwise random latents and text at t = 0.15 .. 0.85."""
+    if ckpt is not None and ckpt.prompts is not None and width is not None:
+        from edgecompile.compress.calibration import build_calibration
+
+        tokens = ckpt.prompts.tokens[torch.linspace(0, len(ckpt.prompts.tokens) - 1, n).round().long()]
+        calib = build_calibration(ckpt.model, width, tokens, ckpt.prompts.null, latent_hw, (4,), seed).subset(n)
+        return [(calib.latent[i : i + 1], calib.timestep[i : i + 1], calib.text[i : i + 1].transpose(1, 2)[:, :, None])
+                for i in range(len(calib))]
     g = torch.Generator().manual_seed(seed)
     out = []
     for i in range(n):
@@ -103,7 +115,7 @@ def verify_package(package: str | Path, checkpoint: str | Path | None = None, pr
         raise EdgeCompileError(f"package {package} has no edgecompile metadata: verify checks packages written by `edgecompile export`")
     ckpt = checkpoint_for(view, checkpoint)
     width = view.width
-    inputs = verification_inputs(ckpt.config, view.latent_hw)
+    inputs = verification_inputs(ckpt.config, view.latent_hw, ckpt=ckpt, width=width)
     outs, label = run_package(view, inputs, precision=precision, runtime=runtime)
     model = ckpt.model
     if simulated is None:

@@ -1,0 +1,166 @@
+"""Calibration inputs: what the denoiser actually sees in the app, collected along the unquantized model's own
+sampling trajectories (rectified-flow Euler with CFG), so that sensitivity, allocation and self-distillation
+are measured where the package will run.
+
+File format (safetensors; documented in calibration/README.md):
+    latent    (N, C, H, W) float32   x_t, the denoiser's latent input
+    timestep  (N,)         float32   t in [0, 1] (1 = pure noise)
+    text      (N, T, D)    float32   text tokens in training layout (the package takes them as (N, D, 1, T))
+    metadata  {"format": "edgecompile-calibration", "format_version": "1", "width", "schedules", "seed",
+               "cfg_scale", "prompts", "config"}
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+
+from edgecompile.atomic import atomic_path
+from edgecompile.errors import EdgeCompileError
+from edgecompile.model.config import ModelConfig
+
+FORMAT = "edgecompile-calibration"
+FORMAT_VERSION = "1"
+DEFAULT_SCHEDULES = (4, 20)  # the app's 4-step schedule and a longer one
+LONG_SCHEDULE_STRIDE = 4  # of a long schedule keep every 4th step: its neighbours are nearly the same input
+
+
+@dataclass
+class CalibrationSet:
+    latent: torch.Tensor
+    timestep: torch.Tensor
+    text: torch.Tensor
+    meta: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.timestep)
+
+    def batches(self, batch_size: int = 64):
+        """(latent, t, text in package layout (B, D, 1, T)) batches, in order."""
+        for s in range(0, len(self), batch_size):
+            e = s + batch_size
+            yield self.latent[s:e], self.timestep[s:e], self.text[s:e].transpose(1, 2)[:, :, None]
+
+    def subset(self, n: int) -> CalibrationSet:
+        """n inputs spread evenly over the set (every timestep of the schedules stays represented)."""
+        if n >= len(self):
+            return self
+        idx = torch.linspace(0, len(self) - 1, n).round().long()
+        return CalibrationSet(self.latent[idx], self.timestep[idx], self.text[idx], {**self.meta, "subset_of": len(self)})
+
+    def check(self, config: ModelConfig, latent_hw: tuple[int, int] | None = None, source: str = "calibration set") -> None:
+        want = (config.latent_channels, *(latent_hw or self.latent.shape[2:]))
+        problems = []
+        if self.latent.ndim != 4 or tuple(self.latent.shape[1:]) != want:
+            problems.append(f"latent is {tuple(self.latent.shape)}, expected (N, {', '.join(map(str, want))})")
+        if self.text.ndim != 3 or self.text.shape[1:] != (config.text_len, config.text_dim):
+            problems.append(f"text is {tuple(self.text.shape)}, expected (N, {config.text_len}, {config.text_dim})")
+        if self.timestep.shape != (len(self.latent),):
+            problems.append(f"timestep is {tuple(self.timestep.shape)}, expected ({len(self.latent)},)")
+        if problems:
+            raise EdgeCompileError(f"{source} does not fit model {config.name!r}: " + "; ".join(problems))
+
+    def save(self, path: str | Path, force: bool = False) -> Path:
+        path = Path(path)
+        meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **{k: json.dumps(v) for k, v in self.meta.items()}}
+        with atomic_path(path, force=force, is_dir=False) as tmp:
+            save_file({"latent": self.latent.contiguous(), "timestep": self.timestep.contiguous(), "text": self.text.contiguous()},
+                      str(tmp), metadata=meta)
+        return path
+
+
+def load_calibration(path: str | Path) -> CalibrationSet:
+    path = Path(path)
+    if not path.is_file():
+        raise EdgeCompileError(f"calibration file {path} not found: build one with `edgecompile calibrate`")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            if meta.get("format") != FORMAT:
+                raise EdgeCompileError(f"calibration file {path} is not an {FORMAT} file (metadata 'format' is {meta.get('format')!r})")
+            tensors = {k: f.get_tensor(k).float() for k in ("latent", "timestep", "text")}
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise EdgeCompileError(f"calibration file {path} is corrupt or lacks latent/timestep/text ({str(e).splitlines()[0]})") from None
+    extra = {k: json.loads(v) for k, v in meta.items() if k not in ("format", "format_version")}
+    return CalibrationSet(**tensors, meta=extra)
+
+
+def random_prompts(config: ModelConfig, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stand-in text embeddings for checkpoints that ship none (random-initialised scale tests): N(0, 1)."""
+    g = torch.Generator().manual_seed(seed + 7919)
+    tokens = torch.randn((n, config.text_len, config.text_dim), generator=g)
+    return tokens, torch.zeros((1, config.text_len, config.text_dim))
+
+
+@torch.no_grad()
+def build_calibration(model, width: float, tokens: torch.Tensor, null: torch.Tensor | None, latent_hw: tuple[int, int],
+                      schedules: tuple[int, ...] = DEFAULT_SCHEDULES, seed: int = 0, cfg_scale: float = 2.0,
+                      prompts_label: str = "checkpoint") -> CalibrationSet:
+    """Run the unquantized width's sampler on every prompt for each schedule and record every denoiser input.
+
+    With CFG the app runs the denoiser on the prompt and on the null text at each step: both are recorded.
+    Long schedules are thinned to every LONG_SCHEDULE_STRIDE-th step. Deterministic for a given seed.
+    """
+    from edgecompile.model.sampling import euler_sample
+
+    config = model.config
+    use_cfg = cfg_scale != 1.0 and null is not None
+    latents, times, texts = [], [], []
+    for steps in schedules:
+        keep = 1 if steps <= 8 else LONG_SCHEDULE_STRIDE
+        step_index = [0]
+
+        def record(x, t, text, keep=keep, step_index=step_index):
+            if step_index[0] % keep == 0:
+                latents.append(x.clone())
+                times.append(t.clone())
+                texts.append(text.clone())
+                if use_cfg:
+                    latents.append(x.clone())
+                    times.append(t.clone())
+                    texts.append(null.expand_as(text).clone())
+            step_index[0] += 1
+
+        g = torch.Generator().manual_seed(seed * 1000 + steps)
+        noise = torch.randn((len(tokens), config.latent_channels, *latent_hw), generator=g)
+        euler_sample(lambda x, t, c: model(x, t, c, width=width), noise, tokens, steps=steps,
+                     cfg_scale=cfg_scale if use_cfg else 1.0, null_text=null, on_step=record)
+    meta = {"width": width, "schedules": list(schedules), "seed": seed, "cfg_scale": cfg_scale if use_cfg else 1.0,
+            "prompts": f"{prompts_label} ({len(tokens)})", "config": config.name}
+    return CalibrationSet(torch.cat(latents), torch.cat(times), torch.cat(texts), meta)
+
+
+def default_calibration(ckpt, width: float, latent_hw: tuple[int, int] | None = None, seed: int = 0,
+                        schedules: tuple[int, ...] = DEFAULT_SCHEDULES, n_random_prompts: int = 4) -> CalibrationSet:
+    """The deterministic calibration set edgecompile builds when none is given: the checkpoint's own prompts
+    (random stand-ins when it ships none), seeded noise, both schedules."""
+    config = ckpt.config
+    latent_hw = tuple(latent_hw or config.sample_size)
+    if ckpt.prompts is not None:
+        tokens, null, label = ckpt.prompts.tokens, ckpt.prompts.null, "checkpoint prompts"
+    else:
+        tokens, null = random_prompts(config, n_random_prompts, seed)
+        label = "random N(0,1) text embeddings"
+    return build_calibration(ckpt.model, width, tokens, null, latent_hw, schedules, seed, prompts_label=label)
+
+
+def load_user_prompts(path: str | Path, config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A user's text embeddings: safetensors with "tokens" (N, T, D) and optional "null" (1, T, D)."""
+    path = Path(path)
+    if not path.is_file():
+        raise EdgeCompileError(f"prompts file {path} not found: a safetensors file with 'tokens' (N, T, D) and optionally 'null'")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = set(f.keys())
+            tokens = f.get_tensor("tokens").float()
+            null = f.get_tensor("null").float().reshape(1, *tokens.shape[1:]) if "null" in keys else None
+    except (SafetensorError, OSError, RuntimeError, ValueError) as e:
+        raise EdgeCompileError(f"prompts file {path} is corrupt or has no 'tokens' tensor ({str(e).splitlines()[0]})") from None
+    if tokens.ndim != 3 or tokens.shape[1:] != (config.text_len, config.text_dim):
+        raise EdgeCompileError(f"prompts file {path}: tokens are {tuple(tokens.shape)}, expected (N, {config.text_len}, {config.text_dim})")
+    return tokens, null

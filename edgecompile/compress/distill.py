@@ -1,0 +1,202 @@
+"""Self-distillation after palettization (SnapGen++ supplementary C): freeze the palettized weights and fit the
+parameters the package stores at full precision (biases, norm affines, modulation tables) so the student's
+output velocity matches the unquantized teacher's on calibration inputs.
+
+Baseline: analytic bias correction, which removes each palettized layer's mean output shift E[dW x] from its bias.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from edgecompile.compress.calibration import CalibrationSet
+from edgecompile.compress.palettize_model import palettizable_layers
+from edgecompile.compress.sensitivity import calibration_outputs, output_psnr
+
+TRAINABLE_SUFFIXES = (".bias", "_table")  # biases (convs and norm affines) and modulation tables
+TRAINABLE_NORM_WEIGHTS = ("norm_cross.weight",)  # the only affine norm scale in the block
+
+
+def trainable_names(model: nn.Module) -> list[str]:
+    return [n for n, _ in model.named_parameters()
+            if n.endswith(TRAINABLE_SUFFIXES) or n.endswith(TRAINABLE_NORM_WEIGHTS)]
+
+
+def detach_trainables(model: nn.Module) -> list[nn.Parameter]:
+    """Give the trainable parameters storage of their own (deploy parameters may be views of the checkpoint,
+    which must not change) and freeze everything else."""
+    names = set(trainable_names(model))
+    params = []
+    for full, p in list(model.named_parameters()):
+        owner = model.get_submodule(full.rsplit(".", 1)[0]) if "." in full else model
+        leaf = full.rsplit(".", 1)[-1]
+        if full in names:
+            new = nn.Parameter(p.detach().clone(), requires_grad=True)
+            setattr(owner, leaf, new)
+            params.append(new)
+        else:
+            p.requires_grad_(False)
+    return params
+
+
+@torch.no_grad()
+def bias_correction(student: nn.Module, teacher: nn.Module, calib: CalibrationSet, batch_size: int = 64) -> int:
+    """Subtract E[(W_q - W) x] over the calibration inputs (as the teacher sees them) from each palettized
+    layer's bias. Returns the number of corrected layers."""
+    from edgecompile.compress.sensitivity import _layer_delta
+
+    s_layers, t_layers = palettizable_layers(student), palettizable_layers(teacher)
+    names = [n for n in s_layers if s_layers[n].bias is not None and not torch.equal(s_layers[n].weight, t_layers[n].weight)]
+    shift = {n: 0.0 for n in names}
+    count = {n: 0 for n in names}
+
+    def hook_for(name):
+        def hook(mod, inputs, output):
+            delta = _layer_delta(mod, inputs[0], s_layers[name].weight - mod.weight)
+            shift[name] = shift[name] + delta.sum(dim=(0, 2, 3))
+            count[name] += delta.shape[0] * delta.shape[2] * delta.shape[3]
+        return hook
+
+    handles = [t_layers[n].register_forward_hook(hook_for(n)) for n in names]
+    try:
+        calibration_outputs(teacher, calib, batch_size)
+    finally:
+        for h in handles:
+            h.remove()
+    detach_trainables(student)  # own storage before writing
+    for n in names:
+        s_layers[n].bias.sub_(shift[n] / count[n])
+    for p in student.parameters():
+        p.requires_grad_(False)
+    return len(names)
+
+
+@dataclass
+class DistillSettings:
+    steps: int | None = None  # None: default_steps(model)
+    lr: float = 1e-3
+    batch_size: int = 16
+    eval_every: int = 25
+    patience: int = 6  # evaluations without improvement before stopping
+    seed: int = 0
+    holdout_fraction: float = 0.2
+
+    def validate(self) -> None:
+        from edgecompile.errors import EdgeCompileError
+
+        if self.steps is not None and self.steps < 0:
+            raise EdgeCompileError(f"--distill-steps {self.steps} must be >= 0 (0 skips self-distillation)")
+        if not (0 < self.lr < 1):
+            raise EdgeCompileError(f"distillation learning rate {self.lr} must be in (0, 1)")
+
+
+def default_steps(model: nn.Module) -> int:
+    """More steps for smaller models (cheap steps, more headroom); the paper's 'several thousand' at 1B+ scale
+    is out of reach on a laptop CPU, so large models get a short run that early stopping can cut."""
+    n = sum(p.numel() for p in model.parameters())
+    return 200 if n < 5e6 else 150 if n < 1e8 else 100
+
+
+@dataclass
+class DistillResult:
+    steps_run: int
+    best_step: int
+    psnr_before_db: float
+    psnr_after_db: float
+    holdout_psnr_before_db: float
+    holdout_psnr_after_db: float
+    seconds: float
+    trainable_params: int
+    history: list[tuple[int, float]] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d["history"] = [[s, round(p, 3)] for s, p in self.history]
+        return d
+
+
+def distill(student: nn.Module, teacher: nn.Module, calib: CalibrationSet, settings: DistillSettings | None = None,
+            progress: Callable[[str, int, int], None] | None = None) -> DistillResult:
+    """Adam on the student's biases, norm affines and modulation tables against the teacher's output velocity.
+
+    A seeded split of the calibration set holds out `holdout_fraction` of the inputs; the parameters with the best
+    held-out PSNR are kept (early stop after `patience` evaluations without improvement)."""
+    settings = settings or DistillSettings()
+    settings.validate()
+    start = time.perf_counter()
+    steps = default_steps(student) if settings.steps is None else settings.steps
+    g = torch.Generator().manual_seed(settings.seed)
+    perm = torch.randperm(len(calib), generator=g)
+    n_hold = max(1, int(len(calib) * settings.holdout_fraction)) if len(calib) > 4 else 0
+    hold_idx, train_idx = perm[:n_hold], perm[n_hold:]
+    subset = lambda idx: CalibrationSet(calib.latent[idx], calib.timestep[idx], calib.text[idx])  # noqa: E731
+    train, hold = subset(train_idx), subset(hold_idx) if n_hold else subset(train_idx)
+    teacher.eval()
+    with torch.no_grad():
+        target_train = calibration_outputs(teacher, train)
+        target_hold = calibration_outputs(teacher, hold)
+    params = detach_trainables(student)
+    n_trainable = sum(p.numel() for p in params)
+
+    def evaluate(which, target) -> float:
+        with torch.no_grad():
+            return output_psnr(target, calibration_outputs(student, which))
+
+    before_train, before_hold = evaluate(train, target_train), evaluate(hold, target_hold)
+    best = (before_hold, 0, [p.detach().clone() for p in params])
+    history = [(0, before_hold)]
+    opt = torch.optim.Adam(params, lr=settings.lr)
+    bad_evals, step = 0, 0
+    text_all = train.text.transpose(1, 2)[:, :, None]
+    for step in range(1, steps + 1):
+        idx = torch.randint(0, len(train), (min(settings.batch_size, len(train)),), generator=g)
+        out = student(train.latent[idx], train.timestep[idx], text_all[idx])
+        loss = (out - target_train[idx]).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step % settings.eval_every == 0 or step == steps:
+            p_hold = evaluate(hold, target_hold)
+            history.append((step, p_hold))
+            if p_hold > best[0] + 1e-3:
+                best, bad_evals = (p_hold, step, [p.detach().clone() for p in params]), 0
+            else:
+                bad_evals += 1
+            if progress:
+                progress(f"self-distillation (held-out PSNR {p_hold:.2f} dB)", step, steps)
+            if bad_evals >= settings.patience:
+                break
+        elif progress and step % 5 == 0:
+            progress("self-distillation", step, steps)
+    with torch.no_grad():
+        for p, b in zip(params, best[2]):
+            p.copy_(b)
+    for p in params:
+        p.requires_grad_(False)
+    after_train, after_hold = evaluate(train, target_train), evaluate(hold, target_hold)
+    return DistillResult(
+        steps_run=step, best_step=best[1], psnr_before_db=round(before_train, 3), psnr_after_db=round(after_train, 3),
+        holdout_psnr_before_db=round(before_hold, 3), holdout_psnr_after_db=round(after_hold, 3),
+        seconds=round(time.perf_counter() - start, 2), trainable_params=n_trainable, history=history,
+    )
+
+
+def trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The distilled parameters, to save beside the package (the verifier's simulation needs them)."""
+    return {n: p.detach().clone().contiguous() for n, p in model.named_parameters() if n in set(trainable_names(model))}
+
+
+def load_trained_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    names = set(trainable_names(model))
+    unknown = sorted(set(state) - names)
+    if unknown:
+        raise ValueError(f"distilled state has parameters the model does not train: {unknown[:3]}")
+    for full, value in state.items():
+        owner = model.get_submodule(full.rsplit(".", 1)[0]) if "." in full else model
+        setattr(owner, full.rsplit(".", 1)[-1], nn.Parameter(value.clone(), requires_grad=False))
+

@@ -1,0 +1,186 @@
+"""Per-layer sensitivity to palettization: which layers deserve more bits (SnapGen++ supplementary C).
+
+Two modes:
+- local (the paper's): each layer's own output error when only its weight is palettized, normalised by the
+  energy of its unquantized output (NMSE), so layers of different scale compare. All layers and bit-widths are
+  measured in ONE calibration forward pass of the unquantized model: a forward hook on every layer computes
+  conv(x, W_q - W) for each candidate palette on the input it just saw. The extra work is one more layer
+  evaluation per candidate, so the cost is about (1 + candidates x linear share) forward passes, whatever the
+  number of layers.
+- e2e (Apple's ml-stable-diffusion): the whole denoiser's output MSE (and PSNR) against the unquantized output
+  with only that layer palettized: one calibration forward pass per layer and bit-width.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgecompile.compress.calibration import CalibrationSet
+from edgecompile.compress.kmeans import Palette, palettize
+from edgecompile.compress.palettize_model import palettizable_layers
+from edgecompile.metrics import psnr_db
+
+MODES = ("local", "e2e")
+Progress = Callable[[str, int, int], None]  # (description, done, total)
+
+
+class PaletteCache:
+    """k-means palettes of a deploy model's layers, computed once per (layer, bits) and reused by the sweep,
+    the allocation's checks and the export."""
+
+    def __init__(self, model: nn.Module, group_size: int | None = None):
+        self.layers = palettizable_layers(model)
+        self.group_size = group_size
+        self._palettes: dict[tuple[str, int], Palette] = {}
+        self.kmeans_seconds = 0.0
+
+    def group_for(self, layer: str) -> int | None:
+        # Grouped LUTs run along output channels, which is axis 0 of a Conv2d weight only (see palettize_model._custom_config).
+        return self.group_size if isinstance(self.layers[layer], nn.Conv2d) else None
+
+    def palette(self, layer: str, nbits: int) -> Palette:
+        key = (layer, nbits)
+        if key not in self._palettes:
+            start = time.perf_counter()
+            weight = self.layers[layer].weight.detach().cpu().numpy()
+            self._palettes[key] = palettize(weight, nbits, self.group_for(layer))
+            self.kmeans_seconds += time.perf_counter() - start
+        return self._palettes[key]
+
+    def decoded(self, layer: str, nbits: int) -> torch.Tensor:
+        return torch.from_numpy(self.palette(layer, nbits).decode().astype(np.float32))
+
+
+@contextmanager
+def swapped_weights(layers: dict[str, nn.Module], weights: dict[str, torch.Tensor]):
+    """Temporarily give layers other weights (new parameters: the originals may be views of a checkpoint)."""
+    saved = {name: layers[name].weight for name in weights}
+    try:
+        for name, w in weights.items():
+            layers[name].weight = nn.Parameter(w, requires_grad=False)
+        yield
+    finally:
+        for name, w in saved.items():
+            layers[name].weight = w
+
+
+@torch.no_grad()
+def calibration_outputs(model: nn.Module, calib: CalibrationSet, batch_size: int = 64) -> torch.Tensor:
+    return torch.cat([model(x, t, c) for x, t, c in calib.batches(batch_size)])
+
+
+def output_psnr(reference: torch.Tensor, output: torch.Tensor) -> float:
+    """Denoiser-output PSNR over the whole calibration set (Apple's definition, one peak for all inputs)."""
+    return psnr_db(reference.numpy(), output.numpy())
+
+
+def _layer_delta(mod: nn.Module, x: torch.Tensor, dw: torch.Tensor) -> torch.Tensor:
+    """The change of `mod`'s output when its weight changes by dw (bias cancels)."""
+    if isinstance(mod, nn.ConvTranspose2d):
+        return F.conv_transpose2d(x, dw, None, mod.stride, mod.padding, mod.output_padding, mod.groups, mod.dilation)
+    return F.conv2d(x, dw, None, mod.stride, mod.padding, mod.dilation, mod.groups)
+
+
+@dataclass
+class SweepResult:
+    mode: str
+    candidates: list[int]
+    sizes: dict[str, int]
+    sensitivity: dict[str, dict[int, float]]  # local: NMSE of the layer's output; e2e: denoiser-output MSE
+    psnr_db: dict[str, dict[int, float]] = field(default_factory=dict)  # e2e only: denoiser-output PSNR
+    seconds: float = 0.0
+    kmeans_seconds: float = 0.0
+    forward_seconds: float = 0.0  # one plain forward pass over the calibration set, measured in the same run
+    cost_forward_passes: float = 0.0  # (sweep time excluding k-means) / forward_seconds
+    reference: torch.Tensor | None = None  # the unquantized outputs on the calibration set
+
+    def to_dict(self) -> dict:
+        return {
+            "mode": self.mode, "candidates": self.candidates, "seconds": round(self.seconds, 3),
+            "kmeans_seconds": round(self.kmeans_seconds, 3), "forward_seconds": round(self.forward_seconds, 4),
+            "cost_forward_passes": round(self.cost_forward_passes, 2),
+        }
+
+
+@torch.no_grad()
+def sweep(model: nn.Module, calib: CalibrationSet, candidates: list[int], mode: str = "local",
+          cache: PaletteCache | None = None, batch_size: int = 64, progress: Progress | None = None) -> SweepResult:
+    """Sensitivity of every palettizable layer of a deploy model to each candidate bit-width."""
+    if mode not in MODES:
+        raise ValueError(f"mode {mode!r}")
+    cache = cache or PaletteCache(model)
+    layers = cache.layers
+    start = time.perf_counter()
+    kmeans_before = cache.kmeans_seconds
+    for i, name in enumerate(layers):  # k-means first, timed apart from the measurement
+        for b in candidates:
+            cache.palette(name, b)
+        if progress:
+            progress("k-means palettes", i + 1, len(layers))
+    t0 = time.perf_counter()
+    reference = calibration_outputs(model, calib, batch_size)  # also the cost unit: one plain forward pass
+    forward_seconds = time.perf_counter() - t0
+    result = SweepResult(mode, list(candidates), {n: m.weight.numel() for n, m in layers.items()}, {}, reference=reference)
+    t_measure = time.perf_counter()
+    if mode == "local":
+        _local(model, calib, candidates, cache, batch_size, result, progress)
+        measure_seconds = time.perf_counter() - t_measure
+    else:
+        _e2e(model, calib, candidates, cache, batch_size, result, reference, progress)
+        measure_seconds = time.perf_counter() - t_measure + forward_seconds  # the reference pass is part of it
+    result.seconds = time.perf_counter() - start
+    result.kmeans_seconds = cache.kmeans_seconds - kmeans_before
+    result.forward_seconds = forward_seconds
+    result.cost_forward_passes = measure_seconds / max(forward_seconds, 1e-9)
+    return result
+
+
+def _local(model, calib, candidates, cache, batch_size, result, progress):
+    layers = cache.layers
+    deltas = {(n, b): (cache.decoded(n, b) - m.weight.detach()) for n, m in layers.items() for b in candidates}
+    err = {n: {b: 0.0 for b in candidates} for n in layers}
+    energy = dict.fromkeys(layers, 0.0)
+
+    def hook_for(name):
+        def hook(mod, inputs, output):
+            x = inputs[0]
+            energy[name] += float(output.double().pow(2).sum())
+            for b in candidates:
+                err[name][b] += float(_layer_delta(mod, x, deltas[(name, b)]).double().pow(2).sum())
+        return hook
+
+    handles = [m.register_forward_hook(hook_for(n)) for n, m in layers.items()]
+    try:
+        n_batches = (len(calib) + batch_size - 1) // batch_size
+        for i, (x, t, c) in enumerate(calib.batches(batch_size)):
+            model(x, t, c)
+            if progress:
+                progress("local sweep (one forward pass, all layers)", i + 1, n_batches)
+    finally:
+        for h in handles:
+            h.remove()
+    result.sensitivity = {n: {b: err[n][b] / max(energy[n], 1e-30) for b in candidates} for n in layers}
+
+
+def _e2e(model, calib, candidates, cache, batch_size, result, reference, progress):
+    layers = cache.layers
+    total = len(layers) * len(candidates)
+    done = 0
+    for name in layers:
+        result.sensitivity[name], result.psnr_db[name] = {}, {}
+        for b in candidates:
+            with swapped_weights(layers, {name: cache.decoded(name, b)}):
+                out = calibration_outputs(model, calib, batch_size)
+            result.sensitivity[name][b] = float((out - reference).double().pow(2).mean())
+            result.psnr_db[name][b] = output_psnr(reference, out)
+            done += 1
+            if progress:
+                progress("e2e sweep (one forward pass per layer and bit-width)", done, total)
