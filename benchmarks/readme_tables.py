@@ -72,6 +72,57 @@ def scale() -> None:
     print()
 
 
+def quantization() -> None:
+    data = load("quantization_quality")
+    if not data:
+        return
+    for w, r in data["widths"].items():
+        print(f"Width {w} (unquantized sample accuracy {r['unquantized_sample_accuracy']:.0%}; {r['evaluation_inputs']} held-out inputs):\n")
+        print("| setting | avg bits | denoiser PSNR | final-sample PSNR | sample accuracy |")
+        print("|---|---|---|---|---|")
+        for name, row in r["settings"].items():
+            print(f"| {name} | {row['average_bits']:.2f} | {row['denoiser_psnr_db']:.1f} dB | {row['sample_psnr_db']:.1f} dB | {row['sample_accuracy']:.0%} |")
+        c = r["sweep_cost_forward_passes"]
+        print(f"\nSweep cost: local {c['local']} forward passes ({r['sweep_seconds']['local']} s with k-means), "
+              f"e2e {c['e2e']} passes of its {r['e2e_sweep_inputs']}-input subset ({r['sweep_seconds']['e2e']} s).\n")
+
+
+def sweep_scale() -> None:
+    data = load("sweep_scale")
+    if not data:
+        return
+    print(f"Paper-scale sweep: width {data['width']} ({data['params'] / 1e6:.0f}M parameters, {data['palettizable_layers']} layers), "
+          f"{data['calibration_inputs']} calibration inputs at latent {data['latent'][0]}x{data['latent'][1]}: local sweep {data['seconds']:.0f} s "
+          f"({data['kmeans_seconds']:.0f} s of it k-means) = {data['cost_forward_passes']} forward passes of {data['forward_seconds']:.1f} s; "
+          f"the e2e sweep would take {data['e2e_forward_passes']} passes, about {data['e2e_estimated_seconds']:.0f} s (estimated from the measured pass).\n")
+
+
+def cost_model() -> None:
+    path = _common.RESULTS / "bench_report" / "bench.json"
+    if not path.exists():
+        return
+    data = json.loads(path.read_text())
+    cm = data["cost_model"]["devices"]["iphone16promax"]
+    c = cm["coefficients"]
+    print(f"Cost model, {cm['device']}: fitted {c['matrix_gmacs']:.0f} GMAC/s (convolutions), {c['attention_gmacs']:.0f} GMAC/s (attention), "
+          f"{c['op_overhead_us']:.2f} us per op, {cm['memory_gbps']} GB/s.\n")
+    print("| set | model | paper | estimate | error |")
+    print("|---|---|---|---|---|")
+    for kind in ("calibration", "validation"):
+        for r in cm[kind]:
+            print(f"| {kind} | {r['model']} | {r['paper_ms']} ms | {r['estimate_ms']:.0f} ms | {r['error_pct']:+.1f}% |")
+    print(f"\nWorst calibration error {cm['calibration_error_pct']}%, worst validation error {cm['validation_error_pct']}%.\n")
+    print("| item | GMACs/step | attention share | est. iPhone 16 Pro Max | est. iPhone 12 | host median (latent) |")
+    print("|---|---|---|---|---|---|")
+    for r in data["items"]:
+        s = r["static"]
+        attn = sum(v for k, v in s["macs"].items() if k.startswith("attn")) / max(s["total_macs"], 1)
+        host = f"{r['host']['median_ms']:.1f} ms ({r['host']['latent'][0]}x{r['host']['latent'][1]})" if "host" in r else "-"
+        print(f"| {r['item']} | {s['total_macs'] / 1e9:.2f} | {attn:.0%} | {r['estimates_ms']['iphone16promax']:.1f} ms | "
+              f"{r['estimates_ms']['iphone12']:.1f} ms | {host} |")
+    print()
+
+
 if __name__ == "__main__":
-    for section in (quality, census, kmeans, scale):
+    for section in (quality, census, kmeans, scale, quantization, sweep_scale, cost_model):
         section()

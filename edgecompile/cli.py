@@ -357,6 +357,63 @@ def verify(package, checkpoint, precision, runtime, as_json):
               + ("" if result.psnr_db == result.psnr_vs_checkpoint_db else f", {result.psnr_vs_checkpoint_db:.1f} dB vs the unquantized checkpoint"))
 
 
+@cli.command()
+@click.argument("packages", nargs=-1, type=click.Path())
+@click.option("--config", "configs", multiple=True, type=click.Path(), help="Also analyse a config (not exported), e.g. recipes/snapgenpp.yaml.")
+@click.option("--width", "config_widths", default="all", show_default=True, help="Widths of --config: a comma list or 'all'.")
+@click.option("--latent", help="Latent HxW for --config (default: its sample_size).")
+@click.option("--bits", "config_bits", default=16.0, show_default=True, type=float, help="Weight bits assumed for --config.")
+@click.option("--device", "devices", multiple=True, help="Cost-model profile(s) in recipes/devices (default: iphone16promax, iphone12).")
+@click.option("--runs", multiple=True, type=click.Path(), help="Measured runs from other machines (JSON, documented format) to merge.")
+@click.option("--reports", "export_reports", multiple=True, type=click.Path(), help="Export report.json files, for the PSNR-vs-size plot.")
+@click.option("--no-host", is_flag=True, help="Skip measuring the torch deploy graph on this host.")
+@click.option("--host-latent", help="Latent HxW for host timing of --config models (reduce it for paper-scale models on a laptop CPU).")
+@click.option("--repeats", default=10, show_default=True, help="Timed runs after warm-up.")
+@click.option("-o", "--output", type=click.Path(), help="Report folder (report.md, report.html, PNG plots, bench.json).")
+@click.option("--json", "as_json", is_flag=True)
+def bench(packages, configs, config_widths, latent, config_bits, devices, runs, export_reports, no_host, host_latent, repeats, output, as_json):
+    """Latency report: static analysis, host timing, Core ML timing (macOS) and device cost-model estimates."""
+    from edgecompile.bench.latency import load_runs
+    from edgecompile.bench.report import DEFAULT_DEVICES, analyse, config_items, package_item, write_report
+
+    if not packages and not configs:
+        raise EdgeCompileError("give one or more packages (PKG...) or --config files to benchmark")
+    items = [package_item(p) for p in packages]
+    for c in configs:
+        items += config_items(c, config_widths, parse_latent(latent), config_bits)
+    merged = load_runs(list(runs))
+    reports = []
+    for r in export_reports:
+        try:
+            reports.append(json.loads(Path(r).read_text()))
+        except (OSError, json.JSONDecodeError) as e:
+            raise EdgeCompileError(f"export report {r} cannot be read ({str(e).splitlines()[0]})") from None
+    with StageProgress() as display:
+        display.on_stage("bench")
+        data = analyse(items, tuple(devices) or DEFAULT_DEVICES, host=not no_host, host_latent=parse_latent(host_latent),
+                       repeats=repeats, progress=display.update)
+    data["runs"] = merged
+    if output:
+        write_report(data, Path(output), reports)
+    if as_json:
+        emit_json(data)
+        return
+    table = Table(title="edgecompile bench (estimates are cost-model estimates, not measurements)")
+    devs = list(data["cost_model"]["devices"])
+    for col in ("item", "params", "weights", "GMACs", "attention %", "ops", *(f"est. {d}" for d in devs), "host (measured)"):
+        table.add_column(col, justify="left" if col == "item" else "right")
+    for r in data["items"]:
+        s = r["static"]
+        attn = sum(v for k, v in s["macs"].items() if k.startswith("attn")) / max(s["total_macs"], 1)
+        host = f"{r['host']['median_ms']:.1f} ms" if "host" in r else "-"
+        table.add_row(r["item"], f"{r['params'] / 1e6:.1f} M", f"{r['weight_bytes'] / 2**20:.1f} MiB", f"{s['total_macs'] / 1e9:.2f}",
+                      f"{100 * attn:.0f}", str(s["ops"]), *(f"{r['estimates_ms'][d]:.0f} ms" for d in devs), host)
+    out.print(table)
+    cm = data["cost_model"]
+    out.print(f"cost model ({devs[0]}): worst calibration error {cm['calibration_error_pct']}%, worst validation error "
+              f"{cm['validation_error_pct']}% on the Fig. 3 ablations" + (f"; report in {output}" if output else ""))
+
+
 def main(argv: list[str] | None = None) -> None:
     try:
         cli.main(args=argv, prog_name="edgecompile", standalone_mode=False)

@@ -142,7 +142,8 @@ def kmeans_histogram(values: np.ndarray, weights: np.ndarray, k: int) -> tuple[n
     s1_cum = np.concatenate([[0.0], np.cumsum(weights * x)])
     s2_cum = np.concatenate([[0.0], np.cumsum(weights * x * x)])
     starts = [_init_by_density(x, weights, k, power) for power in (1 / 3, 1.0)]
-    if k > DP_START_MIN_CLUSTERS or k * n <= EXACT_DP_MAX_WORK:  # Lloyd alone reaches <= 0.02% of the optimum on large 4-bit tensors, not at 8 bits or on small ones
+    # Lloyd alone reaches <= 0.02% of the optimum on large 4-bit tensors, not at 8 bits or on small tensors
+    if k > DP_START_MIN_CLUSTERS or k * n <= EXACT_DP_MAX_WORK:
         starts.append(_coarse_exact_start(x, weights, k, w_cum, s1_cum))
     best, best_sse = None, np.inf
     for start in starts:

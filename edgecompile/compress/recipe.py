@@ -101,7 +101,8 @@ def check_recipe_fits(recipe: Recipe, layers: dict[str, nn.Module], width: float
         raise EdgeCompileError(f"recipe {source} is for width {recipe.width:g}, not {width:g}: sweep this width or pass --width {recipe.width:g}")
     unknown = sorted(set(recipe.bits) - set(layers))
     if unknown:
-        raise EdgeCompileError(f"recipe {source} names {len(unknown)} layer(s) this model does not have ({', '.join(unknown[:3])}): was it made for another config?")
+        raise EdgeCompileError(f"recipe {source} names {len(unknown)} layer(s) this model does not have ({', '.join(unknown[:3])}): "
+                               "was it made for another config?")
     missing = sorted(set(layers) - set(recipe.bits))
     if missing:
         raise EdgeCompileError(f"recipe {source} lacks {len(missing)} layer(s) ({', '.join(missing[:3])}): give every layer bits (16 keeps fp16)")

@@ -161,8 +161,10 @@ class DeploySelfAttention(nn.Module):
                                          query_chunk=self.query_chunk)
             return self.out(out).reshape(b, c, hh, ww)
         q_seq, v_seq = flat(q), flat(v)
-        k_seq_t = flat(k).transpose(1, 3)  # the one key transpose of the local branch
-        kc_t = flat(self.k_compress(k)).transpose(1, 3)  # ... and of the global branch
+        # One key transpose for both branches: BNA keys and compressed global keys are concatenated along the
+        # sequence, transposed together, and sliced apart (slices are free; a transpose is a layout copy).
+        k_both_t = torch.cat([flat(k), flat(self.k_compress(k))], dim=3).transpose(1, 3)
+        k_seq_t, kc_t = k_both_t[:, :seq], k_both_t[:, seq:]
         vc = flat(self.v_compress(v))
         global_out = split_einsum_attention(q_seq, kc_t, vc, d.heads, d.kv_heads, d.head_dim, query_chunk=self.query_chunk)
         local_out = self.bna(q_seq, k_seq_t, v_seq, seq)

@@ -1,0 +1,128 @@
+"""Measured latency: the deploy graph in torch on this host (CPU, or CUDA / MPS when present), and Core ML itself
+on macOS. Latency does not depend on weight values, so a package's graph is rebuilt from its metadata (config,
+width, latent) with random weights; no checkpoint is needed.
+
+Runs made elsewhere (e.g. on an iPhone with Xcode's performance report) are merged from JSON files:
+    {"format": "edgecompile-bench-run", "device": "iPhone 16 Pro Max", "package": "toy_w0.5_fp16.mlpackage",
+     "compute_units": "cpuAndNeuralEngine", "median_ms": 4.2, "p10_ms": 4.0, "p90_ms": 4.6, "runs": 50}
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from edgecompile.errors import EdgeCompileError
+
+RUN_FORMAT = "edgecompile-bench-run"
+COMPUTE_UNITS = ("CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE", "ALL")
+
+
+def host_device() -> str:
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def summarise(samples_s: list[float]) -> dict:
+    ms = sorted(1e3 * s for s in samples_s)
+    q = lambda f: ms[min(len(ms) - 1, int(round(f * (len(ms) - 1))))]  # noqa: E731
+    return {"median_ms": round(statistics.median(ms), 3), "p10_ms": round(q(0.1), 3), "p90_ms": round(q(0.9), 3),
+            "min_ms": round(ms[0], 3), "runs": len(ms)}
+
+
+@torch.no_grad()
+def torch_latency(config, width: float, latent_hw: tuple[int, int], repeats: int = 10, warmup: int = 2,
+                  device: str | None = None) -> dict:
+    """Median and spread of the deploy graph's forward pass (fp32 on CPU, fp16 on GPUs)."""
+    from edgecompile.deploy.dit import DeployDiT
+    from edgecompile.model.elastic import width_config
+
+    device = device or host_device()
+    dense = width_config(config, width) if config.widths != (1.0,) else config
+    torch.manual_seed(0)
+    model = DeployDiT(dense, latent_hw).eval()
+    dtype = torch.float16 if device in ("cuda", "mps") else torch.float32
+    model = model.to(device=device, dtype=dtype)
+    g = torch.Generator().manual_seed(0)
+    latent = torch.randn((1, dense.latent_channels, *latent_hw), generator=g).to(device, dtype)
+    t = torch.tensor([0.5], device=device, dtype=dtype)
+    text = torch.randn((1, dense.text_dim, 1, dense.text_len), generator=g).to(device, dtype)
+
+    def sync():
+        if device == "cuda":
+            torch.cuda.synchronize()
+        elif device == "mps":
+            torch.mps.synchronize()
+
+    for _ in range(warmup):
+        model(latent, t, text)
+    sync()
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        model(latent, t, text)
+        sync()
+        samples.append(time.perf_counter() - start)
+    return {"runtime": f"torch {torch.__version__} {device} ({str(dtype).removeprefix('torch.')})", **summarise(samples)}
+
+
+def coreml_latency(package: Path, repeats: int = 10) -> dict:
+    """Core ML load and predict latency per compute-unit setting (macOS only)."""
+    if sys.platform != "darwin":
+        return {"skipped": "Core ML runs only on macOS (coremltools on Linux cannot load or predict packages)"}
+    import numpy as np
+
+    from edgecompile.coreml.convert import import_coremltools
+    from edgecompile.coreml.package import load_package
+
+    ct = import_coremltools()
+    view = load_package(package)
+    feeds = {f["name"]: np.random.default_rng(0).standard_normal(f["shape"]).astype(np.float32) for f in view.inputs}
+    out = {}
+    for unit in COMPUTE_UNITS:
+        start = time.perf_counter()
+        ml = ct.models.MLModel(str(package), compute_units=getattr(ct.ComputeUnit, unit))
+        load_s = time.perf_counter() - start
+        ml.predict(feeds)
+        samples = []
+        for _ in range(repeats):
+            s = time.perf_counter()
+            ml.predict(feeds)
+            samples.append(time.perf_counter() - s)
+        out[unit] = {"load_ms": round(1e3 * load_s, 1), **summarise(samples)}
+    try:  # device placement, when this coremltools and macOS provide the compute plan
+        compiled = ml.get_compiled_model_path()
+        plan = ct.models.compute_plan.MLComputePlan.load_from_path(compiled, compute_units=ct.ComputeUnit.ALL)
+        counts: dict[str, int] = {}
+        for op in plan.model_structure.program.functions["main"].block.operations:
+            usage = plan.get_compute_device_usage_for_mlprogram_operation(op)
+            name = type(usage.preferred_compute_device).__name__ if usage else "none"
+            counts[name] = counts.get(name, 0) + 1
+        out["placement"] = counts
+    except Exception as e:  # noqa: BLE001  the compute plan API is optional
+        out["placement"] = f"unavailable ({type(e).__name__})"
+    return out
+
+
+def load_runs(paths: list[str]) -> list[dict]:
+    runs = []
+    for p in paths:
+        path = Path(p)
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise EdgeCompileError(f"run file {path} cannot be read ({str(e).splitlines()[0]}): pass a JSON file in the documented format") from None
+        items = data if isinstance(data, list) else [data]
+        for item in items:
+            if not isinstance(item, dict) or item.get("format") != RUN_FORMAT or "median_ms" not in item or "device" not in item:
+                raise EdgeCompileError(f"run file {path} is not an {RUN_FORMAT} record (needs format, device, package, median_ms)")
+            runs.append({**item, "source": str(path)})
+    return runs

@@ -1,0 +1,187 @@
+"""`edgecompile bench`: one report (JSON, markdown, standalone HTML with PNG plots) from packages and configs."""
+
+from __future__ import annotations
+
+import base64
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from edgecompile.bench.cost_model import calibrated, estimate_ms
+from edgecompile.bench.static import OP_CLASSES, deploy_graph_stats
+from edgecompile.errors import EdgeCompileError
+from edgecompile.model.config import ModelConfig, width_label
+
+DEFAULT_DEVICES = ("iphone16promax", "iphone12")
+
+
+@dataclass
+class BenchItem:
+    """A package, or a config at one width (for models too large to export just to time them)."""
+    label: str
+    config: ModelConfig
+    width: float
+    latent_hw: tuple[int, int]
+    bits: float
+    weight_bytes: int | None = None
+    package: Path | None = None
+
+
+def package_item(path: str) -> BenchItem:
+    from edgecompile.coreml.package import load_package, weight_census
+
+    view = load_package(path)
+    if view.config is None or view.width is None:
+        raise EdgeCompileError(f"package {path} has no edgecompile metadata: bench analyses packages written by `edgecompile export`")
+    census = weight_census(view)
+    return BenchItem(label=Path(path).name, config=ModelConfig.from_dict(view.config), width=view.width, latent_hw=view.latent_hw,
+                     bits=census["average_bits"] or 16.0, weight_bytes=census["weight_bytes"], package=Path(path))
+
+
+def config_items(path: str, widths: str, latent: tuple[int, int] | None, bits: float) -> list[BenchItem]:
+    config = ModelConfig.load(path)
+    ws = list(config.widths) if widths == "all" else [float(w) for w in widths.split(",")]
+    hw = latent or config.sample_size
+    config.check_latent_size(*hw)
+    return [BenchItem(label=f"{config.name} w{width_label(w)} {bits:g}-bit {hw[0]}x{hw[1]}", config=config, width=w,
+                      latent_hw=tuple(hw), bits=bits) for w in ws]
+
+
+def analyse(items: list[BenchItem], devices=DEFAULT_DEVICES, host: bool = True, host_latent: tuple[int, int] | None = None,
+            repeats: int = 10, progress=None) -> dict:
+    from edgecompile.bench.latency import coreml_latency, torch_latency
+
+    models = {d: calibrated(d) for d in devices}
+    rows = []
+    for i, item in enumerate(items):
+        if progress:
+            progress(f"analysing {item.label}", i, len(items))
+        stats = deploy_graph_stats(item.config, item.width, item.latent_hw)
+        weight_bytes = item.weight_bytes if item.weight_bytes is not None else int(stats.params * item.bits / 8)
+        row = {"item": item.label, "package": str(item.package) if item.package else None, "config": item.config.name,
+               "width": item.width, "latent": list(item.latent_hw), "bits": round(item.bits, 3), "params": stats.params,
+               "weight_bytes": weight_bytes, "static": {k: v for k, v in stats.to_dict().items() if k != "params"},
+               "estimates_ms": {d: round(float(estimate_ms(stats, item.bits, m["coefficients"], m["profile"].memory_gbps)), 3)
+                                for d, m in models.items()}}
+        if host:
+            hw = host_latent if host_latent and item.package is None else item.latent_hw
+            row["host"] = {**torch_latency(item.config, item.width, tuple(hw), repeats=repeats), "latent": list(hw)}
+        if item.package is not None:
+            row["coreml"] = coreml_latency(item.package, repeats)
+        rows.append(row)
+    cost = {}
+    for d, m in models.items():
+        c = m["coefficients"]
+        cost[d] = {"device": m["profile"].name, "derivation": m["derivation"],
+                   "coefficients": {"matrix_gmacs": c.matrix_gmacs, "attention_gmacs": c.attention_gmacs,
+                                    "op_overhead_us": c.op_overhead_us, "vector_ratio": c.vector_ratio},
+                   "memory_gbps": m["profile"].memory_gbps, "calibration": m["calibration"], "validation": m["validation"],
+                   "calibration_error_pct": m["calibration_error_pct"], "validation_error_pct": m["validation_error_pct"]}
+    primary = cost[devices[0]]
+    return {"items": rows, "cost_model": {"calibration_error_pct": primary["calibration_error_pct"],
+                                          "validation_error_pct": primary["validation_error_pct"], "devices": cost},
+            "note": "estimates_ms come from the cost model: they are estimates, not measurements"}
+
+
+def _png(fig) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+    return buf.getvalue()
+
+
+def plots(data: dict, export_reports: list[dict]) -> dict[str, bytes]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = {}
+    items = data["items"]
+    if items:
+        fig, ax = plt.subplots(figsize=(7, 0.45 * len(items) + 1.5))
+        devices = list(data["cost_model"]["devices"])
+        for j, d in enumerate(devices):
+            ax.barh([i + 0.4 * j for i in range(len(items))], [r["estimates_ms"][d] for r in items], height=0.4, label=f"{d} (estimate)")
+        ax.set_yticks([i + 0.2 for i in range(len(items))], [r["item"] for r in items], fontsize=8)
+        ax.set_xlabel("estimated latency per denoising step (ms)")
+        ax.set_xscale("log")
+        ax.legend(fontsize=8)
+        out["latency_per_item.png"] = _png(fig)
+        plt.close(fig)
+    cm = data["cost_model"]["devices"][next(iter(data["cost_model"]["devices"]))]
+    rows = cm["calibration"] + cm["validation"]
+    if rows:
+        fig, ax = plt.subplots(figsize=(7, 3.2))
+        x = range(len(rows))
+        ax.bar([i - 0.2 for i in x], [r["paper_ms"] for r in rows], width=0.4, label="paper (iPhone 16 Pro Max)")
+        ax.bar([i + 0.2 for i in x], [r["estimate_ms"] for r in rows], width=0.4, label="edgecompile estimate")
+        ax.set_xticks(list(x), [r["model"] for r in rows], rotation=30, ha="right", fontsize=8)
+        ax.axvline(len(cm["calibration"]) - 0.5, color="grey", linestyle=":")
+        ax.set_ylabel("ms per step")
+        ax.set_title("calibration (left of the line) and validation without refit (right)", fontsize=9)
+        ax.legend(fontsize=8)
+        out["estimate_vs_paper.png"] = _png(fig)
+        plt.close(fig)
+    pts = [(r["size_bytes"] / 2**20, r["verify"]["psnr_vs_checkpoint_db"], f"w{r['width']:g} {r['bits']}") for r in export_reports if r.get("verify")]
+    if pts:
+        fig, ax = plt.subplots(figsize=(5, 3.2))
+        ax.scatter([p[0] for p in pts], [p[1] for p in pts])
+        for sx, sy, lab in pts:
+            ax.annotate(lab, (sx, sy), fontsize=7)
+        ax.set_xlabel("package size (MiB)")
+        ax.set_ylabel("PSNR vs checkpoint (dB)")
+        out["psnr_vs_size.png"] = _png(fig)
+        plt.close(fig)
+    return out
+
+
+def markdown(data: dict) -> str:
+    lines = ["# edgecompile latency report", "", "Estimates come from the device cost model and are labelled as such; "
+             "host latency is measured here.", "", "## Packages and configs", "",
+             "| item | params | weight MiB | GMACs/step | " + " | ".join(f"{c} %" for c in OP_CLASSES) + " | ops | layout ops | largest tensor MiB | "
+             + " | ".join(f"estimate {d} ms" for d in data["cost_model"]["devices"]) + " | host median ms (latent) |",
+             "|" + "---|" * (8 + len(OP_CLASSES) + len(data["cost_model"]["devices"]))]
+    for r in data["items"]:
+        s = r["static"]
+        total = max(s["total_macs"], 1)
+        host = f"{r['host']['median_ms']:.1f} ({r['host']['latent'][0]}x{r['host']['latent'][1]}, {r['host']['runtime']})" if "host" in r else "-"
+        lines.append(f"| {r['item']} | {r['params'] / 1e6:.1f} M | {r['weight_bytes'] / 2**20:.1f} | {s['total_macs'] / 1e9:.1f} | "
+                     + " | ".join(f"{100 * s['macs'][c] / total:.1f}" for c in OP_CLASSES)
+                     + f" | {s['ops']} | {s['layout_ops']} | {s['largest_tensor_bytes'] / 2**20:.1f} | "
+                     + " | ".join(f"{v:.1f}" for v in r["estimates_ms"].values()) + f" | {host} |")
+    for cm in data["cost_model"]["devices"].values():
+        lines += ["", f"## Cost model: {cm['device']} ({cm['derivation']})", "",
+                  f"Coefficients: matrix {cm['coefficients']['matrix_gmacs']:.0f} GMAC/s, attention {cm['coefficients']['attention_gmacs']:.0f} GMAC/s, "
+                  f"{cm['coefficients']['op_overhead_us']:.2f} us per op, memory {cm['memory_gbps']} GB/s."]
+        if cm["calibration"]:
+            lines += ["", f"Worst calibration error {cm['calibration_error_pct']}%, worst validation error {cm['validation_error_pct']}% (goal: 25%).", "",
+                      "| set | model | paper ms | estimate ms | error % |", "|---|---|---|---|---|"]
+            lines += [f"| calibration | {r['model']} | {r['paper_ms']} | {r['estimate_ms']} | {r['error_pct']} |" for r in cm["calibration"]]
+            lines += [f"| validation | {r['model']} | {r['paper_ms']} | {r['estimate_ms']} | {r['error_pct']} |" for r in cm["validation"]]
+    runs = data.get("runs") or []
+    if runs:
+        lines += ["", "## Measured runs merged from other machines", "",
+                  "| device | package | compute units | median ms | p10 | p90 |", "|---|---|---|---|---|---|"]
+        lines += [f"| {r['device']} | {r.get('package', '')} | {r.get('compute_units', '')} | {r['median_ms']} | "
+                  f"{r.get('p10_ms', '')} | {r.get('p90_ms', '')} |" for r in runs]
+    return "\n".join(lines) + "\n"
+
+
+def write_report(data: dict, out_dir: Path, export_reports: list[dict]) -> None:
+    from edgecompile.atomic import atomic_path
+
+    images = plots(data, export_reports)
+    md = markdown(data)
+    with atomic_path(out_dir, force=True) as tmp:
+        (tmp / "bench.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
+        for name, png in images.items():
+            (tmp / name).write_bytes(png)
+        (tmp / "report.md").write_text(md + "".join(f"\n![{n}]({n})\n" for n in images))
+        body = "".join(f'<h3>{n}</h3><img src="data:image/png;base64,{base64.b64encode(png).decode()}">' for n, png in images.items())
+        html_md = md.replace("&", "&amp;").replace("<", "&lt;")
+        (tmp / "report.html").write_text(
+            "<!doctype html><html><head><meta charset='utf-8'><title>edgecompile latency report</title>"
+            "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}pre{white-space:pre-wrap;font-size:12px}</style>"
+            f"</head><body><pre>{html_md}</pre>{body}</body></html>\n")
