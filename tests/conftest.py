@@ -12,7 +12,7 @@ from edgecompile.model.config import ModelConfig
 from edgecompile.model.dit import EfficientDiT, randomize_untrained
 
 os.environ.setdefault("TQDM_DISABLE", "1")
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+torch.set_num_threads(1)  # test models are tiny: one thread avoids OpenMP spin-waits, which cost most when cores are shared
 
 TINY = ModelConfig(
     name="tiny", hidden_dim=32, head_dim=8, num_heads=8, num_kv_heads=4, text_dim=16, text_len=3,

@@ -112,7 +112,7 @@ def _init_by_density(values, weights, k, power: float) -> np.ndarray:
 
 
 COARSE_BINS_PER_CLUSTER = 16  # super-bins for the exact DP start (4096 at 8 bits)
-EXACT_DP_MAX_WORK = 1 << 18  # clusters x distinct values up to which the exact DP runs on every value (<= ~0.3 s)
+EXACT_DP_MAX_WORK = 1 << 16  # clusters x distinct values up to which the exact DP runs on every value (<= ~0.07 s)
 DP_START_MIN_CLUSTERS = 16
 
 
