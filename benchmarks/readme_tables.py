@@ -106,11 +106,12 @@ def cost_model() -> None:
     c = cm["coefficients"]
     print(f"Cost model, {cm['device']}: fitted {c['matrix_gmacs']:.0f} GMAC/s (convolutions), {c['attention_gmacs']:.0f} GMAC/s (attention), "
           f"{c['op_overhead_us']:.2f} us per op, {cm['memory_gbps']} GB/s.\n")
-    print("| set | model | paper | estimate | error |")
-    print("|---|---|---|---|---|")
+    print("| set | model | GMACs (conv) | paper | estimate | error |")
+    print("|---|---|---|---|---|---|")
     for kind in ("calibration", "validation"):
         for r in cm[kind]:
-            print(f"| {kind} | {r['model']} | {r['paper_ms']} ms | {r['estimate_ms']:.0f} ms | {r['error_pct']:+.1f}% |")
+            print(f"| {kind} | {r['model']} | {r['gmacs']:.0f} ({r['conv_gmacs']:.0f}) | {r['paper_ms']} ms | "
+                  f"{r['estimate_ms']:.0f} ms | {r['error_pct']:+.1f}% |")
     print(f"\nWorst calibration error {cm['calibration_error_pct']}%, worst validation error {cm['validation_error_pct']}%.\n")
     print("| item | GMACs/step | attention share | est. iPhone 16 Pro Max | est. iPhone 12 | host median (latent) |")
     print("|---|---|---|---|---|---|")

@@ -143,11 +143,11 @@ class StageProgress:
         self.progress.update(self.task, description=f"{self.stage}: {description}", completed=done, total=total)
 
 
-def parse_bits_list(text: str) -> tuple[int, ...]:
+def parse_int_list(text: str, option: str) -> tuple[int, ...]:
     try:
         return tuple(sorted({int(v) for v in text.split(",")}))
     except ValueError:
-        raise EdgeCompileError(f"--candidates/--bits {text!r} is not a comma list of bit-widths (e.g. 4,8)") from None
+        raise EdgeCompileError(f"{option} {text!r} is not a comma list of whole numbers (e.g. 4,8)") from None
 
 
 @cli.command()
@@ -185,7 +185,7 @@ def export(checkpoint, width_text, bits, output, latent, target, fmt, recipe, ta
     opts = ExportOptions(
         output=Path(output), widths=parse_widths(width_text, ckpt.config), bits=str(bits), latent_hw=parse_latent(latent),
         target=target, fmt=fmt, force=force, verify=not no_verify, query_chunk=query_chunk,
-        recipe=Path(recipe) if recipe else None, target_bits=target_bits, candidates=parse_bits_list(candidates),
+        recipe=Path(recipe) if recipe else None, target_bits=target_bits, candidates=parse_int_list(candidates, '--candidates'),
         sweep_mode=sweep_mode, group_size=group_size, calibration=Path(calibration) if calibration else None,
         distill=not no_distill, distill_steps=distill_steps, swift_resources=swift_resources,
     )
@@ -231,7 +231,7 @@ def calibrate(checkpoint, width, output, prompts, schedules, latent, seed, cfg_s
     ckpt = load_checkpoint(checkpoint)
     ckpt.config.dims(width)
     check_output_path(Path(output), force)
-    steps = parse_bits_list(schedules)
+    steps = parse_int_list(schedules, '--schedules')
     hw = parse_latent(latent) or ckpt.config.sample_size
     ckpt.config.check_latent_size(*hw)
     if prompts:
@@ -272,7 +272,7 @@ def sweep(checkpoint, width, bits_text, mode, target_bits, target_psnr, group_si
         raise EdgeCompileError("give --target-bits or --target-psnr, not both")
     if group_size is not None and group_size < 1:
         raise EdgeCompileError(f"--group-size {group_size} must be a positive number of output channels")
-    candidates = list(parse_bits_list(bits_text))
+    candidates = list(parse_int_list(bits_text, '--bits'))
     with StageProgress() as display:
         display.on_stage("calibration inputs")
         calib = load_calibration(calibration) if calibration else default_calibration(ckpt, width)

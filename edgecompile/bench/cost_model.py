@@ -110,7 +110,8 @@ def fit(profile: DeviceProfile) -> tuple[Coefficients, list[dict]]:
     best = least_squares(residuals, x0, method="lm" if len(points) >= 3 else "trf")
     c = coef_of(best.x)
     coef = Coefficients(round(c.matrix_gmacs, 1), round(c.attention_gmacs, 1), round(c.op_overhead_us, 3), c.vector_ratio)
-    rows = [{"model": p.get("label", p["config"]), "config": p["config"], "width": p["width"], "bits": p["bits"],
+    rows = [{"model": p.get("label", p["config"]), "config": p["config"], "width": p["width"], "bits": p["bits"], "gmacs": round(s.total_macs / 1e9, 1),
+             "conv_gmacs": round(sum(s.macs[c] for c in MATRIX) / 1e9, 1),
              "paper_ms": p["latency_ms"], "estimate_ms": round(float(estimate_ms(s, p["bits"], coef, profile.memory_gbps)), 1)}
             for p, s in points]
     for r in rows:
@@ -128,6 +129,7 @@ def validate(profile: DeviceProfile, coef: Coefficients) -> list[dict]:
         est = estimate_ms(stats, data.get("bits", 16), coef, profile.memory_gbps)
         paper = data["paper_latency_ms"]
         rows.append({"model": f"({path.stem}) {data['model']['name']}", "config": rel, "params": stats.params,
+                     "gmacs": round(stats.total_macs / 1e9, 1), "conv_gmacs": round(sum(stats.macs[c] for c in MATRIX) / 1e9, 1),
                      "paper_ms": paper, "estimate_ms": round(float(est), 1), "error_pct": round(100 * (est - paper) / paper, 1)})
     return rows
 

@@ -48,7 +48,7 @@ def detach_trainables(model: nn.Module) -> list[nn.Parameter]:
 def bias_correction(student: nn.Module, teacher: nn.Module, calib: CalibrationSet, batch_size: int = 64) -> int:
     """Subtract E[(W_q - W) x] over the calibration inputs (as the teacher sees them) from each palettized
     layer's bias. Returns the number of corrected layers."""
-    from edgecompile.compress.sensitivity import _layer_delta
+    from edgecompile.compress.sensitivity import layer_delta
 
     s_layers, t_layers = palettizable_layers(student), palettizable_layers(teacher)
     names = [n for n in s_layers if s_layers[n].bias is not None and not torch.equal(s_layers[n].weight, t_layers[n].weight)]
@@ -57,7 +57,7 @@ def bias_correction(student: nn.Module, teacher: nn.Module, calib: CalibrationSe
 
     def hook_for(name):
         def hook(mod, inputs, output):
-            delta = _layer_delta(mod, inputs[0], s_layers[name].weight - mod.weight)
+            delta = layer_delta(mod, inputs[0], s_layers[name].weight - mod.weight)
             shift[name] = shift[name] + delta.sum(dim=(0, 2, 3))
             count[name] += delta.shape[0] * delta.shape[2] * delta.shape[3]
         return hook
@@ -188,7 +188,8 @@ def distill(student: nn.Module, teacher: nn.Module, calib: CalibrationSet, setti
 
 def trained_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """The distilled parameters, to save beside the package (the verifier's simulation needs them)."""
-    return {n: p.detach().clone().contiguous() for n, p in model.named_parameters() if n in set(trainable_names(model))}
+    names = set(trainable_names(model))
+    return {n: p.detach().clone().contiguous() for n, p in model.named_parameters() if n in names}
 
 
 def load_trained_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None:

@@ -82,7 +82,7 @@ def output_psnr(reference: torch.Tensor, output: torch.Tensor) -> float:
     return psnr_db(reference.numpy(), output.numpy())
 
 
-def _layer_delta(mod: nn.Module, x: torch.Tensor, dw: torch.Tensor) -> torch.Tensor:
+def layer_delta(mod: nn.Module, x: torch.Tensor, dw: torch.Tensor) -> torch.Tensor:
     """The change of `mod`'s output when its weight changes by dw (bias cancels)."""
     if isinstance(mod, nn.ConvTranspose2d):
         return F.conv_transpose2d(x, dw, None, mod.stride, mod.padding, mod.output_padding, mod.groups, mod.dilation)
@@ -154,7 +154,7 @@ def _local(model, calib, candidates, cache, batch_size, result, progress):
             x = inputs[0]
             energy[name] += float(output.double().pow(2).sum())
             for b in candidates:
-                err[name][b] += float(_layer_delta(mod, x, deltas[(name, b)]).double().pow(2).sum())
+                err[name][b] += float(layer_delta(mod, x, deltas[(name, b)]).double().pow(2).sum())
         return hook
 
     handles = [m.register_forward_hook(hook_for(n)) for n, m in layers.items()]
