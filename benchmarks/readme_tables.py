@@ -11,6 +11,12 @@ import json
 import _common
 
 
+def header(*columns: str) -> None:
+    """A markdown table's header row and separator."""
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "---|" * len(columns))
+
+
 def load(name: str):
     path = _common.RESULTS / f"{name}.json"
     return json.loads(path.read_text()) if path.exists() else None
@@ -21,8 +27,7 @@ def quality() -> None:
     if not data:
         return
     prov = data["provenance"]
-    print("| width | params | accuracy, 4 Euler steps | accuracy, 20 Euler steps |")
-    print("|---|---|---|---|")
+    header("width", "params", "accuracy, 4 Euler steps", "accuracy, 20 Euler steps")
     from edgecompile.model.config import ModelConfig
     from edgecompile.model.elastic import count_params
 
@@ -37,8 +42,7 @@ def census() -> None:
     if not data:
         return
     print(f"Layout ops (transpose + reshape) per block, {data['config']} width {data['width']}, latent {data['latent']}:\n")
-    print("| block | reference (B,L,D) conversion | edgecompile | ratio |")
-    print("|---|---|---|---|")
+    header("block", "reference (B,L,D) conversion", "edgecompile", "ratio")
     for b in data["blocks"]:
         r, o = sum(b["reference"].values()), sum(b["edgecompile"].values())
         print(f"| {b['block']} | {r} | {o} | {b['ratio']:.1f}x |")
@@ -50,8 +54,7 @@ def kmeans() -> None:
     data = load("kmeans_speed")
     if not data:
         return
-    print("| tensor | bits | group | edgecompile | coremltools | speedup | MSE ratio |")
-    print("|---|---|---|---|---|---|---|")
+    header("tensor", "bits", "group", "edgecompile", "coremltools", "speedup", "MSE ratio")
     for r in data["cases"]:
         print(f"| {r['tensor']} | {r['nbits']} | {r['group_size'] or '-'} | {r['seconds_edgecompile']:.3f} s | "
               f"{r['seconds_coremltools']:.3f} s | {r['speedup']:.1f}x | {r['mse_ratio']:.5f} |")
@@ -63,8 +66,7 @@ def scale() -> None:
     if not data:
         return
     print(f"Paper-scale export ({data['config'].split('/')[-1]}, width {data['width']}, latent {data['latent']}):\n")
-    print("| step | exit | wall time | peak RSS |")
-    print("|---|---|---|---|")
+    header("step", "exit", "wall time", "peak RSS")
     for name, s in data["steps"].items():
         print(f"| {name} | {s['rc']} | {s['wall_s']:.0f} s | {s['peak_rss_gib']:.2f} GiB |")
     if data.get("package_bytes"):
@@ -78,13 +80,27 @@ def quantization() -> None:
         return
     for w, r in data["widths"].items():
         print(f"Width {w} (unquantized sample accuracy {r['unquantized_sample_accuracy']:.0%}; {r['evaluation_inputs']} held-out inputs):\n")
-        print("| setting | avg bits | denoiser PSNR | final-sample PSNR | sample accuracy |")
-        print("|---|---|---|---|---|")
+        header("setting", "avg bits", "denoiser PSNR", "final-sample PSNR", "sample accuracy")
         for name, row in r["settings"].items():
             print(f"| {name} | {row['average_bits']:.2f} | {row['denoiser_psnr_db']:.1f} dB | {row['sample_psnr_db']:.1f} dB | {row['sample_accuracy']:.0%} |")
         c = r["sweep_cost_forward_passes"]
         print(f"\nSweep cost: local {c['local']} forward passes ({r['sweep_seconds']['local']} s with k-means), "
               f"e2e {c['e2e']} passes of its {r['e2e_sweep_inputs']}-input subset ({r['sweep_seconds']['e2e']} s).\n")
+
+
+def distillation() -> None:
+    """Issue 5's check per width: what self-distillation and the bias-correction baseline add to each base."""
+    data = load("quantization_quality")
+    if not data:
+        return
+    header("width", "base", "denoiser PSNR", "+ bias correction", "+ self-distillation", "final-sample PSNR, before -> distilled")
+    for w, r in data["widths"].items():
+        rows = r["settings"]
+        for base in ("uniform 4-bit", "mixed 4.3 local sweep"):
+            b, bc, sd = rows[base], rows[f"{base} + bias correction"], rows[f"{base} + self-distillation"]
+            print(f"| {w} | {base} | {b['denoiser_psnr_db']:.1f} dB | {bc['denoiser_psnr_db'] - b['denoiser_psnr_db']:+.1f} dB | "
+                  f"{sd['denoiser_psnr_db'] - b['denoiser_psnr_db']:+.1f} dB | {b['sample_psnr_db']:.1f} -> {sd['sample_psnr_db']:.1f} dB |")
+    print()
 
 
 def sweep_scale() -> None:
@@ -106,15 +122,13 @@ def cost_model() -> None:
     c = cm["coefficients"]
     print(f"Cost model, {cm['device']}: fitted {c['matrix_gmacs']:.0f} GMAC/s (convolutions), {c['attention_gmacs']:.0f} GMAC/s (attention), "
           f"{c['op_overhead_us']:.2f} us per op, {cm['memory_gbps']} GB/s.\n")
-    print("| set | model | GMACs (conv) | paper | estimate | error |")
-    print("|---|---|---|---|---|---|")
+    header("set", "model", "GMACs (conv)", "paper", "estimate", "error")
     for kind in ("calibration", "validation"):
         for r in cm[kind]:
             print(f"| {kind} | {r['model']} | {r['gmacs']:.0f} ({r['conv_gmacs']:.0f}) | {r['paper_ms']} ms | "
                   f"{r['estimate_ms']:.0f} ms | {r['error_pct']:+.1f}% |")
     print(f"\nWorst calibration error {cm['calibration_error_pct']}%, worst validation error {cm['validation_error_pct']}%.\n")
-    print("| item | GMACs/step | attention share | est. iPhone 16 Pro Max | est. iPhone 12 | host median (latent) |")
-    print("|---|---|---|---|---|---|")
+    header("item", "GMACs/step", "attention share", "est. iPhone 16 Pro Max", "est. iPhone 12", "host median (latent)")
     for r in data["items"]:
         s = r["static"]
         attn = sum(v for k, v in s["macs"].items() if k.startswith("attn")) / max(s["total_macs"], 1)
@@ -125,5 +139,5 @@ def cost_model() -> None:
 
 
 if __name__ == "__main__":
-    for section in (quality, census, kmeans, scale, quantization, sweep_scale, cost_model):
+    for section in (quality, census, kmeans, scale, quantization, distillation, sweep_scale, cost_model):
         section()

@@ -2,15 +2,18 @@
 
 An fp16 tensor has at most 65,536 distinct values, so clustering works on its histogram, never on the
 elements. The histogram is one `bincount` over the uint16 view (no sort of the N elements, which is what
-makes coremltools' `np.unique` path slow). Weighted 1-D Lloyd on the sorted histogram costs O(k log n) per
-iteration with prefix sums (boundaries are midpoints between sorted centroids, found by `searchsorted`), so it
-runs to convergence from several starts, the best kept. One start is the MSE-optimal companding density
-(point density proportional to p(x)^(1/3)), which lands next to the global optimum; benchmarks/kmeans_speed.py
-compares the MSE with coremltools' exact dynamic-programming k-means.
+makes coremltools' `np.unique` path slow). With prefix sums of the sorted histogram, any cluster's error is
+O(1), so the exact 1-D DP (coremltools' own algorithm, O(k n)) can run on a few hundred super-bins and then be
+refined by a banded DP: the same DP with each boundary confined to a window around its current place, which
+costs a (2r+1)^2 min-plus step per cluster and finds the best joint move of all boundaries, where Lloyd only
+moves one at a time. benchmarks/kmeans_speed.py compares time and MSE with coremltools' exact k-means.
 """
 
 from __future__ import annotations
 
+import functools
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
@@ -18,6 +21,17 @@ import numpy as np
 from edgecompile.errors import EdgeCompileError
 
 MAX_LLOYD_ITERATIONS = 1000
+PARALLEL_MIN_ELEMENTS = 1 << 22  # tensors this large split their element passes across the cores
+
+
+def _map_chunks(fn, flat: np.ndarray) -> list:
+    """fn over one contiguous chunk of a 1-D array per core. The element passes (bincount, table gathers)
+    release the GIL, so threads run them in parallel; small tensors stay on one thread."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if flat.size < PARALLEL_MIN_ELEMENTS or cores == 1:
+        return [fn(flat)]
+    with ThreadPoolExecutor(cores) as pool:
+        return list(pool.map(fn, np.array_split(flat, cores)))
 
 
 @dataclass
@@ -31,17 +45,21 @@ class Palette:
     group_size: int | None
 
     def decode(self) -> np.ndarray:
-        rows = self.indices.shape[0]
-        g = self.group_size or rows
-        group_of_row = np.arange(rows) // g
-        flat = self.indices.reshape(rows, -1)
-        return self.lut[group_of_row[:, None], flat].reshape(self.indices.shape)
+        blocks = self.indices.reshape(len(self.lut), -1)  # one block of rows per LUT
+        out = np.empty(blocks.shape, dtype=np.float16)
+        for lut, block, row in zip(self.lut, blocks, out):
+            row[:] = _gather(lut, block)
+        return out.reshape(self.indices.shape)
 
 
-def fp16_histogram(codes: np.ndarray, n_groups: int = 1, group_ids: np.ndarray | None = None) -> np.ndarray:
-    """(n_groups, 65536) counts of each fp16 bit pattern, in one pass."""
-    keys = codes.astype(np.int64) if group_ids is None else codes.astype(np.int64) + group_ids.astype(np.int64) * 65536
-    return np.bincount(keys, minlength=65536 * n_groups).reshape(n_groups, 65536)
+def _gather(table: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """table[keys] for a 1-D table: the fastest numpy lookup (a broadcast 2-D index is ~2x slower)."""
+    return np.concatenate(_map_chunks(lambda part: table[part], keys.ravel()))
+
+
+def fp16_histogram(codes: np.ndarray) -> np.ndarray:
+    """Counts (65536,) of each fp16 bit pattern in uint16 codes, one bincount pass (no sort of the elements)."""
+    return sum(_map_chunks(lambda part: np.bincount(part, minlength=65536), codes.ravel()))
 
 
 def _sorted_support(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -111,28 +129,93 @@ def _init_by_density(values, weights, k, power: float) -> np.ndarray:
     return _refill(bounds, k, len(values))
 
 
-COARSE_BINS_PER_CLUSTER = 16  # super-bins for the exact DP start (4096 at 8 bits)
-EXACT_DP_MAX_WORK = 1 << 16  # clusters x distinct values up to which the exact DP runs on every value (<= ~0.07 s)
-DP_START_MIN_CLUSTERS = 16
+def _banded_dp(bounds, radius, w_cum, s1_cum, s2_cum):
+    """The exact k-means DP with boundary i restricted to bounds[i] +- radius[i].
+
+    Cost O(sum of window products) instead of O(k n): a (2r+1)^2 min-plus step per cluster, one numpy call
+    each. Returns the best boundaries in the band and the windows' ends (to tell whether a boundary hit one)."""
+    n, k = int(bounds[-1]), len(bounds) - 1
+    lo = np.maximum(bounds[1:-1] - radius, 1)
+    hi = np.minimum(bounds[1:-1] + radius, n - 1)
+    sizes = hi - lo + 1
+    split = np.cumsum(sizes)[:-1]
+    flat = np.repeat(lo - np.concatenate([[0], np.cumsum(sizes)[:-1]]), sizes) + np.arange(sizes.sum())
+    cands = [*np.split(flat, split), np.array([n])]
+    cw = [*np.split(w_cum[flat], split), w_cum[[n]]]
+    c1 = [*np.split(s1_cum[flat], split), s1_cum[[n]]]
+    c2 = [*np.split(s2_cum[flat], split), s2_cum[[n]]]
+    pw, p1, p2, best = w_cum[:1], s1_cum[:1], s2_cum[:1], np.zeros(1)
+    back = []
+    for m in range(k):
+        dw = cw[m][None, :] - pw[:, None]
+        d1 = c1[m][None, :] - p1[:, None]
+        total = best[:, None] + (c2[m][None, :] - p2[:, None]) - d1 * d1 / np.maximum(dw, 0.5)
+        total[dw <= 0] = np.inf  # every value has weight >= 1, so dw <= 0 is an empty or reversed cluster
+        arg = np.argmin(total, axis=0)
+        best = total[arg, np.arange(total.shape[1])]
+        back.append(arg)
+        pw, p1, p2 = cw[m], c1[m], c2[m]
+    out = np.empty(k + 1, dtype=np.int64)
+    out[0], out[k] = 0, n
+    j = back[k - 1][0]
+    for m in range(k - 2, -1, -1):
+        out[m + 1] = cands[m][j]
+        j = back[m][j]
+    return out, lo, hi
 
 
-def _coarse_exact_start(x, weights, k, w_cum, s1_cum) -> np.ndarray:
-    """Exact DP k-means (coremltools' bundled kmeans1d) on 16 companding-quantile super-bins per cluster: a start
-    next to the global optimum that Lloyd alone misses for large k, at a fraction of the DP's cost on all values."""
+def _refine(bounds, w_cum, s1_cum, s2_cum, radius: int) -> np.ndarray:
+    """Banded DP until no boundary sits on its window's end, doubling the window of those that do.
+
+    The result is optimal against every joint move of all boundaries within their windows, which Lloyd (one
+    boundary at a time, to a local optimum) is not: this is what closes the last 0.05% to the exact DP."""
+    n = len(w_cum) - 1
+    r = np.full(len(bounds) - 2, max(int(radius), 1))
+    for _ in range(MAX_BAND_ROUNDS):
+        new, lo, hi = _banded_dp(bounds, r, w_cum, s1_cum, s2_cum)
+        inner = new[1:-1]
+        hit = ((inner == lo) & (lo > 1)) | ((inner == hi) & (hi < n - 1))
+        bounds = new
+        if not hit.any():
+            break
+        r[hit] = np.minimum(r[hit] * 2, MAX_BAND_RADIUS)
+    return bounds
+
+
+BINS_PER_CLUSTER = 16  # companding-quantile super-bins per cluster, at most MAX_BINS
+MAX_BINS = 2048
+EXACT_DP_MAX_WORK = 1 << 17  # bins x clusters for the exact DP (~30 ms); beyond it, the DP sees every s-th bin
+BAND_CLUSTERS = 4  # level 2: each boundary may move by this many clusters' worth of bins
+MAX_BAND_ROUNDS = 30
+MAX_BAND_RADIUS = 256
+
+
+@functools.cache
+def _kmeans1d():
+    """coremltools' bundled exact O(kn) DP for 1-D k-means (the one its palettizer uses), imported once."""
     from edgecompile.coreml.convert import import_coremltools
 
     import_coremltools()  # quiet import first: coremltools prints warnings on import
-    from coremltools._deps import kmeans1d  # the exact O(kn) DP coremltools itself uses
+    from coremltools._deps import kmeans1d
 
-    n_bins = len(x) if k * len(x) <= EXACT_DP_MAX_WORK else min(COARSE_BINS_PER_CLUSTER * k, len(x))
-    bins = _init_by_density(x, weights, n_bins, 1 / 3) if n_bins < len(x) else np.arange(len(x) + 1)
-    means, mass = _segment_means(bins, w_cum, s1_cum)
-    clusters = np.asarray(kmeans1d.cluster(means.tolist(), k, weights=mass.tolist()).clusters)
-    return np.concatenate([[0], bins[np.flatnonzero(np.diff(clusters)) + 1], [len(x)]])
+    return kmeans1d
+
+
+def _exact_dp(means, mass, k) -> np.ndarray:
+    """The exact DP on weighted sorted points; returns cluster boundaries."""
+    clusters = np.asarray(_kmeans1d().cluster(means.tolist(), k, weights=mass.tolist()).clusters)
+    return np.concatenate([[0], np.flatnonzero(np.diff(clusters)) + 1, [len(means)]])
 
 
 def kmeans_histogram(values: np.ndarray, weights: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Cluster sorted weighted values into at most k clusters; returns (centroids, segment id per value)."""
+    """Cluster sorted weighted values into at most k clusters; returns (centroids, segment id per value).
+
+    Three levels, each exact within its reach:
+    1. the exact DP on at most EXACT_DP_MAX_WORK / k super-bins (every s-th companding-quantile bin), which
+       settles the global layout, e.g. how many clusters each tail gets;
+    2. banded DP on all the bins, each boundary free to move by BAND_CLUSTERS clusters' worth
+       of bins (a near-tie in the layout, one cluster more in one tail, is a joint shift of every boundary);
+    3. banded DP on every distinct value, radius one bin, then Lloyd."""
     n = len(values)
     if n <= k:
         return values.copy(), np.arange(n)
@@ -141,19 +224,26 @@ def kmeans_histogram(values: np.ndarray, weights: np.ndarray, k: int) -> tuple[n
     w_cum = np.concatenate([[0.0], np.cumsum(weights)])
     s1_cum = np.concatenate([[0.0], np.cumsum(weights * x)])
     s2_cum = np.concatenate([[0.0], np.cumsum(weights * x * x)])
-    starts = [_init_by_density(x, weights, k, power) for power in (1 / 3, 1.0)]
-    # Lloyd alone reaches <= 0.02% of the optimum on large 4-bit tensors, not at 8 bits or on small tensors
-    if k > DP_START_MIN_CLUSTERS or k * n <= EXACT_DP_MAX_WORK:
-        starts.append(_coarse_exact_start(x, weights, k, w_cum, s1_cum))
-    best, best_sse = None, np.inf
-    for start in starts:
-        bounds = _lloyd(x, start, w_cum, s1_cum)
-        sse = _sse(bounds, w_cum, s1_cum, s2_cum)
-        if sse < best_sse:
-            best, best_sse = bounds, sse
-    means, _ = _segment_means(best, w_cum, s1_cum)
-    segment = np.repeat(np.arange(len(best) - 1), np.diff(best))
+    n_bins = min(n, BINS_PER_CLUSTER * k, MAX_BINS)
+    bins = _init_by_density(x, weights, n_bins, 1 / 3) if n_bins < n else np.arange(n + 1)
+    n_bins = len(bins) - 1
+    stride = -(-n_bins * k // EXACT_DP_MAX_WORK)
+    coarse = np.unique(np.concatenate([np.arange(0, n_bins, stride), [n_bins]]))  # indices into bins
+    mass = np.diff(w_cum[bins[coarse]])
+    bounds = coarse[_exact_dp(np.diff(s1_cum[bins[coarse]]) / mass, mass, k)]
+    if stride > 1:
+        bw, b1, b2 = w_cum[bins], s1_cum[bins], s2_cum[bins]
+        bounds = _refine(bounds, bw, b1, b2, max(stride, BAND_CLUSTERS * n_bins // k))
+    bounds = bins[bounds]
+    if n_bins < n:
+        bounds = _refine(_lloyd(x, bounds, w_cum, s1_cum), w_cum, s1_cum, s2_cum, np.median(np.diff(bins)))
+    bounds = _lloyd(x, bounds, w_cum, s1_cum)
+    means, _ = _segment_means(bounds, w_cum, s1_cum)
+    segment = np.repeat(np.arange(len(bounds) - 1), np.diff(bounds))
     return means + shift, segment
+
+
+NON_FINITE_CODES = np.flatnonzero((np.arange(65536) & 0x7C00) == 0x7C00)  # fp16 exponent all ones: inf, nan
 
 
 def palettize(weight: np.ndarray, nbits: int, group_size: int | None = None) -> Palette:
@@ -161,24 +251,24 @@ def palettize(weight: np.ndarray, nbits: int, group_size: int | None = None) -> 
     if nbits not in (1, 2, 3, 4, 6, 8):
         raise EdgeCompileError(f"{nbits}-bit palettization is not supported: use 1, 2, 3, 4, 6 or 8 bits")
     w16 = np.ascontiguousarray(weight, dtype=np.float16)
-    if not np.isfinite(w16).all():
-        raise EdgeCompileError("cannot palettize a weight with inf/nan values (after the fp16 cast)")
     rows = w16.shape[0]
     g = group_size or rows
     if rows % g:
         raise EdgeCompileError(f"--group-size {g} does not divide the {rows} output channels of a weight")
     n_groups = rows // g
-    codes = w16.reshape(rows, -1).view(np.uint16)
-    group_ids = np.repeat(np.arange(n_groups), g * codes.shape[1]) if n_groups > 1 else None
-    hist = fp16_histogram(codes.ravel(), n_groups, group_ids)
+    blocks = w16.reshape(n_groups, -1).view(np.uint16)  # groups of g output channels, contiguous
     k = 1 << nbits
     lut = np.zeros((n_groups, k), dtype=np.float16)
-    code_to_index = np.zeros((n_groups, 65536), dtype=np.uint8)
-    for gi in range(n_groups):
-        values, counts, support_codes = _sorted_support(hist[gi])
+    indices = np.empty(blocks.shape, dtype=np.uint8)
+    for codes, group_lut, group_indices in zip(blocks, lut, indices):
+        hist = fp16_histogram(codes)
+        if hist[NON_FINITE_CODES].any():
+            raise EdgeCompileError("cannot palettize a weight with inf/nan values (after the fp16 cast)")
+        values, counts, support_codes = _sorted_support(hist)
         centroids, segment = kmeans_histogram(values, counts, k)
-        lut[gi, : len(centroids)] = centroids.astype(np.float16)
-        code_to_index[gi, support_codes] = segment
-    row_group = (np.arange(rows) // g)[:, None]
-    indices = code_to_index[row_group, codes].reshape(w16.shape)
+        group_lut[: len(centroids)] = centroids.astype(np.float16)
+        code_to_index = np.zeros(65536, dtype=np.uint8)
+        code_to_index[support_codes] = segment
+        group_indices[:] = _gather(code_to_index, codes)
+    indices = indices.reshape(w16.shape)
     return Palette(lut=lut, indices=indices, nbits=nbits, group_size=group_size)
