@@ -71,3 +71,15 @@ def test_bad_requests_are_clear_errors():
         palettize(w, 4, group_size=4)
     with pytest.raises(EdgeCompileError, match="inf/nan"):
         palettize(np.array([[np.inf]], dtype=np.float32), 4)
+
+
+def test_threaded_element_passes_match_one_thread(monkeypatch):
+    from edgecompile.compress import kmeans as km
+
+    w = (np.random.default_rng(2).standard_normal((2048, 2048)) * 0.02).astype(np.float16)
+    assert w.size >= km.PARALLEL_MIN_ELEMENTS
+    threaded = palettize(w, 4)
+    monkeypatch.setattr(km, "PARALLEL_MIN_ELEMENTS", w.size + 1)
+    single = palettize(w, 4)
+    assert np.array_equal(threaded.lut, single.lut) and np.array_equal(threaded.indices, single.indices)
+    assert np.array_equal(threaded.decode(), single.decode())
