@@ -53,7 +53,7 @@ class Palette:
 
 
 def _gather(table: np.ndarray, keys: np.ndarray) -> np.ndarray:
-    """table[keys] for a 1-D table: the fastest numpy lookup (a broadcast 2-D index is ~2x slower)."""
+    """table[keys] for a 1-D table: the fastest numpy lookup (a broadcast 2-D index took 1.5x as long)."""
     return np.concatenate(_map_chunks(lambda part: table[part], keys.ravel()))
 
 
