@@ -72,7 +72,7 @@ def exactness(tensors: dict[str, np.ndarray], bits=(4, 6, 8)) -> list[dict]:
     for name, w in tensors.items():
         values, counts, _ = km._sorted_support(km.fp16_histogram(w.view(np.uint16)))
         x = values - np.average(values, weights=counts)
-        prefix = [np.concatenate([[0.0], np.cumsum(counts * x**p)]) for p in (0, 1, 2)]
+        prefix = km.prefix_sums(x, counts)
         for nbits in bits:
             _, segment = km.kmeans_histogram(values, counts, 1 << nbits)
             ours = np.concatenate([[0], np.flatnonzero(np.diff(segment)) + 1, [len(values)]])
@@ -88,6 +88,8 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="skip the grouped 4096x4096 case")
     ap.add_argument("--repeats", type=int, default=5, help="timed calls per case; the median is reported")
     args = ap.parse_args()
+    if args.repeats < 1:
+        ap.error("--repeats must be at least 1")
     from edgecompile.model.checkpoint import load_checkpoint
 
     rows = []

@@ -36,7 +36,7 @@ def test_banded_dp_with_a_window_over_everything_is_the_exact_dp(k):
     rng = np.random.default_rng(k)
     values = np.sort(rng.standard_t(3, 300))
     weights = rng.integers(1, 20, 300).astype(np.float64)
-    w_cum, s1_cum, s2_cum = (np.concatenate([[0.0], np.cumsum(weights * values**p)]) for p in (0, 1, 2))
+    w_cum, s1_cum, s2_cum = km.prefix_sums(values, weights)
     start = np.linspace(0, 300, k + 1).astype(np.int64)
     banded, _, _ = km._banded_dp(start, np.full(k - 1, 300), w_cum, s1_cum, s2_cum)
     exact = km._exact_dp(values, weights, k)

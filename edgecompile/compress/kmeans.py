@@ -115,18 +115,27 @@ def _refill(bounds: np.ndarray, k: int, n: int) -> np.ndarray:
     return bounds
 
 
-def _init_by_density(values, weights, k, power: float) -> np.ndarray:
-    """Boundaries at equal quantiles of the integral of p(x)**power over x, p the value density
-    (power 1: equal mass; 1/3: the MSE-optimal companding density; 0: equal width).
+def _companding_bounds(values, weights, k) -> np.ndarray:
+    """Boundaries at equal quantiles of the integral of p(x)**(1/3), p the value density: the MSE-optimal
+    companding density of high-resolution quantization theory.
 
     fp16 values are log-spaced, so the density at a value is its count divided by its spacing."""
     spacing = np.gradient(values) if len(values) > 1 else np.ones(1)
     spacing = np.maximum(spacing, np.min(spacing[spacing > 0]) if (spacing > 0).any() else 1.0)
-    cum = np.cumsum((weights / spacing) ** power * spacing)
+    cum = np.cumsum((weights / spacing) ** (1 / 3) * spacing)
     targets = cum[-1] * np.arange(1, k) / k
     inner = np.searchsorted(cum, targets, side="left") + 1
     bounds = np.unique(np.concatenate([[0], np.clip(inner, 1, len(values) - 1), [len(values)]]))
     return _refill(bounds, k, len(values))
+
+
+def prefix_sums(x: np.ndarray, weights: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Cumulative weight, weighted sum and weighted sum of squares, each with a leading 0, so that any segment's
+    squared error is O(1) (`_sse`)."""
+    w_cum = np.concatenate([[0.0], np.cumsum(weights)])
+    s1_cum = np.concatenate([[0.0], np.cumsum(weights * x)])
+    s2_cum = np.concatenate([[0.0], np.cumsum(weights * x * x)])
+    return w_cum, s1_cum, s2_cum
 
 
 def _banded_dp(bounds, radius, w_cum, s1_cum, s2_cum):
@@ -139,7 +148,7 @@ def _banded_dp(bounds, radius, w_cum, s1_cum, s2_cum):
     hi = np.minimum(bounds[1:-1] + radius, n - 1)
     sizes = hi - lo + 1
     split = np.cumsum(sizes)[:-1]
-    flat = np.repeat(lo - np.concatenate([[0], np.cumsum(sizes)[:-1]]), sizes) + np.arange(sizes.sum())
+    flat = np.repeat(lo - np.concatenate([[0], split]), sizes) + np.arange(sizes.sum())  # every window's indices
     cands = [*np.split(flat, split), np.array([n])]
     cw = [*np.split(w_cum[flat], split), w_cum[[n]]]
     c1 = [*np.split(s1_cum[flat], split), s1_cum[[n]]]
@@ -211,7 +220,7 @@ def kmeans_histogram(values: np.ndarray, weights: np.ndarray, k: int) -> tuple[n
     """Cluster sorted weighted values into at most k clusters; returns (centroids, segment id per value).
 
     Three levels, each exact within its reach:
-    1. the exact DP on at most EXACT_DP_MAX_WORK / k super-bins (every s-th companding-quantile bin), which
+    1. the exact DP on at most EXACT_DP_MAX_WORK / k super-bins (every s-th companding-quantile bin, `_companding_bounds`), which
        settles the global layout, e.g. how many clusters each tail gets;
     2. banded DP on all the bins, each boundary free to move by BAND_CLUSTERS clusters' worth
        of bins (a near-tie in the layout, one cluster more in one tail, is a joint shift of every boundary);
@@ -221,11 +230,9 @@ def kmeans_histogram(values: np.ndarray, weights: np.ndarray, k: int) -> tuple[n
         return values.copy(), np.arange(n)
     shift = np.average(values, weights=weights)  # centre for numerically safe prefix sums
     x = values - shift
-    w_cum = np.concatenate([[0.0], np.cumsum(weights)])
-    s1_cum = np.concatenate([[0.0], np.cumsum(weights * x)])
-    s2_cum = np.concatenate([[0.0], np.cumsum(weights * x * x)])
+    w_cum, s1_cum, s2_cum = prefix_sums(x, weights)
     n_bins = min(n, BINS_PER_CLUSTER * k, MAX_BINS)
-    bins = _init_by_density(x, weights, n_bins, 1 / 3) if n_bins < n else np.arange(n + 1)
+    bins = _companding_bounds(x, weights, n_bins) if n_bins < n else np.arange(n + 1)
     n_bins = len(bins) - 1
     stride = -(-n_bins * k // EXACT_DP_MAX_WORK)
     coarse = np.unique(np.concatenate([np.arange(0, n_bins, stride), [n_bins]]))  # indices into bins
