@@ -1,8 +1,12 @@
-"""The `edgecompile` command. Every user error is one line on stderr and exit code 2."""
+"""The `edgecompile` command. Every user error is one line on stderr and exit code 2; a failed verification is
+one line and exit code 1; Ctrl-C and SIGTERM clean up alike and exit 130."""
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
+import math
 import sys
 from pathlib import Path
 
@@ -12,9 +16,40 @@ from rich.table import Table
 
 from edgecompile import __version__
 from edgecompile.errors import EdgeCompileError
+from edgecompile.jsonutil import dumps
 
 console = Console(stderr=True)
 out = Console()
+
+
+class Number(click.ParamType):
+    """A finite int or float within bounds; anything else is a one-line usage error naming the option."""
+
+    def __init__(self, kind: type = float, min: float | None = None, max: float | None = None, min_open: bool = False):
+        self.kind, self.min, self.max, self.min_open = kind, min, max, min_open
+        self.name = "integer" if kind is int else "number"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, self.kind) and not isinstance(value, bool):
+            v = value
+        else:
+            try:
+                v = self.kind(str(value).strip())
+            except ValueError:
+                self.fail(f"{value!r} is not a{'' if self.kind is int else ' finite'} {'whole number' if self.kind is int else 'number'}", param, ctx)
+        if self.kind is float and not math.isfinite(v):
+            self.fail(f"{value!r} is not a finite number", param, ctx)
+        if self.min is not None and (v < self.min or (self.min_open and v == self.min)):
+            self.fail(f"{value} must be {'>' if self.min_open else '>='} {self.min:g}", param, ctx)
+        if self.max is not None and v > self.max:
+            self.fail(f"{value} must be <= {self.max:g}", param, ctx)
+        return v
+
+
+POSITIVE_INT = Number(int, min=1)
+NON_NEGATIVE_INT = Number(int, min=0)
+FINITE = Number(float)
+WIDTH = Number(float, min=0, max=1, min_open=True)
 
 
 def parse_latent(text: str | None) -> tuple[int, int] | None:
@@ -24,11 +59,13 @@ def parse_latent(text: str | None) -> tuple[int, int] | None:
         h, w = (int(v) for v in text.lower().split("x"))
     except ValueError:
         raise EdgeCompileError(f"--latent {text!r} is not HxW (e.g. --latent 8x8 or --latent 128x96)") from None
+    if h < 1 or w < 1:
+        raise EdgeCompileError(f"--latent {text!r} must have positive sides (e.g. --latent 8x8)")
     return h, w
 
 
 def emit_json(data) -> None:
-    click.echo(json.dumps(data, indent=2, default=str))
+    click.echo(dumps(data))
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -88,7 +125,7 @@ def info(source: str | None, latent: str | None, as_json: bool) -> None:
 @cli.command()
 @click.argument("config_path", metavar="CONFIG")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Checkpoint folder to write.")
-@click.option("--seed", default=0, show_default=True, help="Initialisation seed.")
+@click.option("--seed", default=0, show_default=True, type=NON_NEGATIVE_INT, help="Initialisation seed.")
 @click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "float16", "bfloat16"]))
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 def init(config_path: str, output: str, seed: int, dtype: str, force: bool) -> None:
@@ -96,15 +133,18 @@ def init(config_path: str, output: str, seed: int, dtype: str, force: bool) -> N
     import torch
 
     from edgecompile.atomic import check_output_path
+    from edgecompile.model.budget import check_weights_fit
     from edgecompile.model.checkpoint import save_checkpoint
     from edgecompile.model.config import ModelConfig
     from edgecompile.model.dit import EfficientDiT, randomize_untrained
+    from edgecompile.model.elastic import count_params
 
     config = ModelConfig.load(config_path)
-    check_output_path(Path(output), force)
+    check_output_path(Path(output), force, inputs=[config_path])
+    check_weights_fit(count_params(config, 1.0), 4 + 2, f"init {config_path}")  # fp32 model + the saved copy
     torch.manual_seed(seed)
     model = randomize_untrained(EfficientDiT(config), seed)
-    save_checkpoint(model, output, dtype=dtype, provenance={"init": "random", "seed": seed}, force=force)
+    save_checkpoint(model, output, dtype=dtype, provenance={"init": "random", "seed": seed}, force=force, inputs=[config_path])
     console.print(f"wrote {output} ({sum(p.numel() for p in model.parameters()) / 1e6:,.2f} M parameters, seed {seed})")
 
 
@@ -143,11 +183,14 @@ class StageProgress:
         self.progress.update(self.task, description=f"{self.stage}: {description}", completed=done, total=total)
 
 
-def parse_int_list(text: str, option: str) -> tuple[int, ...]:
+def parse_int_list(text: str, option: str, minimum: int | None = None) -> tuple[int, ...]:
     try:
-        return tuple(sorted({int(v) for v in text.split(",")}))
+        values = tuple(sorted({int(v) for v in text.split(",")}))
     except ValueError:
         raise EdgeCompileError(f"{option} {text!r} is not a comma list of whole numbers (e.g. 4,8)") from None
+    if minimum is not None and values[0] < minimum:
+        raise EdgeCompileError(f"{option} {text!r}: every value must be >= {minimum}")
+    return values
 
 
 @cli.command()
@@ -159,35 +202,38 @@ def parse_int_list(text: str, option: str) -> tuple[int, ...]:
 @click.option("--target", default="iOS17", show_default=True, type=click.Choice(["iOS17", "iOS18"]))
 @click.option("--format", "fmt", default="coreml", show_default=True, type=click.Choice(["coreml", "onnx"]))
 @click.option("--recipe", type=click.Path(), help="Mixed-bit recipe from `edgecompile sweep` (skips the sweep).")
-@click.option("--target-bits", default=4.3, show_default=True, type=float, help="Average bits for --bits mixed.")
+@click.option("--target-bits", default=4.3, show_default=True, type=FINITE, help="Average bits for --bits mixed.")
 @click.option("--candidates", default="4,8", show_default=True, help="Bit-widths --bits mixed chooses from.")
 @click.option("--sweep-mode", default="local", show_default=True, type=click.Choice(["local", "e2e"]), help="Sensitivity signal for --bits mixed.")
-@click.option("--group-size", type=int, help="One LUT per group of this many output channels (iOS18).")
+@click.option("--group-size", type=POSITIVE_INT, help="One LUT per group of this many output channels (iOS18).")
 @click.option("--calibration", type=click.Path(), help="Calibration inputs from `edgecompile calibrate` (default: built from the checkpoint).")
 @click.option("--no-distill", is_flag=True, help="Skip self-distillation of biases and norms after palettization.")
-@click.option("--distill-steps", type=int, help="Self-distillation steps (default: by model size; early stop on plateau).")
+@click.option("--distill-steps", type=NON_NEGATIVE_INT, help="Self-distillation steps (default: by model size; early stop on plateau).")
 @click.option("--swift-resources", is_flag=True, help="Lay the output out as the Swift Core ML pipelines expect (Resources/).")
-@click.option("--query-chunk", type=int, help="Split attention queries into chunks of this many tokens.")
+@click.option("--query-chunk", type=POSITIVE_INT, help="Split attention queries into chunks of this many tokens.")
 @click.option("--no-verify", is_flag=True, help="Skip executing the package against the checkpoint.")
+@click.option("--min-psnr", default=60.0, show_default=True, type=FINITE, help="Verification bar (dB against edgecompile's simulation).")
+@click.option("--keep-failed", is_flag=True, help="Keep a package whose verification failed, for inspection (still exits 1).")
 @click.option("--force", is_flag=True, help="Replace existing output folders.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
 def export(checkpoint, width_text, bits, output, latent, target, fmt, recipe, target_bits, candidates, sweep_mode, group_size,
-           calibration, no_distill, distill_steps, swift_resources, query_chunk, no_verify, force, as_json):
+           calibration, no_distill, distill_steps, swift_resources, query_chunk, no_verify, min_psnr, keep_failed, force, as_json):
     """Compile CHECKPOINT (default: the bundled one) into one verified package per width.
 
-    Pipeline: load -> extract width -> calibrate -> sweep (or --recipe) -> palettize -> self-distill -> rewrite
-    -> convert -> verify -> package.
+    Pipeline: load -> extract width -> rewrite -> calibrate -> sweep (or --recipe) -> palettize -> self-distill
+    -> convert -> verify -> package. A package that verifies below --min-psnr is not written (exit 1).
     """
-    from edgecompile.export import ExportOptions, parse_widths, run_export
+    from edgecompile.export import ExportOptions, run_export
     from edgecompile.model.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(checkpoint)
     opts = ExportOptions(
-        output=Path(output), widths=parse_widths(width_text, ckpt.config), bits=str(bits), latent_hw=parse_latent(latent),
+        output=Path(output), widths=ckpt.config.parse_widths(width_text), bits=str(bits), latent_hw=parse_latent(latent),
         target=target, fmt=fmt, force=force, verify=not no_verify, query_chunk=query_chunk,
         recipe=Path(recipe) if recipe else None, target_bits=target_bits, candidates=parse_int_list(candidates, '--candidates'),
         sweep_mode=sweep_mode, group_size=group_size, calibration=Path(calibration) if calibration else None,
         distill=not no_distill, distill_steps=distill_steps, swift_resources=swift_resources,
+        min_psnr_db=min_psnr, keep_failed=keep_failed,
     )
     with StageProgress() as display:
         reports = run_export(ckpt, opts, on_stage=display.on_stage, progress=display.update)
@@ -203,7 +249,7 @@ def summary_table(name: str, reports: list[dict]) -> Table:
         table.add_column(col, justify="left" if col in ("package", "time per stage") else "right", overflow="fold")
     for r in reports:
         v = r.get("verify", {})
-        psnr = f"{v['psnr_vs_checkpoint_db']:.1f} dB" if v else "not verified"
+        psnr = f"{v['psnr_vs_checkpoint_db']:.1f} dB" if v and v.get("psnr_vs_checkpoint_db") is not None else "not verified"
         cal = r.get("calibration_psnr_db", {})
         cal_text = " -> ".join(f"{cal[k]:.1f}" for k in ("palettized", "distilled") if k in cal) + " dB" if cal else "-"
         stages = ", ".join(f"{k} {sec:.1f}s" for k, sec in r["stage_seconds"].items())
@@ -214,44 +260,47 @@ def summary_table(name: str, reports: list[dict]) -> Table:
 
 @cli.command()
 @click.argument("checkpoint", required=False)
-@click.option("--width", default=0.5, show_default=True, type=float)
+@click.option("--width", default=0.5, show_default=True, type=WIDTH)
 @click.option("-o", "--output", required=True, type=click.Path(), help="Calibration file to write (.safetensors).")
 @click.option("--prompts", type=click.Path(), help="Your text embeddings: safetensors with 'tokens' (N, T, D), optional 'null'.")
 @click.option("--schedules", default="4,20", show_default=True, help="Sampling step counts whose trajectories are recorded.")
 @click.option("--latent", help="Latent size HxW (default: the config's sample_size).")
-@click.option("--seed", default=0, show_default=True)
-@click.option("--cfg", "cfg_scale", default=2.0, show_default=True, help="Classifier-free guidance scale of the app.")
+@click.option("--seed", default=0, show_default=True, type=NON_NEGATIVE_INT)
+@click.option("--cfg", "cfg_scale", default=2.0, show_default=True, type=Number(float, min=0), help="Classifier-free guidance scale of the app.")
 @click.option("--force", is_flag=True)
 def calibrate(checkpoint, width, output, prompts, schedules, latent, seed, cfg_scale, force):
     """Record calibration inputs along the unquantized model's own sampling trajectories."""
     from edgecompile.atomic import check_output_path
-    from edgecompile.compress.calibration import build_calibration, default_calibration, load_user_prompts
+    from edgecompile.compress.calibration import build_calibration, check_finite, default_calibration, load_user_prompts
+    from edgecompile.model.budget import check_fits
     from edgecompile.model.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(checkpoint)
     ckpt.config.dims(width)
-    check_output_path(Path(output), force)
-    steps = parse_int_list(schedules, '--schedules')
+    check_output_path(Path(output), force, inputs=[ckpt.path, prompts])
+    steps = parse_int_list(schedules, '--schedules', minimum=1)
     hw = parse_latent(latent) or ckpt.config.sample_size
     ckpt.config.check_latent_size(*hw)
+    check_fits(ckpt.config, width, hw, what=f"--latent {hw[0]}x{hw[1]}")
     if prompts:
         tokens, null = load_user_prompts(prompts, ckpt.config)
         calib = build_calibration(ckpt.model, width, tokens, null, hw, steps, seed, cfg_scale, prompts_label=str(prompts))
     else:
         calib = default_calibration(ckpt, width, hw, seed, steps)
-    calib.save(output, force=force)
+    check_finite(calib, "the recorded calibration set")
+    calib.save(output, force=force, inputs=[ckpt.path, prompts])
     console.print(f"wrote {output}: {len(calib)} inputs (width {width:g}, schedules {list(steps)}, seed {seed})")
 
 
 @cli.command()
 @click.argument("checkpoint", required=False)
-@click.option("--width", default=0.5, show_default=True, type=float)
+@click.option("--width", default=0.5, show_default=True, type=WIDTH)
 @click.option("--bits", "bits_text", default="4,8", show_default=True, help="Candidate bit-widths.")
 @click.option("--mode", default="local", show_default=True, type=click.Choice(["local", "e2e"]),
               help="local: each layer's own output error (one forward pass); e2e: denoiser-output error (one pass per layer and bits).")
-@click.option("--target-bits", type=float, help="Average bits to allocate (default 4.3 unless --target-psnr).")
-@click.option("--target-psnr", type=float, help="Allocate the fewest bits whose calibration PSNR reaches this (dB).")
-@click.option("--group-size", type=int, help="Sweep grouped LUTs of this many output channels.")
+@click.option("--target-bits", type=FINITE, help="Average bits to allocate (default 4.3 unless --target-psnr).")
+@click.option("--target-psnr", type=FINITE, help="Allocate the fewest bits whose calibration PSNR reaches this (dB).")
+@click.option("--group-size", type=POSITIVE_INT, help="Sweep grouped LUTs of this many output channels.")
 @click.option("--calibration", type=click.Path(), help="Calibration file (default: built from the checkpoint).")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Recipe JSON to write.")
 @click.option("--force", is_flag=True)
@@ -259,30 +308,40 @@ def calibrate(checkpoint, width, output, prompts, schedules, latent, seed, cfg_s
 def sweep(checkpoint, width, bits_text, mode, target_bits, target_psnr, group_size, calibration, output, force, as_json):
     """Per-layer palettization sensitivity and a mixed-bit recipe for one width."""
     from edgecompile.atomic import check_output_path
-    from edgecompile.compress.calibration import default_calibration, load_calibration
-    from edgecompile.compress.recipe import DEFAULT_TARGET_BITS, make_recipe
+    from edgecompile.compress.calibration import check_calibration_width, default_calibration, load_calibration
+    from edgecompile.compress.palettize_model import check_group_size, layer_shapes
+    from edgecompile.compress.recipe import DEFAULT_TARGET_BITS, PALETTE_BITS, make_recipe
     from edgecompile.compress.sensitivity import PaletteCache
     from edgecompile.deploy.convert import deploy_model
     from edgecompile.model.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(checkpoint)
     ckpt.config.dims(width)
-    check_output_path(Path(output), force)
+    check_output_path(Path(output), force, inputs=[ckpt.path, calibration])
     if target_bits is not None and target_psnr is not None:
         raise EdgeCompileError("give --target-bits or --target-psnr, not both")
-    if group_size is not None and group_size < 1:
-        raise EdgeCompileError(f"--group-size {group_size} must be a positive number of output channels")
     candidates = list(parse_int_list(bits_text, '--bits'))
+    if any(b not in PALETTE_BITS for b in candidates) or len(candidates) < 2:
+        raise EdgeCompileError(f"--bits {bits_text}: give two or more of {PALETTE_BITS} (e.g. 4,8)")
+    if target_bits is not None and not min(candidates) <= target_bits <= max(candidates):
+        raise EdgeCompileError(f"--target-bits {target_bits:g} is outside {min(candidates)}..{max(candidates)} (the candidate bit-widths)")
+    calib = None
+    if calibration:
+        calib = load_calibration(calibration)
+        calib.check(ckpt.config, source=f"calibration file {calibration}")
+        check_calibration_width(calib, width, f"calibration file {calibration}")
+    if group_size is not None:
+        hw = tuple(calib.latent.shape[2:]) if calib is not None else ckpt.config.sample_size
+        check_group_size(layer_shapes(ckpt.config, width, hw), group_size, width)
     with StageProgress() as display:
         display.on_stage("calibration inputs")
-        calib = load_calibration(calibration) if calibration else default_calibration(ckpt, width)
-        calib.check(ckpt.config, source="calibration set")
+        calib = calib if calib is not None else default_calibration(ckpt, width)
         model = deploy_model(ckpt.model, width, latent_hw=tuple(calib.latent.shape[2:]))
         display.on_stage(f"{mode} sweep")
         recipe = make_recipe(model, ckpt.config.name, width, calib, candidates, mode,
                              target_bits if target_psnr is None and target_bits is not None else DEFAULT_TARGET_BITS,
                              target_psnr, PaletteCache(model, group_size), progress=display.update)
-    recipe.save(output, force=force)
+    recipe.save(output, force=force, inputs=[ckpt.path, calibration])
     if as_json:
         emit_json({"recipe": str(output), **{k: v for k, v in recipe.to_dict().items() if k != "layers"}})
         return
@@ -344,17 +403,22 @@ def inspect(package, as_json):
 @click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16"]),
               help="Interpreter arithmetic: fp32 proves the graph; fp16 predicts device numerics.")
 @click.option("--runtime", default="auto", show_default=True, type=click.Choice(["auto", "coreml", "interpreter"]))
+@click.option("--min-psnr", default=60.0, show_default=True, type=FINITE, help="The bar: PSNR (dB) below it fails (exit 1).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def verify(package, checkpoint, precision, runtime, as_json):
-    """Execute PACKAGE and compare it with the fp32 torch reference of its checkpoint and width (PSNR)."""
-    from edgecompile.coreml.verify import verify_package
+def verify(package, checkpoint, precision, runtime, min_psnr, as_json):
+    """Execute PACKAGE (.mlpackage or .onnx) and compare it with edgecompile's simulation of its checkpoint and
+    width (PSNR). Exits 1 when the PSNR is below --min-psnr or an output is not finite."""
+    from edgecompile.coreml.verify import check_passed, verify_package
 
-    result = verify_package(package, checkpoint, precision=precision, runtime=runtime)
+    result = verify_package(package, checkpoint, precision=precision, runtime=runtime, min_psnr_db=min_psnr)
     if as_json:
         emit_json(result.to_dict())
-        return
-    out.print(f"{package}: width {result.width:g}, {result.runtime}: PSNR {result.psnr_db:.1f} dB vs {result.reference}"
-              + ("" if result.psnr_db == result.psnr_vs_checkpoint_db else f", {result.psnr_vs_checkpoint_db:.1f} dB vs the unquantized checkpoint"))
+    else:
+        fmt = lambda v: "NaN" if not math.isfinite(v) else f"{v:.1f}"  # noqa: E731
+        out.print(f"{package}: width {result.width:g}, {result.runtime}: PSNR {fmt(result.psnr_db)} dB vs {result.reference}"
+                  + ("" if result.psnr_db == result.psnr_vs_checkpoint_db else f", {fmt(result.psnr_vs_checkpoint_db)} dB vs the unquantized checkpoint")
+                  + (f"; passed (>= {min_psnr:g} dB)" if result.passed else ""))
+    check_passed(result)
 
 
 @cli.command()
@@ -362,22 +426,29 @@ def verify(package, checkpoint, precision, runtime, as_json):
 @click.option("--config", "configs", multiple=True, type=click.Path(), help="Also analyse a config (not exported), e.g. recipes/snapgenpp.yaml.")
 @click.option("--width", "config_widths", default="all", show_default=True, help="Widths of --config: a comma list or 'all'.")
 @click.option("--latent", help="Latent HxW for --config (default: its sample_size).")
-@click.option("--bits", "config_bits", default=16.0, show_default=True, type=float, help="Weight bits assumed for --config.")
+@click.option("--bits", "config_bits", default=16.0, show_default=True, type=Number(float, min=1, max=32), help="Weight bits assumed for --config.")
 @click.option("--device", "devices", multiple=True, help="Cost-model profile(s) in recipes/devices (default: iphone16promax, iphone12).")
 @click.option("--runs", multiple=True, type=click.Path(), help="Measured runs from other machines (JSON, documented format) to merge.")
 @click.option("--reports", "export_reports", multiple=True, type=click.Path(), help="Export report.json files, for the PSNR-vs-size plot.")
 @click.option("--no-host", is_flag=True, help="Skip measuring the torch deploy graph on this host.")
 @click.option("--host-latent", help="Latent HxW for host timing of --config models (reduce it for paper-scale models on a laptop CPU).")
-@click.option("--repeats", default=10, show_default=True, help="Timed runs after warm-up.")
+@click.option("--repeats", default=10, show_default=True, type=POSITIVE_INT, help="Timed runs after warm-up.")
 @click.option("-o", "--output", type=click.Path(), help="Report folder (report.md, report.html, PNG plots, bench.json).")
+@click.option("--force", is_flag=True, help="Replace an existing report folder.")
 @click.option("--json", "as_json", is_flag=True)
-def bench(packages, configs, config_widths, latent, config_bits, devices, runs, export_reports, no_host, host_latent, repeats, output, as_json):
+def bench(packages, configs, config_widths, latent, config_bits, devices, runs, export_reports, no_host, host_latent, repeats, output,
+          force, as_json):
     """Latency report: static analysis, host timing, Core ML timing (macOS) and device cost-model estimates."""
     from edgecompile.bench.latency import load_runs
     from edgecompile.bench.report import DEFAULT_DEVICES, analyse, config_items, package_item, write_report
 
+    from edgecompile.atomic import check_output_path
+
     if not packages and not configs:
         raise EdgeCompileError("give one or more packages (PKG...) or --config files to benchmark")
+    inputs = [*packages, *configs, *runs, *export_reports]
+    if output:
+        check_output_path(Path(output), force, inputs=inputs)
     items = [package_item(p) for p in packages]
     for c in configs:
         items += config_items(c, config_widths, parse_latent(latent), config_bits)
@@ -386,7 +457,7 @@ def bench(packages, configs, config_widths, latent, config_bits, devices, runs, 
     for r in export_reports:
         try:
             reports.append(json.loads(Path(r).read_text()))
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise EdgeCompileError(f"export report {r} cannot be read ({str(e).splitlines()[0]})") from None
     with StageProgress() as display:
         display.on_stage("bench")
@@ -394,7 +465,7 @@ def bench(packages, configs, config_widths, latent, config_bits, devices, runs, 
                        repeats=repeats, progress=display.update)
     data["runs"] = merged
     if output:
-        write_report(data, Path(output), reports)
+        write_report(data, Path(output), reports, force=force, inputs=inputs)
     if as_json:
         emit_json(data)
         return
@@ -414,21 +485,50 @@ def bench(packages, configs, config_widths, latent, config_bits, devices, runs, 
               f"{cm['validation_error_pct']}% on the Fig. 3 ablations" + (f"; report in {output}" if output else ""))
 
 
+def one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+class _NoteHandler(logging.Handler):
+    """The library's warnings (a stale staging folder removed, an old output that could not be deleted)."""
+
+    def emit(self, record):
+        click.echo(f"edgecompile: note: {one_line(record.getMessage())}", err=True)
+
+
 def main(argv: list[str] | None = None) -> None:
+    from edgecompile.atomic import termination_as_interrupt
+
+    logger = logging.getLogger("edgecompile")
+    if not any(isinstance(h, _NoteHandler) for h in logger.handlers):
+        logger.addHandler(_NoteHandler())
+        logger.propagate = False
     try:
-        cli.main(args=argv, prog_name="edgecompile", standalone_mode=False)
+        with termination_as_interrupt():
+            cli.main(args=argv, prog_name="edgecompile", standalone_mode=False)
     except EdgeCompileError as e:
-        click.echo(f"edgecompile: error: {e}", err=True)
-        sys.exit(2)
-    except click.exceptions.Abort:
+        click.echo(f"edgecompile: error: {one_line(e)}", err=True)
+        sys.exit(e.exit_code)
+    except (click.exceptions.Abort, KeyboardInterrupt):
         click.echo("edgecompile: interrupted; nothing was written", err=True)
         sys.exit(130)
+    except click.UsageError as e:
+        command = e.ctx.command_path if e.ctx else "edgecompile"
+        click.echo(f"edgecompile: error: {one_line(e.format_message())} (see '{command} --help')", err=True)
+        sys.exit(2)
     except click.ClickException as e:
-        e.show()
+        click.echo(f"edgecompile: error: {one_line(e.format_message())}", err=True)
         sys.exit(2)
-    except KeyboardInterrupt:
-        click.echo("edgecompile: interrupted; nothing was written", err=True)
-        sys.exit(130)
+    except MemoryError:
+        click.echo("edgecompile: error: out of memory: use a smaller --latent or width, or a machine with more memory", err=True)
+        sys.exit(2)
+    except OSError as e:
+        if e.errno == errno.ENOSPC:
+            click.echo(f"edgecompile: error: no space left on the device{f' writing {e.filename}' if e.filename else ''}: "
+                       "free some space or choose another output; nothing was written", err=True)
+        else:
+            click.echo(f"edgecompile: error: {one_line(e.strerror or e)}{f': {e.filename}' if e.filename else ''}", err=True)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

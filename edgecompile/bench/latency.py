@@ -118,7 +118,7 @@ def load_runs(paths: list[str]) -> list[dict]:
         path = Path(p)
         try:
             data = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
             raise EdgeCompileError(f"run file {path} cannot be read ({str(e).splitlines()[0]}): pass a JSON file in the documented format") from None
         items = data if isinstance(data, list) else [data]
         for item in items:

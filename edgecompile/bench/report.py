@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,7 +39,7 @@ def package_item(path: str) -> BenchItem:
 
 def config_items(path: str, widths: str, latent: tuple[int, int] | None, bits: float) -> list[BenchItem]:
     config = ModelConfig.load(path)
-    ws = list(config.widths) if widths == "all" else [float(w) for w in widths.split(",")]
+    ws = config.parse_widths(widths)
     hw = latent or config.sample_size
     config.check_latent_size(*hw)
     return [BenchItem(label=f"{config.name} w{width_label(w)} {bits:g}-bit {hw[0]}x{hw[1]}", config=config, width=w,
@@ -169,13 +168,14 @@ def markdown(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(data: dict, out_dir: Path, export_reports: list[dict]) -> None:
+def write_report(data: dict, out_dir: Path, export_reports: list[dict], force: bool = False, inputs=()) -> None:
     from edgecompile.atomic import atomic_path
+    from edgecompile.jsonutil import dumps
 
     images = plots(data, export_reports)
     md = markdown(data)
-    with atomic_path(out_dir, force=True) as tmp:
-        (tmp / "bench.json").write_text(json.dumps(data, indent=2, default=str) + "\n")
+    with atomic_path(out_dir, force=force, inputs=inputs) as tmp:
+        (tmp / "bench.json").write_text(dumps(data) + "\n")
         for name, png in images.items():
             (tmp / name).write_bytes(png)
         (tmp / "report.md").write_text(md + "".join(f"\n![{n}]({n})\n" for n in images))

@@ -54,7 +54,10 @@ class CalibrationSet:
         return CalibrationSet(self.latent[idx], self.timestep[idx], self.text[idx], {**self.meta, "subset_of": len(self)})
 
     def check(self, config: ModelConfig, latent_hw: tuple[int, int] | None = None, source: str = "calibration set") -> None:
+        """Shapes that fit the model, at least one input, a latent size the model runs at, finite values."""
         want = (config.latent_channels, *(latent_hw or self.latent.shape[2:]))
+        if len(self.timestep) == 0 or len(self.latent) == 0:
+            raise EdgeCompileError(f"{source} holds no inputs: build one with `edgecompile calibrate`")
         problems = []
         if self.latent.ndim != 4 or tuple(self.latent.shape[1:]) != want:
             problems.append(f"latent is {tuple(self.latent.shape)}, expected (N, {', '.join(map(str, want))})")
@@ -64,14 +67,33 @@ class CalibrationSet:
             problems.append(f"timestep is {tuple(self.timestep.shape)}, expected ({len(self.latent)},)")
         if problems:
             raise EdgeCompileError(f"{source} does not fit model {config.name!r}: " + "; ".join(problems))
+        config.check_latent_size(*self.latent.shape[2:])
+        check_finite(self, source)
 
-    def save(self, path: str | Path, force: bool = False) -> Path:
+    def save(self, path: str | Path, force: bool = False, inputs=()) -> Path:
         path = Path(path)
         meta = {"format": FORMAT, "format_version": FORMAT_VERSION, **{k: json.dumps(v) for k, v in self.meta.items()}}
-        with atomic_path(path, force=force, is_dir=False) as tmp:
+        with atomic_path(path, force=force, is_dir=False, inputs=inputs) as tmp:
             save_file({"latent": self.latent.contiguous(), "timestep": self.timestep.contiguous(), "text": self.text.contiguous()},
                       str(tmp), metadata=meta)
         return path
+
+
+def check_calibration_width(calib: CalibrationSet, width: float, source: str) -> None:
+    """A calibration set records one width's trajectories: another width would be calibrated on the wrong inputs."""
+    want = calib.meta.get("width")
+    if want is not None and abs(float(want) - width) > 1e-9:
+        raise EdgeCompileError(f"{source} was recorded at width {float(want):g}, not {width:g}: pass --width {float(want):g} "
+                               "or calibrate this width")
+
+
+def check_finite(calib: CalibrationSet, source: str = "calibration set") -> None:
+    """NaN or infinite inputs (e.g. from --cfg nan) would poison the sweep and the distillation: refuse them."""
+    for name in ("latent", "timestep", "text"):
+        t = getattr(calib, name)
+        bad = int((~torch.isfinite(t)).sum())
+        if bad:
+            raise EdgeCompileError(f"{source}: tensor {name!r} holds {bad} NaN or infinite value(s) of {t.numel()}: rebuild it with `edgecompile calibrate`")
 
 
 def load_calibration(path: str | Path) -> CalibrationSet:
@@ -86,7 +108,10 @@ def load_calibration(path: str | Path) -> CalibrationSet:
             tensors = {k: f.get_tensor(k).float() for k in ("latent", "timestep", "text")}
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
         raise EdgeCompileError(f"calibration file {path} is corrupt or lacks latent/timestep/text ({str(e).splitlines()[0]})") from None
-    extra = {k: json.loads(v) for k, v in meta.items() if k not in ("format", "format_version")}
+    try:
+        extra = {k: json.loads(v) for k, v in meta.items() if k not in ("format", "format_version")}
+    except json.JSONDecodeError as e:
+        raise EdgeCompileError(f"calibration file {path} has corrupt metadata ({e})") from None
     return CalibrationSet(**tensors, meta=extra)
 
 
@@ -161,6 +186,9 @@ def load_user_prompts(path: str | Path, config: ModelConfig) -> tuple[torch.Tens
             null = f.get_tensor("null").float().reshape(1, *tokens.shape[1:]) if "null" in keys else None
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
         raise EdgeCompileError(f"prompts file {path} is corrupt or has no 'tokens' tensor ({str(e).splitlines()[0]})") from None
-    if tokens.ndim != 3 or tokens.shape[1:] != (config.text_len, config.text_dim):
-        raise EdgeCompileError(f"prompts file {path}: tokens are {tuple(tokens.shape)}, expected (N, {config.text_len}, {config.text_dim})")
+    if tokens.ndim != 3 or tokens.shape[1:] != (config.text_len, config.text_dim) or len(tokens) == 0:
+        raise EdgeCompileError(f"prompts file {path}: tokens are {tuple(tokens.shape)}, expected (N >= 1, {config.text_len}, {config.text_dim})")
+    for name, t in (("tokens", tokens), ("null", null)):
+        if t is not None and not torch.isfinite(t).all():
+            raise EdgeCompileError(f"prompts file {path}: tensor {name!r} holds NaN or infinite values")
     return tokens, null

@@ -24,6 +24,23 @@ def palettizable_layers(model: nn.Module) -> dict[str, nn.Module]:
             if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)) and m.weight.numel() > MIN_ELEMENTS}
 
 
+def layer_shapes(config, width: float, latent_hw: tuple[int, int]) -> dict[str, nn.Module]:
+    """The palettizable layers of a width's deploy graph, built on the meta device: names and shapes, no memory."""
+    from edgecompile.deploy.dit import DeployDiT
+    from edgecompile.model.elastic import width_config
+
+    with torch.device("meta"):
+        return palettizable_layers(DeployDiT(width_config(config, width), latent_hw))
+
+
+def check_group_size(layers: dict[str, nn.Module], group_size: int, width: float) -> None:
+    """Grouped LUTs split output channels into equal groups: refuse, before any work, a size that does not divide."""
+    rows = sorted({m.weight.shape[0] for m in layers.values() if m.weight.shape[0] % group_size})
+    if rows:
+        raise EdgeCompileError(f"--group-size {group_size} does not divide the output channels of every layer of width {width:g} "
+                               f"({', '.join(map(str, rows[:4]))}): use a common divisor of them")
+
+
 def const_name(layer: str) -> str:
     """The Core ML const that holds `layer`'s weight after trace conversion with fp16 compute."""
     return layer.replace(".", "_") + "_weight_to_fp16"

@@ -13,6 +13,7 @@ which decodes to exactly the weights written into the package.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +25,7 @@ from edgecompile.compress.allocation import allocate_for_psnr, average_bits, gre
 from edgecompile.compress.calibration import CalibrationSet
 from edgecompile.compress.sensitivity import PaletteCache, calibration_outputs, output_psnr, swapped_weights, sweep
 from edgecompile.errors import EdgeCompileError
+from edgecompile.jsonutil import dumps
 
 FORMAT = "edgecompile-recipe"
 FORMAT_VERSION = 1
@@ -62,9 +64,9 @@ class Recipe:
             "sweep": self.sweep, "calibration": self.calibration,
         }
 
-    def save(self, path: str | Path, force: bool = False) -> Path:
-        with atomic_path(Path(path), force=force, is_dir=False) as tmp:
-            tmp.write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+    def save(self, path: str | Path, force: bool = False, inputs=()) -> Path:
+        with atomic_path(Path(path), force=force, is_dir=False, inputs=inputs) as tmp:
+            tmp.write_text(dumps(self.to_dict()) + "\n")
         return Path(path)
 
 
@@ -77,9 +79,16 @@ def load_recipe(path: str | Path) -> Recipe:
         if data.get("format") != FORMAT:
             raise EdgeCompileError(f"recipe {path} is not an {FORMAT} file (missing 'format': '{FORMAT}')")
         layers = data["layers"]
+        width = data["width"]
+        if isinstance(width, bool) or not isinstance(width, (int, float)) or not math.isfinite(width) or not 0 < width <= 1:
+            raise EdgeCompileError(f"recipe {path}: width {width!r} is not a width in (0, 1]")
+        odd = sorted(n for n, v in layers.items() if isinstance(v["bits"], bool) or not isinstance(v["bits"], int))
+        if odd:
+            raise EdgeCompileError(f"recipe {path}: layer {odd[0]} has bits {layers[odd[0]]['bits']!r}, not a whole number of bits "
+                                   f"(use one of {PALETTE_BITS} or 16)")
         recipe = Recipe(
-            config=data.get("config", ""), width=float(data["width"]),
-            bits={n: int(v["bits"]) for n, v in layers.items()}, sizes={n: int(v.get("size", 1)) for n, v in layers.items()},
+            config=data.get("config", ""), width=float(width),
+            bits={n: v["bits"] for n, v in layers.items()}, sizes={n: int(v.get("size", 1)) for n, v in layers.items()},
             mode=data.get("mode"), candidates=data.get("candidates", []), target=data.get("target", {}),
             group_size=data.get("group_size"),
             sensitivity={n: {int(k): float(s) for k, s in v.get("sensitivity", {}).items()} for n, v in layers.items()},

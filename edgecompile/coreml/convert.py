@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from edgecompile import __version__
+from edgecompile.atomic import interrupts_deferred
 from edgecompile.deploy.dit import DeployDiT
 
 LATENT = "latent_image_embeddings"  # (B, C, H, W)
@@ -70,7 +71,9 @@ def quiet_coremltools():
 
 
 def import_coremltools():
-    with quiet_coremltools():
+    """coremltools, imported quietly and with Ctrl-C/SIGTERM held back: its optional imports' bare `except:`
+    would swallow the KeyboardInterrupt and the command would carry on. A signal is acted on after the import."""
+    with interrupts_deferred(), quiet_coremltools():
         import coremltools as ct
     return ct
 
@@ -85,10 +88,12 @@ class PackageInfo:
     description: str = ""
 
 
-def convert_to_mlmodel(deploy: DeployDiT, target: str = "iOS17", compute_precision: str = "float16", palettes: dict | None = None):
+def convert_to_mlmodel(deploy: DeployDiT, target: str = "iOS17", compute_precision: str = "float16", palettes: dict | None = None,
+                       fp32_timestep_island: bool = True):
     """Trace and convert; returns an in-memory ct.models.MLModel (mlprogram).
 
-    `palettes` (layer -> Palette) are then written in with coremltools' palettize_weights (edgecompile's own LUTs)."""
+    `palettes` (layer -> Palette) are then written in with coremltools' palettize_weights (edgecompile's own LUTs).
+    `fp32_timestep_island=False` is the naive fp16 conversion, kept only to measure what the island buys."""
     ct = import_coremltools()
     if target not in TARGETS:
         from edgecompile.errors import EdgeCompileError
@@ -98,7 +103,7 @@ def convert_to_mlmodel(deploy: DeployDiT, target: str = "iOS17", compute_precisi
     with torch.no_grad():
         traced = torch.jit.trace(deploy.eval(), example, check_trace=False)
     if compute_precision == "float16":
-        precision = ct.transform.FP16ComputePrecision(op_selector=lambda op: not timestep_feature_op(op))
+        precision = ct.transform.FP16ComputePrecision(op_selector=lambda op: not (fp32_timestep_island and timestep_feature_op(op)))
     else:
         precision = ct.precision.FLOAT32
     with quiet_coremltools():
@@ -149,6 +154,22 @@ def timestep_feature_op(op) -> bool:
     return seen_timestep
 
 
+def package_metadata(info: PackageInfo, deploy: DeployDiT) -> dict[str, str]:
+    """The edgecompile keys every exported model carries (Core ML user metadata, ONNX metadata_props)."""
+    h, w = deploy.latent_hw
+    return {
+        "edgecompile.version": __version__,
+        "edgecompile.width": repr(float(info.width)),
+        "edgecompile.params": str(info.params),
+        "edgecompile.bits": info.bits,
+        "edgecompile.latent": f"{h}x{w}",
+        "edgecompile.config": json.dumps(info.config, sort_keys=True),
+        "edgecompile.config_sha256": config_hash(info.config),
+        "edgecompile.checkpoint_sha256": info.checkpoint_sha256 or "none",
+        "edgecompile.io": json.dumps(IO_DOC),
+    }
+
+
 def set_metadata(ml, info: PackageInfo, deploy: DeployDiT, extra: dict | None = None) -> None:
     ct = import_coremltools()
     c = deploy.config
@@ -165,16 +186,8 @@ def set_metadata(ml, info: PackageInfo, deploy: DeployDiT, extra: dict | None = 
             (ml.output_description if name == OUTPUT else ml.input_description)[name] = doc
     meta = {
         "com.github.apple.coremltools.source": "edgecompile",  # Apple's converter-name key convention
-        "edgecompile.version": __version__,
         "coremltools.version": ct.__version__,
-        "edgecompile.width": repr(float(info.width)),
-        "edgecompile.params": str(info.params),
-        "edgecompile.bits": info.bits,
-        "edgecompile.latent": f"{h}x{w}",
-        "edgecompile.config": json.dumps(info.config, sort_keys=True),
-        "edgecompile.config_sha256": config_hash(info.config),
-        "edgecompile.checkpoint_sha256": info.checkpoint_sha256 or "none",
-        "edgecompile.io": json.dumps(IO_DOC),
+        **package_metadata(info, deploy),
     }
     meta.update(extra or {})
     ml.user_defined_metadata.update(meta)

@@ -1,12 +1,19 @@
 """A numpy reference interpreter for the MIL ops edgecompile emits, so a saved .mlpackage can be executed and
 verified on Linux, where Core ML itself cannot run (coremltools' Linux wheel has no libcoremlpython).
 
-precision="fp32" computes everything in float32 (proves the graph); precision="fp16" rounds every op's
-floating inputs and outputs to float16, as a prediction of device numerics (the ANE/GPU compute in fp16).
+precision="fp32" computes every op in float32 and ignores fp16 casts: it proves the graph.
+precision="fp16" follows the program's own dtypes: each op computes in float32 and its result is rounded to the
+dtype the program declares for it, so ops the package keeps in fp32 (the timestep features) stay fp32, casts
+are honoured, and fp16 ops store fp16 values, as the ANE/GPU do (fp16 storage, wider accumulation).
+
+Ops are strict: each implementation's signature is the list of attributes it handles, and a program whose op
+carries any other attribute is refused by name before anything runs (an ignored dilation or pad mode would
+compute a silently wrong answer).
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any, Callable
 
@@ -15,6 +22,7 @@ import numpy as np
 from edgecompile.errors import EdgeCompileError
 
 OPS: dict[str, Callable[..., Any]] = {}
+OP_TYPE = "_op_type"  # passed to implementations that serve several op types and declare it
 
 
 def op(*names: str):
@@ -26,23 +34,33 @@ def op(*names: str):
     return register
 
 
+def handled_attributes(op_type: str) -> set[str]:
+    """The MIL inputs an implementation handles: its signature's parameters."""
+    return {p for p in inspect.signature(OPS[op_type]).parameters if p != OP_TYPE}
+
+
 # ---- elementwise --------------------------------------------------------------------------------------
 for _name, _fn in {
     "add": np.add, "sub": np.subtract, "mul": np.multiply, "real_div": np.divide, "maximum": np.maximum,
     "minimum": np.minimum, "pow": np.power,
 }.items():
-    OPS[_name] = (lambda f: lambda x, y, **_: f(x, y))(_fn)
+    OPS[_name] = (lambda f: lambda x, y: f(x, y))(_fn)
 
 for _name, _fn in {
     "sin": np.sin, "cos": np.cos, "exp": np.exp, "sqrt": np.sqrt, "tanh": np.tanh, "abs": np.abs,
-    "rsqrt": lambda x: 1.0 / np.sqrt(x), "relu": lambda x: np.maximum(x, 0), "sigmoid": lambda x: 1.0 / (1.0 + np.exp(-x)),
+    "relu": lambda x: np.maximum(x, 0), "sigmoid": lambda x: 1.0 / (1.0 + np.exp(-x)),
     "silu": lambda x: x / (1.0 + np.exp(-x)), "square": np.square, "identity": lambda x: x,
 }.items():
-    OPS[_name] = (lambda f: lambda x, **_: f(x))(_fn)
+    OPS[_name] = (lambda f: lambda x: f(x))(_fn)
+
+
+@op("rsqrt")
+def _rsqrt(x, epsilon=1e-12):
+    return 1.0 / np.sqrt(x + epsilon)
 
 
 @op("gelu")
-def _gelu(x, mode="EXACT", **_):
+def _gelu(x, mode="EXACT"):
     if mode == "TANH_APPROXIMATION":
         return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
     if mode == "SIGMOID_APPROXIMATION":
@@ -53,13 +71,13 @@ def _gelu(x, mode="EXACT", **_):
 
 
 @op("softmax")
-def _softmax(x, axis=-1, **_):
+def _softmax(x, axis=-1):
     e = np.exp(x - x.max(axis=int(axis), keepdims=True))
     return e / e.sum(axis=int(axis), keepdims=True)
 
 
 @op("layer_norm")
-def _layer_norm(x, axes, gamma=None, beta=None, epsilon=1e-5, **_):
+def _layer_norm(x, axes, gamma=None, beta=None, epsilon=1e-5):
     axes = tuple(int(a) for a in np.atleast_1d(axes))
     mean = x.mean(axis=axes, keepdims=True)
     var = ((x - mean) ** 2).mean(axis=axes, keepdims=True)
@@ -79,7 +97,7 @@ def _per_channel(v, ndim):
 
 
 @op("batch_norm")
-def _batch_norm(x, mean, variance, gamma=None, beta=None, epsilon=1e-5, **_):
+def _batch_norm(x, mean, variance, gamma=None, beta=None, epsilon=1e-5):
     """Inference batch norm over axis 1 (coremltools folds per-channel mul+add constants into it)."""
     out = (x - _per_channel(mean, x.ndim)) / np.sqrt(_per_channel(variance, x.ndim) + epsilon)
     if gamma is not None:
@@ -90,7 +108,7 @@ def _batch_norm(x, mean, variance, gamma=None, beta=None, epsilon=1e-5, **_):
 
 
 @op("instance_norm")
-def _instance_norm(x, gamma=None, beta=None, epsilon=1e-5, **_):
+def _instance_norm(x, gamma=None, beta=None, epsilon=1e-5):
     axes = tuple(range(2, x.ndim))
     mean = x.mean(axis=axes, keepdims=True)
     out = (x - mean) / np.sqrt(((x - mean) ** 2).mean(axis=axes, keepdims=True) + epsilon)
@@ -102,44 +120,44 @@ def _instance_norm(x, gamma=None, beta=None, epsilon=1e-5, **_):
 
 
 @op("reduce_mean", "reduce_sum", "reduce_max")
-def _reduce(x, axes=None, keep_dims=False, _op_type="reduce_mean", **_):
+def _reduce(x, axes=None, keep_dims=False, _op_type="reduce_mean"):
     fn = {"reduce_mean": np.mean, "reduce_sum": np.sum, "reduce_max": np.max}[_op_type]
     return fn(x, axis=None if axes is None else tuple(int(a) for a in np.atleast_1d(axes)), keepdims=bool(keep_dims))
 
 
 # ---- shape ----------------------------------------------------------------------------------------------
 @op("reshape")
-def _reshape(x, shape, **_):
+def _reshape(x, shape):
     shape = [x.shape[i] if s == 0 else int(s) for i, s in enumerate(np.atleast_1d(shape))]
     return x.reshape(shape)
 
 
 @op("transpose")
-def _transpose(x, perm, **_):
+def _transpose(x, perm):
     return np.transpose(x, [int(p) for p in perm])
 
 
 @op("expand_dims")
-def _expand_dims(x, axes, **_):
+def _expand_dims(x, axes):
     for a in sorted(int(v) for v in np.atleast_1d(axes)):
         x = np.expand_dims(x, a)
     return x
 
 
 @op("squeeze")
-def _squeeze(x, axes=None, **_):
+def _squeeze(x, axes=None):
     return np.squeeze(x, axis=None if axes is None else tuple(int(a) for a in np.atleast_1d(axes)))
 
 
 @op("concat")
-def _concat(values, axis, interleave=False, **_):
+def _concat(values, axis, interleave=False):
     if interleave:
         raise EdgeCompileError("the MIL interpreter does not support concat(interleave=True)")
     return np.concatenate(values, axis=int(axis))
 
 
 @op("split")
-def _split(x, axis, num_splits=None, split_sizes=None, **_):
+def _split(x, axis, num_splits=None, split_sizes=None):
     axis = int(axis)
     if split_sizes is None:
         return np.split(x, int(num_splits), axis=axis)
@@ -147,7 +165,7 @@ def _split(x, axis, num_splits=None, split_sizes=None, **_):
 
 
 @op("slice_by_index")
-def _slice_by_index(x, begin, end, stride=None, begin_mask=None, end_mask=None, squeeze_mask=None, **_):
+def _slice_by_index(x, begin, end, stride=None, begin_mask=None, end_mask=None, squeeze_mask=None):
     idx = []
     for i in range(x.ndim):
         b = None if begin_mask is not None and begin_mask[i] else int(begin[i])
@@ -161,31 +179,33 @@ def _slice_by_index(x, begin, end, stride=None, begin_mask=None, end_mask=None, 
 
 
 @op("tile")
-def _tile(x, reps, **_):
+def _tile(x, reps):
     return np.tile(x, [int(r) for r in reps])
 
 
 @op("pixel_shuffle")
-def _pixel_shuffle(x, upscale_factor, **_):
+def _pixel_shuffle(x, upscale_factor):
     r = int(upscale_factor)
     n, c, h, w = x.shape
     return x.reshape(n, c // (r * r), r, r, h, w).transpose(0, 1, 4, 2, 5, 3).reshape(n, c // (r * r), h * r, w * r)
 
 
 @op("cast")
-def _cast(x, dtype, **_):
-    return np.asarray(x).astype({"fp16": np.float16, "fp32": np.float32, "int32": np.int32, "bool": bool,
-                                 "int16": np.int16, "int8": np.int8, "uint8": np.uint8}[dtype])
+def _cast(x, dtype):
+    """Float casts keep float32 here: the interpreter rounds the result to the cast's declared dtype (fp16 mode)."""
+    if dtype in ("fp16", "fp32"):
+        return np.asarray(x, dtype=np.float32)
+    return np.asarray(x).astype({"int32": np.int32, "bool": bool, "int16": np.int16, "int8": np.int8, "uint8": np.uint8}[dtype])
 
 
 # ---- linear algebra ----------------------------------------------------------------------------------------
 @op("einsum")
-def _einsum(values, equation, **_):
+def _einsum(values, equation):
     return np.einsum(equation, *values, optimize=True)
 
 
 @op("matmul")
-def _matmul(x, y, transpose_x=False, transpose_y=False, **_):
+def _matmul(x, y, transpose_x=False, transpose_y=False):
     if transpose_x:
         x = np.swapaxes(x, -1, -2)
     if transpose_y:
@@ -194,7 +214,7 @@ def _matmul(x, y, transpose_x=False, transpose_y=False, **_):
 
 
 @op("linear")
-def _linear(x, weight, bias=None, **_):
+def _linear(x, weight, bias=None):
     out = x @ weight.T
     return out if bias is None else out + bias
 
@@ -215,7 +235,7 @@ def _pads(pad_type, pad, kernel, strides, dilations, in_hw):
 
 
 @op("conv")
-def _conv(x, weight, bias=None, strides=(1, 1), pad_type="valid", pad=(0, 0, 0, 0), dilations=(1, 1), groups=1, **_):
+def _conv(x, weight, bias=None, strides=(1, 1), pad_type="valid", pad=(0, 0, 0, 0), dilations=(1, 1), groups=1):
     if x.ndim != 4:
         raise EdgeCompileError(f"the MIL interpreter supports 2-D conv only (got rank {x.ndim})")
     groups = int(groups)
@@ -243,7 +263,7 @@ def _conv(x, weight, bias=None, strides=(1, 1), pad_type="valid", pad=(0, 0, 0, 
 
 @op("conv_transpose")
 def _conv_transpose(x, weight, bias=None, strides=(1, 1), pad_type="valid", pad=(0, 0, 0, 0), dilations=(1, 1),
-                    groups=1, output_shape=None, **_):
+                    groups=1, output_shape=None):
     if int(groups) != 1 or any(int(d) != 1 for d in dilations):
         raise EdgeCompileError("the MIL interpreter supports conv_transpose with groups=1 and dilation 1 only")
     n, cin, h, w = x.shape
@@ -264,7 +284,7 @@ def _conv_transpose(x, weight, bias=None, strides=(1, 1), pad_type="valid", pad=
 
 # ---- compressed weights ----------------------------------------------------------------------------------------
 @op("constexpr_lut_to_dense")
-def _lut_to_dense(indices=None, lut=None, shape=None, vector_axis=None, **_):
+def _lut_to_dense(indices=None, lut=None, shape=None, vector_axis=None):
     """iOS18: indices (uint, weight shape) + lut (..., 2^n, vector) with per-group broadcasting; iOS16/17:
     packed uint8 indices + flat lut + shape. Either way each weight element is lut[group][index]."""
     if shape is not None:  # iOS16/17 form
@@ -283,41 +303,62 @@ def _lut_to_dense(indices=None, lut=None, shape=None, vector_axis=None, **_):
     return out
 
 
-class MILInterpreter:
-    """Executes the main function of a pymil Program with numpy."""
+PRECISIONS = ("fp32", "fp16")
 
-    def __init__(self, program, precision: str = "fp32"):
-        if precision not in ("fp32", "fp16"):
+
+def _dtype_name(var) -> str:
+    from coremltools.converters.mil.mil import types
+
+    try:
+        return types.builtin_to_string(var.dtype)
+    except Exception:  # non-tensor types (tuples, strings) carry no float dtype
+        return ""
+
+
+class MILInterpreter:
+    """Executes one function of a pymil Program with numpy (`function`: default 'main')."""
+
+    def __init__(self, program, precision: str = "fp32", function: str = "main"):
+        if precision not in PRECISIONS:
             raise EdgeCompileError(f"--precision {precision} is not supported: use fp32 or fp16")
-        self.function = program.functions["main"]
+        if function not in program.functions:
+            raise EdgeCompileError(f"the package has no function {function!r} (functions: {', '.join(program.functions)})")
+        self.function = program.functions[function]
         self.precision = precision
-        unknown = sorted({o.op_type for o in self.function.operations if o.op_type != "const" and o.op_type not in OPS})
+        ops = [o for o in self.function.operations if o.op_type != "const"]
+        unknown = sorted({o.op_type for o in ops if o.op_type not in OPS})
         if unknown:
             raise EdgeCompileError(
                 f"the package uses MIL op(s) the reference interpreter does not implement: {', '.join(unknown)} "
                 "(verify it on macOS with Core ML, or export without the option that introduced them)"
             )
-        self._consts: dict[str, Any] = {}
+        handled = {t: handled_attributes(t) for t in {o.op_type for o in ops}}
+        for o in ops:
+            extra = sorted(set(o.inputs) - handled[o.op_type])
+            if extra:
+                raise EdgeCompileError(
+                    f"op {o.name} ({o.op_type}) has attribute(s) {', '.join(extra)} that the reference interpreter does not handle: "
+                    "it refuses rather than compute a wrong answer (verify on macOS with Core ML)"
+                )
+        self._wants_op_type = {t for t in handled if OP_TYPE in inspect.signature(OPS[t]).parameters}
+        # the dtype each value is stored in: fp16-declared values are rounded in the faithful (fp16) mode only
+        self._fp16 = {v.name for o in self.function.operations for v in o.outputs if _dtype_name(v) == "fp16"}
 
-    def _float(self, v):
+    def _store(self, name: str, v):
+        """A value as the program stores it: float32 arithmetic, rounded to fp16 where the program says fp16."""
         if isinstance(v, np.ndarray) and v.dtype.kind == "f":
-            return v.astype(np.float16).astype(np.float32) if self.precision == "fp16" else v.astype(np.float32)
+            v = v.astype(np.float32)
+            return v.astype(np.float16).astype(np.float32) if self.precision == "fp16" and name in self._fp16 else v
         if isinstance(v, (np.floating, float)) and not isinstance(v, bool):
-            return np.float32(np.float16(v)) if self.precision == "fp16" else np.float32(v)
+            return np.float32(np.float16(v)) if self.precision == "fp16" and name in self._fp16 else np.float32(v)
         return v
-
-    def _const(self, var):
-        val = var.val
-        if isinstance(val, np.ndarray) and val.dtype.kind == "f":
-            val = self._float(val)
-        return val
 
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         env: dict[str, Any] = {}
         for name in self.function.inputs:
             if name not in inputs:
                 raise EdgeCompileError(f"missing input {name!r} for the package (inputs: {', '.join(self.function.inputs)})")
-            env[name] = self._float(np.asarray(inputs[name]))
+            env[name] = self._store(name, np.asarray(inputs[name]))
 
         def value(v):
             if isinstance(v, (list, tuple)):
@@ -325,24 +366,24 @@ class MILInterpreter:
             if v.name in env:
                 return env[v.name]
             if v.val is not None:
-                return self._const(v)
+                env[v.name] = self._store(v.name, v.val)
+                return env[v.name]
             raise EdgeCompileError(f"MIL interpreter: no value for variable {v.name}")
 
         for o in self.function.operations:
             if o.op_type == "const":
-                env[o.outputs[0].name] = self._const(o.outputs[0])
+                value(o.outputs[0])
                 continue
             kwargs = {k: value(v) for k, v in o.inputs.items()}
-            if o.op_type == "cast" and kwargs["dtype"] in ("fp16", "fp32"):
-                env[o.outputs[0].name] = self._float(np.asarray(kwargs["x"], dtype=np.float32))  # precision is ours to set
-                continue
+            if o.op_type in self._wants_op_type:
+                kwargs[OP_TYPE] = o.op_type
             try:
-                result = OPS[o.op_type](**kwargs, _op_type=o.op_type)
+                result = OPS[o.op_type](**kwargs)
             except EdgeCompileError:
                 raise
             except Exception as e:  # a broken graph or an op variant we do not know: say which op
                 raise EdgeCompileError(f"MIL interpreter failed on op {o.name} ({o.op_type}): {e}") from None
             results = result if isinstance(result, list) else [result]
             for var, val in zip(o.outputs, results):
-                env[var.name] = self._float(np.asarray(val))
+                env[var.name] = self._store(var.name, np.asarray(val))
         return {v.name: np.asarray(env[v.name], dtype=np.float32) for v in self.function.outputs}

@@ -1,4 +1,5 @@
-"""Reading a saved .mlpackage back (on Linux too): its MIL program with weights, I/O, metadata, op census."""
+"""Reading a saved .mlpackage back (on Linux too): its MIL program with weights, I/O, metadata, op census.
+An ONNX export reads into the same view (metadata, I/O, op census, initializer bytes; no MIL program)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,11 @@ class PackageView:
     inputs: list[dict]
     outputs: list[dict]
     ops: dict[str, int] = field(default_factory=dict)
+    onnx_weights: dict[str, np.ndarray] | None = None  # ONNX initializers; None for a Core ML package
+
+    @property
+    def is_onnx(self) -> bool:
+        return self.onnx_weights is not None
 
     @property
     def config(self) -> dict | None:
@@ -55,10 +61,43 @@ def _feature(f) -> dict:
             "description": f.shortDescription}
 
 
+ONNX_DTYPES = {1: "float32", 10: "float16", 6: "int32", 7: "int64"}
+
+
+def _load_onnx(path: Path) -> PackageView:
+    import onnx
+    from onnx import numpy_helper
+
+    try:
+        model = onnx.load(str(path))
+        onnx.checker.check_model(model)
+    except Exception as e:
+        raise EdgeCompileError(f"ONNX file {path} could not be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+
+    def feature(v, doc):
+        t = v.type.tensor_type
+        return {"name": v.name, "shape": [d.dim_value for d in t.shape.dim], "dtype": ONNX_DTYPES.get(t.elem_type, str(t.elem_type)),
+                "description": doc.get(v.name, "")}
+
+    meta = {p.key: p.value for p in model.metadata_props}
+    io_doc = json.loads(meta.get("edgecompile.io", "{}"))
+    init_names = {i.name for i in model.graph.initializer}
+    ops = collections.Counter(n.op_type for n in model.graph.node)
+    return PackageView(
+        path=path, spec=None, program=None, metadata=meta,
+        inputs=[feature(v, io_doc) for v in model.graph.input if v.name not in init_names],
+        outputs=[feature(v, io_doc) for v in model.graph.output],
+        ops=dict(sorted(ops.items(), key=lambda kv: -kv[1])),
+        onnx_weights={i.name: numpy_helper.to_array(i) for i in model.graph.initializer},
+    )
+
+
 def load_package(path: str | Path) -> PackageView:
     path = Path(path)
     if not path.exists():
         raise EdgeCompileError(f"package {path} not found: pass the .mlpackage written by `edgecompile export`")
+    if path.suffix == ".onnx" and path.is_file():
+        return _load_onnx(path)
     if not (path / "Manifest.json").is_file():
         raise EdgeCompileError(f"{path} is not an .mlpackage (no Manifest.json)")
     ct = import_coremltools()
@@ -109,6 +148,8 @@ def block_of_ops(view: PackageView) -> dict[str, str]:
 
 
 def layout_ops_per_block(view: PackageView) -> dict[str, dict[str, int]]:
+    if view.is_onnx:
+        return {"all": {k: view.ops.get(k.capitalize(), 0) for k in LAYOUT_OPS}}
     owner = block_of_ops(view)
     per: dict[str, dict[str, int]] = collections.defaultdict(lambda: {k: 0 for k in LAYOUT_OPS})
     for o in view.main.operations:
@@ -119,6 +160,12 @@ def layout_ops_per_block(view: PackageView) -> dict[str, dict[str, int]]:
 
 def weight_census(view: PackageView) -> dict[str, Any]:
     """Bytes of weights as stored: dense consts at their dtype, palettized ones as indices + LUT."""
+    if view.is_onnx:
+        floats = [w for w in view.onnx_weights.values() if w.dtype.kind == "f" and w.size >= 16]
+        dtypes = sorted({str(w.dtype) for w in floats})
+        return {"weight_bytes": int(sum(w.nbytes for w in floats)), "dense_bytes": int(sum(w.nbytes for w in floats)),
+                "palettized_bytes": 0, "dense_tensors": len(floats), "palettized_tensors": 0, "average_bits": None,
+                "bits_per_layer": {}, "weight_dtypes": dtypes}
     dense = palettized = 0
     n_dense = n_palettized = 0
     palettized_bits: dict[str, float] = {}

@@ -1,10 +1,13 @@
 """Execute a saved package and compare it with the fp32 torch reference of its checkpoint and width.
 
-On macOS Core ML runs the package; everywhere else (and on request) the numpy MIL interpreter does.
+On macOS Core ML runs the package; everywhere else (and on request) the numpy MIL interpreter does; an ONNX
+export runs in onnxruntime. Verification is a gate: below `min_psnr_db` (DEFAULT_MIN_PSNR_DB unless the user
+sets --min-psnr), or with any non-finite output, the result fails and `check_passed` raises.
 """
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,12 +19,14 @@ import torch
 from edgecompile.coreml.convert import LATENT, OUTPUT, TEXT, TIMESTEP, sha256_file
 from edgecompile.coreml.interpreter import MILInterpreter
 from edgecompile.coreml.package import PackageView, load_package
-from edgecompile.errors import EdgeCompileError
+from edgecompile.errors import EdgeCompileError, VerificationFailed
+from edgecompile.jsonutil import finite_or_none
 from edgecompile.metrics import psnr_db
 from edgecompile.model.checkpoint import DEFAULT_CHECKPOINT, Checkpoint, load_checkpoint
 from edgecompile.model.config import ModelConfig
 
 N_VERIFY_INPUTS = 3  # three timesteps spread over the trajectory
+DEFAULT_MIN_PSNR_DB = 60.0  # against edgecompile's own simulation (ml-ane-transformers asks > 60 dB of a BERT)
 
 
 @dataclass
@@ -30,13 +35,36 @@ class VerifyResult:
     runtime: str
     precision: str
     width: float
-    psnr_db: float
+    psnr_db: float  # the worst input; NaN when any output was non-finite
     psnr_vs_checkpoint_db: float
     per_input_psnr_db: list[float] = field(default_factory=list)
     reference: str = "fp32 torch reference of the checkpoint"
+    min_psnr_db: float = DEFAULT_MIN_PSNR_DB
+    non_finite_outputs: int = 0
+
+    @property
+    def passed(self) -> bool:
+        return self.non_finite_outputs == 0 and math.isfinite(self.psnr_db) and self.psnr_db >= self.min_psnr_db
+
+    @property
+    def problem(self) -> str | None:
+        if self.non_finite_outputs:
+            return f"{self.non_finite_outputs} of {len(self.per_input_psnr_db)} outputs hold NaN or infinite values"
+        if not self.passed:
+            return f"PSNR {self.psnr_db:.1f} dB against {self.reference} is below the {self.min_psnr_db:g} dB bar"
+        return None
 
     def to_dict(self) -> dict:
-        return dict(self.__dict__)
+        return finite_or_none({**self.__dict__, "passed": self.passed, "problem": self.problem})
+
+
+def check_passed(result: VerifyResult, what: str = "") -> None:
+    if not result.passed:
+        raise VerificationFailed(f"{what or result.package}: verification failed: {result.problem}")
+
+
+def worst(values: list[float]) -> float:
+    return float("nan") if any(math.isnan(v) for v in values) else min(values)
 
 
 def verification_inputs(config: ModelConfig, latent_hw: tuple[int, int], n: int = N_VERIFY_INPUTS, seed: int = 1234,
@@ -87,7 +115,22 @@ def coreml_runner(view: PackageView) -> Callable | None:
     return lambda feeds: ml.predict(feeds)[OUTPUT]
 
 
+def onnx_runner(view: PackageView) -> Callable:
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1  # deterministic reductions, and verification inputs are single images
+    session = ort.InferenceSession(str(view.path), options, providers=["CPUExecutionProvider"])
+    return lambda feeds: session.run([OUTPUT], feeds)[0]
+
+
 def run_package(view: PackageView, inputs, precision: str = "fp32", runtime: str = "auto") -> tuple[list[np.ndarray], str]:
+    if view.is_onnx:
+        if runtime == "coreml" or precision != "fp32":
+            raise EdgeCompileError("an ONNX export runs in onnxruntime at its own precision: drop --runtime coreml and --precision fp16")
+        runner = onnx_runner(view)
+        return [np.asarray(runner({LATENT: x.numpy(), TIMESTEP: t.numpy(), TEXT: c.numpy()}), dtype=np.float32)
+                for x, t, c in inputs], "onnxruntime (cpu)"
     runner = coreml_runner(view) if runtime in ("auto", "coreml") else None
     if runtime == "coreml" and runner is None:
         raise EdgeCompileError("--runtime coreml needs macOS (Core ML is not available on this platform): use --runtime interpreter")
@@ -105,11 +148,15 @@ def run_package(view: PackageView, inputs, precision: str = "fp32", runtime: str
 
 
 def verify_package(package: str | Path, checkpoint: str | Path | None = None, precision: str = "fp32",
-                   runtime: str = "auto", simulated: Callable | None = None) -> VerifyResult:
+                   runtime: str = "auto", simulated: Callable | None = None,
+                   min_psnr_db: float = DEFAULT_MIN_PSNR_DB) -> VerifyResult:
     """`simulated(latent, t, text_btd)` is edgecompile's own compressed torch model when the package is palettized:
-    psnr_db compares against it; psnr_vs_checkpoint_db always compares against the unquantized checkpoint."""
+    psnr_db compares against it; psnr_vs_checkpoint_db always compares against the unquantized checkpoint.
+    The result's `passed` says whether psnr_db reached `min_psnr_db` with finite outputs (see `check_passed`)."""
     from edgecompile.compress.simulate import simulated_model_for_package
 
+    if not math.isfinite(min_psnr_db):
+        raise EdgeCompileError(f"--min-psnr {min_psnr_db} is not a finite number of dB (e.g. --min-psnr 60)")
     view = load_package(package)
     if view.width is None or view.config is None or view.latent_hw is None:
         raise EdgeCompileError(f"package {package} has no edgecompile metadata: verify checks packages written by `edgecompile export`")
@@ -130,6 +177,7 @@ def verify_package(package: str | Path, checkpoint: str | Path | None = None, pr
             per_ckpt.append(psnr_db(ref, out))
     return VerifyResult(
         package=str(package), runtime=label, precision=precision, width=width,
-        psnr_db=min(per), psnr_vs_checkpoint_db=min(per_ckpt), per_input_psnr_db=per,
+        psnr_db=worst(per), psnr_vs_checkpoint_db=worst(per_ckpt), per_input_psnr_db=per,
         reference="edgecompile's compressed torch simulation" if simulated is not None else "fp32 torch reference of the checkpoint",
+        min_psnr_db=min_psnr_db, non_finite_outputs=sum(not np.isfinite(o).all() for o in outs),
     )

@@ -1,4 +1,6 @@
-"""The same deploy graph as ONNX (for Android runtimes, the paper's low-end target), same I/O names."""
+"""The same deploy graph as ONNX (for Android runtimes, the paper's low-end target), same I/O names, fp32
+weights, and the same edgecompile metadata as a Core ML package (metadata_props), so `inspect` and `verify`
+read it back."""
 
 from __future__ import annotations
 
@@ -13,7 +15,9 @@ from edgecompile.coreml.convert import LATENT, OUTPUT, TEXT, TIMESTEP, example_i
 from edgecompile.deploy.dit import DeployDiT
 
 
-def export_onnx(deploy: DeployDiT, path: str | Path, opset: int = 17) -> Path:
+def export_onnx(deploy: DeployDiT, path: str | Path, opset: int = 17, metadata: dict[str, str] | None = None) -> Path:
+    import onnx
+
     path = Path(path)
     example = example_inputs(deploy)
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
@@ -22,4 +26,9 @@ def export_onnx(deploy: DeployDiT, path: str | Path, opset: int = 17) -> Path:
             deploy.eval(), example, str(path), input_names=[LATENT, TIMESTEP, TEXT], output_names=[OUTPUT],
             opset_version=opset, dynamo=False,
         )
+    if metadata:
+        model = onnx.load(str(path))
+        for k, v in metadata.items():
+            model.metadata_props.add(key=k, value=v)
+        onnx.save(model, str(path))
     return path

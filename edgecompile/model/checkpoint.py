@@ -54,12 +54,12 @@ class Checkpoint:
 
 def save_checkpoint(
     model: EfficientDiT, dest: str | Path, dtype: str = "float32", prompts: Prompts | None = None,
-    provenance: dict[str, Any] | None = None, force: bool = False,
+    provenance: dict[str, Any] | None = None, force: bool = False, inputs=(),
 ) -> Path:
     if dtype not in DTYPES:
         raise EdgeCompileError(f"checkpoint dtype {dtype!r} is not supported: use one of {', '.join(DTYPES)}")
     dest = Path(dest)
-    with atomic_path(dest, force=force) as tmp:
+    with atomic_path(dest, force=force, inputs=inputs) as tmp:
         tensors = {k: v.detach().to(DTYPES[dtype]).contiguous() for k, v in model.state_dict().items()}
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": FORMAT, "dtype": dtype})
         meta = {
@@ -136,6 +136,10 @@ def load_checkpoint(path: str | Path | None = None) -> Checkpoint:
             f"checkpoint {path} does not match its config {config.name!r}: " + "; ".join(problems)
             + " (was it saved from a different config?)"
         )
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise EdgeCompileError(f"checkpoint {path}: tensor(s) {_summarise(bad)} hold NaN or infinite values: "
+                               "fix or retrain the checkpoint (edgecompile will not compile non-finite weights)")
     model.load_state_dict({k: tensors.pop(k).float() for k in list(tensors)}, assign=True)
     model.eval()
     prompts = _load_prompts(path, config)
@@ -152,10 +156,12 @@ def _load_prompts(path: Path, config: ModelConfig) -> Prompts | None:
             labels = json.loads((f.metadata() or {}).get("labels", "[]"))
     except (SafetensorError, OSError, RuntimeError, ValueError, KeyError) as e:
         raise EdgeCompileError(f"checkpoint {path}: prompts.safetensors is corrupt ({str(e).splitlines()[0]})") from None
-    if tokens.ndim != 3 or tokens.shape[2] != config.text_dim or null.shape[-1] != config.text_dim:
+    if tokens.ndim != 3 or len(tokens) == 0 or tokens.shape[2] != config.text_dim or null.shape[-1] != config.text_dim:
         raise EdgeCompileError(
-            f"checkpoint {path}: prompts.safetensors holds tokens of shape {tuple(tokens.shape)}, expected (N, T, {config.text_dim})"
+            f"checkpoint {path}: prompts.safetensors holds tokens of shape {tuple(tokens.shape)}, expected (N >= 1, T, {config.text_dim})"
         )
+    if not (torch.isfinite(tokens).all() and torch.isfinite(null).all()):
+        raise EdgeCompileError(f"checkpoint {path}: prompts.safetensors holds NaN or infinite values")
     return Prompts(tokens=tokens.float(), null=null.float().reshape(1, *null.shape[-2:]), labels=labels)
 
 

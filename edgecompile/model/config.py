@@ -21,6 +21,22 @@ BNA_TILINGS = ("grid", "sequence")
 DOWN_UP_ATTENTIONS = ("assa", "full")
 
 
+MAX_BLOCKS = 512  # the paper's largest model has 22; bounds what building a config (even on the meta device) costs
+MAX_LATENT_SIDE = 1024  # an 8192-pixel image with an 8x VAE
+FIELD_LIMITS = {
+    "latent_channels": 1024, "patch_size": 64, "hidden_dim": 65536, "head_dim": 4096, "num_heads": 4096,
+    "num_kv_heads": 4096, "text_dim": 65536, "text_len": 65536, "ffn_ratio": 64, "ffn_ratio_middle": 64,
+    "kv_compression": 64, "bna_blocks": 65536, "bna_radius": 64, "frequency_dim": 65536,
+    "depth_down": MAX_BLOCKS, "depth_middle": MAX_BLOCKS, "depth_up": MAX_BLOCKS,
+}
+KIND_TEXT = {"int": "a whole number", "float": "a finite number", "bool": "true or false", "str": "a non-empty name",
+             "tuple[int, int]": "a list of whole numbers [H, W]", "tuple[float, ...]": "a list of finite numbers"}
+
+
+def _is_whole(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def width_label(width: float) -> str:
     """Canonical text for a width: '0.375', '0.5', '1.0' (JSON keys, file names, metadata)."""
     return repr(float(width))
@@ -82,11 +98,43 @@ class ModelConfig:
     frequency_dim: int = 256  # sinusoidal timestep features
 
     def __post_init__(self) -> None:
+        self._check_types()
         object.__setattr__(self, "sample_size", tuple(int(s) for s in self.sample_size))
         object.__setattr__(self, "widths", tuple(sorted(float(w) for w in self.widths)))
         self.validate()
 
     # ---- validation -------------------------------------------------------------------------------
+    def _check_types(self) -> None:
+        """Each field of its declared kind (YAML gives '1e9' as text and 6.5 as a float), finite, and within
+        FIELD_LIMITS, before anything is derived from it or allocated for it."""
+        where = f"config {self.name!r}" if isinstance(self.name, str) else "config"
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+            if kind == "int":
+                ok = _is_whole(v)
+            elif kind == "float":
+                ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+            elif kind == "bool":
+                ok = isinstance(v, bool)
+            elif kind == "str":
+                ok = isinstance(v, str) and 0 < len(v) <= 200
+            elif kind.startswith("tuple[int"):
+                ok = isinstance(v, (list, tuple)) and all(_is_whole(x) for x in v)
+            else:  # tuple[float, ...]
+                ok = isinstance(v, (list, tuple)) and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v)
+            if not ok:
+                raise EdgeCompileError(f"{where}: {f.name} must be {KIND_TEXT[kind]}, got {v!r}")
+            limit = FIELD_LIMITS.get(f.name)
+            if limit is not None and not isinstance(v, (list, tuple, str)) and v > limit:
+                raise EdgeCompileError(f"{where}: {f.name} = {v} is beyond the {limit} edgecompile supports")
+        for name, limit in (("sample_size", MAX_LATENT_SIDE),):
+            if any(int(x) > limit for x in getattr(self, name)):
+                raise EdgeCompileError(f"{where}: {name} {list(getattr(self, name))} has a side beyond {limit}")
+        depth = self.depth_down + self.depth_middle + self.depth_up
+        if depth > MAX_BLOCKS:
+            raise EdgeCompileError(f"{where}: {depth} blocks in all is beyond the {MAX_BLOCKS} edgecompile supports")
+
     def validate(self) -> None:
         positive = [
             "latent_channels", "patch_size", "hidden_dim", "head_dim", "num_heads", "num_kv_heads",
@@ -116,6 +164,8 @@ class ModelConfig:
                 f"config {self.name!r}: grid BNA tiles the token grid into sqrt(B) x sqrt(B) blocks, so bna_blocks "
                 f"must be a perfect square, got {self.bna_blocks}"
             )
+        if self.ffn_ratio <= 0 or self.ffn_ratio_middle <= 0:
+            raise EdgeCompileError(f"config {self.name!r}: ffn_ratio and ffn_ratio_middle must be > 0")
         if len(self.sample_size) != 2:
             raise EdgeCompileError(f"config {self.name!r}: sample_size must be [H, W], got {list(self.sample_size)}")
         if not self.widths or self.widths[-1] != 1.0:
@@ -164,6 +214,20 @@ class ModelConfig:
             broken.append(f"hidden_dim={round(wanted['hidden_dim'])} (2-D sin-cos positions need a multiple of 4)")
         return broken
 
+    def parse_widths(self, text: str, option: str = "--width") -> list[float]:
+        """'all', one width or a comma list (each width once, in the order given), every one checked."""
+        if text.strip() == "all":
+            return list(self.widths)
+        try:
+            widths = [float(v) for v in text.split(",")]
+        except ValueError:
+            raise EdgeCompileError(f"{option} {text!r} is not a number, a comma list or 'all' (e.g. {option} 0.5)") from None
+        for w in widths:
+            if not math.isfinite(w):
+                raise EdgeCompileError(f"{option} {text!r} is not a number, a comma list or 'all' (e.g. {option} 0.5)")
+            self.dims(w)
+        return list(dict.fromkeys(widths))
+
     def valid_widths(self) -> list[float]:
         """Widths k/num_heads that divide every dimension (for error messages and `info`)."""
         return [k / self.num_heads for k in range(1, self.num_heads + 1) if not self._width_problems(k / self.num_heads)]
@@ -185,6 +249,9 @@ class ModelConfig:
         """Raise a clear error when a latent of this size cannot run through the model."""
         p = self.patch_size
         where = f"latent {latent_h}x{latent_w} for config {self.name!r}"
+        if max(latent_h, latent_w) > MAX_LATENT_SIDE:
+            raise EdgeCompileError(f"{where}: a side beyond {MAX_LATENT_SIDE} is not supported "
+                                   f"({MAX_LATENT_SIDE}x{MAX_LATENT_SIDE} is an 8192-pixel image)")
         if latent_h < 1 or latent_w < 1 or latent_h % p or latent_w % p:
             raise EdgeCompileError(f"{where}: H and W must be positive multiples of patch_size {p}")
         h, w = self.token_grid(latent_h, latent_w)
@@ -247,4 +314,6 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
-RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
+# Shipped as package data (configs, device profiles, ablation models), so a regular install runs every command;
+# the repository's top-level recipes/ is a link to it.
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"

@@ -1,0 +1,220 @@
+"""The slow half of the robustness suite (the fast half is tests/test_robustness.py): real processes, real signals.
+
+Cases, each run through the `edgecompile` CLI in a child process on a tiny random checkpoint:
+- concurrent: two exports to the same -o started together;
+- signals: SIGTERM / SIGINT at several moments of a mixed-bit export (the coremltools import included), with the
+  child's TMPDIR pointed at an empty folder: exit code, leftovers in the output's parent and in TMPDIR;
+- full disk: an export into a 2 MiB tmpfs (skipped where mounting is not allowed);
+- absurd sizes: each under an RSS watchdog (killed above 4 GiB or 120 s): peak RSS, wall time, exit, message;
+- determinism: the same mixed-bit export with 1 and 2 torch threads, and twice with 2: which files differ;
+- packaging: a wheel installed with --target (not editable) runs `bench --config` from another folder.
+
+    python benchmarks/robustness.py [--output benchmarks/results]
+
+Writes robustness.json and robustness.md (the table) to the output folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from _common import ROOT, write_result
+
+TINY = {"name": "tiny", "hidden_dim": 32, "head_dim": 8, "num_heads": 8, "num_kv_heads": 4, "text_dim": 16, "text_len": 3,
+        "depth_down": 1, "depth_middle": 2, "depth_up": 1, "ffn_ratio": 2, "ffn_ratio_middle": 2, "widths": [0.5, 1.0],
+        "bna_blocks": 4}
+WATCH_RSS = 4 * 2**30
+WATCH_SECONDS = 120
+
+
+def cli(*args) -> list[str]:
+    return [sys.executable, "-m", "edgecompile.cli", *map(str, args)]
+
+
+def run(args, env=None, cwd=None, kill_after=None, sig=signal.SIGTERM, timeout=WATCH_SECONDS) -> dict:
+    """Run a child; poll its RSS (VmHWM); kill it past the watchdog limits or send `sig` after `kill_after` s."""
+    start = time.perf_counter()
+    child = subprocess.Popen(args, env={**os.environ, **(env or {})}, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True)
+    peak, signalled, watchdog = 0, False, None
+    while child.poll() is None:
+        try:
+            status = Path(f"/proc/{child.pid}/status").read_text()
+            peak = max(peak, int(next(line.split()[1] for line in status.splitlines() if line.startswith("VmHWM"))) * 1024)
+        except (OSError, StopIteration):
+            pass
+        elapsed = time.perf_counter() - start
+        if kill_after is not None and not signalled and elapsed >= kill_after:
+            child.send_signal(sig)
+            signalled = True
+        if peak > WATCH_RSS or elapsed > timeout:
+            watchdog = f"killed by the watchdog at {peak / 2**30:.2f} GiB, {elapsed:.0f} s"
+            child.kill()
+        time.sleep(0.02)
+    out, err = child.communicate()
+    return {"exit": child.returncode, "seconds": round(time.perf_counter() - start, 2), "peak_rss_mib": round(peak / 2**20, 1),
+            "stderr_last_line": (err.strip().splitlines() or [""])[-1][:300], "stderr_lines": len(err.strip().splitlines()),
+            "watchdog": watchdog, "stdout": out}
+
+
+def leftovers(folder: Path, keep: set[str] = frozenset()) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name not in keep) if folder.exists() else []
+
+
+def digest_tree(path: Path) -> dict[str, str]:
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+def concurrent(ckpt: Path, work: Path) -> dict:
+    out = work / "concurrent"
+    children = [subprocess.Popen(cli("export", ckpt, "--width", "0.5", "-o", out), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                for _ in range(2)]
+    results = [(c.wait(), c.stderr.read().strip().splitlines()[-1:] or [""]) for c in children]
+    report = out / "w0.5" / "report.json"
+    return {"exits": sorted(r[0] for r in results), "refused_message": next((r[1][0] for r in results if r[0] != 0), ""),
+            "one_verified_package": report.is_file() and json.loads(report.read_text())["verify"]["passed"],
+            "leftovers": leftovers(out, {"w0.5"})}
+
+
+def signals(ckpt: Path, work: Path) -> list[dict]:
+    rows = []
+    for sig, after in [(signal.SIGTERM, 0.8), (signal.SIGINT, 0.8), (signal.SIGTERM, 4), (signal.SIGTERM, 8),
+                       (signal.SIGTERM, 14), (signal.SIGINT, 20), (signal.SIGTERM, 28)]:
+        parent = work / f"sig_{sig.name}_{after}"
+        tmpdir = work / f"tmp_{sig.name}_{after}"
+        parent.mkdir()
+        tmpdir.mkdir()
+        r = run(cli("export", ckpt, "--width", "0.5,1.0", "--bits", "mixed", "-o", parent / "out"), env={"TMPDIR": str(tmpdir)},
+                kill_after=after, sig=sig)
+        rows.append({"signal": sig.name, "after_s": after, "exit": r["exit"], "seconds": r["seconds"],
+                     "output_parent_leftovers": leftovers(parent), "tmpdir_leftovers": leftovers(tmpdir),
+                     "message": r["stderr_last_line"]})
+    return rows
+
+
+def full_disk(ckpt: Path, work: Path) -> dict:
+    mnt = work / "small_disk"
+    mnt.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        return {"skipped": f"no tmpfs here ({mounted.stderr.strip()[:120]})"}
+    try:
+        r = run(cli("export", ckpt, "--width", "1.0", "-o", mnt / "out"))
+        return {"exit": r["exit"], "stderr_lines": r["stderr_lines"], "message": r["stderr_last_line"], "leftovers": leftovers(mnt)}
+    finally:
+        subprocess.run(["umount", str(mnt)])
+
+
+def absurd_sizes(ckpt: Path, work: Path) -> list[dict]:
+    configs = {
+        "depth_middle: 10000000": {**TINY, "depth_middle": 10_000_000},
+        "hidden_dim: '1e9'": {**TINY, "hidden_dim": "1e9"},
+        "hidden_dim: 65536, 512 blocks": {**TINY, "hidden_dim": 65536, "num_heads": 8, "head_dim": 8192 // 8,
+                                          "depth_down": 0, "depth_up": 0, "depth_middle": 512},
+    }
+    cases = []
+    for label, cfg in configs.items():
+        path = work / f"cfg_{len(cases)}.json"
+        path.write_text(json.dumps(cfg))
+        cases.append((f"info ({label})", cli("info", path)))
+        cases.append((f"init ({label})", cli("init", path, "-o", work / f"init_{len(cases)}")))
+    cases += [(f"export --latent {s}", cli("export", ckpt, "--latent", s, "-o", work / f"big_{s}")) for s in ("4096x4096", "1024x1024", "512x512")]
+    cases.append(("calibrate --latent 512x512", cli("calibrate", ckpt, "--latent", "512x512", "-o", work / "big.safetensors")))
+    rows = []
+    for label, args in cases:
+        r = run(args)
+        rows.append({"case": label, "exit": r["exit"], "seconds": r["seconds"], "peak_rss_mib": r["peak_rss_mib"],
+                     "watchdog": r["watchdog"], "stderr_lines": r["stderr_lines"], "message": r["stderr_last_line"]})
+    return rows
+
+
+def determinism(ckpt: Path, work: Path) -> dict:
+    trees = {}
+    for label, threads in (("2 threads", "2"), ("2 threads again", "2"), ("1 thread", "1")):
+        out = work / f"det_{label.replace(' ', '_')}"
+        r = run(cli("export", ckpt, "--width", "0.5", "--bits", "mixed", "-o", out), env={"OMP_NUM_THREADS": threads}, timeout=600)
+        assert r["exit"] == 0, r
+        trees[label] = {k: v for k, v in digest_tree(out / "w0.5").items() if k != "report.json"}
+        reports = json.loads((out / "w0.5" / "report.json").read_text())
+        trees[label]["__palettes__"] = hashlib.sha256(json.dumps(reports["bits_per_layer"], sort_keys=True).encode()).hexdigest()
+
+    def differing(a, b):
+        return sorted(k for k in trees[a] if trees[a][k] != trees[b].get(k))
+
+    return {"same threads, two runs: files differing": differing("2 threads", "2 threads again"),
+            "1 vs 2 threads: files differing": differing("2 threads", "1 thread")}
+
+
+def packaging(work: Path) -> dict:
+    wheels, target = work / "wheels", work / "site"
+    built = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels), str(ROOT)],
+                           capture_output=True, text=True)
+    if built.returncode != 0:
+        return {"skipped": built.stderr.strip()[-200:]}
+    wheel = next(wheels.glob("edgecompile-*.whl"))
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)], check=True)
+    elsewhere = work / "elsewhere"
+    elsewhere.mkdir()
+    env = {"PYTHONPATH": str(target)}
+    r = run(cli("bench", "--config", target / "edgecompile" / "recipes" / "toy.yaml", "--no-host", "--json"), env=env, cwd=elsewhere)
+    return {"exit": r["exit"], "from": "wheel installed with pip --target, run from an unrelated folder",
+            "devices_loaded": list(json.loads(r["stdout"])["cost_model"]["devices"]) if r["exit"] == 0 else r["stderr_last_line"]}
+
+
+def markdown(data: dict) -> str:
+    lines = ["| case | outcome |", "|---|---|"]
+    c = data["concurrent"]
+    lines.append(f"| two exports to one -o | exits {c['exits']}; refused: `{c['refused_message'][:90]}`; one verified package: "
+                 f"{c['one_verified_package']}; leftovers {c['leftovers']} |")
+    for r in data["signals"]:
+        lines.append(f"| {r['signal']} after {r['after_s']} s | exit {r['exit']} at {r['seconds']} s; leftovers beside the output "
+                     f"{r['output_parent_leftovers']}, in TMPDIR {r['tmpdir_leftovers']} |")
+    fd = data["full_disk"]
+    disk = fd.get("skipped") or f"exit {fd['exit']}, {fd['stderr_lines']} line: `{fd['message'][:110]}`; leftovers {fd['leftovers']}"
+    lines.append(f"| export to a 2 MiB tmpfs | {disk} |")
+    for r in data["absurd_sizes"]:
+        lines.append(f"| {r['case']} | exit {r['exit']} in {r['seconds']} s at {r['peak_rss_mib']:.0f} MiB peak RSS"
+                     f"{'; ' + r['watchdog'] if r['watchdog'] else ''}; `{r['message'][:110]}` |")
+    for k, v in data["determinism"].items():
+        lines.append(f"| determinism: {k} | {v or 'none'} |")
+    p = data["packaging"]
+    package = p.get("skipped") or f"exit {p['exit']}, device profiles {p['devices_loaded']}"
+    lines.append(f"| non-editable install | {package} |")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--output", type=Path, default=None)
+    parser.add_argument("--only", default="concurrent,signals,full_disk,absurd_sizes,determinism,packaging")
+    args = parser.parse_args()
+    os.chdir(ROOT)
+    work = Path(tempfile.mkdtemp(prefix="edgecompile-robustness-"))
+    try:
+        (work / "tiny.json").write_text(json.dumps(TINY))
+        ckpt = work / "ckpt"
+        subprocess.run(cli("init", work / "tiny.json", "-o", ckpt), check=True, capture_output=True)
+        data = {}
+        for name in args.only.split(","):
+            t = time.perf_counter()
+            data[name] = globals()[name](*((ckpt, work) if name != "packaging" else (work,)))
+            print(f"{name}: {time.perf_counter() - t:.0f} s\n{json.dumps(data[name], indent=1)[:3000]}", flush=True)
+        path = write_result("robustness", data, args.output)
+        path.with_suffix(".md").write_text(markdown(data))
+        print(markdown(data))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,89 @@
+"""Memory a config needs, estimated before any work, so that an absurd size is refused with a figure instead of
+swapping or being killed minutes later.
+
+The estimates are lower bounds (the largest activation of one fp32 forward pass at batch 1, held twice, as a
+softmax or an FFN holds its input and output; the fp32 weights of a new model): a size is refused only when even
+the lower bound cannot fit the memory this machine has available.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from edgecompile.errors import EdgeCompileError
+from edgecompile.model.config import ModelConfig
+
+FP32 = 4
+
+
+@dataclass(frozen=True)
+class Estimate:
+    bytes: int
+    largest: str  # which tensor dominates
+
+
+def available_memory_bytes() -> int | None:
+    """Memory available to a new allocation now (Linux MemAvailable; total physical memory elsewhere)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def forward_activation_bytes(config: ModelConfig, width: float, latent_hw: tuple[int, int], batch: int = 1) -> Estimate:
+    """Lower bound of one forward pass's peak activation memory (fp32)."""
+    d = config.dims(width)
+    h, w = config.token_grid(*latent_hw)
+    n = h * w
+    mh, mw = config.middle_grid(*latent_hw)
+    nm = mh * mw
+    outer = config.depth_down + config.depth_up > 0
+    tensors = {"middle FFN hidden": nm * d.ffn_middle, "cross-attention scores": d.heads * max(n, nm) * config.text_len}
+    if config.depth_middle:
+        tensors["middle attention scores"] = d.heads * nm * nm
+    if outer:
+        tensors["down/up FFN hidden"] = n * d.ffn_outer
+        if config.down_up_attention == "full":
+            tensors["down/up attention scores"] = d.heads * n * n
+        else:
+            s = config.kv_compression
+            neighbours = (2 * config.bna_radius + 1) ** (2 if config.bna_tiling == "grid" else 1)
+            tensors["down/up global attention scores"] = d.heads * n * max(n // (s * s), 1)
+            tensors["down/up BNA scores"] = d.heads * n * min(n, neighbours * max(n // config.bna_blocks, 1))
+    largest = max(tensors, key=tensors.get)
+    return Estimate(bytes=2 * batch * FP32 * tensors[largest], largest=largest)
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:,.1f} GiB"
+
+
+def check_fits(config: ModelConfig, width: float, latent_hw: tuple[int, int], what: str, batch: int = 1,
+               available: int | None = None) -> Estimate:
+    """Refuse, before work, a latent size whose forward pass cannot fit in memory."""
+    est = forward_activation_bytes(config, width, latent_hw, batch)
+    avail = available if available is not None else available_memory_bytes()
+    if avail is not None and est.bytes > avail:
+        raise EdgeCompileError(
+            f"{what}: one forward pass of width {width:g} at latent {latent_hw[0]}x{latent_hw[1]} needs at least {_gib(est.bytes)} "
+            f"({est.largest}), and this machine has {_gib(avail)} available: use a smaller latent"
+        )
+    return est
+
+
+def check_weights_fit(n_params: int, bytes_per_param: int, what: str, available: int | None = None) -> None:
+    """Refuse to allocate a model whose weights alone exceed the available memory (e.g. `init` of a huge config)."""
+    need = n_params * bytes_per_param
+    avail = available if available is not None else available_memory_bytes()
+    if avail is not None and need > avail:
+        raise EdgeCompileError(f"{what}: {n_params / 1e9:,.1f}B parameters need {_gib(need)}, and this machine has {_gib(avail)} "
+                               "available: use a smaller config")
+
