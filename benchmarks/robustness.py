@@ -4,9 +4,12 @@ Cases, each run through the `edgecompile` CLI in a child process on a tiny rando
 - concurrent: two exports to the same -o started together;
 - signals: SIGTERM / SIGINT at several moments of a mixed-bit export (the coremltools import included), with the
   child's TMPDIR pointed at an empty folder: exit code, leftovers in the output's parent and in TMPDIR;
-- full disk: an export into a 2 MiB tmpfs (skipped where mounting is not allowed);
+- full disk: an export into a 256 KiB tmpfs, smaller than the package (skipped where mounting is not allowed);
 - absurd sizes: each under an RSS watchdog (killed above 4 GiB or 120 s): peak RSS, wall time, exit, message;
-- determinism: the same mixed-bit export with 1 and 2 torch threads, and twice with 2: which files differ;
+- determinism: the same mixed-bit export twice with 2 torch threads and once with 1: which files differ in content
+  (the package's protobuf compared as a message, the Manifest's random item UUIDs and the recipe's timings set
+  aside, since coremltools and the clock make those differ on every run), and how far the 1-thread package's
+  outputs are from the 2-thread one's;
 - packaging: a wheel installed with --target (not editable) runs `bench --config` from another folder.
 
     python benchmarks/robustness.py [--output benchmarks/results]
@@ -67,8 +70,11 @@ def run(args, env=None, cwd=None, kill_after=None, sig=signal.SIGTERM, timeout=W
             "watchdog": watchdog, "stdout": out}
 
 
+TORCH_CACHE = "torchinductor_"  # torch's persistent cache folder: `import torch._dynamo` creates it in every torch program
+
+
 def leftovers(folder: Path, keep: set[str] = frozenset()) -> list[str]:
-    return sorted(p.name for p in folder.iterdir() if p.name not in keep) if folder.exists() else []
+    return sorted(p.name for p in folder.iterdir() if p.name not in keep and not p.name.startswith(TORCH_CACHE)) if folder.exists() else []
 
 
 def digest_tree(path: Path) -> dict[str, str]:
@@ -105,7 +111,7 @@ def signals(ckpt: Path, work: Path) -> list[dict]:
 def full_disk(ckpt: Path, work: Path) -> dict:
     mnt = work / "small_disk"
     mnt.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mnt)], capture_output=True, text=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True, text=True)
     if mounted.returncode != 0:
         return {"skipped": f"no tmpfs here ({mounted.stderr.strip()[:120]})"}
     try:
@@ -138,21 +144,67 @@ def absurd_sizes(ckpt: Path, work: Path) -> list[dict]:
     return rows
 
 
+TIMING_KEYS = ("seconds", "kmeans_seconds", "forward_seconds", "cost_forward_passes")
+
+
+def without_timings(value):
+    if isinstance(value, dict):
+        return {k: without_timings(v) for k, v in value.items() if k not in TIMING_KEYS}
+    if isinstance(value, list):
+        return [without_timings(v) for v in value]
+    return value
+
+
+def content_digest(path: Path) -> str:
+    """A digest of what a file means: protobuf as a message, Manifest without its random UUIDs, recipe without timings."""
+    data = path.read_bytes()
+    if path.name == "model.mlmodel":
+        from coremltools.proto import Model_pb2
+
+        message = Model_pb2.Model()
+        message.ParseFromString(data)
+        data = message.SerializeToString(deterministic=True)
+    elif path.name == "Manifest.json":
+        manifest = json.loads(data)
+        data = json.dumps(sorted(json.dumps(v, sort_keys=True) for v in manifest["itemInfoEntries"].values())).encode()
+    elif path.name == "recipe.json":
+        data = json.dumps(without_timings(json.loads(data)), sort_keys=True).encode()
+    return hashlib.sha256(data).hexdigest()
+
+
 def determinism(ckpt: Path, work: Path) -> dict:
-    trees = {}
+    import numpy as np
+
+    from edgecompile.coreml.interpreter import MILInterpreter
+    from edgecompile.coreml.package import load_package
+    from edgecompile.coreml.verify import verification_inputs
+    from edgecompile.metrics import psnr_db
+    from edgecompile.model.config import ModelConfig
+
+    bytes_, meaning, packages = {}, {}, {}
     for label, threads in (("2 threads", "2"), ("2 threads again", "2"), ("1 thread", "1")):
-        out = work / f"det_{label.replace(' ', '_')}"
-        r = run(cli("export", ckpt, "--width", "0.5", "--bits", "mixed", "-o", out), env={"OMP_NUM_THREADS": threads}, timeout=600)
+        out = work / f"det_{label.replace(' ', '_')}" / "w0.5"
+        r = run(cli("export", ckpt, "--width", "0.5", "--bits", "mixed", "-o", out.parent), env={"OMP_NUM_THREADS": threads}, timeout=600)
         assert r["exit"] == 0, r
-        trees[label] = {k: v for k, v in digest_tree(out / "w0.5").items() if k != "report.json"}
-        reports = json.loads((out / "w0.5" / "report.json").read_text())
-        trees[label]["__palettes__"] = hashlib.sha256(json.dumps(reports["bits_per_layer"], sort_keys=True).encode()).hexdigest()
+        files = [p for p in sorted(out.rglob("*")) if p.is_file() and p.name != "report.json"]
+        bytes_[label] = {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+        meaning[label] = {str(p.relative_to(out)): content_digest(p) for p in files}
+        packages[label] = next(out.glob("*.mlpackage"))
 
-    def differing(a, b):
-        return sorted(k for k in trees[a] if trees[a][k] != trees[b].get(k))
+    def differing(table, a, b):
+        return sorted(k for k in table[a] if table[a][k] != table[b].get(k))
 
-    return {"same threads, two runs: files differing": differing("2 threads", "2 threads again"),
-            "1 vs 2 threads: files differing": differing("2 threads", "1 thread")}
+    config = ModelConfig.from_dict(json.loads((ckpt / "checkpoint.json").read_text())["model"])
+    outputs = {}
+    for label in ("2 threads", "1 thread"):
+        interp = MILInterpreter(load_package(packages[label]).program)
+        outputs[label] = [interp.run({"latent_image_embeddings": x.numpy(), "timestep": t.numpy(), "token_level_text_embeddings": c.numpy()})
+                          ["denoiser_output"] for x, t, c in verification_inputs(config, tuple(config.sample_size))]
+    psnrs = [psnr_db(np.asarray(a), np.asarray(b)) for a, b in zip(outputs["2 threads"], outputs["1 thread"])]
+    return {"same threads, two runs: files differing in bytes": differing(bytes_, "2 threads", "2 threads again"),
+            "same threads, two runs: files differing in content": differing(meaning, "2 threads", "2 threads again"),
+            "1 vs 2 threads: files differing in content": differing(meaning, "2 threads", "1 thread"),
+            "1 vs 2 threads: package outputs, worst PSNR of one against the other (dB)": round(min(psnrs), 1)}
 
 
 def packaging(work: Path) -> dict:
@@ -181,7 +233,7 @@ def markdown(data: dict) -> str:
                      f"{r['output_parent_leftovers']}, in TMPDIR {r['tmpdir_leftovers']} |")
     fd = data["full_disk"]
     disk = fd.get("skipped") or f"exit {fd['exit']}, {fd['stderr_lines']} line: `{fd['message'][:110]}`; leftovers {fd['leftovers']}"
-    lines.append(f"| export to a 2 MiB tmpfs | {disk} |")
+    lines.append(f"| export to a 256 KiB tmpfs | {disk} |")
     for r in data["absurd_sizes"]:
         lines.append(f"| {r['case']} | exit {r['exit']} in {r['seconds']} s at {r['peak_rss_mib']:.0f} MiB peak RSS"
                      f"{'; ' + r['watchdog'] if r['watchdog'] else ''}; `{r['message'][:110]}` |")

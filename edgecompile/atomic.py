@@ -26,6 +26,7 @@ import os
 import re
 import shutil
 import signal
+import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -36,6 +37,7 @@ from edgecompile.errors import EdgeCompileError
 log = logging.getLogger("edgecompile")
 
 # A folder holding one of these was written by edgecompile (an export width, a checkpoint, a bench report).
+STAGING_SUFFIX = ".partial"  # staging folders: .NAME.PID.RAND.partial
 OWNED_MARKERS = ("report.json", "checkpoint.json", "bench.json")
 TERMINATING_SIGNALS = tuple(s for s in (signal.SIGINT, signal.SIGTERM, getattr(signal, "SIGHUP", None)) if s is not None)
 _SAFE_NAME = re.compile(r"[^A-Za-z0-9._-]+")
@@ -89,6 +91,9 @@ def check_output_path(dest: str | Path, force: bool, inputs: Iterable[str | Path
 
 # ---- signals ---------------------------------------------------------------------------------------------
 def _raise_interrupt(signum, frame):
+    # one interrupt is enough: a second one must not cut the cleanup the first one started
+    for s in TERMINATING_SIGNALS:
+        signal.signal(s, signal.SIG_IGN)
     raise KeyboardInterrupt(signal.Signals(signum).name)
 
 
@@ -120,6 +125,16 @@ def interrupts_deferred() -> Iterator[None]:
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def quiet_staging_unraisable(hook_args) -> None:
+    """sys.unraisablehook: coremltools' NamedTemporaryFiles live in our scratch folder (scratch_tempdir); after a
+    failure removed that folder, their finalizers' unlink fails at exit. Those are expected and silent; any other
+    unraisable exception goes to Python's default hook."""
+    exc = hook_args.exc_value
+    if isinstance(exc, FileNotFoundError) and f"{STAGING_SUFFIX}{os.sep}" in str(exc.filename or ""):
+        return
+    sys.__unraisablehook__(hook_args)
 
 
 # ---- locks and stale staging folders --------------------------------------------------------------------
@@ -258,7 +273,7 @@ def atomic_outputs(dests: Sequence[str | Path], force: bool = False, is_dir: boo
             locks.append(lock)
             remove_stale_staging(d)
             check_output_path(d, force, inputs)  # again, under the lock: another writer may have finished meanwhile
-            stages.append(Path(tempfile.mkdtemp(prefix=f".{d.name}.{os.getpid()}.", suffix=".partial", dir=d.parent)))
+            stages.append(Path(tempfile.mkdtemp(prefix=f".{d.name}.{os.getpid()}.", suffix=STAGING_SUFFIX, dir=d.parent)))
         targets = []
         for d, s in zip(dests, stages):
             target = s / "out" if is_dir else s / d.name

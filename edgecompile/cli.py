@@ -7,6 +7,7 @@ import errno
 import json
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -497,7 +498,9 @@ class _NoteHandler(logging.Handler):
 
 
 def main(argv: list[str] | None = None) -> None:
-    from edgecompile.atomic import termination_as_interrupt
+    from edgecompile.atomic import quiet_staging_unraisable, termination_as_interrupt
+
+    sys.unraisablehook = quiet_staging_unraisable
 
     logger = logging.getLogger("edgecompile")
     if not any(isinstance(h, _NoteHandler) for h in logger.handlers):
@@ -511,6 +514,13 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(e.exit_code)
     except (click.exceptions.Abort, KeyboardInterrupt):
         click.echo("edgecompile: interrupted; nothing was written", err=True)
+        if argv is None:
+            # As the process's entry point, leave with 130 for certain: CPython ends a process by SIGINT (status -2)
+            # when a KeyboardInterrupt ever crossed an exec() of source (dataclasses, during an import), even once
+            # handled. Every cleanup has run by now (the staging folders' context managers have exited).
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
         sys.exit(130)
     except click.UsageError as e:
         command = e.ctx.command_path if e.ctx else "edgecompile"
