@@ -115,16 +115,29 @@ def termination_as_interrupt() -> Iterator[None]:
 
 @contextlib.contextmanager
 def interrupts_deferred() -> Iterator[None]:
-    """Hold SIGINT/SIGTERM back until the block ends (a commit or cleanup must not stop half-way; coremltools'
-    import swallows KeyboardInterrupt in its bare `except:`). A signal that arrived is acted on afterwards."""
+    """Hold SIGINT/SIGTERM/SIGHUP back until the block ends (a commit or cleanup must not stop half-way;
+    coremltools' import swallows KeyboardInterrupt in its bare `except:`). A signal that arrived is acted on
+    afterwards, by the handler that was in place. The handlers are swapped rather than the signals masked: a
+    process-directed signal goes to any thread that does not block it (torch's workers), and Python would then
+    raise in the main thread all the same."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, TERMINATING_SIGNALS)
+    pending: list[int] = []
+    old = {s: signal.getsignal(s) for s in TERMINATING_SIGNALS}
+    for s in TERMINATING_SIGNALS:
+        signal.signal(s, lambda signum, frame: pending.append(signum))
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        for s, h in old.items():
+            signal.signal(s, h)
+        if pending:
+            handler = old[pending[0]]
+            if callable(handler):
+                handler(pending[0], None)  # ours or Python's default_int_handler: raises KeyboardInterrupt
+            elif handler == signal.SIG_DFL:
+                signal.raise_signal(pending[0])
 
 
 def quiet_staging_unraisable(hook_args) -> None:

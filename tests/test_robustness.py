@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +18,7 @@ import pytest
 import torch
 
 from edgecompile.atomic import OutputLock, atomic_outputs, atomic_path, interrupts_deferred, safe_name, termination_as_interrupt
-from edgecompile.errors import EdgeCompileError, VerificationFailed
+from edgecompile.errors import EdgeCompileError
 from edgecompile.model.checkpoint import load_checkpoint, save_checkpoint
 from edgecompile.model.config import ModelConfig
 from tests.conftest import TINY, trained_like
@@ -127,12 +128,23 @@ def test_sigterm_cleans_like_ctrl_c_including_temporary_files(tmp_path):
     assert not scratch.exists() and list(tmp_path.iterdir()) == []
 
 
-def test_an_interrupt_during_the_coremltools_import_is_not_swallowed():
-    hit = []
-    with pytest.raises(KeyboardInterrupt):
-        with interrupts_deferred():
-            os.kill(os.getpid(), signal.SIGINT)
-            hit.append("the block ran to its end")  # e.g. `import coremltools`, whose bare except: would eat it
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupt_during_the_coremltools_import_is_not_swallowed(sig):
+    """Deferred, then raised, also when the process has other threads (torch's workers) the kernel may pick."""
+    import threading
+
+    hit, stop = [], threading.Event()
+    worker = threading.Thread(target=stop.wait)
+    worker.start()
+    try:
+        with termination_as_interrupt(), pytest.raises(KeyboardInterrupt):
+            with interrupts_deferred():
+                os.kill(os.getpid(), sig)
+                time.sleep(0.05)  # the signal arrives while the block runs
+                hit.append("the block ran to its end")  # e.g. `import coremltools`, whose bare except: would eat it
+    finally:
+        stop.set()
+        worker.join()
     assert hit
 
 
