@@ -21,9 +21,12 @@ RANDOM_GQA = {"name": "random_gqa", "hidden_dim": 64, "head_dim": 8, "num_heads"
 
 
 def measure(ckpt_path: Path | None, widths: list[float], tmp: Path, label: str) -> tuple[list[dict], dict]:
-    from edgecompile.coreml.convert import PackageInfo, convert_to_mlmodel, set_metadata, sha256_file
-    from edgecompile.coreml.verify import verification_inputs, verify_package
-    from edgecompile.deploy.convert import deploy_model
+    from edgecompile.coreml.convert import convert_to_mlmodel, set_metadata
+    from edgecompile.coreml.verify import verification_inputs
+    from edgecompile.deploy.contract import PackageInfo
+    from edgecompile.deploy.rewrite import deploy_model
+    from edgecompile.digest import sha256_file
+    from edgecompile.export import verify_exported
     from edgecompile.model.checkpoint import load_checkpoint
     from edgecompile.model.elastic import count_params
 
@@ -42,7 +45,7 @@ def measure(ckpt_path: Path | None, widths: list[float], tmp: Path, label: str) 
             path = tmp / f"{label}_w{width}_{island}.mlpackage"
             ml.save(str(path))
             for precision in ("fp32", "fp16"):
-                r = verify_package(path, checkpoint=ckpt_path, precision=precision, runtime="interpreter")
+                r = verify_exported(path, checkpoint=ckpt_path, precision=precision, runtime="interpreter")
                 rows.append({"checkpoint": label, "width": width, "fp32_timestep_island": island, "emulation": precision,
                              "psnr_db_per_input": [round(v, 2) for v in r.per_input_psnr_db], "worst_psnr_db": round(r.psnr_db, 2)})
                 print(rows[-1], flush=True)

@@ -15,8 +15,9 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from edgecompile.coreml.convert import example_inputs, import_coremltools, quiet_coremltools
-from edgecompile.deploy.convert import deploy_model
+from edgecompile.coremltools_loader import import_coremltools, quiet_coremltools
+from edgecompile.deploy.contract import example_inputs, text_from_package, text_to_package
+from edgecompile.deploy.rewrite import deploy_model
 from edgecompile.model.checkpoint import load_checkpoint
 from edgecompile.model.elastic import extract_width
 
@@ -29,7 +30,7 @@ class ReferenceForTrace(torch.nn.Module):
         self.model = model
 
     def forward(self, latent, t, text):
-        return self.model(latent, t, text[:, :, 0].transpose(1, 2))
+        return self.model(latent, t, text_from_package(text))
 
 
 def convert(module, example) -> dict[str, int]:
@@ -62,7 +63,7 @@ def block_examples(dense, deploy):
     lay = deploy.layout
     t0_ref, t0_dep = torch.randn(1, 6 * d.hidden), torch.randn(1, 6 * d.hidden, 1, 1)
     text_ref = torch.randn(1, c.text_len, c.text_dim)
-    text_dep = text_ref[:, :, :].transpose(1, 2)[:, :, None]
+    text_dep = text_to_package(text_ref)
     for stage in ("down", "middle", "up"):
         for i, (rb, db) in enumerate(zip(getattr(dense, stage), getattr(deploy, stage))):
             gh, gw = (mh, mw) if stage == "middle" else (h, w)

@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.table import Table
 
 from edgecompile.compress.kmeans import palettize
-from edgecompile.coreml.convert import import_coremltools, quiet_coremltools
+from edgecompile.coremltools_loader import import_coremltools, quiet_coremltools
 
 
 def coremltools_kmeans(weight: np.ndarray, nbits: int, group_size: int | None):

@@ -26,9 +26,10 @@ from rich.table import Table
 from edgecompile.compress.allocation import average_bits, greedy, threshold_allocation
 from edgecompile.compress.calibration import default_calibration
 from edgecompile.compress.distill import DistillSettings, bias_correction, distill
-from edgecompile.compress.palettize_model import palettize_deploy
-from edgecompile.compress.sensitivity import PaletteCache, calibration_outputs, output_psnr, sweep
-from edgecompile.deploy.convert import deploy_model
+from edgecompile.compress.palettize_model import PaletteCache, palettize_deploy
+from edgecompile.compress.sensitivity import calibration_outputs, output_psnr, sweep
+from edgecompile.deploy.contract import with_btd_text
+from edgecompile.deploy.rewrite import deploy_model
 from edgecompile.metrics import psnr_db
 from edgecompile.model.checkpoint import load_checkpoint
 from edgecompile.model.digits import sample_accuracy, train_classifier
@@ -40,7 +41,7 @@ PER_CLASS = 10
 
 
 def as_denoiser(deploy):
-    return lambda x, t, c: deploy(x, t, c.transpose(1, 2)[:, :, None])
+    return with_btd_text(deploy)
 
 
 def main() -> None:

@@ -16,8 +16,9 @@ import _common
 import torch
 
 from edgecompile.compress.calibration import build_calibration, random_prompts
-from edgecompile.compress.sensitivity import PaletteCache, sweep
-from edgecompile.deploy.convert import deploy_model
+from edgecompile.compress.palettize_model import PaletteCache
+from edgecompile.compress.sensitivity import sweep
+from edgecompile.deploy.rewrite import deploy_model
 from edgecompile.model.config import ModelConfig
 from edgecompile.model.dit import EfficientDiT, randomize_untrained
 

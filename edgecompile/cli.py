@@ -4,7 +4,6 @@ one line and exit code 1; Ctrl-C and SIGTERM clean up alike and exit 130."""
 from __future__ import annotations
 
 import errno
-import json
 import logging
 import math
 import os
@@ -16,8 +15,19 @@ from rich.console import Console
 from rich.table import Table
 
 from edgecompile import __version__
+from edgecompile.atomic import quiet_staging_unraisable, termination_as_interrupt
+from edgecompile.bench.report import DEFAULT_DEVICES, BenchOptions, resolve_bench, run_bench
+from edgecompile.compress.calibration import record_calibration
+from edgecompile.compress.recipe import DEFAULT_TARGET_BITS
+from edgecompile.compress.sensitivity import MODES as SWEEP_MODES
+from edgecompile.coreml.package import layout_ops_per_block, load_package, weight_census
+from edgecompile.coreml.verify import DEFAULT_MIN_PSNR_DB, check_passed
 from edgecompile.errors import EdgeCompileError
+from edgecompile.export import FORMATS, ExportOptions, SweepOptions, SweepSettings, run_export, run_sweep, verify_exported
+from edgecompile.export_report import ExportReport
 from edgecompile.jsonutil import dumps
+from edgecompile.model.checkpoint import init_checkpoint, load_checkpoint, load_config_or_checkpoint
+from edgecompile.model.summary import summarize
 
 console = Console(stderr=True)
 out = Console()
@@ -84,39 +94,18 @@ def info(source: str | None, latent: str | None, as_json: bool) -> None:
 
     SOURCE is a YAML/JSON config or a checkpoint folder; the bundled default checkpoint when omitted.
     """
-    from edgecompile.model.checkpoint import load_config_or_checkpoint
-    from edgecompile.model.elastic import count_params
-    from edgecompile.model.config import width_label
-
     config, ckpt = load_config_or_checkpoint(source)
-    size = parse_latent(latent) or config.sample_size
-    config.check_latent_size(*size)
-    h, w = config.token_grid(*size)
-    mh, mw = config.middle_grid(*size)
-    tokens = {"down": h * w, "middle": mh * mw, "up": h * w}
-    widths = {}
-    for wd in config.widths:
-        n = count_params(config, wd)
-        d = config.dims(wd)
-        widths[width_label(wd)] = {
-            "params": n, "weight_bytes_fp16": 2 * n, "weight_bytes_fp32": 4 * n,
-            "hidden": d.hidden, "heads": d.heads, "kv_heads": d.kv_heads, "tokens": tokens,
-        }
-    data = {
-        "config": config.name, "source": str(ckpt.path) if ckpt else str(source), "latent": list(size),
-        "token_grid": [h, w], "middle_grid": [mh, mw], "widths": widths,
-    }
-    if ckpt is not None:
-        data["checkpoint"] = {"dtype": ckpt.dtype, "provenance": ckpt.provenance}
+    summary = summarize(config, ckpt, source, parse_latent(latent))
     if as_json:
-        emit_json(data)
+        emit_json(summary.to_dict())
         return
+    size, tokens = summary.latent, summary.tokens
     table = Table(title=f"{config.name}: latent {size[0]}x{size[1]}, tokens down/middle/up {tokens['down']}/{tokens['middle']}/{tokens['up']}")
     for col in ("width", "params", "fp16 weights", "hidden", "heads (q/kv)"):
         table.add_column(col, justify="right")
-    for label, row in widths.items():
-        table.add_row(label, f"{row['params'] / 1e6:,.2f} M", f"{row['weight_bytes_fp16'] / 2**20:,.1f} MiB",
-                      str(row["hidden"]), f"{row['heads']}/{row['kv_heads']}")
+    for label, row in summary.widths.items():
+        table.add_row(label, f"{row.params / 1e6:,.2f} M", f"{row.weight_bytes_fp16 / 2**20:,.1f} MiB", str(row.hidden),
+                      f"{row.heads}/{row.kv_heads}")
     out.print(table)
     if ckpt is not None:
         acc = ckpt.provenance.get("sample_accuracy")
@@ -131,22 +120,8 @@ def info(source: str | None, latent: str | None, as_json: bool) -> None:
 @click.option("--force", is_flag=True, help="Replace an existing output.")
 def init(config_path: str, output: str, seed: int, dtype: str, force: bool) -> None:
     """Write a randomly initialised checkpoint of CONFIG (to try an architecture or scale before training)."""
-    import torch
-
-    from edgecompile.atomic import check_output_path
-    from edgecompile.model.budget import check_weights_fit
-    from edgecompile.model.checkpoint import save_checkpoint
-    from edgecompile.model.config import ModelConfig
-    from edgecompile.model.dit import EfficientDiT, randomize_untrained
-    from edgecompile.model.elastic import count_params
-
-    config = ModelConfig.load(config_path)
-    check_output_path(Path(output), force, inputs=[config_path])
-    check_weights_fit(count_params(config, 1.0), 4 + 2, f"init {config_path}")  # fp32 model + the saved copy
-    torch.manual_seed(seed)
-    model = randomize_untrained(EfficientDiT(config), seed)
-    save_checkpoint(model, output, dtype=dtype, provenance={"init": "random", "seed": seed}, force=force, inputs=[config_path])
-    console.print(f"wrote {output} ({sum(p.numel() for p in model.parameters()) / 1e6:,.2f} M parameters, seed {seed})")
+    params = init_checkpoint(config_path, output, seed, dtype, force)
+    console.print(f"wrote {output} ({params / 1e6:,.2f} M parameters, seed {seed})")
 
 
 class StageProgress:
@@ -201,11 +176,11 @@ def parse_int_list(text: str, option: str, minimum: int | None = None) -> tuple[
 @click.option("-o", "--output", default="dist", show_default=True, type=click.Path(), help="Output folder (one subfolder per width).")
 @click.option("--latent", help="Latent size HxW (default: the config's sample_size).")
 @click.option("--target", default="iOS17", show_default=True, type=click.Choice(["iOS17", "iOS18"]))
-@click.option("--format", "fmt", default="coreml", show_default=True, type=click.Choice(["coreml", "onnx"]))
+@click.option("--format", "fmt", default="coreml", show_default=True, type=click.Choice(FORMATS))
 @click.option("--recipe", type=click.Path(), help="Mixed-bit recipe from `edgecompile sweep` (skips the sweep).")
-@click.option("--target-bits", default=4.3, show_default=True, type=FINITE, help="Average bits for --bits mixed.")
+@click.option("--target-bits", default=DEFAULT_TARGET_BITS, show_default=True, type=FINITE, help="Average bits for --bits mixed.")
 @click.option("--candidates", default="4,8", show_default=True, help="Bit-widths --bits mixed chooses from.")
-@click.option("--sweep-mode", default="local", show_default=True, type=click.Choice(["local", "e2e"]), help="Sensitivity signal for --bits mixed.")
+@click.option("--sweep-mode", default="local", show_default=True, type=click.Choice(SWEEP_MODES), help="Sensitivity signal for --bits mixed.")
 @click.option("--group-size", type=POSITIVE_INT, help="One LUT per group of this many output channels (iOS18).")
 @click.option("--calibration", type=click.Path(), help="Calibration inputs from `edgecompile calibrate` (default: built from the checkpoint).")
 @click.option("--no-distill", is_flag=True, help="Skip self-distillation of biases and norms after palettization.")
@@ -213,7 +188,7 @@ def parse_int_list(text: str, option: str, minimum: int | None = None) -> tuple[
 @click.option("--swift-resources", is_flag=True, help="Lay the output out as the Swift Core ML pipelines expect (Resources/).")
 @click.option("--query-chunk", type=POSITIVE_INT, help="Split attention queries into chunks of this many tokens.")
 @click.option("--no-verify", is_flag=True, help="Skip executing the package against the checkpoint.")
-@click.option("--min-psnr", default=60.0, show_default=True, type=FINITE, help="Verification bar (dB against edgecompile's simulation).")
+@click.option("--min-psnr", default=DEFAULT_MIN_PSNR_DB, show_default=True, type=FINITE, help="Verification bar (dB against edgecompile's simulation).")
 @click.option("--keep-failed", is_flag=True, help="Keep a package whose verification failed, for inspection (still exits 1).")
 @click.option("--force", is_flag=True, help="Replace existing output folders.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
@@ -221,42 +196,42 @@ def export(checkpoint, width_text, bits, output, latent, target, fmt, recipe, ta
            calibration, no_distill, distill_steps, swift_resources, query_chunk, no_verify, min_psnr, keep_failed, force, as_json):
     """Compile CHECKPOINT (default: the bundled one) into one verified package per width.
 
-    Pipeline: load -> extract width -> rewrite -> calibrate -> sweep (or --recipe) -> palettize -> self-distill
-    -> convert -> verify -> package. A package that verifies below --min-psnr is not written (exit 1).
+    Pipeline, in the order it runs: load and validate -> extract width -> rewrite -> calibrate -> sweep (or
+    --recipe) -> palettize -> self-distill -> convert -> verify -> package. A package that verifies below
+    --min-psnr is not written (exit 1).
     """
-    from edgecompile.export import ExportOptions, run_export
-    from edgecompile.model.checkpoint import load_checkpoint
-
     ckpt = load_checkpoint(checkpoint)
     opts = ExportOptions(
         output=Path(output), widths=ckpt.config.parse_widths(width_text), bits=str(bits), latent_hw=parse_latent(latent),
         target=target, fmt=fmt, force=force, verify=not no_verify, query_chunk=query_chunk,
-        recipe=Path(recipe) if recipe else None, target_bits=target_bits, candidates=parse_int_list(candidates, '--candidates'),
-        sweep_mode=sweep_mode, group_size=group_size, calibration=Path(calibration) if calibration else None,
+        recipe=Path(recipe) if recipe else None,
+        sweep=SweepSettings(candidates=parse_int_list(candidates, "--candidates"), mode=sweep_mode, target_bits=target_bits),
+        group_size=group_size, calibration=Path(calibration) if calibration else None,
         distill=not no_distill, distill_steps=distill_steps, swift_resources=swift_resources,
         min_psnr_db=min_psnr, keep_failed=keep_failed,
     )
     with StageProgress() as display:
         reports = run_export(ckpt, opts, on_stage=display.on_stage, progress=display.update)
     if as_json:
-        emit_json({"packages": reports})
+        emit_json({"packages": [{**r.to_dict(), "path": r.path} for r in reports]})
         return
-    out.print(summary_table(ckpt.config.name, reports))
+    print_summary(ckpt.config.name, reports)
 
 
-def summary_table(name: str, reports: list[dict]) -> Table:
+def print_summary(name: str, reports: list[ExportReport]) -> None:
+    """A per-width table that fits 80 columns, then each width's package path and stage times on their own lines."""
     table = Table(title=f"edgecompile export: {name}")
-    for col in ("width", "package", "params", "size", "avg bits", "PSNR vs checkpoint", "calib. PSNR (palettized -> distilled)", "time per stage"):
-        table.add_column(col, justify="left" if col in ("package", "time per stage") else "right", overflow="fold")
+    for col in ("width", "params", "size", "avg bits", "vs ckpt", "calib. PSNR"):
+        table.add_column(col, justify="right")
     for r in reports:
-        v = r.get("verify", {})
-        psnr = f"{v['psnr_vs_checkpoint_db']:.1f} dB" if v and v.get("psnr_vs_checkpoint_db") is not None else "not verified"
-        cal = r.get("calibration_psnr_db", {})
+        psnr = f"{r.verify.psnr_vs_checkpoint_db:.1f} dB" if r.verify and math.isfinite(r.verify.psnr_vs_checkpoint_db) else "-"
+        cal = r.compression.calibration_psnr_db if r.compression else {}
         cal_text = " -> ".join(f"{cal[k]:.1f}" for k in ("palettized", "distilled") if k in cal) + " dB" if cal else "-"
-        stages = ", ".join(f"{k} {sec:.1f}s" for k, sec in r["stage_seconds"].items())
-        table.add_row(f"{r['width']:g}", r["path"], f"{r['params'] / 1e6:.2f} M", f"{r['size_bytes'] / 2**20:.2f} MiB",
-                      f"{r.get('average_bits', 16):.2f}", psnr, cal_text, stages)
-    return table
+        table.add_row(f"{r.width:g}", f"{r.params / 1e6:.2f} M", f"{r.size_bytes / 2**20:.2f} MiB", f"{r.average_bits:.2f}", psnr, cal_text)
+    out.print(table)
+    for r in reports:
+        out.print(f"w{r.width:g}: {r.path}", overflow="fold")
+        out.print("  " + ", ".join(f"{k} {sec:.1f}s" for k, sec in r.stage_seconds.items()), overflow="fold")
 
 
 @cli.command()
@@ -271,25 +246,8 @@ def summary_table(name: str, reports: list[dict]) -> Table:
 @click.option("--force", is_flag=True)
 def calibrate(checkpoint, width, output, prompts, schedules, latent, seed, cfg_scale, force):
     """Record calibration inputs along the unquantized model's own sampling trajectories."""
-    from edgecompile.atomic import check_output_path
-    from edgecompile.compress.calibration import build_calibration, check_finite, default_calibration, load_user_prompts
-    from edgecompile.model.budget import check_fits
-    from edgecompile.model.checkpoint import load_checkpoint
-
-    ckpt = load_checkpoint(checkpoint)
-    ckpt.config.dims(width)
-    check_output_path(Path(output), force, inputs=[ckpt.path, prompts])
-    steps = parse_int_list(schedules, '--schedules', minimum=1)
-    hw = parse_latent(latent) or ckpt.config.sample_size
-    ckpt.config.check_latent_size(*hw)
-    check_fits(ckpt.config, width, hw, what=f"--latent {hw[0]}x{hw[1]}")
-    if prompts:
-        tokens, null = load_user_prompts(prompts, ckpt.config)
-        calib = build_calibration(ckpt.model, width, tokens, null, hw, steps, seed, cfg_scale, prompts_label=str(prompts))
-    else:
-        calib = default_calibration(ckpt, width, hw, seed, steps)
-    check_finite(calib, "the recorded calibration set")
-    calib.save(output, force=force, inputs=[ckpt.path, prompts])
+    steps = parse_int_list(schedules, "--schedules", minimum=1)
+    calib = record_calibration(load_checkpoint(checkpoint), width, output, prompts, steps, parse_latent(latent), seed, cfg_scale, force)
     console.print(f"wrote {output}: {len(calib)} inputs (width {width:g}, schedules {list(steps)}, seed {seed})")
 
 
@@ -297,9 +255,9 @@ def calibrate(checkpoint, width, output, prompts, schedules, latent, seed, cfg_s
 @click.argument("checkpoint", required=False)
 @click.option("--width", default=0.5, show_default=True, type=WIDTH)
 @click.option("--bits", "bits_text", default="4,8", show_default=True, help="Candidate bit-widths.")
-@click.option("--mode", default="local", show_default=True, type=click.Choice(["local", "e2e"]),
+@click.option("--mode", default="local", show_default=True, type=click.Choice(SWEEP_MODES),
               help="local: each layer's own output error (one forward pass); e2e: denoiser-output error (one pass per layer and bits).")
-@click.option("--target-bits", type=FINITE, help="Average bits to allocate (default 4.3 unless --target-psnr).")
+@click.option("--target-bits", type=FINITE, help=f"Average bits to allocate (default {DEFAULT_TARGET_BITS} unless --target-psnr).")
 @click.option("--target-psnr", type=FINITE, help="Allocate the fewest bits whose calibration PSNR reaches this (dB).")
 @click.option("--group-size", type=POSITIVE_INT, help="Sweep grouped LUTs of this many output channels.")
 @click.option("--calibration", type=click.Path(), help="Calibration file (default: built from the checkpoint).")
@@ -308,41 +266,15 @@ def calibrate(checkpoint, width, output, prompts, schedules, latent, seed, cfg_s
 @click.option("--json", "as_json", is_flag=True)
 def sweep(checkpoint, width, bits_text, mode, target_bits, target_psnr, group_size, calibration, output, force, as_json):
     """Per-layer palettization sensitivity and a mixed-bit recipe for one width."""
-    from edgecompile.atomic import check_output_path
-    from edgecompile.compress.calibration import check_calibration_width, default_calibration, load_calibration
-    from edgecompile.compress.palettize_model import check_group_size, layer_shapes
-    from edgecompile.compress.recipe import DEFAULT_TARGET_BITS, PALETTE_BITS, make_recipe
-    from edgecompile.compress.sensitivity import PaletteCache
-    from edgecompile.deploy.convert import deploy_model
-    from edgecompile.model.checkpoint import load_checkpoint
-
-    ckpt = load_checkpoint(checkpoint)
-    ckpt.config.dims(width)
-    check_output_path(Path(output), force, inputs=[ckpt.path, calibration])
     if target_bits is not None and target_psnr is not None:
         raise EdgeCompileError("give --target-bits or --target-psnr, not both")
-    candidates = list(parse_int_list(bits_text, '--bits'))
-    if any(b not in PALETTE_BITS for b in candidates) or len(candidates) < 2:
-        raise EdgeCompileError(f"--bits {bits_text}: give two or more of {PALETTE_BITS} (e.g. 4,8)")
-    if target_bits is not None and not min(candidates) <= target_bits <= max(candidates):
-        raise EdgeCompileError(f"--target-bits {target_bits:g} is outside {min(candidates)}..{max(candidates)} (the candidate bit-widths)")
-    calib = None
-    if calibration:
-        calib = load_calibration(calibration)
-        calib.check(ckpt.config, source=f"calibration file {calibration}")
-        check_calibration_width(calib, width, f"calibration file {calibration}")
-    if group_size is not None:
-        hw = tuple(calib.latent.shape[2:]) if calib is not None else ckpt.config.sample_size
-        check_group_size(layer_shapes(ckpt.config, width, hw), group_size, width)
+    candidates = parse_int_list(bits_text, "--bits")
+    settings = SweepSettings(candidates=candidates, mode=mode, target_bits=DEFAULT_TARGET_BITS if target_bits is None else target_bits,
+                             target_psnr_db=target_psnr)
+    opts = SweepOptions(output=Path(output), width=width, settings=settings, group_size=group_size,
+                        calibration=Path(calibration) if calibration else None, force=force)
     with StageProgress() as display:
-        display.on_stage("calibration inputs")
-        calib = calib if calib is not None else default_calibration(ckpt, width)
-        model = deploy_model(ckpt.model, width, latent_hw=tuple(calib.latent.shape[2:]))
-        display.on_stage(f"{mode} sweep")
-        recipe = make_recipe(model, ckpt.config.name, width, calib, candidates, mode,
-                             target_bits if target_psnr is None and target_bits is not None else DEFAULT_TARGET_BITS,
-                             target_psnr, PaletteCache(model, group_size), progress=display.update)
-    recipe.save(output, force=force, inputs=[ckpt.path, calibration])
+        recipe = run_sweep(load_checkpoint(checkpoint), opts, on_stage=display.on_stage, progress=display.update)
     if as_json:
         emit_json({"recipe": str(output), **{k: v for k, v in recipe.to_dict().items() if k != "layers"}})
         return
@@ -362,8 +294,6 @@ def sweep(checkpoint, width, bits_text, mode, target_bits, target_psnr, group_si
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def inspect(package, as_json):
     """Op counts, layout ops per block, I/O, metadata and weight bytes of a saved .mlpackage (works on Linux)."""
-    from edgecompile.coreml.package import layout_ops_per_block, load_package, weight_census
-
     view = load_package(package)
     census = weight_census(view)
     data = {
@@ -404,14 +334,12 @@ def inspect(package, as_json):
 @click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "fp16"]),
               help="Interpreter arithmetic: fp32 proves the graph; fp16 predicts device numerics.")
 @click.option("--runtime", default="auto", show_default=True, type=click.Choice(["auto", "coreml", "interpreter"]))
-@click.option("--min-psnr", default=60.0, show_default=True, type=FINITE, help="The bar: PSNR (dB) below it fails (exit 1).")
+@click.option("--min-psnr", default=DEFAULT_MIN_PSNR_DB, show_default=True, type=FINITE, help="The bar: PSNR (dB) below it fails (exit 1).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def verify(package, checkpoint, precision, runtime, min_psnr, as_json):
     """Execute PACKAGE (.mlpackage or .onnx) and compare it with edgecompile's simulation of its checkpoint and
     width (PSNR). Exits 1 when the PSNR is below --min-psnr or an output is not finite."""
-    from edgecompile.coreml.verify import check_passed, verify_package
-
-    result = verify_package(package, checkpoint, precision=precision, runtime=runtime, min_psnr_db=min_psnr)
+    result = verify_exported(package, checkpoint, precision=precision, runtime=runtime, min_psnr_db=min_psnr)
     if as_json:
         emit_json(result.to_dict())
     else:
@@ -440,33 +368,14 @@ def verify(package, checkpoint, precision, runtime, min_psnr, as_json):
 def bench(packages, configs, config_widths, latent, config_bits, devices, runs, export_reports, no_host, host_latent, repeats, output,
           force, as_json):
     """Latency report: static analysis, host timing, Core ML timing (macOS) and device cost-model estimates."""
-    from edgecompile.bench.latency import load_runs
-    from edgecompile.bench.report import DEFAULT_DEVICES, analyse, config_items, package_item, write_report
-
-    from edgecompile.atomic import check_output_path
-
-    if not packages and not configs:
-        raise EdgeCompileError("give one or more packages (PKG...) or --config files to benchmark")
-    inputs = [*packages, *configs, *runs, *export_reports]
-    if output:
-        check_output_path(Path(output), force, inputs=inputs)
-    items = [package_item(p) for p in packages]
-    for c in configs:
-        items += config_items(c, config_widths, parse_latent(latent), config_bits)
-    merged = load_runs(list(runs))
-    reports = []
-    for r in export_reports:
-        try:
-            reports.append(json.loads(Path(r).read_text()))
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise EdgeCompileError(f"export report {r} cannot be read ({str(e).splitlines()[0]})") from None
+    opts = BenchOptions(packages=list(packages), configs=list(configs), config_widths=config_widths, latent=parse_latent(latent),
+                        config_bits=config_bits, devices=tuple(devices) or DEFAULT_DEVICES, runs=list(runs),
+                        export_reports=list(export_reports), host=not no_host, host_latent=parse_latent(host_latent),
+                        repeats=repeats, output=Path(output) if output else None, force=force)
+    inputs = resolve_bench(opts)  # every input read and checked before the progress display starts
     with StageProgress() as display:
         display.on_stage("bench")
-        data = analyse(items, tuple(devices) or DEFAULT_DEVICES, host=not no_host, host_latent=parse_latent(host_latent),
-                       repeats=repeats, progress=display.update)
-    data["runs"] = merged
-    if output:
-        write_report(data, Path(output), reports, force=force, inputs=inputs)
+        data = run_bench(opts, inputs, progress=display.update)
     if as_json:
         emit_json(data)
         return
@@ -498,8 +407,6 @@ class _NoteHandler(logging.Handler):
 
 
 def main(argv: list[str] | None = None) -> None:
-    from edgecompile.atomic import quiet_staging_unraisable, termination_as_interrupt
-
     sys.unraisablehook = quiet_staging_unraisable
 
     logger = logging.getLogger("edgecompile")

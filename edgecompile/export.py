@@ -1,8 +1,20 @@
-"""The export pipeline users run: load -> extract width -> rewrite -> [calibrate -> sweep -> palettize ->
-self-distill] -> convert -> verify -> package, one output folder per width.
+"""The export pipeline users run, in the order it runs, one output folder per width:
 
-All widths are staged together and committed together (atomic_outputs): an export that fails or is interrupted
-in any width, or whose verification misses its bar, leaves no output and leaves an old one untouched."""
+    load and validate -> extract width -> rewrite -> [calibrate -> sweep (or --recipe) -> palettize -> self-distill]
+    -> convert -> verify -> package
+
+`run_export` is the whole pipeline as one readable function per width (`export_width`); `run_sweep` and
+`verify_exported` are the `sweep` and `verify` commands. All widths are staged together and committed together
+(atomic_outputs): an export that fails or is interrupted in any width, or whose verification misses its bar,
+leaves no output and leaves an old one untouched.
+
+    from edgecompile.export import ExportOptions, run_export
+    from edgecompile.model.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint("my_ckpt")
+    [report] = run_export(ckpt, ExportOptions(output=Path("dist"), widths=[0.5], bits="mixed"))
+    print(report.path, report.verify.psnr_db, report.average_bits)
+"""
 
 from __future__ import annotations
 
@@ -14,10 +26,29 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+from safetensors.torch import save_file
 
 from edgecompile import __version__
 from edgecompile.atomic import atomic_outputs, check_output_path, safe_name
+from edgecompile.compress.calibration import CalibrationSet, check_calibration_width, check_finite, default_calibration, load_calibration
+from edgecompile.compress.distill import DISTILLED_STATE, DistillSettings, distill, load_trained_state, trained_state
+from edgecompile.compress.palettize_model import PaletteCache, check_group_size, layer_shapes, palettizable_layers, palettize_deploy, uniform_bits
+from edgecompile.compress.recipe import DEFAULT_TARGET_BITS, PALETTE_BITS, Recipe, check_recipe_fits, load_recipe, make_recipe
+from edgecompile.compress.sensitivity import MODES as SWEEP_MODES
+from edgecompile.compress.sensitivity import calibration_outputs, output_psnr
+from edgecompile.compress.simulate import simulated_model_for_package
+from edgecompile.coreml.convert import TARGETS, convert_to_mlmodel, set_metadata
+from edgecompile.coreml.package import load_package
+from edgecompile.coreml.swift import write_swift_resources
+from edgecompile.coreml.verify import DEFAULT_MIN_PSNR_DB, VerifyResult, checkpoint_for, verify_package
+from edgecompile.coremltools_loader import import_coremltools
+from edgecompile.deploy.contract import PackageInfo, bits_metadata, package_metadata, with_btd_text
+from edgecompile.deploy.dit import DeployDiT
+from edgecompile.deploy.onnx_export import export_onnx
+from edgecompile.deploy.rewrite import deploy_model
+from edgecompile.digest import sha256_file
 from edgecompile.errors import EdgeCompileError, VerificationFailed
+from edgecompile.export_report import REPORT_FILE, CompressionResult, ExportReport
 from edgecompile.jsonutil import dumps
 from edgecompile.model.budget import check_fits
 from edgecompile.model.checkpoint import Checkpoint
@@ -26,9 +57,34 @@ from edgecompile.model.elastic import count_params, extract_width
 
 BITS_CHOICES = ("16", "8", "6", "4", "mixed")
 FORMATS = ("coreml", "onnx")
-SWEEP_MODES = ("local", "e2e")
 SWIFT_DENOISER = "MultiModalDiffusionTransformer"  # ml-stable-diffusion's SD3 denoiser resource name
-DISTILLED_STATE = "distilled.safetensors"  # beside the package: the verifier's simulation needs it
+
+Progress = Callable[[str, int, int], None]
+
+
+@dataclass(frozen=True)
+class SweepSettings:
+    """How a mixed-bit recipe is made: `export --bits mixed` and `edgecompile sweep`."""
+
+    candidates: tuple[int, ...] = (4, 8)
+    mode: str = "local"
+    target_bits: float | None = DEFAULT_TARGET_BITS  # ignored when target_psnr_db is set
+    target_psnr_db: float | None = None
+
+    def validate(self, option: str = "--candidates") -> None:
+        if any(b not in PALETTE_BITS for b in self.candidates) or len(set(self.candidates)) < 2:
+            raise EdgeCompileError(f"{option} {','.join(map(str, self.candidates))}: give two or more of {PALETTE_BITS} (e.g. 4,8)")
+        if self.mode not in SWEEP_MODES:
+            raise EdgeCompileError(f"--sweep-mode {self.mode} is not supported: use one of {', '.join(SWEEP_MODES)}")
+        if self.target_psnr_db is not None:
+            if not math.isfinite(self.target_psnr_db):
+                raise EdgeCompileError(f"--target-psnr {self.target_psnr_db} is not a finite number of dB (e.g. --target-psnr 40)")
+            return
+        lo, hi = min(self.candidates), max(self.candidates)
+        if self.target_bits is None or not math.isfinite(self.target_bits) or not lo <= self.target_bits <= hi:
+            shown = "none" if self.target_bits is None else f"{self.target_bits:g}"
+            raise EdgeCompileError(f"--target-bits {shown} is outside {lo}..{hi} (the candidate bit-widths): "
+                                   f"e.g. --target-bits {DEFAULT_TARGET_BITS}")
 
 
 @dataclass
@@ -44,9 +100,7 @@ class ExportOptions:
     query_chunk: int | None = None
     # mixed-bit palettization
     recipe: Path | None = None
-    target_bits: float = 4.3
-    candidates: tuple[int, ...] = (4, 8)
-    sweep_mode: str = "local"
+    sweep: SweepSettings = field(default_factory=SweepSettings)
     group_size: int | None = None
     calibration: Path | None = None
     # self-distillation (palettized exports)
@@ -54,21 +108,19 @@ class ExportOptions:
     distill_steps: int | None = None
     swift_resources: bool = False
     # verification gate
-    min_psnr_db: float = 60.0
+    min_psnr_db: float = DEFAULT_MIN_PSNR_DB
     keep_failed: bool = False
 
-    def validate(self, ckpt: Checkpoint) -> "ResolvedInputs":
+    def validate(self, ckpt: Checkpoint) -> ResolvedInputs:
         """Every option checked before any work, so a bad one costs nothing and writes nothing; the recipe and the
         calibration set are loaded here, once, and handed to the pipeline."""
-        from edgecompile.compress.palettize_model import check_group_size, layer_shapes
-
         resolved = ResolvedInputs()
         if self.bits not in BITS_CHOICES:
             raise EdgeCompileError(f"--bits {self.bits} is not supported: use one of {', '.join(BITS_CHOICES)}")
         if self.fmt not in FORMATS:
             raise EdgeCompileError(f"--format {self.fmt} is not supported: use one of {', '.join(FORMATS)}")
-        if self.sweep_mode not in SWEEP_MODES:
-            raise EdgeCompileError(f"--sweep-mode {self.sweep_mode} is not supported: use local or e2e")
+        if self.target not in TARGETS:
+            raise EdgeCompileError(f"--target {self.target} is not supported: use one of {', '.join(TARGETS)}")
         if self.fmt == "onnx" and self.bits != "16":
             raise EdgeCompileError("--format onnx exports fp32/fp16 graphs only: drop --bits or use --format coreml")
         if self.swift_resources and self.fmt != "coreml":
@@ -87,22 +139,10 @@ class ExportOptions:
             raise EdgeCompileError(f"--query-chunk {self.query_chunk} must be a positive number of tokens (e.g. 512)")
         if not math.isfinite(self.min_psnr_db):
             raise EdgeCompileError(f"--min-psnr {self.min_psnr_db} is not a finite number of dB (e.g. --min-psnr 60)")
-        if not math.isfinite(self.target_bits):
-            raise EdgeCompileError(f"--target-bits {self.target_bits} is not a finite number (e.g. --target-bits 4.3)")
         layers = {w: layer_shapes(ckpt.config, w, latent_hw) for w in self.widths}
         if self.bits == "mixed":
-            from edgecompile.compress.recipe import PALETTE_BITS
-
-            if any(b not in PALETTE_BITS for b in self.candidates) or len(self.candidates) < 2:
-                raise EdgeCompileError(f"--candidates {','.join(map(str, self.candidates))}: give two or more of {PALETTE_BITS} (e.g. 4,8)")
-            lo, hi = min(self.candidates), max(self.candidates)
-            if not lo <= self.target_bits <= hi:
-                raise EdgeCompileError(f"--target-bits {self.target_bits:g} is outside {lo}..{hi} (the candidate bit-widths): e.g. --target-bits 4.3")
+            self.sweep.validate()
             if self.recipe is not None:
-                from edgecompile.compress.recipe import load_recipe
-
-                from edgecompile.compress.recipe import check_recipe_fits
-
                 recipe = load_recipe(self.recipe)
                 if len(self.widths) != 1 or abs(recipe.width - self.widths[0]) > 1e-9:
                     raise EdgeCompileError(f"recipe {self.recipe} is for width {recipe.width:g}: pass --width {recipe.width:g}")
@@ -122,17 +162,7 @@ class ExportOptions:
         if self.distill_steps is not None and self.distill_steps < 0:
             raise EdgeCompileError(f"--distill-steps {self.distill_steps} must be >= 0")
         if self.calibration is not None:
-            from edgecompile.compress.calibration import check_calibration_width, load_calibration
-
-            calib = load_calibration(self.calibration)
-            calib.check(ckpt.config, source=f"calibration file {self.calibration}")
-            for w in self.widths:
-                check_calibration_width(calib, w, f"calibration file {self.calibration}")
-            want = calib.meta.get("width")
-            if want is not None and len(self.widths) > 1:
-                raise EdgeCompileError(f"calibration file {self.calibration} holds one width's trajectories ({float(want):g}): "
-                                       "export one width with it, or drop --calibration")
-            resolved.calibration = calib
+            resolved.calibration = load_checked_calibration(self.calibration, ckpt, self.widths)
         for w in self.widths:
             check_output_path(self.width_dir(w), self.force, self.inputs(ckpt))
         return resolved
@@ -149,8 +179,19 @@ class ExportOptions:
 class ResolvedInputs:
     """The files options name, loaded once by ExportOptions.validate."""
 
-    recipe: object | None = None  # compress.recipe.Recipe
-    calibration: object | None = None  # compress.calibration.CalibrationSet
+    recipe: Recipe | None = None
+    calibration: CalibrationSet | None = None
+
+
+def load_checked_calibration(path: Path, ckpt: Checkpoint, widths: list[float]) -> CalibrationSet:
+    calib = load_calibration(path)
+    calib.check(ckpt.config, source=f"calibration file {path}")
+    for w in widths:
+        check_calibration_width(calib, w, f"calibration file {path}")
+    if calib.meta.get("width") is not None and len(widths) > 1:
+        raise EdgeCompileError(f"calibration file {path} holds one width's trajectories ({float(calib.meta['width']):g}): "
+                               "export one width with it, or drop --calibration")
+    return calib
 
 
 @dataclass
@@ -177,68 +218,87 @@ def package_name(config_name: str, width: float, bits: str, fmt: str) -> str:
     return f"{safe_name(config_name)}_w{width_label(width)}_{tag}" + (".mlpackage" if fmt == "coreml" else ".onnx")
 
 
-def compress(ckpt: Checkpoint, dense, deploy, width: float, opts: ExportOptions, resolved: ResolvedInputs, timer: StageTimer,
-             report: dict, progress=None) -> dict:
-    """Sweep (or read the recipe), palettize and self-distill; `deploy` gets the final weights. Fills the report
-    and returns the palettes by layer.
+# ---- compress: calibrate -> sweep -> palettize -> self-distill ------------------------------------------------
+def calibration_for(ckpt: Checkpoint, width: float, given: CalibrationSet | None) -> CalibrationSet:
+    calib = given if given is not None else default_calibration(ckpt, width)
+    check_finite(calib, "calibration set")
+    return calib
 
-    Sweep and distillation run on deploy graphs at the calibration latent size (teacher: unquantized; student:
-    palettized); palettes and distilled parameters carry over to the export graph by layer name."""
-    from edgecompile.compress.distill import DistillSettings, distill, load_trained_state, trained_state
-    from edgecompile.compress.palettize_model import palettizable_layers, palettize_deploy, uniform_bits
-    from edgecompile.compress.sensitivity import PaletteCache, calibration_outputs, output_psnr
-    from edgecompile.deploy.convert import deploy_model
 
-    from edgecompile.compress.calibration import check_finite, default_calibration
+def graph_at_calibration_size(dense, calib: CalibrationSet, query_chunk: int | None = None) -> DeployDiT:
+    """Sweep and distillation run on deploy graphs at the calibration latent size; palettes and distilled
+    parameters carry over to the export graph by layer name."""
+    return deploy_model(dense, latent_hw=tuple(calib.latent.shape[2:]), query_chunk=query_chunk)
 
+
+def sweep_recipe(teacher: DeployDiT, config_name: str, width: float, calib: CalibrationSet, settings: SweepSettings,
+                 cache: PaletteCache, progress: Progress | None = None) -> Recipe:
+    return make_recipe(teacher, config_name, width, calib, list(settings.candidates), settings.mode, settings.target_bits,
+                       settings.target_psnr_db, cache=cache, progress=progress)
+
+
+def compress(ckpt: Checkpoint, dense, deploy: DeployDiT, width: float, opts: ExportOptions, resolved: ResolvedInputs,
+             timer: StageTimer, progress: Progress | None = None) -> CompressionResult:
+    """Palettize `deploy` (and self-distil its biases and norms) in place; returns what was done and measured."""
     with timer.stage("calibrate"):
-        calib = resolved.calibration if resolved.calibration is not None else default_calibration(ckpt, width)
-        check_finite(calib, "calibration set")
-    report["calibration"] = {**calib.meta, "inputs": len(calib)}
-    calib_hw = tuple(calib.latent.shape[2:])
-    teacher = deploy_model(dense, latent_hw=calib_hw, query_chunk=opts.query_chunk)
+        calib = calibration_for(ckpt, width, resolved.calibration)
+    teacher = graph_at_calibration_size(dense, calib, opts.query_chunk)
     cache = PaletteCache(teacher, opts.group_size)
+    recipe = None
     if opts.bits == "mixed":
-        from edgecompile.compress.recipe import make_recipe
-
-        if resolved.recipe is not None:
-            recipe = resolved.recipe
-        else:
+        recipe = resolved.recipe
+        if recipe is None:
             with timer.stage("sweep"):
-                recipe = make_recipe(teacher, ckpt.config.name, width, calib, list(opts.candidates), opts.sweep_mode,
-                                     opts.target_bits, cache=cache, progress=progress)
+                recipe = sweep_recipe(teacher, ckpt.config.name, width, calib, opts.sweep, cache, progress)
         bits_map = recipe.bits
-        report["recipe"] = recipe.to_dict()
     else:
         bits_map = uniform_bits(deploy, int(opts.bits))
     with timer.stage("palettize"):
         palettes = palettize_deploy(deploy, bits_map, opts.group_size, cache)
-        student = deploy_model(dense, latent_hw=calib_hw, query_chunk=opts.query_chunk)
+        student = graph_at_calibration_size(dense, calib, opts.query_chunk)
         palettize_deploy(student, bits_map, opts.group_size, cache)
     sizes = {n: m.weight.numel() for n, m in palettizable_layers(deploy).items()}
-    report["bits_per_layer"] = bits_map
-    report["average_bits"] = round(sum(bits_map[n] * sizes[n] for n in bits_map) / sum(sizes[n] for n in bits_map), 4)
-    report["group_size"] = opts.group_size
     with torch.no_grad():
         reference = calibration_outputs(teacher, calib)
-        report["calibration_psnr_db"] = {"palettized": round(output_psnr(reference, calibration_outputs(student, calib)), 3)}
+        calibration_psnr = {"palettized": round(output_psnr(reference, calibration_outputs(student, calib)), 3)}
+    distilled = None
     if opts.distill and opts.distill_steps != 0:
         with timer.stage("distill"):
-            result = distill(student, teacher, calib, DistillSettings(steps=opts.distill_steps), progress=progress)
+            distilled = distill(student, teacher, calib, DistillSettings(steps=opts.distill_steps), progress=progress)
         load_trained_state(deploy, trained_state(student))
-        report["distill"] = result.to_dict()
         with torch.no_grad():
-            report["calibration_psnr_db"]["distilled"] = round(output_psnr(reference, calibration_outputs(student, calib)), 3)
-    return palettes
+            calibration_psnr["distilled"] = round(output_psnr(reference, calibration_outputs(student, calib)), 3)
+    return CompressionResult(
+        calibration={**calib.meta, "inputs": len(calib)}, recipe=recipe, bits_per_layer=bits_map,
+        average_bits=round(sum(bits_map[n] * sizes[n] for n in bits_map) / sum(sizes[n] for n in bits_map), 4),
+        group_size=opts.group_size, calibration_psnr_db=calibration_psnr, distill=distilled, palettes=palettes,
+    )
+
+
+# ---- one width ---------------------------------------------------------------------------------------------------
+def convert_and_save(deploy: DeployDiT, path: Path, opts: ExportOptions, info: PackageInfo, extra: dict[str, str],
+                     compression: CompressionResult | None) -> str | None:
+    """Write the package at `path`; returns the coremltools version for Core ML packages."""
+    if opts.fmt == "onnx":
+        export_onnx(deploy, path, metadata=package_metadata(info, deploy))
+        return None
+    ct = import_coremltools()
+    ml = convert_to_mlmodel(deploy, target=opts.target, palettes=compression.palettes if compression else None)
+    if compression:
+        extra = {**extra, **bits_metadata(compression.bits_per_layer, opts.group_size)}
+    set_metadata(ml, info, deploy, extra=extra)
+    ml.save(str(path))
+    del ml  # its temporary package lives in the staging folder: let coremltools drop it now
+    return ct.__version__
+
+
+def size_on_disk(path: Path) -> int:
+    return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def export_width(ckpt: Checkpoint, width: float, opts: ExportOptions, resolved: ResolvedInputs, out_dir: Path,
-                 timer: StageTimer, progress=None) -> dict:
+                 timer: StageTimer, progress: Progress | None = None) -> ExportReport:
     """Build one width's output in `out_dir` (a staging folder); returns its report (also written as report.json)."""
-    from edgecompile.coreml.convert import PackageInfo, convert_to_mlmodel, package_metadata, set_metadata, sha256_file
-    from edgecompile.coreml.verify import verify_package
-    from edgecompile.deploy.convert import deploy_model
-
     config = ckpt.config
     latent_hw = tuple(opts.latent_hw or config.sample_size)
     with timer.stage("extract"):
@@ -247,80 +307,49 @@ def export_width(ckpt: Checkpoint, width: float, opts: ExportOptions, resolved: 
         dense = extract_width(ckpt.model, width, share=True)
     with timer.stage("rewrite"):
         deploy = deploy_model(dense, latent_hw=latent_hw, query_chunk=opts.query_chunk)
-    params = count_params(config, width)
     ckpt_sha = sha256_file(ckpt.path / "model.safetensors") if ckpt.path else None
-    name = package_name(config.name, width, opts.bits, opts.fmt)
-    report: dict = {
-        "edgecompile": __version__, "config": config.to_dict(), "width": width, "params": params,
-        "latent": list(latent_hw), "bits": opts.bits, "format": opts.fmt, "target": opts.target,
-        "checkpoint": str(ckpt.path) if ckpt.path else None, "checkpoint_sha256": ckpt_sha, "package": name,
-        "torch_threads": torch.get_num_threads(),
-    }
-    palettes = compress(ckpt, dense, deploy, width, opts, resolved, timer, report, progress) if opts.bits != "16" else {}
     pkg_dir = out_dir / "Resources" if opts.swift_resources else out_dir
+    name = f"{SWIFT_DENOISER}.mlpackage" if opts.swift_resources else package_name(config.name, width, opts.bits, opts.fmt)
+    report = ExportReport(
+        edgecompile=__version__, config=config.to_dict(), width=width, params=count_params(config, width),
+        latent=list(latent_hw), bits=opts.bits, format=opts.fmt, target=opts.target,
+        checkpoint=str(ckpt.path) if ckpt.path else None, checkpoint_sha256=ckpt_sha,
+        package=f"Resources/{name}" if opts.swift_resources else name, torch_threads=torch.get_num_threads(),
+    )
+    if opts.bits != "16":
+        report.compression = compress(ckpt, dense, deploy, width, opts, resolved, timer, progress)
     pkg_dir.mkdir(exist_ok=True)
-    if opts.swift_resources:
-        name = f"{SWIFT_DENOISER}.mlpackage"
-        report["package"] = f"Resources/{name}"
-    pkg_path = pkg_dir / name
-    info = PackageInfo(width=width, params=params, config=config.to_dict(), checkpoint_sha256=ckpt_sha, bits=opts.bits)
     extra = {}
-    if "distill" in report:
-        from safetensors.torch import save_file
-
-        from edgecompile.compress.distill import trained_state
-
+    if report.compression and report.compression.distill:
         save_file(trained_state(deploy), str(pkg_dir / DISTILLED_STATE))
         extra["edgecompile.distilled_sha256"] = sha256_file(pkg_dir / DISTILLED_STATE)
-    if "recipe" in report:
-        (out_dir / "recipe.json").write_text(dumps(report["recipe"]) + "\n")
-    if opts.fmt == "onnx":
-        from edgecompile.deploy.onnx_export import export_onnx
-
-        with timer.stage("convert"):
-            export_onnx(deploy, pkg_path, metadata=package_metadata(info, deploy))
-        report["size_bytes"] = pkg_path.stat().st_size
-    else:
-        from edgecompile.coreml.convert import import_coremltools
-
-        ct = import_coremltools()
-        with timer.stage("convert"):
-            ml = convert_to_mlmodel(deploy, target=opts.target, palettes=palettes)
-            if palettes:
-                from edgecompile.compress.palettize_model import bits_metadata
-
-                extra.update(bits_metadata(report["bits_per_layer"], opts.group_size))
-            set_metadata(ml, info, deploy, extra=extra)
-            ml.save(str(pkg_path))
-            del ml  # its temporary package lives in the staging folder: let coremltools drop it now
-        report["coremltools"] = ct.__version__
-        report["size_bytes"] = sum(f.stat().st_size for f in pkg_path.rglob("*") if f.is_file())
+    if report.compression and report.compression.recipe:
+        (out_dir / "recipe.json").write_text(dumps(report.compression.recipe.to_dict()) + "\n")
+    pkg_path = pkg_dir / name
+    info = PackageInfo(width=width, params=report.params, config=report.config, checkpoint_sha256=ckpt_sha, bits=opts.bits)
+    with timer.stage("convert"):
+        report.coremltools = convert_and_save(deploy, pkg_path, opts, info, extra, report.compression)
+    report.size_bytes = size_on_disk(pkg_path)
     if opts.verify:
-        simulated = None
-        if palettes:
-            simulated = lambda x, t, c: deploy(x, t, c.transpose(1, 2)[:, :, None])  # noqa: E731
         with timer.stage("verify"):
-            result = verify_package(pkg_path, ckpt.path, simulated=simulated, min_psnr_db=opts.min_psnr_db)
-        report["verify"] = {**result.to_dict(), "package": report["package"]}
+            # a palettized package's reference is the torch graph it was converted from, decoded weights included
+            simulated = with_btd_text(deploy) if report.compression else None
+            report.verify = verify_package(load_package(pkg_path), ckpt, simulated, min_psnr_db=opts.min_psnr_db)
     if opts.swift_resources:
-        from edgecompile.coreml.swift import write_swift_resources
-
         write_swift_resources(pkg_dir, pkg_path, deploy)
-    report["stage_seconds"] = dict(timer.seconds)
-    (out_dir / "report.json").write_text(dumps(report) + "\n")
-    report["path"] = str(opts.width_dir(width) / report["package"])
+    report.stage_seconds = dict(timer.seconds)
+    (out_dir / REPORT_FILE).write_text(dumps(report.to_dict()) + "\n")
+    report.path = str(opts.width_dir(width) / report.package)
     return report
 
 
 def run_export(ckpt: Checkpoint, opts: ExportOptions, on_stage: Callable[[str], None] | None = None,
-               progress: Callable[[str, int, int], None] | None = None) -> list[dict]:
+               progress: Progress | None = None) -> list[ExportReport]:
     """Every width in turn, staged together and committed together; the loaded checkpoint (and coremltools) are
     shared between widths. A verification below its bar raises VerificationFailed and ships nothing, unless
     `keep_failed`, which commits the outputs for inspection (report.json says so) and then raises."""
     resolved = opts.validate(ckpt)
     if opts.fmt == "coreml":
-        from edgecompile.coreml.convert import import_coremltools
-
         import_coremltools()  # before the first interruptible stage: its import swallows Ctrl-C
     reports, failed = [], []
     with atomic_outputs([opts.width_dir(w) for w in opts.widths], force=opts.force, inputs=opts.inputs(ckpt)) as stages:
@@ -329,9 +358,8 @@ def run_export(ckpt: Checkpoint, opts: ExportOptions, on_stage: Callable[[str], 
             timer = StageTimer(on_stage=(lambda s, w=w: on_stage(f"w{width_label(w)}: {s}")) if on_stage else None)
             report = export_width(ckpt, w, opts, resolved, out_dir, timer, progress)
             reports.append(report)
-            verdict = report.get("verify")
-            if verdict and not verdict["passed"]:
-                message = f"width {w:g}: verification failed: {verdict['problem']}"
+            if report.verify is not None and not report.verify.passed:
+                message = f"width {w:g}: verification failed: {report.verify.problem}"
                 if not opts.keep_failed:
                     raise VerificationFailed(f"{message}; nothing was written (--keep-failed keeps the package for inspection)")
                 failed.append(message)
@@ -339,3 +367,52 @@ def run_export(ckpt: Checkpoint, opts: ExportOptions, on_stage: Callable[[str], 
         raise VerificationFailed("; ".join(failed) + f"; kept for inspection in {opts.output} (--keep-failed)")
     return reports
 
+
+# ---- the sweep and verify commands -------------------------------------------------------------------------------
+@dataclass
+class SweepOptions:
+    output: Path
+    width: float = 0.5
+    settings: SweepSettings = field(default_factory=SweepSettings)
+    group_size: int | None = None
+    calibration: Path | None = None
+    force: bool = False
+
+    def validate(self, ckpt: Checkpoint) -> CalibrationSet | None:
+        """Checked before any work; returns the calibration file's set, loaded once."""
+        ckpt.config.dims(self.width)
+        check_output_path(self.output, self.force, inputs=[ckpt.path, self.calibration])
+        self.settings.validate("--bits")
+        calib = load_checked_calibration(self.calibration, ckpt, [self.width]) if self.calibration else None
+        if self.group_size is not None:
+            hw = tuple(calib.latent.shape[2:]) if calib is not None else ckpt.config.sample_size
+            check_group_size(layer_shapes(ckpt.config, self.width, hw), self.group_size, self.width)
+        return calib
+
+
+def run_sweep(ckpt: Checkpoint, opts: SweepOptions, on_stage: Callable[[str], None] | None = None,
+              progress: Progress | None = None) -> Recipe:
+    """The export's calibrate -> sweep path for one width, saved as a recipe for `export --recipe`."""
+    given = opts.validate(ckpt)
+    on_stage = on_stage or (lambda _: None)
+    on_stage("calibration inputs")
+    calib = calibration_for(ckpt, opts.width, given)
+    teacher = graph_at_calibration_size(extract_width(ckpt.model, opts.width, share=True), calib)
+    on_stage(f"{opts.settings.mode} sweep")
+    recipe = sweep_recipe(teacher, ckpt.config.name, opts.width, calib, opts.settings, PaletteCache(teacher, opts.group_size), progress)
+    recipe.save(opts.output, force=opts.force, inputs=[ckpt.path, opts.calibration])
+    return recipe
+
+
+def verify_exported(package: str | Path, checkpoint: str | Path | None = None, precision: str = "fp32", runtime: str = "auto",
+                    min_psnr_db: float = DEFAULT_MIN_PSNR_DB) -> VerifyResult:
+    """Verify a package written by `export` against the checkpoint it came from (the bundled one by default):
+    a palettized package against edgecompile's simulation rebuilt from the checkpoint and its export folder."""
+    if not math.isfinite(min_psnr_db):
+        raise EdgeCompileError(f"--min-psnr {min_psnr_db} is not a finite number of dB (e.g. --min-psnr 60)")
+    view = load_package(package)
+    if view.width is None or view.config is None or view.latent_hw is None:
+        raise EdgeCompileError(f"package {package} has no edgecompile metadata: verify checks packages written by `edgecompile export`")
+    ckpt = checkpoint_for(view, checkpoint)
+    return verify_package(view, ckpt, simulated_model_for_package(view, ckpt), precision=precision, runtime=runtime,
+                          min_psnr_db=min_psnr_db)

@@ -52,4 +52,4 @@ def exported(tiny_checkpoint, tmp_path_factory):
     out = tmp_path_factory.mktemp("export")
     ckpt = load_checkpoint(tiny_checkpoint)
     reports = run_export(ckpt, ExportOptions(output=out, widths=[0.5, 1.0]))
-    return {r["width"]: r for r in reports}
+    return {r.width: r for r in reports}

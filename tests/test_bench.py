@@ -54,7 +54,7 @@ def test_cost_model_is_calibrated_on_the_paper_and_validated_on_the_ablations():
 
 
 def test_bench_cli_report(exported, tmp_path, capsys):
-    pkg = exported[0.5]["path"]
+    pkg = exported[0.5].path
     run = {"format": "edgecompile-bench-run", "device": "iPhone 16 Pro Max", "package": "x", "median_ms": 3.2}
     (tmp_path / "run.json").write_text(json.dumps(run))
     main(["bench", pkg, "--repeats", "2", "--runs", str(tmp_path / "run.json"), "-o", str(tmp_path / "rep"), "--json"])

@@ -36,3 +36,21 @@ def test_bundled_checkpoint_generates_recognisable_digits():
     acc, samples = sample_accuracy(lambda x, t, c: ckpt.model(x, t, c, width=1.0), ckpt.prompts, clf, per_class=5, steps=20)
     assert samples.shape == (50, 1, 8, 8)
     assert acc >= 0.7  # the full README figure uses 20 per class; 5 per class keeps this test fast
+
+
+def test_export_summary_reads_at_80_columns(exported, monkeypatch):
+    """The closing summary: a per-width table and one line of stage times per width, none wider than 80 columns."""
+    from rich.console import Console
+
+    import edgecompile.cli as cli
+
+    console = Console(width=80, record=True, force_terminal=False)
+    monkeypatch.setattr(cli, "out", console)
+    reports = [exported[0.5], exported[1.0]]
+    cli.print_summary("tiny", reports)
+    lines = console.export_text().splitlines()
+    assert max(len(line) for line in lines) <= 80
+    text = "\n".join(lines)
+    for r in reports:
+        assert f"{r.size_bytes / 2**20:.2f} MiB" in text and f"{r.verify.psnr_vs_checkpoint_db:.1f} dB" in text
+        assert ", ".join(f"{k} {s:.1f}s" for k, s in list(r.stage_seconds.items())[:2]) in text

@@ -6,8 +6,8 @@ import pytest
 from edgecompile.cli import main
 from edgecompile.coreml.interpreter import MILInterpreter
 from edgecompile.coreml.package import layout_ops_per_block, load_package, weight_census
-from edgecompile.coreml.verify import verify_package
 from edgecompile.errors import EdgeCompileError
+from edgecompile.export import verify_exported
 
 
 def run_cli(args, capsys):
@@ -19,7 +19,7 @@ def run_cli(args, capsys):
 
 
 def package_path(report):
-    return report["path"]
+    return report.path
 
 
 def test_package_io_contract_and_metadata(exported):
@@ -48,14 +48,14 @@ def test_layout_ops_per_block_are_bounded(exported):
 
 def test_verify_fp16_package_with_fp32_interpreter_at_60_db(exported, tiny_checkpoint):
     for width in (0.5, 1.0):
-        result = verify_package(package_path(exported[width]), tiny_checkpoint)
+        result = verify_exported(package_path(exported[width]), tiny_checkpoint)
         assert result.psnr_db >= 60, result
         assert result.runtime.startswith("mil-interpreter")
 
 
 def test_fp16_emulation_predicts_device_numerics(exported, tiny_checkpoint):
-    result = verify_package(package_path(exported[0.5]), tiny_checkpoint, precision="fp16")
-    fp32 = verify_package(package_path(exported[0.5]), tiny_checkpoint)
+    result = verify_exported(package_path(exported[0.5]), tiny_checkpoint, precision="fp16")
+    fp32 = verify_exported(package_path(exported[0.5]), tiny_checkpoint)
     assert 35 <= result.psnr_db < fp32.psnr_db
 
 
@@ -65,7 +65,7 @@ def test_verify_refuses_a_different_checkpoint(exported, tmp_path):
 
     save_checkpoint(trained_like(TINY, seed=7), tmp_path / "other")
     with pytest.raises(EdgeCompileError, match="another checkpoint"):
-        verify_package(package_path(exported[0.5]), tmp_path / "other")
+        verify_exported(package_path(exported[0.5]), tmp_path / "other")
 
 
 def test_interpreter_names_an_unknown_op():
@@ -172,19 +172,19 @@ def test_bundled_checkpoint_exports_and_verifies(tmp_path):
     from edgecompile.model.checkpoint import load_checkpoint
 
     report = run_export(load_checkpoint(), ExportOptions(output=tmp_path, widths=[0.375]))[0]
-    assert report["verify"]["psnr_db"] >= 60
-    assert load_package(report["path"]).metadata["edgecompile.width"] == "0.375"
+    assert report.verify.psnr_db >= 60
+    assert load_package(report.path).metadata["edgecompile.width"] == "0.375"
 
 
 def test_interrupted_export_leaves_no_partial_output(tiny_checkpoint, tmp_path, monkeypatch, capsys):
-    import edgecompile.coreml.convert as convert
+    import edgecompile.export as export
     from edgecompile.export import ExportOptions, run_export
     from edgecompile.model.checkpoint import load_checkpoint
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(convert, "convert_to_mlmodel", interrupted)
+    monkeypatch.setattr(export, "convert_to_mlmodel", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_export(load_checkpoint(tiny_checkpoint), ExportOptions(output=tmp_path / "a", widths=[0.5]))
     assert not (tmp_path / "a").exists()  # neither the package folder, a temporary, nor the folder made for them

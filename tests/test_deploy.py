@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from edgecompile.coreml.convert import example_inputs
-from edgecompile.deploy.convert import deploy_model
+from edgecompile.deploy.contract import example_inputs, text_from_package
+from edgecompile.deploy.rewrite import deploy_model
 from edgecompile.metrics import psnr_db
 from tests.conftest import CONFIGS, TINY, trained_like
 
@@ -16,7 +16,7 @@ def test_deploy_equals_reference_at_100_db_for_every_width(name):
         deploy = deploy_model(model, w)
         latent, t, text = example_inputs(deploy, batch=2, seed=3)
         with torch.no_grad():
-            ref = model(latent, t, text[:, :, 0].transpose(1, 2), width=w)
+            ref = model(latent, t, text_from_package(text), width=w)
             out = deploy(latent, t, text)
         assert psnr_db(ref.numpy(), out.numpy()) >= 100, (name, w)
 
@@ -34,7 +34,7 @@ def test_deploy_at_another_latent_size():
     deploy = deploy_model(model, 1.0, latent_hw=(16, 8))
     ex = example_inputs(deploy)
     with torch.no_grad():
-        ref = model(ex[0], ex[1], ex[2][:, :, 0].transpose(1, 2))
+        ref = model(ex[0], ex[1], text_from_package(ex[2]))
         assert psnr_db(ref.numpy(), deploy(*ex).numpy()) >= 100
 
 

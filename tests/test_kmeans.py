@@ -6,7 +6,7 @@ from edgecompile.errors import EdgeCompileError
 
 
 def coremltools_mse(w, nbits):
-    from edgecompile.coreml.convert import import_coremltools, quiet_coremltools
+    from edgecompile.coremltools_loader import import_coremltools, quiet_coremltools
 
     import_coremltools()
     from coremltools.models.neural_network.quantization_utils import _get_kmeans_lookup_table_and_weight

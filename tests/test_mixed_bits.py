@@ -8,10 +8,10 @@ import torch
 
 from edgecompile.compress.allocation import allocate_for_psnr, average_bits, greedy, threshold_allocation
 from edgecompile.compress.calibration import build_calibration, default_calibration, load_calibration, load_user_prompts
-from edgecompile.compress.palettize_model import palettizable_layers
+from edgecompile.compress.palettize_model import PaletteCache, palettizable_layers
 from edgecompile.compress.recipe import check_recipe_fits, load_recipe, make_recipe, simulated_psnr
-from edgecompile.compress.sensitivity import PaletteCache, calibration_outputs, output_psnr, swapped_weights, sweep
-from edgecompile.deploy.convert import deploy_model
+from edgecompile.compress.sensitivity import calibration_outputs, output_psnr, swapped_weights, sweep
+from edgecompile.deploy.rewrite import deploy_model
 from edgecompile.errors import EdgeCompileError
 from edgecompile.model.checkpoint import load_checkpoint
 from tests.conftest import TINY, trained_like

@@ -2,12 +2,12 @@ import numpy as np
 import pytest
 import torch
 
-from edgecompile.compress.palettize_model import const_name, palettizable_layers, palettize_deploy, uniform_bits
+from edgecompile.compress.palettize_model import palettizable_layers, palettize_deploy, uniform_bits
 from edgecompile.coreml.interpreter import OPS
 from edgecompile.coreml.package import load_package, weight_census
-from edgecompile.coreml.verify import verify_package
-from edgecompile.deploy.convert import deploy_model
-from edgecompile.export import ExportOptions, run_export
+from edgecompile.coreml.palettize import const_name
+from edgecompile.deploy.rewrite import deploy_model
+from edgecompile.export import ExportOptions, run_export, verify_exported
 from edgecompile.model.checkpoint import load_checkpoint, save_checkpoint
 from edgecompile.model.config import ModelConfig
 from tests.conftest import trained_like
@@ -31,7 +31,7 @@ def test_package_decodes_to_exactly_the_simulated_weights(palettized):
     bits = uniform_bits(deploy, 4)
     palettize_deploy(deploy, bits)
     expected = {const_name(n): m.weight.detach().numpy().astype(np.float16) for n, m in palettizable_layers(deploy).items()}
-    view = load_package(report["path"])
+    view = load_package(report.path)
     decoded = {}
     for op in view.main.operations:
         if op.op_type == "constexpr_lut_to_dense":
@@ -45,9 +45,9 @@ def test_package_decodes_to_exactly_the_simulated_weights(palettized):
 
 def test_palettized_package_reports_bits_and_verifies(palettized):
     ckpt, report = palettized
-    census = weight_census(load_package(report["path"]))
-    assert census["average_bits"] == 4.0 and report["average_bits"] == 4.0
-    result = verify_package(report["path"], ckpt.path)
+    census = weight_census(load_package(report.path))
+    assert census["average_bits"] == 4.0 and report.average_bits == 4.0
+    result = verify_exported(report.path, ckpt.path)
     assert result.psnr_db >= 60 and result.reference.startswith("edgecompile's compressed")
     assert result.psnr_vs_checkpoint_db < result.psnr_db  # 4-bit weights differ from the checkpoint
 

@@ -14,10 +14,9 @@ from edgecompile.compress.palettize_model import palettize_deploy, uniform_bits
 from edgecompile.compress.sensitivity import calibration_outputs, output_psnr
 from edgecompile.coreml.interpreter import OPS
 from edgecompile.coreml.package import load_package
-from edgecompile.coreml.verify import verify_package
-from edgecompile.deploy.convert import deploy_model
+from edgecompile.deploy.rewrite import deploy_model
 from edgecompile.errors import EdgeCompileError
-from edgecompile.export import ExportOptions, run_export
+from edgecompile.export import ExportOptions, SweepSettings, run_export, verify_exported
 from edgecompile.model.checkpoint import load_checkpoint
 
 FAST = dict(distill_steps=30)
@@ -31,7 +30,7 @@ def ckpt(tiny_checkpoint):
 @pytest.fixture(scope="module")
 def mixed(ckpt, tmp_path_factory):
     out = tmp_path_factory.mktemp("mixed")
-    report = run_export(ckpt, ExportOptions(output=out, widths=[1.0], bits="mixed", target_bits=5.0, **FAST))[0]
+    report = run_export(ckpt, ExportOptions(output=out, widths=[1.0], bits="mixed", sweep=SweepSettings(target_bits=5.0), **FAST))[0]
     return out, report
 
 
@@ -58,24 +57,24 @@ def test_distillation_improves_on_palettization_and_bias_correction(ckpt):
 def test_mixed_export_writes_recipe_report_and_verifies(mixed, ckpt):
     out, report = mixed
     folder = out / "w1.0"
-    assert {p.name for p in folder.iterdir()} == {report["package"], "recipe.json", "report.json", "distilled.safetensors"}
+    assert {p.name for p in folder.iterdir()} == {report.package, "recipe.json", "report.json", "distilled.safetensors"}
     saved = json.loads((folder / "report.json").read_text())
     for key in ("bits_per_layer", "average_bits", "calibration_psnr_db", "distill", "stage_seconds", "verify", "size_bytes"):
         assert key in saved, key
     assert {"calibrate", "sweep", "palettize", "distill", "convert", "verify"} <= set(saved["stage_seconds"])
     assert 4.0 < saved["average_bits"] <= 5.0
     assert saved["verify"]["psnr_db"] >= 60  # the package equals the distilled, palettized simulation
-    again = verify_package(report["path"], ckpt.path)
+    again = verify_exported(report.path, ckpt.path)
     assert again.psnr_db >= 60 and again.reference.startswith("edgecompile's compressed")
 
 
 def test_recipe_reuse_and_determinism(mixed, ckpt, tmp_path):
     out, report = mixed
     second = run_export(ckpt, ExportOptions(output=tmp_path, widths=[1.0], bits="mixed", recipe=out / "w1.0" / "recipe.json", **FAST))[0]
-    assert second["bits_per_layer"] == report["bits_per_layer"]
+    assert second.compression.bits_per_layer == report.compression.bits_per_layer
     # same checkpoint and options: the same weights in the package
-    a = load_package(report["path"])
-    b = load_package(second["path"])
+    a = load_package(report.path)
+    b = load_package(second.path)
     weights = lambda v: {op.outputs[0].name: OPS["constexpr_lut_to_dense"](**{k: x.val for k, x in op.inputs.items()})  # noqa: E731
                          for op in v.main.operations if op.op_type == "constexpr_lut_to_dense"}
     wa, wb = weights(a), weights(b)
@@ -86,10 +85,10 @@ def test_recipe_reuse_and_determinism(mixed, ckpt, tmp_path):
 
 def test_grouped_luts_decode_exactly(ckpt, tmp_path):
     report = run_export(ckpt, ExportOptions(output=tmp_path, widths=[0.5], bits="4", group_size=4, target="iOS18", distill=False))[0]
-    view = load_package(report["path"])
+    view = load_package(report.path)
     luts = [op for op in view.main.operations if op.op_type == "constexpr_lut_to_dense"]
     assert luts and any(op.inputs["lut"].val.shape[0] > 1 for op in luts)  # several LUTs per weight
-    assert report["verify"]["psnr_db"] >= 60
+    assert report.verify.psnr_db >= 60
 
 
 def test_swift_resources_layout(ckpt, tmp_path):
@@ -98,7 +97,7 @@ def test_swift_resources_layout(ckpt, tmp_path):
     assert (res / "MultiModalDiffusionTransformer.mlpackage").is_dir() and (res / "compile_resources.sh").is_file()
     contract = json.loads((res / "denoiser_contract.json").read_text())
     assert set(contract["inputs"]) == {"latent_image_embeddings", "timestep", "token_level_text_embeddings"}
-    assert report["package"] == "Resources/MultiModalDiffusionTransformer.mlpackage"
+    assert report.package == "Resources/MultiModalDiffusionTransformer.mlpackage"
 
 
 @pytest.mark.parametrize("args, message", [
@@ -137,12 +136,12 @@ def test_unknown_recipe_layer_and_existing_output(mixed, tiny_checkpoint, tmp_pa
 
 
 def test_interrupted_mixed_export_leaves_nothing(ckpt, tmp_path, monkeypatch):
-    import edgecompile.compress.distill as distill_module
+    import edgecompile.export as export
 
     def interrupt(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(distill_module, "distill", interrupt)
+    monkeypatch.setattr(export, "distill", interrupt)
     with pytest.raises(KeyboardInterrupt):
         run_export(ckpt, ExportOptions(output=tmp_path / "o", widths=[1.0], bits="4", **FAST))
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())

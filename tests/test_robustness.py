@@ -226,15 +226,15 @@ def test_the_fp32_island_is_visible_to_the_emulation(exported, tiny_checkpoint, 
     """Its reason to exist: a naive fp16 conversion verifies worse under the faithful emulation than ours."""
     from edgecompile.coreml.convert import convert_to_mlmodel
     from edgecompile.coreml.package import load_package
-    from edgecompile.coreml.verify import verify_package
-    from edgecompile.deploy.convert import deploy_model
+    from edgecompile.deploy.rewrite import deploy_model
+    from edgecompile.export import verify_exported
 
     src = Path(package_path(exported[0.5]))
-    ours = verify_package(src, tiny_checkpoint, precision="fp16")
+    ours = verify_exported(src, tiny_checkpoint, precision="fp16")
     ml = convert_to_mlmodel(deploy_model(load_checkpoint(tiny_checkpoint).model, 0.5), fp32_timestep_island=False)
     ml.user_defined_metadata.update(load_package(src).metadata)
     ml.save(str(tmp_path / src.name))
-    naive = verify_package(tmp_path / src.name, tiny_checkpoint, precision="fp16")
+    naive = verify_exported(tmp_path / src.name, tiny_checkpoint, precision="fp16")
     assert ours.psnr_db >= 60 and ours.psnr_db > naive.psnr_db + 5, (ours.per_input_psnr_db, naive.per_input_psnr_db)
 
 

@@ -17,7 +17,11 @@ from pathlib import Path
 
 import torch
 
+from edgecompile.coreml.package import load_package
+from edgecompile.coremltools_loader import import_coremltools
+from edgecompile.deploy.dit import DeployDiT
 from edgecompile.errors import EdgeCompileError
+from edgecompile.model.elastic import width_config
 
 RUN_FORMAT = "edgecompile-bench-run"
 COMPUTE_UNITS = ("CPU_ONLY", "CPU_AND_GPU", "CPU_AND_NE", "ALL")
@@ -42,9 +46,6 @@ def summarise(samples_s: list[float]) -> dict:
 def torch_latency(config, width: float, latent_hw: tuple[int, int], repeats: int = 10, warmup: int = 2,
                   device: str | None = None) -> dict:
     """Median and spread of the deploy graph's forward pass (fp32 on CPU, fp16 on GPUs)."""
-    from edgecompile.deploy.dit import DeployDiT
-    from edgecompile.model.elastic import width_config
-
     device = device or host_device()
     dense = width_config(config, width) if config.widths != (1.0,) else config
     torch.manual_seed(0)
@@ -79,9 +80,6 @@ def coreml_latency(package: Path, repeats: int = 10) -> dict:
     if sys.platform != "darwin":
         return {"skipped": "Core ML runs only on macOS (coremltools on Linux cannot load or predict packages)"}
     import numpy as np
-
-    from edgecompile.coreml.convert import import_coremltools
-    from edgecompile.coreml.package import load_package
 
     ct = import_coremltools()
     view = load_package(package)

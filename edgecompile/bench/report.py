@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import base64
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
+from edgecompile.atomic import atomic_path, check_output_path
 from edgecompile.bench.cost_model import calibrated, estimate_ms
+from edgecompile.bench.latency import coreml_latency, load_runs, torch_latency
 from edgecompile.bench.static import OP_CLASSES, deploy_graph_stats
+from edgecompile.coreml.package import load_package, weight_census
 from edgecompile.errors import EdgeCompileError
+from edgecompile.export_report import ExportReport
+from edgecompile.jsonutil import dumps
 from edgecompile.model.config import ModelConfig, width_label
 
 DEFAULT_DEVICES = ("iphone16promax", "iphone12")
@@ -27,8 +32,6 @@ class BenchItem:
 
 
 def package_item(path: str) -> BenchItem:
-    from edgecompile.coreml.package import load_package, weight_census
-
     view = load_package(path)
     if view.config is None or view.width is None:
         raise EdgeCompileError(f"package {path} has no edgecompile metadata: bench analyses packages written by `edgecompile export`")
@@ -48,8 +51,6 @@ def config_items(path: str, widths: str, latent: tuple[int, int] | None, bits: f
 
 def analyse(items: list[BenchItem], devices=DEFAULT_DEVICES, host: bool = True, host_latent: tuple[int, int] | None = None,
             repeats: int = 10, progress=None) -> dict:
-    from edgecompile.bench.latency import coreml_latency, torch_latency
-
     models = {d: calibrated(d) for d in devices}
     rows = []
     for i, item in enumerate(items):
@@ -90,7 +91,7 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-def plots(data: dict, export_reports: list[dict]) -> dict[str, bytes]:
+def plots(data: dict, export_reports: list[ExportReport]) -> dict[str, bytes]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -123,7 +124,7 @@ def plots(data: dict, export_reports: list[dict]) -> dict[str, bytes]:
         ax.legend(fontsize=8)
         out["estimate_vs_paper.png"] = _png(fig)
         plt.close(fig)
-    pts = [(r["size_bytes"] / 2**20, r["verify"]["psnr_vs_checkpoint_db"], f"w{r['width']:g} {r['bits']}") for r in export_reports if r.get("verify")]
+    pts = [(r.size_bytes / 2**20, r.verify.psnr_vs_checkpoint_db, f"w{r.width:g} {r.bits}") for r in export_reports if r.verify]
     if pts:
         fig, ax = plt.subplots(figsize=(5, 3.2))
         ax.scatter([p[0] for p in pts], [p[1] for p in pts])
@@ -168,10 +169,7 @@ def markdown(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(data: dict, out_dir: Path, export_reports: list[dict], force: bool = False, inputs=()) -> None:
-    from edgecompile.atomic import atomic_path
-    from edgecompile.jsonutil import dumps
-
+def write_report(data: dict, out_dir: Path, export_reports: list[ExportReport], force: bool = False, inputs=()) -> None:
     images = plots(data, export_reports)
     md = markdown(data)
     with atomic_path(out_dir, force=force, inputs=inputs) as tmp:
@@ -185,3 +183,57 @@ def write_report(data: dict, out_dir: Path, export_reports: list[dict], force: b
             "<!doctype html><html><head><meta charset='utf-8'><title>edgecompile latency report</title>"
             "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}pre{white-space:pre-wrap;font-size:12px}</style>"
             f"</head><body><pre>{html_md}</pre>{body}</body></html>\n")
+
+
+@dataclass
+class BenchOptions:
+    packages: list[str] = field(default_factory=list)
+    configs: list[str] = field(default_factory=list)
+    config_widths: str = "all"
+    latent: tuple[int, int] | None = None
+    config_bits: float = 16.0
+    devices: tuple[str, ...] = DEFAULT_DEVICES
+    runs: list[str] = field(default_factory=list)  # measured runs from other machines (bench/latency.py format)
+    export_reports: list[str] = field(default_factory=list)  # report.json files, for the PSNR-vs-size plot
+    host: bool = True
+    host_latent: tuple[int, int] | None = None
+    repeats: int = 10
+    output: Path | None = None
+    force: bool = False
+
+    @property
+    def inputs(self) -> list[str]:
+        """Everything the report folder must never be, contain or lie inside."""
+        return [*self.packages, *self.configs, *self.runs, *self.export_reports]
+
+
+@dataclass
+class BenchInputs:
+    """What BenchOptions name, read and checked before any measurement."""
+
+    items: list[BenchItem]
+    runs: list[dict]
+    export_reports: list[ExportReport]
+
+
+def resolve_bench(opts: BenchOptions) -> BenchInputs:
+    if not opts.packages and not opts.configs:
+        raise EdgeCompileError("give one or more packages (PKG...) or --config files to benchmark")
+    if opts.output:
+        check_output_path(Path(opts.output), opts.force, inputs=opts.inputs)
+    items = [package_item(p) for p in opts.packages]
+    for c in opts.configs:
+        items += config_items(c, opts.config_widths, opts.latent, opts.config_bits)
+    return BenchInputs(items=items, runs=load_runs(list(opts.runs)), export_reports=[ExportReport.read(r) for r in opts.export_reports])
+
+
+def run_bench(opts: BenchOptions, inputs: BenchInputs | None = None, progress=None) -> dict:
+    """`edgecompile bench`: static analysis, host and Core ML timing, cost-model estimates; the report folder
+    written when `output` is set. `inputs` from resolve_bench (called here when not given)."""
+    inputs = inputs or resolve_bench(opts)
+    data = analyse(inputs.items, tuple(opts.devices) or DEFAULT_DEVICES, host=opts.host, host_latent=opts.host_latent,
+                   repeats=opts.repeats, progress=progress)
+    data["runs"] = inputs.runs
+    if opts.output:
+        write_report(data, Path(opts.output), inputs.export_reports, force=opts.force, inputs=opts.inputs)
+    return data

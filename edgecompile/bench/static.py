@@ -13,7 +13,9 @@ from dataclasses import dataclass, field
 import torch
 from torch.overrides import TorchFunctionMode
 
+from edgecompile.deploy.dit import DeployDiT
 from edgecompile.model.config import ModelConfig
+from edgecompile.model.elastic import width_config
 
 OP_CLASSES = ("conv1x1", "conv_other", "attn_bna", "attn_global", "attn_cross", "other")
 LAYOUT_FUNCS = {"reshape", "view", "transpose", "permute", "flatten"}
@@ -87,9 +89,6 @@ class _Recorder(TorchFunctionMode):
 
 def deploy_graph_stats(config: ModelConfig, width: float = 1.0, latent_hw: tuple[int, int] | None = None) -> GraphStats:
     """Analyse the deploy graph of `width` of `config` at `latent_hw` (default: the config's sample size)."""
-    from edgecompile.deploy.dit import DeployDiT
-    from edgecompile.model.elastic import width_config
-
     dense = width_config(config, width) if config.widths != (1.0,) else config
     latent_hw = tuple(latent_hw or config.sample_size)
     with torch.device("meta"):

@@ -20,9 +20,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from edgecompile.atomic import atomic_path
+from edgecompile.atomic import atomic_path, check_output_path
+from edgecompile.deploy.contract import text_to_package
 from edgecompile.errors import EdgeCompileError
+from edgecompile.model.budget import check_fits
 from edgecompile.model.config import ModelConfig
+from edgecompile.model.sampling import euler_sample
 
 FORMAT = "edgecompile-calibration"
 FORMAT_VERSION = "1"
@@ -44,7 +47,7 @@ class CalibrationSet:
         """(latent, t, text in package layout (B, D, 1, T)) batches, in order."""
         for s in range(0, len(self), batch_size):
             e = s + batch_size
-            yield self.latent[s:e], self.timestep[s:e], self.text[s:e].transpose(1, 2)[:, :, None]
+            yield self.latent[s:e], self.timestep[s:e], text_to_package(self.text[s:e])
 
     def subset(self, n: int) -> CalibrationSet:
         """n inputs spread evenly over the set (every timestep of the schedules stays represented)."""
@@ -131,7 +134,6 @@ def build_calibration(model, width: float, tokens: torch.Tensor, null: torch.Ten
     With CFG the app runs the denoiser on the prompt and on the null text at each step: both are recorded.
     Long schedules are thinned to every LONG_SCHEDULE_STRIDE-th step. Deterministic for a given seed.
     """
-    from edgecompile.model.sampling import euler_sample
 
     config = model.config
     use_cfg = cfg_scale != 1.0 and null is not None
@@ -192,3 +194,24 @@ def load_user_prompts(path: str | Path, config: ModelConfig) -> tuple[torch.Tens
         if t is not None and not torch.isfinite(t).all():
             raise EdgeCompileError(f"prompts file {path}: tensor {name!r} holds NaN or infinite values")
     return tokens, null
+
+
+def record_calibration(ckpt, width: float, output: str | Path, prompts: str | Path | None = None,
+                       schedules: tuple[int, ...] = DEFAULT_SCHEDULES, latent_hw: tuple[int, int] | None = None, seed: int = 0,
+                       cfg_scale: float = 2.0, force: bool = False) -> CalibrationSet:
+    """`edgecompile calibrate`: every option checked first, then the trajectories recorded and saved."""
+    ckpt.config.dims(width)
+    check_output_path(Path(output), force, inputs=[ckpt.path, prompts])
+    if not schedules or min(schedules) < 1:
+        raise EdgeCompileError(f"--schedules {list(schedules)}: give step counts >= 1 (e.g. 4,20)")
+    hw = tuple(latent_hw or ckpt.config.sample_size)
+    ckpt.config.check_latent_size(*hw)
+    check_fits(ckpt.config, width, hw, what=f"--latent {hw[0]}x{hw[1]}")
+    if prompts:
+        tokens, null = load_user_prompts(prompts, ckpt.config)
+        calib = build_calibration(ckpt.model, width, tokens, null, hw, schedules, seed, cfg_scale, prompts_label=str(prompts))
+    else:
+        calib = default_calibration(ckpt, width, hw, seed, schedules)
+    check_finite(calib, "the recorded calibration set")
+    calib.save(output, force=force, inputs=[ckpt.path, prompts])
+    return calib

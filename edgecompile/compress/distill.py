@@ -16,8 +16,11 @@ from torch import nn
 
 from edgecompile.compress.calibration import CalibrationSet
 from edgecompile.compress.palettize_model import palettizable_layers
-from edgecompile.compress.sensitivity import calibration_outputs, output_psnr
+from edgecompile.compress.sensitivity import calibration_outputs, layer_delta, output_psnr
+from edgecompile.deploy.contract import text_to_package
+from edgecompile.errors import EdgeCompileError
 
+DISTILLED_STATE = "distilled.safetensors"  # saved beside the package: the verifier's simulation needs it
 TRAINABLE_SUFFIXES = (".bias", "_table")  # biases (convs and norm affines) and modulation tables
 TRAINABLE_NORM_WEIGHTS = ("norm_cross.weight",)  # the only affine norm scale in the block
 
@@ -27,18 +30,22 @@ def trainable_names(model: nn.Module) -> list[str]:
             if n.endswith(TRAINABLE_SUFFIXES) or n.endswith(TRAINABLE_NORM_WEIGHTS)]
 
 
+def replace_parameter(model: nn.Module, name: str, value: torch.Tensor, requires_grad: bool = False) -> nn.Parameter:
+    """Give the parameter at dotted `name` new storage (never write into it: it may be a view of the checkpoint)."""
+    owner_name, _, leaf = name.rpartition(".")
+    param = nn.Parameter(value, requires_grad=requires_grad)
+    setattr(model.get_submodule(owner_name) if owner_name else model, leaf, param)
+    return param
+
+
 def detach_trainables(model: nn.Module) -> list[nn.Parameter]:
     """Give the trainable parameters storage of their own (deploy parameters may be views of the checkpoint,
     which must not change) and freeze everything else."""
     names = set(trainable_names(model))
     params = []
     for full, p in list(model.named_parameters()):
-        owner = model.get_submodule(full.rsplit(".", 1)[0]) if "." in full else model
-        leaf = full.rsplit(".", 1)[-1]
         if full in names:
-            new = nn.Parameter(p.detach().clone(), requires_grad=True)
-            setattr(owner, leaf, new)
-            params.append(new)
+            params.append(replace_parameter(model, full, p.detach().clone(), requires_grad=True))
         else:
             p.requires_grad_(False)
     return params
@@ -48,8 +55,6 @@ def detach_trainables(model: nn.Module) -> list[nn.Parameter]:
 def bias_correction(student: nn.Module, teacher: nn.Module, calib: CalibrationSet, batch_size: int = 64) -> int:
     """Subtract E[(W_q - W) x] over the calibration inputs (as the teacher sees them) from each palettized
     layer's bias. Returns the number of corrected layers."""
-    from edgecompile.compress.sensitivity import layer_delta
-
     s_layers, t_layers = palettizable_layers(student), palettizable_layers(teacher)
     names = [n for n in s_layers if s_layers[n].bias is not None and not torch.equal(s_layers[n].weight, t_layers[n].weight)]
     shift = {n: 0.0 for n in names}
@@ -87,8 +92,6 @@ class DistillSettings:
     holdout_fraction: float = 0.2
 
     def validate(self) -> None:
-        from edgecompile.errors import EdgeCompileError
-
         if self.steps is not None and self.steps < 0:
             raise EdgeCompileError(f"--distill-steps {self.steps} must be >= 0 (0 skips self-distillation)")
         if not (0 < self.lr < 1):
@@ -118,6 +121,10 @@ class DistillResult:
         d = dict(self.__dict__)
         d["history"] = [[s, round(p, 3)] for s, p in self.history]
         return d
+
+    @classmethod
+    def from_dict(cls, data: dict) -> DistillResult:
+        return cls(**{**data, "history": [(int(s), float(p)) for s, p in data.get("history", [])]})
 
 
 def distill(student: nn.Module, teacher: nn.Module, calib: CalibrationSet, settings: DistillSettings | None = None,
@@ -152,7 +159,7 @@ def distill(student: nn.Module, teacher: nn.Module, calib: CalibrationSet, setti
     history = [(0, before_hold)]
     opt = torch.optim.Adam(params, lr=settings.lr)
     bad_evals, step = 0, 0
-    text_all = train.text.transpose(1, 2)[:, :, None]
+    text_all = text_to_package(train.text)
     for step in range(1, steps + 1):
         idx = torch.randint(0, len(train), (min(settings.batch_size, len(train)),), generator=g)
         out = student(train.latent[idx], train.timestep[idx], text_all[idx])
@@ -198,6 +205,5 @@ def load_trained_state(model: nn.Module, state: dict[str, torch.Tensor]) -> None
     if unknown:
         raise ValueError(f"distilled state has parameters the model does not train: {unknown[:3]}")
     for full, value in state.items():
-        owner = model.get_submodule(full.rsplit(".", 1)[0]) if "." in full else model
-        setattr(owner, full.rsplit(".", 1)[-1], nn.Parameter(value.clone(), requires_grad=False))
+        replace_parameter(model, full, value.clone())
 

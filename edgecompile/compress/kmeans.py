@@ -11,13 +11,13 @@ moves one at a time. benchmarks/kmeans_speed.py compares time and MSE with corem
 
 from __future__ import annotations
 
-import functools
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 
+from edgecompile.coremltools_loader import kmeans1d
 from edgecompile.errors import EdgeCompileError
 
 MAX_LLOYD_ITERATIONS = 1000
@@ -199,20 +199,9 @@ MAX_BAND_ROUNDS = 30
 MAX_BAND_RADIUS = 256
 
 
-@functools.cache
-def _kmeans1d():
-    """coremltools' bundled exact O(kn) DP for 1-D k-means (the one its palettizer uses), imported once."""
-    from edgecompile.coreml.convert import import_coremltools
-
-    import_coremltools()  # quiet import first: coremltools prints warnings on import
-    from coremltools._deps import kmeans1d
-
-    return kmeans1d
-
-
 def _exact_dp(means, mass, k) -> np.ndarray:
     """The exact DP on weighted sorted points; returns cluster boundaries."""
-    clusters = np.asarray(_kmeans1d().cluster(means.tolist(), k, weights=mass.tolist()).clusters)
+    clusters = np.asarray(kmeans1d().cluster(means.tolist(), k, weights=mass.tolist()).clusters)
     return np.concatenate([[0], np.flatnonzero(np.diff(clusters)) + 1, [len(means)]])
 
 

@@ -23,7 +23,8 @@ from torch import nn
 from edgecompile.atomic import atomic_path
 from edgecompile.compress.allocation import allocate_for_psnr, average_bits, greedy
 from edgecompile.compress.calibration import CalibrationSet
-from edgecompile.compress.sensitivity import PaletteCache, calibration_outputs, output_psnr, swapped_weights, sweep
+from edgecompile.compress.palettize_model import PaletteCache
+from edgecompile.compress.sensitivity import calibration_outputs, output_psnr, swapped_weights, sweep
 from edgecompile.errors import EdgeCompileError
 from edgecompile.jsonutil import dumps
 
@@ -64,6 +65,19 @@ class Recipe:
             "sweep": self.sweep, "calibration": self.calibration,
         }
 
+    @classmethod
+    def from_dict(cls, data: dict) -> Recipe:
+        """The inverse of to_dict (load_recipe validates a file's content first)."""
+        layers = data["layers"]
+        return cls(
+            config=data.get("config", ""), width=float(data["width"]),
+            bits={n: v["bits"] for n, v in layers.items()}, sizes={n: int(v.get("size", 1)) for n, v in layers.items()},
+            mode=data.get("mode"), candidates=data.get("candidates", []), target=data.get("target", {}),
+            group_size=data.get("group_size"),
+            sensitivity={n: {int(k): float(s) for k, s in v.get("sensitivity", {}).items()} for n, v in layers.items()},
+            predicted_psnr_db=data.get("predicted_psnr_db"), sweep=data.get("sweep", {}), calibration=data.get("calibration", {}),
+        )
+
     def save(self, path: str | Path, force: bool = False, inputs=()) -> Path:
         with atomic_path(Path(path), force=force, is_dir=False, inputs=inputs) as tmp:
             tmp.write_text(dumps(self.to_dict()) + "\n")
@@ -86,14 +100,7 @@ def load_recipe(path: str | Path) -> Recipe:
         if odd:
             raise EdgeCompileError(f"recipe {path}: layer {odd[0]} has bits {layers[odd[0]]['bits']!r}, not a whole number of bits "
                                    f"(use one of {PALETTE_BITS} or 16)")
-        recipe = Recipe(
-            config=data.get("config", ""), width=float(width),
-            bits={n: v["bits"] for n, v in layers.items()}, sizes={n: int(v.get("size", 1)) for n, v in layers.items()},
-            mode=data.get("mode"), candidates=data.get("candidates", []), target=data.get("target", {}),
-            group_size=data.get("group_size"),
-            sensitivity={n: {int(k): float(s) for k, s in v.get("sensitivity", {}).items()} for n, v in layers.items()},
-            predicted_psnr_db=data.get("predicted_psnr_db"), sweep=data.get("sweep", {}), calibration=data.get("calibration", {}),
-        )
+        recipe = Recipe.from_dict(data)
     except EdgeCompileError:
         raise
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:

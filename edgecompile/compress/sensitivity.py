@@ -18,45 +18,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from edgecompile.compress.calibration import CalibrationSet
-from edgecompile.compress.kmeans import Palette, palettize
-from edgecompile.compress.palettize_model import palettizable_layers
+from edgecompile.compress.palettize_model import PaletteCache
 from edgecompile.metrics import psnr_db
 
 MODES = ("local", "e2e")
 Progress = Callable[[str, int, int], None]  # (description, done, total)
-
-
-class PaletteCache:
-    """k-means palettes of a deploy model's layers, computed once per (layer, bits) and reused by the sweep,
-    the allocation's checks and the export."""
-
-    def __init__(self, model: nn.Module, group_size: int | None = None):
-        self.layers = palettizable_layers(model)
-        self.group_size = group_size
-        self._palettes: dict[tuple[str, int], Palette] = {}
-        self.kmeans_seconds = 0.0
-
-    def group_for(self, layer: str) -> int | None:
-        # Grouped LUTs run along output channels, which is axis 0 of a Conv2d weight only (see palettize_model._custom_config).
-        return self.group_size if isinstance(self.layers[layer], nn.Conv2d) else None
-
-    def palette(self, layer: str, nbits: int) -> Palette:
-        key = (layer, nbits)
-        if key not in self._palettes:
-            start = time.perf_counter()
-            weight = self.layers[layer].weight.detach().cpu().numpy()
-            self._palettes[key] = palettize(weight, nbits, self.group_for(layer))
-            self.kmeans_seconds += time.perf_counter() - start
-        return self._palettes[key]
-
-    def decoded(self, layer: str, nbits: int) -> torch.Tensor:
-        return torch.from_numpy(self.palette(layer, nbits).decode().astype(np.float32))
 
 
 @contextmanager

@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from edgecompile.coremltools_loader import mil_types, unpack_bits
 from edgecompile.errors import EdgeCompileError
 
 OPS: dict[str, Callable[..., Any]] = {}
@@ -288,10 +289,8 @@ def _lut_to_dense(indices=None, lut=None, shape=None, vector_axis=None):
     """iOS18: indices (uint, weight shape) + lut (..., 2^n, vector) with per-group broadcasting; iOS16/17:
     packed uint8 indices + flat lut + shape. Either way each weight element is lut[group][index]."""
     if shape is not None:  # iOS16/17 form
-        from coremltools.optimize._utils import restore_elements_from_packed_bits
-
         nbits = int(math.log2(lut.shape[-1]))
-        idx = restore_elements_from_packed_bits(indices, nbits, int(np.prod(shape)))
+        idx = unpack_bits(indices, nbits, int(np.prod(shape)))
         return lut[idx].reshape([int(s) for s in shape])
     rank = indices.ndim
     lut_groups = lut.shape[:rank]
@@ -307,10 +306,8 @@ PRECISIONS = ("fp32", "fp16")
 
 
 def _dtype_name(var) -> str:
-    from coremltools.converters.mil.mil import types
-
     try:
-        return types.builtin_to_string(var.dtype)
+        return mil_types().builtin_to_string(var.dtype)
     except Exception:  # non-tensor types (tuples, strings) carry no float dtype
         return ""
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from edgecompile.coreml.convert import import_coremltools, quiet_coremltools
+from edgecompile.coremltools_loader import load_mil_program
 from edgecompile.errors import EdgeCompileError
 
 LAYOUT_OPS = ("transpose", "reshape")
@@ -100,14 +100,8 @@ def load_package(path: str | Path) -> PackageView:
         return _load_onnx(path)
     if not (path / "Manifest.json").is_file():
         raise EdgeCompileError(f"{path} is not an .mlpackage (no Manifest.json)")
-    ct = import_coremltools()
     try:
-        with quiet_coremltools():
-            from coremltools.converters.mil.frontend.milproto import load as milproto_load
-
-            ml = ct.models.MLModel(str(path), skip_model_load=True)
-            spec = ml.get_spec()
-            program = milproto_load.load(spec, spec.specificationVersion, ml.weights_dir)
+        spec, program = load_mil_program(str(path))
     except EdgeCompileError:
         raise
     except Exception as e:

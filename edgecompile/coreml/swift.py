@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from edgecompile.coreml.convert import IO_DOC, LATENT, OUTPUT, TEXT, TIMESTEP
+from edgecompile.deploy.contract import IO_DOC, LATENT, OUTPUT, TEXT, TIMESTEP
 
 COMPILE_SCRIPT = "compile_resources.sh"
 CONTRACT = "denoiser_contract.json"

@@ -16,9 +16,12 @@ from typing import Callable
 import numpy as np
 import torch
 
-from edgecompile.coreml.convert import LATENT, OUTPUT, TEXT, TIMESTEP, sha256_file
+from edgecompile.compress.calibration import build_calibration
 from edgecompile.coreml.interpreter import MILInterpreter
-from edgecompile.coreml.package import PackageView, load_package
+from edgecompile.coreml.package import PackageView
+from edgecompile.coremltools_loader import import_coremltools
+from edgecompile.deploy.contract import LATENT, OUTPUT, TEXT, TIMESTEP, text_from_package, text_to_package
+from edgecompile.digest import sha256_file
 from edgecompile.errors import EdgeCompileError, VerificationFailed
 from edgecompile.jsonutil import finite_or_none
 from edgecompile.metrics import psnr_db
@@ -57,6 +60,15 @@ class VerifyResult:
     def to_dict(self) -> dict:
         return finite_or_none({**self.__dict__, "passed": self.passed, "problem": self.problem})
 
+    @classmethod
+    def from_dict(cls, data: dict) -> VerifyResult:
+        nan = float("nan")  # to_dict writes a non-finite PSNR as null
+        fields = {k: v for k, v in data.items() if k not in ("passed", "problem")}
+        for key in ("psnr_db", "psnr_vs_checkpoint_db"):
+            fields[key] = nan if fields.get(key) is None else fields[key]
+        fields["per_input_psnr_db"] = [nan if v is None else v for v in fields.get("per_input_psnr_db", [])]
+        return cls(**fields)
+
 
 def check_passed(result: VerifyResult, what: str = "") -> None:
     if not result.passed:
@@ -75,11 +87,9 @@ def verification_inputs(config: ModelConfig, latent_hw: tuple[int, int], n: int 
     4-step trajectories (seed `seed`, not the calibration seed), so the PSNR against the checkpoint is measured
     where the package will run. Otherwise random latents and text at t = 0.15 .. 0.85."""
     if ckpt is not None and ckpt.prompts is not None and width is not None:
-        from edgecompile.compress.calibration import build_calibration
-
         tokens = ckpt.prompts.tokens[torch.linspace(0, len(ckpt.prompts.tokens) - 1, n).round().long()]
         calib = build_calibration(ckpt.model, width, tokens, ckpt.prompts.null, latent_hw, (4,), seed).subset(n)
-        return [(calib.latent[i : i + 1], calib.timestep[i : i + 1], calib.text[i : i + 1].transpose(1, 2)[:, :, None])
+        return [(calib.latent[i : i + 1], calib.timestep[i : i + 1], text_to_package(calib.text[i : i + 1]))
                 for i in range(len(calib))]
     g = torch.Generator().manual_seed(seed)
     out = []
@@ -108,8 +118,6 @@ def coreml_runner(view: PackageView) -> Callable | None:
     """Core ML prediction where it exists (macOS); None elsewhere."""
     if sys.platform != "darwin":
         return None
-    from edgecompile.coreml.convert import import_coremltools
-
     ct = import_coremltools()
     ml = ct.models.MLModel(str(view.path), compute_units=ct.ComputeUnit.CPU_AND_NE)
     return lambda feeds: ml.predict(feeds)[OUTPUT]
@@ -147,36 +155,34 @@ def run_package(view: PackageView, inputs, precision: str = "fp32", runtime: str
     return outs, label
 
 
-def verify_package(package: str | Path, checkpoint: str | Path | None = None, precision: str = "fp32",
-                   runtime: str = "auto", simulated: Callable | None = None,
-                   min_psnr_db: float = DEFAULT_MIN_PSNR_DB) -> VerifyResult:
-    """`simulated(latent, t, text_btd)` is edgecompile's own compressed torch model when the package is palettized:
-    psnr_db compares against it; psnr_vs_checkpoint_db always compares against the unquantized checkpoint.
-    The result's `passed` says whether psnr_db reached `min_psnr_db` with finite outputs (see `check_passed`)."""
-    from edgecompile.compress.simulate import simulated_model_for_package
+def verify_package(view: PackageView, ckpt: Checkpoint, simulated: Callable | None = None, precision: str = "fp32",
+                   runtime: str = "auto", min_psnr_db: float = DEFAULT_MIN_PSNR_DB) -> VerifyResult:
+    """Run the package `view` and compare it with the reference of `ckpt` (see `checkpoint_for`).
 
+    `simulated(latent, t, text_btd)`, edgecompile's own compressed torch model, is the reference of a palettized
+    package and is built by the caller (compress.simulate); psnr_vs_checkpoint_db always compares against the
+    unquantized checkpoint. The result's `passed` says whether psnr_db reached `min_psnr_db` with finite outputs
+    (see `check_passed`)."""
     if not math.isfinite(min_psnr_db):
         raise EdgeCompileError(f"--min-psnr {min_psnr_db} is not a finite number of dB (e.g. --min-psnr 60)")
-    view = load_package(package)
     if view.width is None or view.config is None or view.latent_hw is None:
-        raise EdgeCompileError(f"package {package} has no edgecompile metadata: verify checks packages written by `edgecompile export`")
-    ckpt = checkpoint_for(view, checkpoint)
+        raise EdgeCompileError(f"package {view.path} has no edgecompile metadata: verify checks packages written by `edgecompile export`")
+    if simulated is None and view.metadata.get("edgecompile.bits", "16") != "16":
+        raise ValueError("a palettized package is verified against its compressed simulation: pass `simulated`")
     width = view.width
     inputs = verification_inputs(ckpt.config, view.latent_hw, ckpt=ckpt, width=width)
     outs, label = run_package(view, inputs, precision=precision, runtime=runtime)
     model = ckpt.model
-    if simulated is None:
-        simulated = simulated_model_for_package(view, ckpt)
     per, per_ckpt = [], []
     with torch.no_grad():
         for (latent, t, text), out in zip(inputs, outs):
-            text_btd = text[:, :, 0, :].transpose(1, 2)
+            text_btd = text_from_package(text)
             ref = model(latent, t, text_btd, width=width).numpy()
             sim = ref if simulated is None else simulated(latent, t, text_btd).numpy()
             per.append(psnr_db(sim, out))
             per_ckpt.append(psnr_db(ref, out))
     return VerifyResult(
-        package=str(package), runtime=label, precision=precision, width=width,
+        package=str(view.path), runtime=label, precision=precision, width=width,
         psnr_db=worst(per), psnr_vs_checkpoint_db=worst(per_ckpt), per_input_psnr_db=per,
         reference="edgecompile's compressed torch simulation" if simulated is not None else "fp32 torch reference of the checkpoint",
         min_psnr_db=min_psnr_db, non_finite_outputs=sum(not np.isfinite(o).all() for o in outs),

@@ -44,8 +44,9 @@ class LayerNormANE(nn.Module):
         self.bias = nn.Parameter(torch.zeros(channels)) if affine else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mean = x.mean(dim=1, keepdim=True)
-        zero_mean = x - mean
+        # Principle: normalise over the channel axis (axis 1) of (B, C, H, W); no transpose to (B, L, D)
+        mean = x.mean(dim=1, keepdim=True)  # (B, 1, H, W)
+        zero_mean = x - mean  # (B, C, H, W)
         out = zero_mean * torch.rsqrt((zero_mean * zero_mean).mean(dim=1, keepdim=True) + self.eps)
         if self.weight is not None:
             out = out * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
@@ -65,20 +66,22 @@ def split_einsum_attention(q, k_t, v, heads: int, kv_heads: int, head_dim: int, 
     chunks = [(0, sq)] if not query_chunk or query_chunk >= sq else [(s, min(s + query_chunk, sq)) for s in range(0, sq, query_chunk)]
     outs = []
     for i in range(heads):
-        j = i // group
-        q_h = q[:, i * head_dim : (i + 1) * head_dim] * scale
-        k_h = k_t[:, :, :, j * head_dim : (j + 1) * head_dim]
-        v_h = v[:, j * head_dim : (j + 1) * head_dim]
+        j = i // group  # GQA: query head i reads key/value head j, a channel slice (no repeat_kv copy)
+        # Principle: split heads by channel slices, not by a (B, H, S, d) reshape + transpose
+        q_h = q[:, i * head_dim : (i + 1) * head_dim] * scale  # (B, d, 1, Sq)
+        k_h = k_t[:, :, :, j * head_dim : (j + 1) * head_dim]  # (B, Sk, 1, d)
+        v_h = v[:, j * head_dim : (j + 1) * head_dim]  # (B, d, 1, Sk)
         pieces = []
         for s0, s1 in chunks:
-            qc = q_h if len(chunks) == 1 else q_h[:, :, :, s0:s1]
-            w = torch.einsum("bchq,bkhc->bkhq", qc, k_h)
+            qc = q_h if len(chunks) == 1 else q_h[:, :, :, s0:s1]  # (B, d, 1, sq)
+            # Principle: scores keep keys on axis 1, so softmax reduces over channels-first like every other op
+            w = torch.einsum("bchq,bkhc->bkhq", qc, k_h)  # (B, Sk, 1, sq)
             if mask is not None:
                 w = w + (mask if len(chunks) == 1 else mask[:, :, :, s0:s1])
-            w = w.softmax(dim=1)
-            pieces.append(torch.einsum("bkhq,bchk->bchq", w, v_h))
-        outs.append(pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=3))
-    return torch.cat(outs, dim=1)
+            w = w.softmax(dim=1)  # (B, Sk, 1, sq)
+            pieces.append(torch.einsum("bkhq,bchk->bchq", w, v_h))  # (B, d, 1, sq)
+        outs.append(pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=3))  # (B, d, 1, Sq)
+    return torch.cat(outs, dim=1)  # (B, Hq*d, 1, Sq): heads back on the channel axis
 
 
 class BlockLayout:
@@ -126,13 +129,14 @@ class BlockLayout:
         if not self.grid or self.cols == 1:
             return x
         s = x.shape[3] // self.cols
-        return torch.cat([x[:, :, :, j * s : (j + 1) * s] for j in range(self.cols)], dim=2)
+        # Principle: a layout change made of slices and one concat, never a transpose
+        return torch.cat([x[:, :, :, j * s : (j + 1) * s] for j in range(self.cols)], dim=2)  # (B, C, cols*h, bw)
 
     def from_blocks(self, x: torch.Tensor) -> torch.Tensor:
         if not self.grid or self.cols == 1:
             return x
         s = x.shape[2] // self.cols
-        return torch.cat([x[:, :, j * s : (j + 1) * s] for j in range(self.cols)], dim=3)
+        return torch.cat([x[:, :, j * s : (j + 1) * s] for j in range(self.cols)], dim=3)  # (B, C, h, w)
 
 
 class DeploySelfAttention(nn.Module):
@@ -154,8 +158,9 @@ class DeploySelfAttention(nn.Module):
         d = self.d
         b, c, hh, ww = x.shape
         seq = hh * ww
-        flat = lambda m: m.reshape(b, m.shape[1], 1, -1)  # noqa: E731  one reshape per tensor per layer
-        q, k, v = self.q(x), self.k(x), self.v(x)
+        flat = lambda m: m.reshape(b, m.shape[1], 1, -1)  # noqa: E731  (B, C, H, W) -> (B, C, 1, S): one reshape per tensor
+        # Principle: every linear is a 1x1 conv on the channel axis
+        q, k, v = self.q(x), self.k(x), self.v(x)  # (B, Hq*d, H, W), (B, Hkv*d, H, W) x2
         if not self.sparse:
             out = split_einsum_attention(flat(q), flat(k).transpose(1, 3), flat(v), d.heads, d.kv_heads, d.head_dim,
                                          query_chunk=self.query_chunk)
@@ -163,12 +168,13 @@ class DeploySelfAttention(nn.Module):
         q_seq, v_seq = flat(q), flat(v)
         # One key transpose for both branches: BNA keys and compressed global keys are concatenated along the
         # sequence, transposed together, and sliced apart (slices are free; a transpose is a layout copy).
-        k_both_t = torch.cat([flat(k), flat(self.k_compress(k))], dim=3).transpose(1, 3)
-        k_seq_t, kc_t = k_both_t[:, :seq], k_both_t[:, seq:]
-        vc = flat(self.v_compress(v))
-        global_out = split_einsum_attention(q_seq, kc_t, vc, d.heads, d.kv_heads, d.head_dim, query_chunk=self.query_chunk)
-        local_out = self.bna(q_seq, k_seq_t, v_seq, seq)
+        k_both_t = torch.cat([flat(k), flat(self.k_compress(k))], dim=3).transpose(1, 3)  # (B, S + S/s^2, 1, Hkv*d)
+        k_seq_t, kc_t = k_both_t[:, :seq], k_both_t[:, seq:]  # (B, S, 1, Hkv*d), (B, S/s^2, 1, Hkv*d)
+        vc = flat(self.v_compress(v))  # (B, Hkv*d, 1, S/s^2): KV compression is a strided depthwise conv
+        global_out = split_einsum_attention(q_seq, kc_t, vc, d.heads, d.kv_heads, d.head_dim, query_chunk=self.query_chunk)  # (B, Hq*d, 1, S)
+        local_out = self.bna(q_seq, k_seq_t, v_seq, seq)  # (B, Hq*d, 1, S)
         g = torch.sigmoid(flat(self.gate(x)))  # (B, Hq, 1, S): per token, per head
+        # Principle: per-head gating by channel slices of (B, Hq*d, 1, S), concatenated back on the channel axis
         mixed = torch.cat(
             [local_out[:, i * d.head_dim : (i + 1) * d.head_dim] * (1 - g[:, i : i + 1])
              + global_out[:, i * d.head_dim : (i + 1) * d.head_dim] * g[:, i : i + 1] for i in range(d.heads)],
@@ -181,12 +187,14 @@ class DeploySelfAttention(nn.Module):
         d, lay = self.d, self.layout
         nb = lay.block_len
         outs = [None] * (seq // nb)
+        # Principle: BNA as an explicit loop of slices and concats; the block-column layout makes every
+        # block and every neighbourhood a contiguous run of the sequence, so no gather and no transpose
         for block, runs in lay.neighbour_runs:
-            q_b = q_seq[:, :, :, block * nb : (block + 1) * nb]
-            k_b = torch.cat([k_seq_t[:, s:e] for s, e in runs], dim=1) if len(runs) > 1 else k_seq_t[:, runs[0][0] : runs[0][1]]
-            v_b = torch.cat([v_seq[:, :, :, s:e] for s, e in runs], dim=3) if len(runs) > 1 else v_seq[:, :, :, runs[0][0] : runs[0][1]]
-            outs[block] = split_einsum_attention(q_b, k_b, v_b, d.heads, d.kv_heads, d.head_dim)
-        return torch.cat(outs, dim=3)
+            q_b = q_seq[:, :, :, block * nb : (block + 1) * nb]  # (B, Hq*d, 1, nb)
+            k_b = torch.cat([k_seq_t[:, s:e] for s, e in runs], dim=1) if len(runs) > 1 else k_seq_t[:, runs[0][0] : runs[0][1]]  # (B, nk, 1, Hkv*d)
+            v_b = torch.cat([v_seq[:, :, :, s:e] for s, e in runs], dim=3) if len(runs) > 1 else v_seq[:, :, :, runs[0][0] : runs[0][1]]  # (B, Hkv*d, 1, nk)
+            outs[block] = split_einsum_attention(q_b, k_b, v_b, d.heads, d.kv_heads, d.head_dim)  # (B, Hq*d, 1, nb)
+        return torch.cat(outs, dim=3)  # (B, Hq*d, 1, S) in deploy block order
 
 
 class DeployCrossAttention(nn.Module):
@@ -202,8 +210,8 @@ class DeployCrossAttention(nn.Module):
     def forward(self, x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
         d = self.d
         b, c, hh, ww = x.shape
-        q = self.q(x).reshape(b, d.attn_dim, 1, hh * ww)
-        k_t = self.k(text).transpose(1, 3)  # text is (B, text_dim, 1, T): one transpose
+        q = self.q(x).reshape(b, d.attn_dim, 1, hh * ww)  # (B, Hq*d, 1, S)
+        k_t = self.k(text).transpose(1, 3)  # (B, text_dim, 1, T) -> (B, T, 1, Hkv*d): the layer's one key transpose
         out = split_einsum_attention(q, k_t, self.v(text), d.heads, d.kv_heads, d.head_dim, query_chunk=self.query_chunk)
         return self.out(out).reshape(b, c, hh, ww)
 
@@ -253,7 +261,7 @@ class DeployDiT(nn.Module):
     def __init__(self, config: ModelConfig, latent_hw: tuple[int, int], query_chunk: int | None = None):
         super().__init__()
         if config.widths != (1.0,):
-            raise ValueError("DeployDiT takes a dense (extracted) config; use edgecompile.deploy.convert.deploy_model")
+            raise ValueError("DeployDiT takes a dense (extracted) config; use edgecompile.deploy.rewrite.deploy_model")
         config.check_latent_size(*latent_hw)
         self.config = c = config
         self.latent_hw = latent_hw

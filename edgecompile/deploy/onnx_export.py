@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from edgecompile.coreml.convert import LATENT, OUTPUT, TEXT, TIMESTEP, example_inputs
+from edgecompile.deploy.contract import LATENT, OUTPUT, TEXT, TIMESTEP, example_inputs
 from edgecompile.deploy.dit import DeployDiT
 
 

@@ -22,10 +22,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
-from edgecompile.atomic import atomic_path
+from edgecompile.atomic import atomic_path, check_output_path
 from edgecompile.errors import EdgeCompileError
+from edgecompile.model.budget import check_weights_fit
 from edgecompile.model.config import ModelConfig
-from edgecompile.model.dit import EfficientDiT
+from edgecompile.model.dit import EfficientDiT, randomize_untrained
+from edgecompile.model.elastic import count_params
 
 FORMAT = "edgecompile-checkpoint"
 FORMAT_VERSION = 1
@@ -171,3 +173,14 @@ def load_config_or_checkpoint(path: str | Path | None) -> tuple[ModelConfig, Che
         return ModelConfig.load(path), None
     ckpt = load_checkpoint(path)
     return ckpt.config, ckpt
+
+
+def init_checkpoint(config_path: str | Path, output: str | Path, seed: int = 0, dtype: str = "float32", force: bool = False) -> int:
+    """Write a randomly initialised checkpoint of a config (`edgecompile init`); returns its parameter count."""
+    config = ModelConfig.load(config_path)
+    check_output_path(Path(output), force, inputs=[config_path])
+    check_weights_fit(count_params(config, 1.0), 4 + 2, f"init {config_path}")  # fp32 model + the saved copy
+    torch.manual_seed(seed)
+    model = randomize_untrained(EfficientDiT(config), seed)
+    save_checkpoint(model, output, dtype=dtype, provenance={"init": "random", "seed": seed}, force=force, inputs=[config_path])
+    return sum(p.numel() for p in model.parameters())

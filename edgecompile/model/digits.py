@@ -11,6 +11,8 @@ import torch
 from sklearn.datasets import load_digits
 from sklearn.svm import SVC
 
+from edgecompile.model.sampling import euler_sample
+
 N_CLASSES = 10
 
 
@@ -40,8 +42,6 @@ def class_prompts(prompts, per_class: int) -> tuple[torch.Tensor, np.ndarray]:
 def sample_accuracy(denoiser, prompts, clf: SVC, per_class: int = 20, steps: int = 20, cfg_scale: float = 2.0,
                     seed: int = 0) -> tuple[float, torch.Tensor]:
     """Generate per_class samples of each digit with fixed noise; return (accuracy, samples)."""
-    from edgecompile.model.sampling import euler_sample
-
     text, labels = class_prompts(prompts, per_class)
     noise = torch.randn((len(labels), 1, 8, 8), generator=torch.Generator().manual_seed(seed))
     samples = euler_sample(denoiser, noise, text, steps=steps, cfg_scale=cfg_scale, null_text=prompts.null)

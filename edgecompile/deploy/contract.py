@@ -1,0 +1,85 @@
+"""The package's I/O contract: the names, shapes and meaning of a deploy graph's inputs and output, the text
+layout it takes, and the metadata every exported model carries (Core ML user metadata, ONNX metadata_props).
+
+I/O names follow apple/ml-stable-diffusion's SD3 denoiser (MultiModalDiffusionTransformer) where the meaning
+matches, so Swift pipelines can bind them: all Float32 at the boundary (Swift feeds Float32 MLMultiArrays).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+
+import torch
+
+from edgecompile import __version__
+from edgecompile.digest import sha256_json
+
+LATENT = "latent_image_embeddings"  # (B, C, H, W)
+TIMESTEP = "timestep"  # (B,), t in [0, 1]: 1 = pure noise (rectified flow)
+TEXT = "token_level_text_embeddings"  # (B, text_dim, 1, T)
+OUTPUT = "denoiser_output"  # (B, C, H, W): velocity v = eps - x0
+
+IO_DOC = {
+    LATENT: "noisy latent x_t, (B, C, H, W) float32",
+    TIMESTEP: "flow time t in [0, 1] (1 = noise), (B,) float32",
+    TEXT: "text token embeddings in channel-first layout, (B, text_dim, 1, T) float32",
+    OUTPUT: "predicted velocity v = noise - x0, (B, C, H, W) float32; Euler step x <- x + (t_next - t) * v",
+}
+
+
+def text_to_package(text_btd: torch.Tensor) -> torch.Tensor:
+    """(B, T, D) training layout -> (B, D, 1, T): channels first, tokens on the last axis (ANE principle: the
+    channel axis is the one 1x1 convs reduce over)."""
+    return text_btd.transpose(1, 2)[:, :, None]  # (B, T, D) -> (B, D, T) -> (B, D, 1, T)
+
+
+def text_from_package(text: torch.Tensor) -> torch.Tensor:
+    """(B, D, 1, T) -> (B, T, D), the inverse of text_to_package."""
+    return text[:, :, 0].transpose(1, 2)  # (B, D, 1, T) -> (B, D, T) -> (B, T, D)
+
+
+def with_btd_text(deploy):
+    """The deploy graph as a callable (latent, t, text_btd) taking text in the reference model's layout."""
+    return lambda latent, t, text_btd: deploy(latent, t, text_to_package(text_btd))
+
+
+def example_inputs(deploy, batch: int = 1, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Deterministic inputs of the package's shapes (used for tracing and for verification)."""
+    c = deploy.config
+    g = torch.Generator().manual_seed(seed)
+    h, w = deploy.latent_hw
+    latent = torch.randn((batch, c.latent_channels, h, w), generator=g)
+    t = torch.rand((batch,), generator=g) * 0.9 + 0.05
+    text = torch.randn((batch, c.text_dim, 1, c.text_len), generator=g)
+    return latent, t, text
+
+
+@dataclass
+class PackageInfo:
+    width: float
+    params: int
+    config: dict
+    checkpoint_sha256: str | None
+    bits: str = "16"
+    description: str = ""
+
+
+def package_metadata(info: PackageInfo, deploy) -> dict[str, str]:
+    """The edgecompile keys every exported model carries."""
+    h, w = deploy.latent_hw
+    return {
+        "edgecompile.version": __version__,
+        "edgecompile.width": repr(float(info.width)),
+        "edgecompile.params": str(info.params),
+        "edgecompile.bits": info.bits,
+        "edgecompile.latent": f"{h}x{w}",
+        "edgecompile.config": json.dumps(info.config, sort_keys=True),
+        "edgecompile.config_sha256": sha256_json(info.config),
+        "edgecompile.checkpoint_sha256": info.checkpoint_sha256 or "none",
+        "edgecompile.io": json.dumps(IO_DOC),
+    }
+
+
+def bits_metadata(bits: dict[str, int], group_size: int | None) -> dict[str, str]:
+    return {"edgecompile.bits_per_layer": json.dumps(bits, sort_keys=True), "edgecompile.group_size": str(group_size or 0)}

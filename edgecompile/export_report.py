@@ -1,0 +1,125 @@
+"""report.json: what one width's export did and measured, built from the stage results.
+
+The one schema of report.json (keys in this order; optional parts absent when the stage did not run):
+
+    edgecompile, config, width, params, latent [H, W], bits, format, target, checkpoint, checkpoint_sha256,
+    package (relative to the width's folder), torch_threads,
+    calibration {how the inputs were made, inputs}, recipe {recipe.json}, bits_per_layer, average_bits,
+    group_size, calibration_psnr_db {palettized, distilled}, distill {DistillResult}   -- palettized exports
+    coremltools (version; Core ML exports), size_bytes,
+    verify {VerifyResult; package relative to the width's folder}, stage_seconds {stage: s, in run order}
+
+`ExportReport.from_dict(json.load(...))` reads it back; `path` (where the package was committed) is not part of
+the file, since the folder can move.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgecompile.compress.distill import DistillResult
+from edgecompile.compress.kmeans import Palette
+from edgecompile.compress.recipe import Recipe
+from edgecompile.coreml.verify import VerifyResult
+from edgecompile.errors import EdgeCompileError
+
+REPORT_FILE = "report.json"
+
+
+@dataclass
+class CompressionResult:
+    """What calibrate -> sweep -> palettize -> self-distill produced for one width."""
+
+    calibration: dict[str, Any]  # the calibration set's provenance and its number of inputs
+    bits_per_layer: dict[str, int]
+    average_bits: float
+    group_size: int | None
+    calibration_psnr_db: dict[str, float]  # palettized, and distilled when distillation ran
+    recipe: Recipe | None = None  # --bits mixed
+    distill: DistillResult | None = None
+    palettes: dict[str, Palette] = field(default_factory=dict, repr=False)  # written into the package, not the report
+
+    def to_dict(self) -> dict:
+        d: dict[str, Any] = {"calibration": self.calibration}
+        if self.recipe is not None:
+            d["recipe"] = self.recipe.to_dict()
+        d.update(bits_per_layer=self.bits_per_layer, average_bits=self.average_bits, group_size=self.group_size,
+                 calibration_psnr_db=self.calibration_psnr_db)
+        if self.distill is not None:
+            d["distill"] = self.distill.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict) -> CompressionResult:
+        return cls(calibration=data["calibration"], bits_per_layer=data["bits_per_layer"], average_bits=data["average_bits"],
+                   group_size=data["group_size"], calibration_psnr_db=data["calibration_psnr_db"],
+                   recipe=Recipe.from_dict(data["recipe"]) if "recipe" in data else None,
+                   distill=DistillResult.from_dict(data["distill"]) if "distill" in data else None)
+
+
+@dataclass
+class ExportReport:
+    edgecompile: str
+    config: dict[str, Any]
+    width: float
+    params: int
+    latent: list[int]
+    bits: str
+    format: str
+    target: str
+    checkpoint: str | None
+    checkpoint_sha256: str | None
+    package: str  # relative to the width's folder
+    torch_threads: int
+    compression: CompressionResult | None = None
+    coremltools: str | None = None
+    size_bytes: int = 0
+    verify: VerifyResult | None = None
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+    path: str = ""  # the committed package; not written to report.json
+
+    HEAD = ("edgecompile", "config", "width", "params", "latent", "bits", "format", "target", "checkpoint",
+            "checkpoint_sha256", "package", "torch_threads")
+
+    @property
+    def average_bits(self) -> float:
+        return self.compression.average_bits if self.compression else 16.0
+
+    @property
+    def verified(self) -> bool:
+        return self.verify is not None and self.verify.passed
+
+    def to_dict(self) -> dict:
+        d: dict[str, Any] = {k: getattr(self, k) for k in self.HEAD}
+        if self.compression is not None:
+            d.update(self.compression.to_dict())
+        if self.coremltools is not None:
+            d["coremltools"] = self.coremltools
+        d["size_bytes"] = self.size_bytes
+        if self.verify is not None:
+            d["verify"] = {**self.verify.to_dict(), "package": self.package}
+        d["stage_seconds"] = self.stage_seconds
+        return d
+
+    @classmethod
+    def from_dict(cls, data: dict, path: str = "") -> ExportReport:
+        return cls(**{k: data[k] for k in cls.HEAD},
+                   compression=CompressionResult.from_dict(data) if "bits_per_layer" in data else None,
+                   coremltools=data.get("coremltools"), size_bytes=data["size_bytes"],
+                   verify=VerifyResult.from_dict(data["verify"]) if data.get("verify") else None,
+                   stage_seconds=data.get("stage_seconds", {}), path=path)
+
+    @classmethod
+    def read(cls, path: str | Path) -> ExportReport:
+        """A report.json file (OUT/w0.5/report.json) or the width folder that holds it."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / REPORT_FILE
+        try:
+            data = json.loads(path.read_text())
+            return cls.from_dict(data, path=str(path.parent / data["package"]))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise EdgeCompileError(f"export report {path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
