@@ -1,32 +1,62 @@
-import json, hashlib, sys
+"""Compare two export folders of the same width: are they the same package, times aside?
+
+    python scripts/compare_exports.py OUT_A OUT_B [--width 0.5]
+
+Weight files and distilled parameters are compared byte for byte; recipe.json and report.json value for value
+with timings left out; the package's model.mlmodel as a protobuf message (coremltools serialises its metadata map
+in no fixed order) and Manifest.json not at all (coremltools gives every package new random item UUIDs).
+Exits 1 when anything differs."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
 from pathlib import Path
-a, b = Path(sys.argv[1]) / "w0.5", Path(sys.argv[2]) / "w0.5"
-TIMES = {"seconds", "kmeans_seconds", "forward_seconds", "cost_forward_passes", "stage_seconds", "history_seconds"}
-def strip(v, path=""):
-    if isinstance(v, dict):
-        return {k: strip(x, path + "." + k) for k, x in v.items() if k not in TIMES and not (path.endswith("distill") and k == "seconds")}
-    if isinstance(v, list):
-        return [strip(x, path) for x in v]
-    return v
-files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
-assert files == sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file()), "file lists differ"
-for f in files:
-    x, y = (a / f).read_bytes(), (b / f).read_bytes()
-    if f.suffix == ".json" and f.name != "Manifest.json":
-        same = strip(json.loads(x)) == strip(json.loads(y))
-        if not same:
-            dx, dy = strip(json.loads(x)), strip(json.loads(y))
-            diff = [k for k in set(dx) | set(dy) if dx.get(k) != dy.get(k)]
-            print(f, "DIFFERS in", diff)
-            for k in diff: print("  ", k, str(dx.get(k))[:200], "|", str(dy.get(k))[:200])
-            continue
-        print(f, "same values (times aside)")
-    elif f.name in ("Manifest.json", "model.mlmodel"):
-        print(f, "skipped here (coremltools: random UUIDs / map order); compared as a message below")
-    else:
-        print(f, "identical bytes" if x == y else "DIFFERS")
-from coremltools.proto import Model_pb2
-ms = []
-for d in (a, b):
-    m = Model_pb2.Model(); m.ParseFromString(next(d.rglob("model.mlmodel")).read_bytes()); ms.append(m)
-print("model.mlmodel equal as a message:", ms[0] == ms[1])
+
+TIMINGS = {"seconds", "kmeans_seconds", "forward_seconds", "cost_forward_passes", "stage_seconds"}
+
+
+def without_timings(value):
+    if isinstance(value, dict):
+        return {k: without_timings(v) for k, v in value.items() if k not in TIMINGS}
+    if isinstance(value, list):
+        return [without_timings(v) for v in value]
+    return value
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("a", type=Path)
+    parser.add_argument("b", type=Path)
+    parser.add_argument("--width", default="0.5")
+    args = parser.parse_args()
+    from coremltools.proto import Model_pb2
+
+    a, b = args.a / f"w{args.width}", args.b / f"w{args.width}"
+    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
+    if files != sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file()):
+        sys.exit("the two folders hold different files")
+    differs = False
+    for f in files:
+        x, y = (a / f).read_bytes(), (b / f).read_bytes()
+        if f.name == "Manifest.json":
+            verdict = "not compared (random item UUIDs)"
+        elif f.name == "model.mlmodel":
+            ma, mb = Model_pb2.Model(), Model_pb2.Model()
+            ma.ParseFromString(x)
+            mb.ParseFromString(y)
+            verdict = "equal as a message" if ma == mb else "DIFFERS"
+        elif f.suffix == ".json":
+            da, db = without_timings(json.loads(x)), without_timings(json.loads(y))
+            keys = sorted(k for k in set(da) | set(db) if da.get(k) != db.get(k))
+            verdict = "same values, timings aside" if not keys else f"DIFFERS in {keys}"
+        else:
+            verdict = "identical bytes" if x == y else "DIFFERS"
+        differs |= "DIFFERS" in verdict
+        print(f"{f}: {verdict}")
+    sys.exit(1 if differs else 0)
+
+
+if __name__ == "__main__":
+    main()
