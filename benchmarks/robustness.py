@@ -41,7 +41,7 @@ WATCH_SECONDS = 120
 
 
 def cli(*args) -> list[str]:
-    return [sys.executable, "-m", "edgecompile.cli", *map(str, args)]
+    return [sys.executable, "-m", "edgecompile", *map(str, args)]
 
 
 def run(args, env=None, cwd=None, kill_after=None, sig=signal.SIGTERM, timeout=WATCH_SECONDS) -> dict:
@@ -94,7 +94,7 @@ def concurrent(ckpt: Path, work: Path) -> dict:
 
 def signals(ckpt: Path, work: Path) -> list[dict]:
     rows = []
-    for sig, after in [(signal.SIGTERM, 0.8), (signal.SIGINT, 0.8), (signal.SIGTERM, 4), (signal.SIGTERM, 8),
+    for sig, after in [(signal.SIGTERM, 0.3), (signal.SIGINT, 1.0), (signal.SIGTERM, 2.0), (signal.SIGTERM, 4), (signal.SIGTERM, 8),
                        (signal.SIGTERM, 14), (signal.SIGINT, 20), (signal.SIGTERM, 28)]:
         parent = work / f"sig_{sig.name}_{after}"
         tmpdir = work / f"tmp_{sig.name}_{after}"

@@ -21,7 +21,7 @@ LAYERS = [
     {"coreml"},
     {"export", "export_report"},
     {"bench"},
-    {"cli"},
+    {"cli", "__main__"},  # __main__: the command, which imports the CLI after taking over signals
 ]
 
 

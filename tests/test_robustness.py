@@ -388,3 +388,14 @@ def test_device_profiles_and_ablation_configs_ship_as_package_data():
     globs = tomllib.loads((root.parent / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["edgecompile"]
     shipped = {p for g in globs for p in root.glob(g)}
     assert {p for p in RECIPES_DIR.rglob("*.yaml")} <= shipped
+
+
+def test_an_interrupt_while_the_command_starts_is_one_line_and_130(tiny_checkpoint, tmp_path):
+    """`python -m edgecompile` takes over signals before the CLI's two seconds of imports."""
+    child = subprocess.Popen([sys.executable, "-m", "edgecompile", "export", str(tiny_checkpoint), "-o", str(tmp_path / "o")],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.4)
+    child.send_signal(signal.SIGTERM)
+    _, err = child.communicate(timeout=60)
+    assert child.returncode == 130 and err.strip().splitlines() == ["edgecompile: interrupted; nothing was written"]
+    assert not (tmp_path / "o").exists()
