@@ -27,6 +27,7 @@ from edgecompile.export import FORMATS, ExportOptions, SweepOptions, SweepSettin
 from edgecompile.export_report import ExportReport
 from edgecompile.jsonutil import dumps
 from edgecompile.model.checkpoint import init_checkpoint, load_checkpoint, load_config_or_checkpoint
+from edgecompile.model.device import DEVICE_CHOICES
 from edgecompile.model.summary import summarize
 
 console = Console(stderr=True)
@@ -63,15 +64,15 @@ FINITE = Number(float)
 WIDTH = Number(float, min=0, max=1, min_open=True)
 
 
-def parse_latent(text: str | None) -> tuple[int, int] | None:
+def parse_latent(text: str | None, option: str = "--latent") -> tuple[int, int] | None:
     if text is None:
         return None
     try:
         h, w = (int(v) for v in text.lower().split("x"))
     except ValueError:
-        raise EdgeCompileError(f"--latent {text!r} is not HxW (e.g. --latent 8x8 or --latent 128x96)") from None
+        raise EdgeCompileError(f"{option} {text!r} is not HxW (e.g. {option} 8x8 or {option} 128x96)") from None
     if h < 1 or w < 1:
-        raise EdgeCompileError(f"--latent {text!r} must have positive sides (e.g. --latent 8x8)")
+        raise EdgeCompileError(f"{option} {text!r} must have positive sides (e.g. {option} 8x8)")
     return h, w
 
 
@@ -187,13 +188,18 @@ def parse_int_list(text: str, option: str, minimum: int | None = None) -> tuple[
 @click.option("--distill-steps", type=NON_NEGATIVE_INT, help="Self-distillation steps (default: by model size; early stop on plateau).")
 @click.option("--swift-resources", is_flag=True, help="Lay the output out as the Swift Core ML pipelines expect (Resources/).")
 @click.option("--query-chunk", type=POSITIVE_INT, help="Split attention queries into chunks of this many tokens.")
+@click.option("--calibration-latent",
+              help="Latent HxW for calibration, sweep and distillation (default: --latent); the package and its verification stay at --latent.")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(DEVICE_CHOICES),
+              help="Where calibration, the sweep and self-distillation run (auto: CUDA, then MPS, then CPU; fp32 everywhere).")
 @click.option("--no-verify", is_flag=True, help="Skip executing the package against the checkpoint.")
 @click.option("--min-psnr", default=DEFAULT_MIN_PSNR_DB, show_default=True, type=FINITE, help="Verification bar (dB against edgecompile's simulation).")
 @click.option("--keep-failed", is_flag=True, help="Keep a package whose verification failed, for inspection (still exits 1).")
 @click.option("--force", is_flag=True, help="Replace existing output folders.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
 def export(checkpoint, width_text, bits, output, latent, target, fmt, recipe, target_bits, candidates, sweep_mode, group_size,
-           calibration, no_distill, distill_steps, swift_resources, query_chunk, no_verify, min_psnr, keep_failed, force, as_json):
+           calibration, no_distill, distill_steps, swift_resources, query_chunk, calibration_latent, device, no_verify, min_psnr, keep_failed,
+           force, as_json):
     """Compile CHECKPOINT (default: the bundled one) into one verified package per width.
 
     Pipeline, in the order it runs: load and validate -> extract width -> rewrite -> calibrate -> sweep (or
@@ -203,8 +209,8 @@ def export(checkpoint, width_text, bits, output, latent, target, fmt, recipe, ta
     ckpt = load_checkpoint(checkpoint)
     opts = ExportOptions(
         output=Path(output), widths=ckpt.config.parse_widths(width_text), bits=str(bits), latent_hw=parse_latent(latent),
-        target=target, fmt=fmt, force=force, verify=not no_verify, query_chunk=query_chunk,
-        recipe=Path(recipe) if recipe else None,
+        target=target, fmt=fmt, force=force, verify=not no_verify, query_chunk=query_chunk, device=device,
+        calibration_latent=parse_latent(calibration_latent, "--calibration-latent"), recipe=Path(recipe) if recipe else None,
         sweep=SweepSettings(candidates=parse_int_list(candidates, "--candidates"), mode=sweep_mode, target_bits=target_bits),
         group_size=group_size, calibration=Path(calibration) if calibration else None,
         distill=not no_distill, distill_steps=distill_steps, swift_resources=swift_resources,
@@ -243,11 +249,13 @@ def print_summary(name: str, reports: list[ExportReport]) -> None:
 @click.option("--latent", help="Latent size HxW (default: the config's sample_size).")
 @click.option("--seed", default=0, show_default=True, type=NON_NEGATIVE_INT)
 @click.option("--cfg", "cfg_scale", default=2.0, show_default=True, type=Number(float, min=0), help="Classifier-free guidance scale of the app.")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(DEVICE_CHOICES),
+              help="Where the torch work runs (auto: CUDA, then MPS, then CPU).")
 @click.option("--force", is_flag=True)
-def calibrate(checkpoint, width, output, prompts, schedules, latent, seed, cfg_scale, force):
+def calibrate(checkpoint, width, output, prompts, schedules, latent, seed, cfg_scale, device, force):
     """Record calibration inputs along the unquantized model's own sampling trajectories."""
     steps = parse_int_list(schedules, "--schedules", minimum=1)
-    calib = record_calibration(load_checkpoint(checkpoint), width, output, prompts, steps, parse_latent(latent), seed, cfg_scale, force)
+    calib = record_calibration(load_checkpoint(checkpoint), width, output, prompts, steps, parse_latent(latent), seed, cfg_scale, force, device)
     console.print(f"wrote {output}: {len(calib)} inputs (width {width:g}, schedules {list(steps)}, seed {seed})")
 
 
@@ -261,10 +269,13 @@ def calibrate(checkpoint, width, output, prompts, schedules, latent, seed, cfg_s
 @click.option("--target-psnr", type=FINITE, help="Allocate the fewest bits whose calibration PSNR reaches this (dB).")
 @click.option("--group-size", type=POSITIVE_INT, help="Sweep grouped LUTs of this many output channels.")
 @click.option("--calibration", type=click.Path(), help="Calibration file (default: built from the checkpoint).")
+@click.option("--latent", help="Latent HxW of the calibration built when no --calibration is given (default: sample_size).")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(DEVICE_CHOICES),
+              help="Where the torch work runs (auto: CUDA, then MPS, then CPU).")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Recipe JSON to write.")
 @click.option("--force", is_flag=True)
 @click.option("--json", "as_json", is_flag=True)
-def sweep(checkpoint, width, bits_text, mode, target_bits, target_psnr, group_size, calibration, output, force, as_json):
+def sweep(checkpoint, width, bits_text, mode, target_bits, target_psnr, group_size, calibration, latent, device, output, force, as_json):
     """Per-layer palettization sensitivity and a mixed-bit recipe for one width."""
     if target_bits is not None and target_psnr is not None:
         raise EdgeCompileError("give --target-bits or --target-psnr, not both")
@@ -272,7 +283,7 @@ def sweep(checkpoint, width, bits_text, mode, target_bits, target_psnr, group_si
     settings = SweepSettings(candidates=candidates, mode=mode, target_bits=DEFAULT_TARGET_BITS if target_bits is None else target_bits,
                              target_psnr_db=target_psnr)
     opts = SweepOptions(output=Path(output), width=width, settings=settings, group_size=group_size,
-                        calibration=Path(calibration) if calibration else None, force=force)
+                        calibration=Path(calibration) if calibration else None, latent_hw=parse_latent(latent), device=device, force=force)
     with StageProgress() as display:
         recipe = run_sweep(load_checkpoint(checkpoint), opts, on_stage=display.on_stage, progress=display.update)
     if as_json:
@@ -335,11 +346,13 @@ def inspect(package, as_json):
               help="Interpreter arithmetic: fp32 proves the graph; fp16 predicts device numerics.")
 @click.option("--runtime", default="auto", show_default=True, type=click.Choice(["auto", "coreml", "interpreter"]))
 @click.option("--min-psnr", default=DEFAULT_MIN_PSNR_DB, show_default=True, type=FINITE, help="The bar: PSNR (dB) below it fails (exit 1).")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(DEVICE_CHOICES),
+              help="Where the torch references run (auto: CUDA, then MPS, then CPU).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def verify(package, checkpoint, precision, runtime, min_psnr, as_json):
+def verify(package, checkpoint, precision, runtime, min_psnr, device, as_json):
     """Execute PACKAGE (.mlpackage or .onnx) and compare it with edgecompile's simulation of its checkpoint and
     width (PSNR). Exits 1 when the PSNR is below --min-psnr or an output is not finite."""
-    result = verify_exported(package, checkpoint, precision=precision, runtime=runtime, min_psnr_db=min_psnr)
+    result = verify_exported(package, checkpoint, precision=precision, runtime=runtime, min_psnr_db=min_psnr, device=device)
     if as_json:
         emit_json(result.to_dict())
     else:

@@ -53,6 +53,7 @@ from edgecompile.jsonutil import dumps
 from edgecompile.model.budget import check_fits
 from edgecompile.model.checkpoint import Checkpoint
 from edgecompile.model.config import width_label
+from edgecompile.model.device import resolve_device
 from edgecompile.model.elastic import count_params, extract_width
 
 BITS_CHOICES = ("16", "8", "6", "4", "mixed")
@@ -98,6 +99,9 @@ class ExportOptions:
     force: bool = False
     verify: bool = True
     query_chunk: int | None = None
+    device: str = "auto"  # where calibration, the sweep and self-distillation run (model/device.py)
+    # compress small, export big: calibration, sweep and distillation at this latent (default: --latent)
+    calibration_latent: tuple[int, int] | None = None
     # mixed-bit palettization
     recipe: Path | None = None
     sweep: SweepSettings = field(default_factory=SweepSettings)
@@ -114,7 +118,7 @@ class ExportOptions:
     def validate(self, ckpt: Checkpoint) -> ResolvedInputs:
         """Every option checked before any work, so a bad one costs nothing and writes nothing; the recipe and the
         calibration set are loaded here, once, and handed to the pipeline."""
-        resolved = ResolvedInputs()
+        resolved = ResolvedInputs(device=resolve_device(self.device))
         if self.bits not in BITS_CHOICES:
             raise EdgeCompileError(f"--bits {self.bits} is not supported: use one of {', '.join(BITS_CHOICES)}")
         if self.fmt not in FORMATS:
@@ -135,6 +139,12 @@ class ExportOptions:
         ckpt.config.check_latent_size(*latent_hw)
         for w in self.widths:
             check_fits(ckpt.config, w, latent_hw, what=f"--latent {latent_hw[0]}x{latent_hw[1]}")
+        if self.calibration_latent is not None:
+            if self.bits == "16":
+                raise EdgeCompileError("--calibration-latent applies to palettized exports: add --bits 4, 6, 8 or mixed")
+            ckpt.config.check_latent_size(*self.calibration_latent)
+            for w in self.widths:
+                check_fits(ckpt.config, w, self.calibration_latent, what="--calibration-latent {}x{}".format(*self.calibration_latent))
         if self.query_chunk is not None and self.query_chunk < 1:
             raise EdgeCompileError(f"--query-chunk {self.query_chunk} must be a positive number of tokens (e.g. 512)")
         if not math.isfinite(self.min_psnr_db):
@@ -163,6 +173,10 @@ class ExportOptions:
             raise EdgeCompileError(f"--distill-steps {self.distill_steps} must be >= 0")
         if self.calibration is not None:
             resolved.calibration = load_checked_calibration(self.calibration, ckpt, self.widths)
+            have = tuple(resolved.calibration.latent.shape[2:])
+            if self.calibration_latent is not None and have != tuple(self.calibration_latent):
+                raise EdgeCompileError(f"calibration file {self.calibration} holds {have[0]}x{have[1]} latents, not the "
+                                       "--calibration-latent {}x{}: drop one of the two".format(*self.calibration_latent))
         for w in self.widths:
             check_output_path(self.width_dir(w), self.force, self.inputs(ckpt))
         return resolved
@@ -174,6 +188,10 @@ class ExportOptions:
     def width_dir(self, width: float) -> Path:
         return self.output / f"w{width_label(width)}"
 
+    def compress_latent(self, ckpt: Checkpoint) -> tuple[int, int]:
+        """The latent size calibration, sweep and distillation run at: --calibration-latent, else --latent."""
+        return tuple(self.calibration_latent or self.latent_hw or ckpt.config.sample_size)
+
 
 @dataclass
 class ResolvedInputs:
@@ -181,6 +199,7 @@ class ResolvedInputs:
 
     recipe: Recipe | None = None
     calibration: CalibrationSet | None = None
+    device: torch.device = torch.device("cpu")
 
 
 def load_checked_calibration(path: Path, ckpt: Checkpoint, widths: list[float]) -> CalibrationSet:
@@ -219,16 +238,18 @@ def package_name(config_name: str, width: float, bits: str, fmt: str) -> str:
 
 
 # ---- compress: calibrate -> sweep -> palettize -> self-distill ------------------------------------------------
-def calibration_for(ckpt: Checkpoint, width: float, given: CalibrationSet | None) -> CalibrationSet:
-    calib = given if given is not None else default_calibration(ckpt, width)
+def calibration_for(ckpt: Checkpoint, width: float, given: CalibrationSet | None, latent_hw: tuple[int, int] | None = None,
+                    device: torch.device | str = "cpu") -> CalibrationSet:
+    calib = given if given is not None else default_calibration(ckpt, width, latent_hw, device=device)
     check_finite(calib, "calibration set")
     return calib
 
 
-def graph_at_calibration_size(dense, calib: CalibrationSet, query_chunk: int | None = None) -> DeployDiT:
-    """Sweep and distillation run on deploy graphs at the calibration latent size; palettes and distilled
-    parameters carry over to the export graph by layer name."""
-    return deploy_model(dense, latent_hw=tuple(calib.latent.shape[2:]), query_chunk=query_chunk)
+def graph_at_calibration_size(dense, calib: CalibrationSet, query_chunk: int | None = None,
+                              device: torch.device | str = "cpu") -> DeployDiT:
+    """Sweep and distillation run on deploy graphs at the calibration latent size, on `device`; palettes and
+    distilled parameters carry over to the export graph (on the CPU, for conversion) by layer name."""
+    return deploy_model(dense, latent_hw=tuple(calib.latent.shape[2:]), query_chunk=query_chunk).to(device)
 
 
 def sweep_recipe(teacher: DeployDiT, config_name: str, width: float, calib: CalibrationSet, settings: SweepSettings,
@@ -241,8 +262,8 @@ def compress(ckpt: Checkpoint, dense, deploy: DeployDiT, width: float, opts: Exp
              timer: StageTimer, progress: Progress | None = None) -> CompressionResult:
     """Palettize `deploy` (and self-distil its biases and norms) in place; returns what was done and measured."""
     with timer.stage("calibrate"):
-        calib = calibration_for(ckpt, width, resolved.calibration)
-    teacher = graph_at_calibration_size(dense, calib, opts.query_chunk)
+        calib = calibration_for(ckpt, width, resolved.calibration, opts.compress_latent(ckpt), resolved.device)
+    teacher = graph_at_calibration_size(dense, calib, opts.query_chunk, resolved.device)
     cache = PaletteCache(teacher, opts.group_size)
     recipe = None
     if opts.bits == "mixed":
@@ -255,7 +276,7 @@ def compress(ckpt: Checkpoint, dense, deploy: DeployDiT, width: float, opts: Exp
         bits_map = uniform_bits(deploy, int(opts.bits))
     with timer.stage("palettize"):
         palettes = palettize_deploy(deploy, bits_map, opts.group_size, cache)
-        student = graph_at_calibration_size(dense, calib, opts.query_chunk)
+        student = graph_at_calibration_size(dense, calib, opts.query_chunk, resolved.device)
         palettize_deploy(student, bits_map, opts.group_size, cache)
     sizes = {n: m.weight.numel() for n, m in palettizable_layers(deploy).items()}
     with torch.no_grad():
@@ -265,11 +286,12 @@ def compress(ckpt: Checkpoint, dense, deploy: DeployDiT, width: float, opts: Exp
     if opts.distill and opts.distill_steps != 0:
         with timer.stage("distill"):
             distilled = distill(student, teacher, calib, DistillSettings(steps=opts.distill_steps), progress=progress)
-        load_trained_state(deploy, trained_state(student))
+        load_trained_state(deploy, {n: v.cpu() for n, v in trained_state(student).items()})
         with torch.no_grad():
             calibration_psnr["distilled"] = round(output_psnr(reference, calibration_outputs(student, calib)), 3)
     return CompressionResult(
-        calibration={**calib.meta, "inputs": len(calib)}, recipe=recipe, bits_per_layer=bits_map,
+        calibration={**calib.meta, "latent": list(calib.latent.shape[2:]), "inputs": len(calib), "device": resolved.device.type},
+        recipe=recipe, bits_per_layer=bits_map,
         average_bits=round(sum(bits_map[n] * sizes[n] for n in bits_map) / sum(sizes[n] for n in bits_map), 4),
         group_size=opts.group_size, calibration_psnr_db=calibration_psnr, distill=distilled, palettes=palettes,
     )
@@ -376,6 +398,8 @@ class SweepOptions:
     settings: SweepSettings = field(default_factory=SweepSettings)
     group_size: int | None = None
     calibration: Path | None = None
+    latent_hw: tuple[int, int] | None = None  # the calibration latent when no file is given (default: sample_size)
+    device: str = "auto"
     force: bool = False
 
     def validate(self, ckpt: Checkpoint) -> CalibrationSet | None:
@@ -384,8 +408,11 @@ class SweepOptions:
         check_output_path(self.output, self.force, inputs=[ckpt.path, self.calibration])
         self.settings.validate("--bits")
         calib = load_checked_calibration(self.calibration, ckpt, [self.width]) if self.calibration else None
+        if self.latent_hw is not None:
+            ckpt.config.check_latent_size(*self.latent_hw)
+            check_fits(ckpt.config, self.width, self.latent_hw, what="--latent {}x{}".format(*self.latent_hw))
         if self.group_size is not None:
-            hw = tuple(calib.latent.shape[2:]) if calib is not None else ckpt.config.sample_size
+            hw = tuple(calib.latent.shape[2:]) if calib is not None else tuple(self.latent_hw or ckpt.config.sample_size)
             check_group_size(layer_shapes(ckpt.config, self.width, hw), self.group_size, self.width)
         return calib
 
@@ -394,10 +421,11 @@ def run_sweep(ckpt: Checkpoint, opts: SweepOptions, on_stage: Callable[[str], No
               progress: Progress | None = None) -> Recipe:
     """The export's calibrate -> sweep path for one width, saved as a recipe for `export --recipe`."""
     given = opts.validate(ckpt)
+    device = resolve_device(opts.device)
     on_stage = on_stage or (lambda _: None)
     on_stage("calibration inputs")
-    calib = calibration_for(ckpt, opts.width, given)
-    teacher = graph_at_calibration_size(extract_width(ckpt.model, opts.width, share=True), calib)
+    calib = calibration_for(ckpt, opts.width, given, opts.latent_hw, device)
+    teacher = graph_at_calibration_size(extract_width(ckpt.model, opts.width, share=True), calib, device=device)
     on_stage(f"{opts.settings.mode} sweep")
     recipe = sweep_recipe(teacher, ckpt.config.name, opts.width, calib, opts.settings, PaletteCache(teacher, opts.group_size), progress)
     recipe.save(opts.output, force=opts.force, inputs=[ckpt.path, opts.calibration])
@@ -405,14 +433,16 @@ def run_sweep(ckpt: Checkpoint, opts: SweepOptions, on_stage: Callable[[str], No
 
 
 def verify_exported(package: str | Path, checkpoint: str | Path | None = None, precision: str = "fp32", runtime: str = "auto",
-                    min_psnr_db: float = DEFAULT_MIN_PSNR_DB) -> VerifyResult:
+                    min_psnr_db: float = DEFAULT_MIN_PSNR_DB, device: str = "cpu") -> VerifyResult:
     """Verify a package written by `export` against the checkpoint it came from (the bundled one by default):
-    a palettized package against edgecompile's simulation rebuilt from the checkpoint and its export folder."""
+    a palettized package against edgecompile's simulation rebuilt from the checkpoint and its export folder.
+    The torch references run on `device` (--device)."""
+    torch_device = resolve_device(device)
     if not math.isfinite(min_psnr_db):
         raise EdgeCompileError(f"--min-psnr {min_psnr_db} is not a finite number of dB (e.g. --min-psnr 60)")
     view = load_package(package)
     if view.width is None or view.config is None or view.latent_hw is None:
         raise EdgeCompileError(f"package {package} has no edgecompile metadata: verify checks packages written by `edgecompile export`")
     ckpt = checkpoint_for(view, checkpoint)
-    return verify_package(view, ckpt, simulated_model_for_package(view, ckpt), precision=precision, runtime=runtime,
-                          min_psnr_db=min_psnr_db)
+    return verify_package(view, ckpt, simulated_model_for_package(view, ckpt, torch_device), precision=precision, runtime=runtime,
+                          min_psnr_db=min_psnr_db, device=torch_device)

@@ -25,6 +25,8 @@ from edgecompile.deploy.contract import text_to_package
 from edgecompile.errors import EdgeCompileError
 from edgecompile.model.budget import check_fits
 from edgecompile.model.config import ModelConfig
+from edgecompile.model.device import device_of, resolve_device
+from edgecompile.model.elastic import extract_width
 from edgecompile.model.sampling import euler_sample
 
 FORMAT = "edgecompile-calibration"
@@ -43,11 +45,11 @@ class CalibrationSet:
     def __len__(self) -> int:
         return len(self.timestep)
 
-    def batches(self, batch_size: int = 64):
-        """(latent, t, text in package layout (B, D, 1, T)) batches, in order."""
+    def batches(self, batch_size: int = 64, device: torch.device | str = "cpu"):
+        """(latent, t, text in package layout (B, D, 1, T)) batches, in order, moved to `device` one at a time."""
         for s in range(0, len(self), batch_size):
             e = s + batch_size
-            yield self.latent[s:e], self.timestep[s:e], text_to_package(self.text[s:e])
+            yield (self.latent[s:e].to(device), self.timestep[s:e].to(device), text_to_package(self.text[s:e]).to(device))
 
     def subset(self, n: int) -> CalibrationSet:
         """n inputs spread evenly over the set (every timestep of the schedules stays represented)."""
@@ -132,10 +134,15 @@ def build_calibration(model, width: float, tokens: torch.Tensor, null: torch.Ten
     """Run the unquantized width's sampler on every prompt for each schedule and record every denoiser input.
 
     With CFG the app runs the denoiser on the prompt and on the null text at each step: both are recorded.
-    Long schedules are thinned to every LONG_SCHEDULE_STRIDE-th step. Deterministic for a given seed.
+    Long schedules are thinned to every LONG_SCHEDULE_STRIDE-th step. Deterministic for a given seed, and the
+    same noise on every device. `model` is the supernetwork or the width already extracted (which then runs at
+    its full width), on the device that runs the sampler; the recorded set is on the CPU.
     """
 
     config = model.config
+    device = device_of(model)
+    forward_width = 1.0 if config.widths == (1.0,) else width  # an extracted width is a dense model
+    tokens, null = tokens.to(device), null.to(device) if null is not None else None
     use_cfg = cfg_scale != 1.0 and null is not None
     latents, times, texts = [], [], []
     for steps in schedules:
@@ -143,29 +150,30 @@ def build_calibration(model, width: float, tokens: torch.Tensor, null: torch.Ten
         step_index = [0]
 
         def record(x, t, text, keep=keep, step_index=step_index):
-            if step_index[0] % keep == 0:
-                latents.append(x.clone())
-                times.append(t.clone())
-                texts.append(text.clone())
+            if step_index[0] % keep == 0:  # recorded on the CPU: a calibration set outlives the stage
+                latents.append(x.to("cpu", copy=True))
+                times.append(t.to("cpu", copy=True))
+                texts.append(text.to("cpu", copy=True))
                 if use_cfg:
-                    latents.append(x.clone())
-                    times.append(t.clone())
-                    texts.append(null.expand_as(text).clone())
+                    latents.append(x.to("cpu", copy=True))
+                    times.append(t.to("cpu", copy=True))
+                    texts.append(null.expand_as(text).to("cpu", copy=True))
             step_index[0] += 1
 
         g = torch.Generator().manual_seed(seed * 1000 + steps)
-        noise = torch.randn((len(tokens), config.latent_channels, *latent_hw), generator=g)
-        euler_sample(lambda x, t, c: model(x, t, c, width=width), noise, tokens, steps=steps,
+        noise = torch.randn((len(tokens), config.latent_channels, *latent_hw), generator=g).to(device)  # same noise on every device
+        euler_sample(lambda x, t, c: model(x, t, c, width=forward_width), noise, tokens, steps=steps,
                      cfg_scale=cfg_scale if use_cfg else 1.0, null_text=null, on_step=record)
-    meta = {"width": width, "schedules": list(schedules), "seed": seed, "cfg_scale": cfg_scale if use_cfg else 1.0,
+    meta = {"width": width, "latent": list(latent_hw), "schedules": list(schedules), "seed": seed, "cfg_scale": cfg_scale if use_cfg else 1.0,
             "prompts": f"{prompts_label} ({len(tokens)})", "config": config.name}
     return CalibrationSet(torch.cat(latents), torch.cat(times), torch.cat(texts), meta)
 
 
 def default_calibration(ckpt, width: float, latent_hw: tuple[int, int] | None = None, seed: int = 0,
-                        schedules: tuple[int, ...] = DEFAULT_SCHEDULES, n_random_prompts: int = 4) -> CalibrationSet:
+                        schedules: tuple[int, ...] = DEFAULT_SCHEDULES, n_random_prompts: int = 4,
+                        device: torch.device | str = "cpu") -> CalibrationSet:
     """The deterministic calibration set edgecompile builds when none is given: the checkpoint's own prompts
-    (random stand-ins when it ships none), seeded noise, both schedules."""
+    (random stand-ins when it ships none), seeded noise, both schedules, sampled by the width on `device`."""
     config = ckpt.config
     latent_hw = tuple(latent_hw or config.sample_size)
     if ckpt.prompts is not None:
@@ -173,7 +181,12 @@ def default_calibration(ckpt, width: float, latent_hw: tuple[int, int] | None = 
     else:
         tokens, null = random_prompts(config, n_random_prompts, seed)
         label = "random N(0,1) text embeddings"
-    return build_calibration(ckpt.model, width, tokens, null, latent_hw, schedules, seed, prompts_label=label)
+    return build_calibration(sampler_model(ckpt, width, device), width, tokens, null, latent_hw, schedules, seed, prompts_label=label)
+
+
+def sampler_model(ckpt, width: float, device: torch.device | str = "cpu"):
+    """The width, extracted (views of the checkpoint on the CPU, a copy on an accelerator), on `device`."""
+    return extract_width(ckpt.model, width, share=True).to(device)
 
 
 def load_user_prompts(path: str | Path, config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -198,7 +211,7 @@ def load_user_prompts(path: str | Path, config: ModelConfig) -> tuple[torch.Tens
 
 def record_calibration(ckpt, width: float, output: str | Path, prompts: str | Path | None = None,
                        schedules: tuple[int, ...] = DEFAULT_SCHEDULES, latent_hw: tuple[int, int] | None = None, seed: int = 0,
-                       cfg_scale: float = 2.0, force: bool = False) -> CalibrationSet:
+                       cfg_scale: float = 2.0, force: bool = False, device: str = "cpu") -> CalibrationSet:
     """`edgecompile calibrate`: every option checked first, then the trajectories recorded and saved."""
     ckpt.config.dims(width)
     check_output_path(Path(output), force, inputs=[ckpt.path, prompts])
@@ -207,11 +220,13 @@ def record_calibration(ckpt, width: float, output: str | Path, prompts: str | Pa
     hw = tuple(latent_hw or ckpt.config.sample_size)
     ckpt.config.check_latent_size(*hw)
     check_fits(ckpt.config, width, hw, what=f"--latent {hw[0]}x{hw[1]}")
+    torch_device = resolve_device(device)
     if prompts:
         tokens, null = load_user_prompts(prompts, ckpt.config)
-        calib = build_calibration(ckpt.model, width, tokens, null, hw, schedules, seed, cfg_scale, prompts_label=str(prompts))
+        calib = build_calibration(sampler_model(ckpt, width, torch_device), width, tokens, null, hw, schedules, seed, cfg_scale,
+                                  prompts_label=str(prompts))
     else:
-        calib = default_calibration(ckpt, width, hw, seed, schedules)
+        calib = default_calibration(ckpt, width, hw, seed, schedules, device=torch_device)
     check_finite(calib, "the recorded calibration set")
     calib.save(output, force=force, inputs=[ckpt.path, prompts])
     return calib

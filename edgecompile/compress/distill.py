@@ -19,6 +19,7 @@ from edgecompile.compress.palettize_model import palettizable_layers
 from edgecompile.compress.sensitivity import calibration_outputs, layer_delta, output_psnr
 from edgecompile.deploy.contract import text_to_package
 from edgecompile.errors import EdgeCompileError
+from edgecompile.model.device import device_of
 
 DISTILLED_STATE = "distilled.safetensors"  # saved beside the package: the verifier's simulation needs it
 TRAINABLE_SUFFIXES = (".bias", "_table")  # biases (convs and norm affines) and modulation tables
@@ -160,10 +161,11 @@ def distill(student: nn.Module, teacher: nn.Module, calib: CalibrationSet, setti
     opt = torch.optim.Adam(params, lr=settings.lr)
     bad_evals, step = 0, 0
     text_all = text_to_package(train.text)
+    device = device_of(student)  # the training set and teacher outputs stay on the CPU; each batch moves
     for step in range(1, steps + 1):
         idx = torch.randint(0, len(train), (min(settings.batch_size, len(train)),), generator=g)
-        out = student(train.latent[idx], train.timestep[idx], text_all[idx])
-        loss = (out - target_train[idx]).pow(2).mean()
+        out = student(train.latent[idx].to(device), train.timestep[idx].to(device), text_all[idx].to(device))
+        loss = (out - target_train[idx].to(device)).pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

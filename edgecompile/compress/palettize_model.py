@@ -63,7 +63,9 @@ class PaletteCache:
         return self._palettes[key]
 
     def decoded(self, layer: str, nbits: int) -> torch.Tensor:
-        return torch.from_numpy(self.palette(layer, nbits).decode().astype(np.float32))
+        """The decoded weight, on the layer's device (k-means itself runs on the CPU, where it is fast)."""
+        weight = torch.from_numpy(self.palette(layer, nbits).decode().astype(np.float32))
+        return weight.to(self.layers[layer].weight.device)
 
 
 @torch.no_grad()
@@ -82,7 +84,8 @@ def palettize_deploy(model: nn.Module, bits: dict[str, int], group_size: int | N
         if nbits >= 16:
             continue
         p = cache.palette(name, nbits)
-        layers[name].weight = nn.Parameter(torch.from_numpy(p.decode().astype(np.float32)), requires_grad=False)
+        decoded = torch.from_numpy(p.decode().astype(np.float32)).to(layers[name].weight.device)
+        layers[name].weight = nn.Parameter(decoded, requires_grad=False)
         palettes[name] = p
     return palettes
 

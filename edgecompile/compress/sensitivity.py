@@ -25,6 +25,7 @@ from torch import nn
 from edgecompile.compress.calibration import CalibrationSet
 from edgecompile.compress.palettize_model import PaletteCache
 from edgecompile.metrics import psnr_db
+from edgecompile.model.device import device_of
 
 MODES = ("local", "e2e")
 Progress = Callable[[str, int, int], None]  # (description, done, total)
@@ -45,7 +46,8 @@ def swapped_weights(layers: dict[str, nn.Module], weights: dict[str, torch.Tenso
 
 @torch.no_grad()
 def calibration_outputs(model: nn.Module, calib: CalibrationSet, batch_size: int = 64) -> torch.Tensor:
-    return torch.cat([model(x, t, c) for x, t, c in calib.batches(batch_size)])
+    """The model's outputs on the calibration set, run on the model's device and kept on the CPU."""
+    return torch.cat([model(x, t, c).cpu() for x, t, c in calib.batches(batch_size, device_of(model))])
 
 
 def output_psnr(reference: torch.Tensor, output: torch.Tensor) -> float:
@@ -131,7 +133,7 @@ def _local(model, calib, candidates, cache, batch_size, result, progress):
     handles = [m.register_forward_hook(hook_for(n)) for n, m in layers.items()]
     try:
         n_batches = (len(calib) + batch_size - 1) // batch_size
-        for i, (x, t, c) in enumerate(calib.batches(batch_size)):
+        for i, (x, t, c) in enumerate(calib.batches(batch_size, device_of(model))):
             model(x, t, c)
             if progress:
                 progress("local sweep (one forward pass, all layers)", i + 1, n_batches)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 
+import torch
 from safetensors.torch import load_file
 
 from edgecompile.compress.distill import DISTILLED_STATE, load_trained_state
@@ -17,7 +18,7 @@ from edgecompile.digest import sha256_file
 from edgecompile.errors import EdgeCompileError
 
 
-def simulated_model_for_package(view, ckpt):
+def simulated_model_for_package(view, ckpt, device: torch.device | str = "cpu"):
     """None for an fp16 package (its reference is the checkpoint itself); else a callable (latent, t, text_btd).
 
     `view` is the package read back (coreml.package.PackageView): its path, width, latent size and metadata."""
@@ -34,4 +35,4 @@ def simulated_model_for_package(view, ckpt):
         if not state_path.is_file() or sha256_file(state_path) != want:
             raise EdgeCompileError(f"package {view.path} was self-distilled: keep {DISTILLED_STATE} from its export folder beside it to verify it")
         load_trained_state(deploy, load_file(str(state_path)))
-    return with_btd_text(deploy)
+    return with_btd_text(deploy.to(device))

@@ -27,6 +27,7 @@ from edgecompile.jsonutil import finite_or_none
 from edgecompile.metrics import psnr_db
 from edgecompile.model.checkpoint import DEFAULT_CHECKPOINT, Checkpoint, load_checkpoint
 from edgecompile.model.config import ModelConfig
+from edgecompile.model.elastic import extract_width
 
 N_VERIFY_INPUTS = 3  # three timesteps spread over the trajectory
 DEFAULT_MIN_PSNR_DB = 60.0  # against edgecompile's own simulation (ml-ane-transformers asks > 60 dB of a BERT)
@@ -156,13 +157,14 @@ def run_package(view: PackageView, inputs, precision: str = "fp32", runtime: str
 
 
 def verify_package(view: PackageView, ckpt: Checkpoint, simulated: Callable | None = None, precision: str = "fp32",
-                   runtime: str = "auto", min_psnr_db: float = DEFAULT_MIN_PSNR_DB) -> VerifyResult:
+                   runtime: str = "auto", min_psnr_db: float = DEFAULT_MIN_PSNR_DB,
+                   device: torch.device | str = "cpu") -> VerifyResult:
     """Run the package `view` and compare it with the reference of `ckpt` (see `checkpoint_for`).
 
     `simulated(latent, t, text_btd)`, edgecompile's own compressed torch model, is the reference of a palettized
     package and is built by the caller (compress.simulate); psnr_vs_checkpoint_db always compares against the
     unquantized checkpoint. The result's `passed` says whether psnr_db reached `min_psnr_db` with finite outputs
-    (see `check_passed`)."""
+    (see `check_passed`). The torch references run on `device` (`simulated` must live there too)."""
     if not math.isfinite(min_psnr_db):
         raise EdgeCompileError(f"--min-psnr {min_psnr_db} is not a finite number of dB (e.g. --min-psnr 60)")
     if view.width is None or view.config is None or view.latent_hw is None:
@@ -172,13 +174,13 @@ def verify_package(view: PackageView, ckpt: Checkpoint, simulated: Callable | No
     width = view.width
     inputs = verification_inputs(ckpt.config, view.latent_hw, ckpt=ckpt, width=width)
     outs, label = run_package(view, inputs, precision=precision, runtime=runtime)
-    model = ckpt.model
+    reference = extract_width(ckpt.model, width, share=True).to(device)  # on the CPU: views, bit-identical to the supernetwork
     per, per_ckpt = [], []
     with torch.no_grad():
         for (latent, t, text), out in zip(inputs, outs):
-            text_btd = text_from_package(text)
-            ref = model(latent, t, text_btd, width=width).numpy()
-            sim = ref if simulated is None else simulated(latent, t, text_btd).numpy()
+            latent, t, text_btd = latent.to(device), t.to(device), text_from_package(text).to(device)
+            ref = reference(latent, t, text_btd).cpu().numpy()
+            sim = ref if simulated is None else simulated(latent, t, text_btd).cpu().numpy()
             per.append(psnr_db(sim, out))
             per_ckpt.append(psnr_db(ref, out))
     return VerifyResult(

@@ -1,0 +1,43 @@
+"""Where torch stages run: `--device auto|cpu|cuda|mps`.
+
+auto picks CUDA, then Apple's MPS, then the CPU. Every stage computes in full fp32 on every device: TF32 is
+switched off for CUDA matmuls and convolutions, since it rounds inputs to 10 mantissa bits and a package is
+verified at >= 60 dB against a simulation computed this way. Tensors that outlive a stage (calibration sets,
+teacher outputs) are kept on the CPU; models and the batch in flight move to the device. CUDA and MPS run the same
+code: only `resolve_device` tells them apart.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from edgecompile.errors import EdgeCompileError
+
+DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
+
+
+def available(kind: str) -> bool:
+    if kind == "cuda":
+        return torch.cuda.is_available()
+    if kind == "mps":
+        return bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()
+    return kind == "cpu"
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """The torch device for --device NAME, set up for full fp32; an unavailable one is a one-line error."""
+    if name not in DEVICE_CHOICES:
+        raise EdgeCompileError(f"--device {name} is not supported: use one of {', '.join(DEVICE_CHOICES)}")
+    kind = next(k for k in ("cuda", "mps", "cpu") if available(k)) if name == "auto" else name
+    if not available(kind):
+        raise EdgeCompileError(f"--device {kind}: no {kind.upper()} device is available to torch on this machine "
+                               "(use --device cpu, or auto to take the best one there is)")
+    if kind == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False  # full fp32: TF32 would round matmul inputs to 10 bits
+        torch.backends.cudnn.allow_tf32 = False
+    return torch.device(kind)
+
+
+def device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device

@@ -1,0 +1,66 @@
+"""--device and --calibration-latent. The CPU runs the same code an accelerator does: models and the batch in
+flight move with .to(device), calibration sets and teacher outputs stay on the CPU."""
+
+import json
+
+import pytest
+import torch
+
+from edgecompile.compress.calibration import build_calibration, default_calibration
+from edgecompile.errors import EdgeCompileError
+from edgecompile.model import device as device_module
+from edgecompile.model.checkpoint import load_checkpoint
+from edgecompile.model.device import resolve_device
+from tests.test_coreml import run_cli
+
+
+def test_auto_takes_cuda_then_mps_then_cpu(monkeypatch):
+    monkeypatch.setattr(device_module, "available", lambda kind: kind == "cpu")
+    assert resolve_device("auto") == torch.device("cpu")
+    monkeypatch.setattr(device_module, "available", lambda kind: kind in ("cpu", "mps"))
+    assert resolve_device("auto") == torch.device("mps")
+    monkeypatch.setattr(device_module, "available", lambda kind: True)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    assert resolve_device("auto") == torch.device("cuda")
+    assert torch.backends.cuda.matmul.allow_tf32 is False and torch.backends.cudnn.allow_tf32 is False  # full fp32 on CUDA
+
+
+def test_an_unavailable_device_is_a_one_line_error(monkeypatch, tiny_checkpoint, tmp_path, capsys):
+    monkeypatch.setattr(device_module, "available", lambda kind: kind == "cpu")
+    with pytest.raises(EdgeCompileError, match="--device cuda: no CUDA device"):
+        resolve_device("cuda")
+    code, _, err = run_cli(["export", str(tiny_checkpoint), "--bits", "4", "--device", "mps", "-o", str(tmp_path / "o")], capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "--device mps" in err
+    assert not (tmp_path / "o").exists()
+
+
+def test_the_sampler_runs_the_extracted_width_bit_for_bit(tiny_checkpoint):
+    """Calibration samples with the extracted width (what moves to an accelerator): on the CPU it records exactly
+    what the supernetwork at that width records."""
+    ckpt = load_checkpoint(tiny_checkpoint)
+    ours = default_calibration(ckpt, 0.5, seed=3, schedules=(4,))
+    from edgecompile.compress.calibration import random_prompts
+
+    tokens, null = random_prompts(ckpt.config, 4, 3)
+    supernet = build_calibration(ckpt.model, 0.5, tokens, null, ckpt.config.sample_size, (4,), 3)
+    assert torch.equal(ours.latent, supernet.latent) and torch.equal(ours.text, supernet.text)
+    assert ours.latent.device.type == "cpu"
+
+
+def test_compress_small_export_big(tiny_checkpoint, tmp_path, capsys):
+    """Calibration, sweep and distillation at 8x8; the package and its verification at 16x16; report.json says so."""
+    code, _, err = run_cli(["export", str(tiny_checkpoint), "--width", "1.0", "--bits", "4", "--latent", "16x16",
+                            "--calibration-latent", "8x8", "--distill-steps", "10", "--device", "cpu", "-o", str(tmp_path)], capsys)
+    assert code == 0, err
+    report = json.loads((tmp_path / "w1.0" / "report.json").read_text())
+    assert report["latent"] == [16, 16] and report["calibration"]["latent"] == [8, 8]
+    assert report["calibration"]["device"] == "cpu" and report["verify"]["passed"]
+
+
+def test_calibration_latent_is_checked_before_work(tiny_checkpoint, tmp_path, capsys):
+    for args, message in ((["--calibration-latent", "8x7"], "8x7"), (["--calibration-latent", "axb"], "--calibration-latent"),
+                          (["--bits", "16", "--calibration-latent", "8x8"], "applies to palettized")):
+        bits = [] if "--bits" in args else ["--bits", "4"]
+        code, _, err = run_cli(["export", str(tiny_checkpoint), *bits, *args, "-o", str(tmp_path / "o")], capsys)
+        assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "o").exists()
