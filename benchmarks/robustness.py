@@ -33,6 +33,8 @@ from pathlib import Path
 
 from _common import ROOT, write_result
 
+from edgecompile.export_report import without_timings
+
 TINY = {"name": "tiny", "hidden_dim": 32, "head_dim": 8, "num_heads": 8, "num_kv_heads": 4, "text_dim": 16, "text_len": 3,
         "depth_down": 1, "depth_middle": 2, "depth_up": 1, "ffn_ratio": 2, "ffn_ratio_middle": 2, "widths": [0.5, 1.0],
         "bna_blocks": 4}
@@ -142,17 +144,6 @@ def absurd_sizes(ckpt: Path, work: Path) -> list[dict]:
         rows.append({"case": label, "exit": r["exit"], "seconds": r["seconds"], "peak_rss_mib": r["peak_rss_mib"],
                      "watchdog": r["watchdog"], "stderr_lines": r["stderr_lines"], "message": r["stderr_last_line"]})
     return rows
-
-
-TIMING_KEYS = ("seconds", "kmeans_seconds", "forward_seconds", "cost_forward_passes")
-
-
-def without_timings(value):
-    if isinstance(value, dict):
-        return {k: without_timings(v) for k, v in value.items() if k not in TIMING_KEYS}
-    if isinstance(value, list):
-        return [without_timings(v) for v in value]
-    return value
 
 
 def content_digest(path: Path) -> str:

@@ -27,6 +27,17 @@ from edgecompile.coreml.verify import VerifyResult
 from edgecompile.errors import EdgeCompileError
 
 REPORT_FILE = "report.json"
+# what changes from run to run of the same export: the clock (report.json, recipe.json)
+TIMING_KEYS = frozenset({"seconds", "kmeans_seconds", "forward_seconds", "cost_forward_passes", "stage_seconds"})
+
+
+def without_timings(value):
+    """A report or recipe as a JSON value with its timings left out, to compare two runs' results."""
+    if isinstance(value, dict):
+        return {k: without_timings(v) for k, v in value.items() if k not in TIMING_KEYS}
+    if isinstance(value, list):
+        return [without_timings(v) for v in value]
+    return value
 
 
 @dataclass

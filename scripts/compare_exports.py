@@ -14,16 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-TIMINGS = {"seconds", "kmeans_seconds", "forward_seconds", "cost_forward_passes", "stage_seconds"}
-
-
-def without_timings(value):
-    if isinstance(value, dict):
-        return {k: without_timings(v) for k, v in value.items() if k not in TIMINGS}
-    if isinstance(value, list):
-        return [without_timings(v) for v in value]
-    return value
-
+from edgecompile.export_report import without_timings
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
