@@ -129,10 +129,12 @@ class StageProgress:
     """A rich progress display: one line per pipeline stage, with a bar for stages that report progress."""
 
     def __init__(self):
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn,
+                                   TimeRemainingColumn)
 
+        # elapsed, then the estimate of what remains (rich extrapolates from the stage's own rate)
         self.progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                                 TimeElapsedColumn(), console=console, transient=False)
+                                 TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(), console=console, transient=False)
         self.task = None
         self.stage = ""
 
@@ -192,13 +194,14 @@ def parse_int_list(text: str, option: str, minimum: int | None = None) -> tuple[
               help="Latent HxW for calibration, sweep and distillation (default: --latent); the package and its verification stay at --latent.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(DEVICE_CHOICES),
               help="Where calibration, the sweep and self-distillation run (auto: CUDA, then MPS, then CPU; fp32 everywhere).")
+@click.option("--batch-size", type=POSITIVE_INT, help="Inference batch of the sweep and teacher outputs (default: what the device's free memory holds).")
 @click.option("--no-verify", is_flag=True, help="Skip executing the package against the checkpoint.")
 @click.option("--min-psnr", default=DEFAULT_MIN_PSNR_DB, show_default=True, type=FINITE, help="Verification bar (dB against edgecompile's simulation).")
 @click.option("--keep-failed", is_flag=True, help="Keep a package whose verification failed, for inspection (still exits 1).")
 @click.option("--force", is_flag=True, help="Replace existing output folders.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
 def export(checkpoint, width_text, bits, output, latent, target, fmt, recipe, target_bits, candidates, sweep_mode, group_size,
-           calibration, no_distill, distill_steps, swift_resources, query_chunk, calibration_latent, device, no_verify, min_psnr, keep_failed,
+           calibration, no_distill, distill_steps, swift_resources, query_chunk, calibration_latent, device, batch_size, no_verify, min_psnr, keep_failed,
            force, as_json):
     """Compile CHECKPOINT (default: the bundled one) into one verified package per width.
 
@@ -209,7 +212,7 @@ def export(checkpoint, width_text, bits, output, latent, target, fmt, recipe, ta
     ckpt = load_checkpoint(checkpoint)
     opts = ExportOptions(
         output=Path(output), widths=ckpt.config.parse_widths(width_text), bits=str(bits), latent_hw=parse_latent(latent),
-        target=target, fmt=fmt, force=force, verify=not no_verify, query_chunk=query_chunk, device=device,
+        target=target, fmt=fmt, force=force, verify=not no_verify, query_chunk=query_chunk, device=device, batch_size=batch_size,
         calibration_latent=parse_latent(calibration_latent, "--calibration-latent"), recipe=Path(recipe) if recipe else None,
         sweep=SweepSettings(candidates=parse_int_list(candidates, "--candidates"), mode=sweep_mode, target_bits=target_bits),
         group_size=group_size, calibration=Path(calibration) if calibration else None,

@@ -50,10 +50,10 @@ from edgecompile.digest import sha256_file
 from edgecompile.errors import EdgeCompileError, VerificationFailed
 from edgecompile.export_report import REPORT_FILE, CompressionResult, ExportReport
 from edgecompile.jsonutil import dumps
-from edgecompile.model.budget import check_fits
+from edgecompile.model.budget import MAX_BATCH, available_memory_bytes, batch_size_for, check_fits
 from edgecompile.model.checkpoint import Checkpoint
 from edgecompile.model.config import width_label
-from edgecompile.model.device import resolve_device
+from edgecompile.model.device import free_memory_bytes, resolve_device
 from edgecompile.model.elastic import count_params, extract_width
 
 BITS_CHOICES = ("16", "8", "6", "4", "mixed")
@@ -100,6 +100,7 @@ class ExportOptions:
     verify: bool = True
     query_chunk: int | None = None
     device: str = "auto"  # where calibration, the sweep and self-distillation run (model/device.py)
+    batch_size: int | None = None  # inference batch of the sweep and teacher outputs (default: from free memory)
     # compress small, export big: calibration, sweep and distillation at this latent (default: --latent)
     calibration_latent: tuple[int, int] | None = None
     # mixed-bit palettization
@@ -145,6 +146,8 @@ class ExportOptions:
             ckpt.config.check_latent_size(*self.calibration_latent)
             for w in self.widths:
                 check_fits(ckpt.config, w, self.calibration_latent, what="--calibration-latent {}x{}".format(*self.calibration_latent))
+        if self.batch_size is not None and self.batch_size < 1:
+            raise EdgeCompileError(f"--batch-size {self.batch_size} must be a positive number of inputs (e.g. 8)")
         if self.query_chunk is not None and self.query_chunk < 1:
             raise EdgeCompileError(f"--query-chunk {self.query_chunk} must be a positive number of tokens (e.g. 512)")
         if not math.isfinite(self.min_psnr_db):
@@ -239,8 +242,8 @@ def package_name(config_name: str, width: float, bits: str, fmt: str) -> str:
 
 # ---- compress: calibrate -> sweep -> palettize -> self-distill ------------------------------------------------
 def calibration_for(ckpt: Checkpoint, width: float, given: CalibrationSet | None, latent_hw: tuple[int, int] | None = None,
-                    device: torch.device | str = "cpu") -> CalibrationSet:
-    calib = given if given is not None else default_calibration(ckpt, width, latent_hw, device=device)
+                    device: torch.device | str = "cpu", progress: Progress | None = None) -> CalibrationSet:
+    calib = given if given is not None else default_calibration(ckpt, width, latent_hw, device=device, progress=progress)
     check_finite(calib, "calibration set")
     return calib
 
@@ -253,24 +256,33 @@ def graph_at_calibration_size(dense, calib: CalibrationSet, query_chunk: int | N
 
 
 def sweep_recipe(teacher: DeployDiT, config_name: str, width: float, calib: CalibrationSet, settings: SweepSettings,
-                 cache: PaletteCache, progress: Progress | None = None) -> Recipe:
+                 cache: PaletteCache, progress: Progress | None = None, batch_size: int = MAX_BATCH) -> Recipe:
     return make_recipe(teacher, config_name, width, calib, list(settings.candidates), settings.mode, settings.target_bits,
-                       settings.target_psnr_db, cache=cache, progress=progress)
+                       settings.target_psnr_db, cache=cache, progress=progress, batch_size=batch_size)
+
+
+def batch_sizes(ckpt: Checkpoint, width: float, calib: CalibrationSet, device: torch.device, given: int | None) -> tuple[int, int]:
+    """(inference batch, distillation batch): --batch-size, or what the device's free memory holds at the calibration
+    latent; the distillation batch keeps a quarter of that room for the backward pass, at most the default 16."""
+    hw = tuple(calib.latent.shape[2:])
+    infer = given or batch_size_for(ckpt.config, width, hw, free_memory_bytes(device, available_memory_bytes()))
+    return infer, min(DistillSettings.batch_size, given or max(1, infer // 4))
 
 
 def compress(ckpt: Checkpoint, dense, deploy: DeployDiT, width: float, opts: ExportOptions, resolved: ResolvedInputs,
              timer: StageTimer, progress: Progress | None = None) -> CompressionResult:
     """Palettize `deploy` (and self-distil its biases and norms) in place; returns what was done and measured."""
     with timer.stage("calibrate"):
-        calib = calibration_for(ckpt, width, resolved.calibration, opts.compress_latent(ckpt), resolved.device)
+        calib = calibration_for(ckpt, width, resolved.calibration, opts.compress_latent(ckpt), resolved.device, progress)
     teacher = graph_at_calibration_size(dense, calib, opts.query_chunk, resolved.device)
     cache = PaletteCache(teacher, opts.group_size)
+    infer_batch, train_batch = batch_sizes(ckpt, width, calib, resolved.device, opts.batch_size)
     recipe = None
     if opts.bits == "mixed":
         recipe = resolved.recipe
         if recipe is None:
             with timer.stage("sweep"):
-                recipe = sweep_recipe(teacher, ckpt.config.name, width, calib, opts.sweep, cache, progress)
+                recipe = sweep_recipe(teacher, ckpt.config.name, width, calib, opts.sweep, cache, progress, infer_batch)
         bits_map = recipe.bits
     else:
         bits_map = uniform_bits(deploy, int(opts.bits))
@@ -280,17 +292,19 @@ def compress(ckpt: Checkpoint, dense, deploy: DeployDiT, width: float, opts: Exp
         palettize_deploy(student, bits_map, opts.group_size, cache)
     sizes = {n: m.weight.numel() for n, m in palettizable_layers(deploy).items()}
     with torch.no_grad():
-        reference = calibration_outputs(teacher, calib)
-        calibration_psnr = {"palettized": round(output_psnr(reference, calibration_outputs(student, calib)), 3)}
+        reference = calibration_outputs(teacher, calib, infer_batch)
+        calibration_psnr = {"palettized": round(output_psnr(reference, calibration_outputs(student, calib, infer_batch)), 3)}
     distilled = None
     if opts.distill and opts.distill_steps != 0:
         with timer.stage("distill"):
-            distilled = distill(student, teacher, calib, DistillSettings(steps=opts.distill_steps), progress=progress)
+            settings = DistillSettings(steps=opts.distill_steps, batch_size=train_batch, eval_batch_size=infer_batch)
+            distilled = distill(student, teacher, calib, settings, progress=progress)
         load_trained_state(deploy, {n: v.cpu() for n, v in trained_state(student).items()})
         with torch.no_grad():
-            calibration_psnr["distilled"] = round(output_psnr(reference, calibration_outputs(student, calib)), 3)
+            calibration_psnr["distilled"] = round(output_psnr(reference, calibration_outputs(student, calib, infer_batch)), 3)
     return CompressionResult(
-        calibration={**calib.meta, "latent": list(calib.latent.shape[2:]), "inputs": len(calib), "device": resolved.device.type},
+        calibration={**calib.meta, "latent": list(calib.latent.shape[2:]), "inputs": len(calib), "device": resolved.device.type,
+                     "batch_size": infer_batch, "distill_batch_size": train_batch},
         recipe=recipe, bits_per_layer=bits_map,
         average_bits=round(sum(bits_map[n] * sizes[n] for n in bits_map) / sum(sizes[n] for n in bits_map), 4),
         group_size=opts.group_size, calibration_psnr_db=calibration_psnr, distill=distilled, palettes=palettes,
@@ -356,7 +370,7 @@ def export_width(ckpt: Checkpoint, width: float, opts: ExportOptions, resolved: 
         with timer.stage("verify"):
             # a palettized package's reference is the torch graph it was converted from, decoded weights included
             simulated = with_btd_text(deploy) if report.compression else None
-            report.verify = verify_package(load_package(pkg_path), ckpt, simulated, min_psnr_db=opts.min_psnr_db)
+            report.verify = verify_package(load_package(pkg_path), ckpt, simulated, min_psnr_db=opts.min_psnr_db, progress=progress)
     if opts.swift_resources:
         write_swift_resources(pkg_dir, pkg_path, deploy)
     report.stage_seconds = dict(timer.seconds)
@@ -424,10 +438,12 @@ def run_sweep(ckpt: Checkpoint, opts: SweepOptions, on_stage: Callable[[str], No
     device = resolve_device(opts.device)
     on_stage = on_stage or (lambda _: None)
     on_stage("calibration inputs")
-    calib = calibration_for(ckpt, opts.width, given, opts.latent_hw, device)
+    calib = calibration_for(ckpt, opts.width, given, opts.latent_hw, device, progress)
     teacher = graph_at_calibration_size(extract_width(ckpt.model, opts.width, share=True), calib, device=device)
     on_stage(f"{opts.settings.mode} sweep")
-    recipe = sweep_recipe(teacher, ckpt.config.name, opts.width, calib, opts.settings, PaletteCache(teacher, opts.group_size), progress)
+    infer_batch, _ = batch_sizes(ckpt, opts.width, calib, device, None)
+    recipe = sweep_recipe(teacher, ckpt.config.name, opts.width, calib, opts.settings, PaletteCache(teacher, opts.group_size), progress,
+                          infer_batch)
     recipe.save(opts.output, force=opts.force, inputs=[ckpt.path, opts.calibration])
     return recipe
 

@@ -64,3 +64,24 @@ def test_calibration_latent_is_checked_before_work(tiny_checkpoint, tmp_path, ca
         code, _, err = run_cli(["export", str(tiny_checkpoint), *bits, *args, "-o", str(tmp_path / "o")], capsys)
         assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "o").exists()
+
+
+def test_batches_are_sized_from_free_memory():
+    from edgecompile.model.budget import MAX_BATCH, batch_size_for
+    from edgecompile.model.config import ModelConfig
+
+    config = ModelConfig.load("recipes/snapgenpp.yaml")
+    assert batch_size_for(config, 1.0, (32, 32), None) == MAX_BATCH  # unknown free memory: the old default
+    big, small = batch_size_for(config, 1.0, (128, 128), 80 * 2**30), batch_size_for(config, 1.0, (128, 128), 4 * 2**30)
+    assert 1 <= small < big <= MAX_BATCH
+    assert batch_size_for(config, 1.0, (128, 128), 1) == 1  # never below one input
+
+
+def test_batch_size_is_recorded_and_checked(tiny_checkpoint, tmp_path, capsys):
+    code, _, err = run_cli(["export", str(tiny_checkpoint), "--bits", "4", "--batch-size", "0", "-o", str(tmp_path / "o")], capsys)
+    assert code == 2 and "--batch-size" in err and not (tmp_path / "o").exists()
+    code, _, err = run_cli(["export", str(tiny_checkpoint), "--width", "1.0", "--bits", "4", "--batch-size", "5", "--distill-steps", "5",
+                            "-o", str(tmp_path / "p")], capsys)
+    assert code == 0, err
+    calibration = json.loads((tmp_path / "p" / "w1.0" / "report.json").read_text())["calibration"]
+    assert calibration["batch_size"] == 5 and calibration["distill_batch_size"] == 5

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -26,7 +27,7 @@ from edgecompile.errors import EdgeCompileError
 from edgecompile.model.budget import check_fits
 from edgecompile.model.config import ModelConfig
 from edgecompile.model.device import device_of, resolve_device
-from edgecompile.model.elastic import extract_width
+from edgecompile.model.elastic import WIDTH_SUFFIX, extract_width
 from edgecompile.model.sampling import euler_sample
 
 FORMAT = "edgecompile-calibration"
@@ -130,7 +131,7 @@ def random_prompts(config: ModelConfig, n: int, seed: int) -> tuple[torch.Tensor
 @torch.no_grad()
 def build_calibration(model, width: float, tokens: torch.Tensor, null: torch.Tensor | None, latent_hw: tuple[int, int],
                       schedules: tuple[int, ...] = DEFAULT_SCHEDULES, seed: int = 0, cfg_scale: float = 2.0,
-                      prompts_label: str = "checkpoint") -> CalibrationSet:
+                      prompts_label: str = "checkpoint", progress: Callable[[str, int, int], None] | None = None) -> CalibrationSet:
     """Run the unquantized width's sampler on every prompt for each schedule and record every denoiser input.
 
     With CFG the app runs the denoiser on the prompt and on the null text at each step: both are recorded.
@@ -145,6 +146,7 @@ def build_calibration(model, width: float, tokens: torch.Tensor, null: torch.Ten
     tokens, null = tokens.to(device), null.to(device) if null is not None else None
     use_cfg = cfg_scale != 1.0 and null is not None
     latents, times, texts = [], [], []
+    total, done = sum(schedules), [0]
     for steps in schedules:
         keep = 1 if steps <= 8 else LONG_SCHEDULE_STRIDE
         step_index = [0]
@@ -159,19 +161,22 @@ def build_calibration(model, width: float, tokens: torch.Tensor, null: torch.Ten
                     times.append(t.to("cpu", copy=True))
                     texts.append(null.expand_as(text).to("cpu", copy=True))
             step_index[0] += 1
+            done[0] += 1
+            if progress:
+                progress("sampling trajectories", done[0], total)
 
         g = torch.Generator().manual_seed(seed * 1000 + steps)
         noise = torch.randn((len(tokens), config.latent_channels, *latent_hw), generator=g).to(device)  # same noise on every device
         euler_sample(lambda x, t, c: model(x, t, c, width=forward_width), noise, tokens, steps=steps,
                      cfg_scale=cfg_scale if use_cfg else 1.0, null_text=null, on_step=record)
     meta = {"width": width, "latent": list(latent_hw), "schedules": list(schedules), "seed": seed, "cfg_scale": cfg_scale if use_cfg else 1.0,
-            "prompts": f"{prompts_label} ({len(tokens)})", "config": config.name}
+            "prompts": f"{prompts_label} ({len(tokens)})", "config": config.name.split(WIDTH_SUFFIX)[0]}  # the checkpoint's config
     return CalibrationSet(torch.cat(latents), torch.cat(times), torch.cat(texts), meta)
 
 
 def default_calibration(ckpt, width: float, latent_hw: tuple[int, int] | None = None, seed: int = 0,
                         schedules: tuple[int, ...] = DEFAULT_SCHEDULES, n_random_prompts: int = 4,
-                        device: torch.device | str = "cpu") -> CalibrationSet:
+                        device: torch.device | str = "cpu", progress: Callable[[str, int, int], None] | None = None) -> CalibrationSet:
     """The deterministic calibration set edgecompile builds when none is given: the checkpoint's own prompts
     (random stand-ins when it ships none), seeded noise, both schedules, sampled by the width on `device`."""
     config = ckpt.config
@@ -181,7 +186,8 @@ def default_calibration(ckpt, width: float, latent_hw: tuple[int, int] | None = 
     else:
         tokens, null = random_prompts(config, n_random_prompts, seed)
         label = "random N(0,1) text embeddings"
-    return build_calibration(sampler_model(ckpt, width, device), width, tokens, null, latent_hw, schedules, seed, prompts_label=label)
+    return build_calibration(sampler_model(ckpt, width, device), width, tokens, null, latent_hw, schedules, seed, prompts_label=label,
+                             progress=progress)
 
 
 def sampler_model(ckpt, width: float, device: torch.device | str = "cpu"):

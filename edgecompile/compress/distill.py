@@ -86,7 +86,8 @@ def bias_correction(student: nn.Module, teacher: nn.Module, calib: CalibrationSe
 class DistillSettings:
     steps: int | None = None  # None: default_steps(model)
     lr: float = 1e-3
-    batch_size: int = 16
+    batch_size: int = 16  # training batch (activations are kept for the backward pass)
+    eval_batch_size: int = 64  # teacher outputs and held-out evaluation (no gradients)
     eval_every: int = 25
     patience: int = 6  # evaluations without improvement before stopping
     seed: int = 0
@@ -146,14 +147,14 @@ def distill(student: nn.Module, teacher: nn.Module, calib: CalibrationSet, setti
     train, hold = subset(train_idx), subset(hold_idx) if n_hold else subset(train_idx)
     teacher.eval()
     with torch.no_grad():
-        target_train = calibration_outputs(teacher, train)
-        target_hold = calibration_outputs(teacher, hold)
+        target_train = calibration_outputs(teacher, train, settings.eval_batch_size)
+        target_hold = calibration_outputs(teacher, hold, settings.eval_batch_size)
     params = detach_trainables(student)
     n_trainable = sum(p.numel() for p in params)
 
     def evaluate(which, target) -> float:
         with torch.no_grad():
-            return output_psnr(target, calibration_outputs(student, which))
+            return output_psnr(target, calibration_outputs(student, which, settings.eval_batch_size))
 
     before_train, before_hold = evaluate(train, target_train), evaluate(hold, target_hold)
     best = (before_hold, 0, [p.detach().clone() for p in params])

@@ -133,7 +133,8 @@ def onnx_runner(view: PackageView) -> Callable:
     return lambda feeds: session.run([OUTPUT], feeds)[0]
 
 
-def run_package(view: PackageView, inputs, precision: str = "fp32", runtime: str = "auto") -> tuple[list[np.ndarray], str]:
+def run_package(view: PackageView, inputs, precision: str = "fp32", runtime: str = "auto",
+                progress: Callable[[str, int, int], None] | None = None) -> tuple[list[np.ndarray], str]:
     if view.is_onnx:
         if runtime == "coreml" or precision != "fp32":
             raise EdgeCompileError("an ONNX export runs in onnxruntime at its own precision: drop --runtime coreml and --precision fp16")
@@ -153,12 +154,14 @@ def run_package(view: PackageView, inputs, precision: str = "fp32", runtime: str
     for latent, t, text in inputs:
         feeds = {LATENT: latent.numpy(), TIMESTEP: t.numpy(), TEXT: text.numpy()}
         outs.append(np.asarray(runner(feeds), dtype=np.float32))
+        if progress:
+            progress(f"running the package ({label})", len(outs), len(inputs))
     return outs, label
 
 
 def verify_package(view: PackageView, ckpt: Checkpoint, simulated: Callable | None = None, precision: str = "fp32",
                    runtime: str = "auto", min_psnr_db: float = DEFAULT_MIN_PSNR_DB,
-                   device: torch.device | str = "cpu") -> VerifyResult:
+                   device: torch.device | str = "cpu", progress: Callable[[str, int, int], None] | None = None) -> VerifyResult:
     """Run the package `view` and compare it with the reference of `ckpt` (see `checkpoint_for`).
 
     `simulated(latent, t, text_btd)`, edgecompile's own compressed torch model, is the reference of a palettized
@@ -173,7 +176,7 @@ def verify_package(view: PackageView, ckpt: Checkpoint, simulated: Callable | No
         raise ValueError("a palettized package is verified against its compressed simulation: pass `simulated`")
     width = view.width
     inputs = verification_inputs(ckpt.config, view.latent_hw, ckpt=ckpt, width=width)
-    outs, label = run_package(view, inputs, precision=precision, runtime=runtime)
+    outs, label = run_package(view, inputs, precision=precision, runtime=runtime, progress=progress)
     reference = extract_width(ckpt.model, width, share=True).to(device)  # on the CPU: views, bit-identical to the supernetwork
     per, per_ckpt = [], []
     with torch.no_grad():

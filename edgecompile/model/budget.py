@@ -62,6 +62,22 @@ def forward_activation_bytes(config: ModelConfig, width: float, latent_hw: tuple
     return Estimate(bytes=2 * batch * FP32 * tensors[largest], largest=largest)
 
 
+MAX_BATCH = 64  # the largest inference batch edgecompile uses (its default before batches were sized)
+MEMORY_SHARE = 0.5  # of the free memory, for one batch's activations (weights, teacher outputs and slack need the rest)
+# forward_activation_bytes is a lower bound (the largest tensor, held twice); other tensors are alive at that moment
+# too. A margin, not a measurement: at paper scale it is unmeasured, and --batch-size overrides the result.
+ACTIVATION_MARGIN = 4
+
+
+def batch_size_for(config: ModelConfig, width: float, latent_hw: tuple[int, int], free_bytes: int | None,
+                   cap: int = MAX_BATCH) -> int:
+    """The largest inference batch whose activations fit MEMORY_SHARE of `free_bytes` (at least 1, at most cap)."""
+    if free_bytes is None:
+        return cap
+    per_sample = ACTIVATION_MARGIN * forward_activation_bytes(config, width, latent_hw, 1).bytes
+    return max(1, min(cap, int(free_bytes * MEMORY_SHARE // max(per_sample, 1))))
+
+
 def _gib(n: int) -> str:
     return f"{n / 2**30:,.1f} GiB"
 

@@ -41,3 +41,13 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 def device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
+
+
+def free_memory_bytes(device: torch.device, host_available: int | None) -> int | None:
+    """What a new allocation on `device` can use now: CUDA's free memory, MPS's recommended working set, or the
+    host's available memory (`host_available`) for the CPU."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type == "mps":
+        return torch.mps.recommended_max_memory() - torch.mps.current_allocated_memory()
+    return host_available

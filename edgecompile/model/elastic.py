@@ -8,13 +8,14 @@ from edgecompile.model.config import ModelConfig, width_key
 from edgecompile.model.dit import EfficientDiT, ElasticLinear
 
 DENSE_KEY = width_key(1.0)  # a dense (extracted) model keeps its per-width parameters under width 1.0
+WIDTH_SUFFIX = "@"  # an extracted width's config is named NAME@WIDTH
 
 
 def width_config(config: ModelConfig, width: float) -> ModelConfig:
     """The config of width `width` as a dense model of its own (its only width is 1.0)."""
     d = config.dims(width)
     return config.replace(
-        name=f"{config.name}@{width:g}", hidden_dim=d.hidden, num_heads=d.heads, num_kv_heads=d.kv_heads, widths=(1.0,)
+        name=f"{config.name}{WIDTH_SUFFIX}{width:g}", hidden_dim=d.hidden, num_heads=d.heads, num_kv_heads=d.kv_heads, widths=(1.0,)
     )
 
 
