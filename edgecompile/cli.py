@@ -188,6 +188,8 @@ def parse_int_list(text: str, option: str, minimum: int | None = None) -> tuple[
 @click.option("--calibration", type=click.Path(), help="Calibration inputs from `edgecompile calibrate` (default: built from the checkpoint).")
 @click.option("--no-distill", is_flag=True, help="Skip self-distillation of biases and norms after palettization.")
 @click.option("--distill-steps", type=NON_NEGATIVE_INT, help="Self-distillation steps (default: by model size; early stop on plateau).")
+@click.option("--distill-budget", type=Number(float, min=0, min_open=True),
+              help="Minutes of self-distillation: the measured step time sets the step count (at most 10000; early stop on plateau).")
 @click.option("--swift-resources", is_flag=True, help="Lay the output out as the Swift Core ML pipelines expect (Resources/).")
 @click.option("--query-chunk", type=POSITIVE_INT, help="Split attention queries into chunks of this many tokens.")
 @click.option("--calibration-latent",
@@ -201,8 +203,8 @@ def parse_int_list(text: str, option: str, minimum: int | None = None) -> tuple[
 @click.option("--force", is_flag=True, help="Replace existing output folders.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
 def export(checkpoint, width_text, bits, output, latent, target, fmt, recipe, target_bits, candidates, sweep_mode, group_size,
-           calibration, no_distill, distill_steps, swift_resources, query_chunk, calibration_latent, device, batch_size, no_verify, min_psnr, keep_failed,
-           force, as_json):
+           calibration, no_distill, distill_steps, distill_budget, swift_resources, query_chunk, calibration_latent, device, batch_size,
+           no_verify, min_psnr, keep_failed, force, as_json):
     """Compile CHECKPOINT (default: the bundled one) into one verified package per width.
 
     Pipeline, in the order it runs: load and validate -> extract width -> rewrite -> calibrate -> sweep (or
@@ -216,7 +218,7 @@ def export(checkpoint, width_text, bits, output, latent, target, fmt, recipe, ta
         calibration_latent=parse_latent(calibration_latent, "--calibration-latent"), recipe=Path(recipe) if recipe else None,
         sweep=SweepSettings(candidates=parse_int_list(candidates, "--candidates"), mode=sweep_mode, target_bits=target_bits),
         group_size=group_size, calibration=Path(calibration) if calibration else None,
-        distill=not no_distill, distill_steps=distill_steps, swift_resources=swift_resources,
+        distill=not no_distill, distill_steps=distill_steps, distill_budget_minutes=distill_budget, swift_resources=swift_resources,
         min_psnr_db=min_psnr, keep_failed=keep_failed,
     )
     with StageProgress() as display:

@@ -111,6 +111,7 @@ class ExportOptions:
     # self-distillation (palettized exports)
     distill: bool = True
     distill_steps: int | None = None
+    distill_budget_minutes: float | None = None  # steps sized by time (DistillSettings.budget_seconds)
     swift_resources: bool = False
     # verification gate
     min_psnr_db: float = DEFAULT_MIN_PSNR_DB
@@ -174,6 +175,7 @@ class ExportOptions:
                 check_group_size(ls, self.group_size, w)
         if self.distill_steps is not None and self.distill_steps < 0:
             raise EdgeCompileError(f"--distill-steps {self.distill_steps} must be >= 0")
+        self.distill_settings().validate()
         if self.calibration is not None:
             resolved.calibration = load_checked_calibration(self.calibration, ckpt, self.widths)
             have = tuple(resolved.calibration.latent.shape[2:])
@@ -190,6 +192,11 @@ class ExportOptions:
 
     def width_dir(self, width: float) -> Path:
         return self.output / f"w{width_label(width)}"
+
+    def distill_settings(self, batch_size: int = DistillSettings.batch_size,
+                         eval_batch_size: int = DistillSettings.eval_batch_size) -> DistillSettings:
+        budget = self.distill_budget_minutes * 60 if self.distill_budget_minutes is not None else None
+        return DistillSettings(steps=self.distill_steps, budget_seconds=budget, batch_size=batch_size, eval_batch_size=eval_batch_size)
 
     def compress_latent(self, ckpt: Checkpoint) -> tuple[int, int]:
         """The latent size calibration, sweep and distillation run at: --calibration-latent, else --latent."""
@@ -297,8 +304,7 @@ def compress(ckpt: Checkpoint, dense, deploy: DeployDiT, width: float, opts: Exp
     distilled = None
     if opts.distill and opts.distill_steps != 0:
         with timer.stage("distill"):
-            settings = DistillSettings(steps=opts.distill_steps, batch_size=train_batch, eval_batch_size=infer_batch)
-            distilled = distill(student, teacher, calib, settings, progress=progress)
+            distilled = distill(student, teacher, calib, opts.distill_settings(train_batch, infer_batch), progress=progress)
         load_trained_state(deploy, {n: v.cpu() for n, v in trained_state(student).items()})
         with torch.no_grad():
             calibration_psnr["distilled"] = round(output_psnr(reference, calibration_outputs(student, calib, infer_batch)), 3)

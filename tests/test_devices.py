@@ -85,3 +85,24 @@ def test_batch_size_is_recorded_and_checked(tiny_checkpoint, tmp_path, capsys):
     assert code == 0, err
     calibration = json.loads((tmp_path / "p" / "w1.0" / "report.json").read_text())["calibration"]
     assert calibration["batch_size"] == 5 and calibration["distill_batch_size"] == 5
+
+
+def test_distillation_sized_by_time(tiny_checkpoint):
+    """--distill-budget: the measured step time sets the step count; the plan is in the result."""
+    from edgecompile.compress.distill import DistillSettings, distill
+    from edgecompile.compress.palettize_model import palettize_deploy, uniform_bits
+    from edgecompile.deploy.rewrite import deploy_model
+
+    ckpt = load_checkpoint(tiny_checkpoint)
+    calib = default_calibration(ckpt, 1.0, schedules=(4,))
+    teacher, student = deploy_model(ckpt.model, 1.0), deploy_model(ckpt.model, 1.0)
+    palettize_deploy(student, uniform_bits(student, 4))
+    result = distill(student, teacher, calib, DistillSettings(budget_seconds=1.0, patience=10_000))
+    assert result.step_seconds > 0 and result.planned_steps == result.steps_run > 6  # no early stop: the plan ran
+    assert 0.8 <= result.seconds <= 4  # the budget (1 s), plus the final evaluation
+
+
+def test_distill_budget_and_steps_are_exclusive(tiny_checkpoint, tmp_path, capsys):
+    code, _, err = run_cli(["export", str(tiny_checkpoint), "--bits", "4", "--distill-steps", "5", "--distill-budget", "1",
+                            "-o", str(tmp_path / "o")], capsys)
+    assert code == 2 and "not both" in err and not (tmp_path / "o").exists()

@@ -7,6 +7,7 @@ Baseline: analytic bias correction, which removes each palettized layer's mean o
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 from typing import Callable
@@ -92,12 +93,24 @@ class DistillSettings:
     patience: int = 6  # evaluations without improvement before stopping
     seed: int = 0
     holdout_fraction: float = 0.2
+    # Sized by time: the number of steps that fit this many seconds at the measured step time (at most
+    # MAX_BUDGET_STEPS, early stopping still applies). The step count then depends on the machine's speed.
+    budget_seconds: float | None = None
 
     def validate(self) -> None:
         if self.steps is not None and self.steps < 0:
             raise EdgeCompileError(f"--distill-steps {self.steps} must be >= 0 (0 skips self-distillation)")
+        if self.budget_seconds is not None:
+            if self.steps is not None:
+                raise EdgeCompileError("give --distill-steps or --distill-budget, not both")
+            if not (math.isfinite(self.budget_seconds) and self.budget_seconds > 0):
+                raise EdgeCompileError(f"--distill-budget {self.budget_seconds / 60:g} must be a positive number of minutes")
         if not (0 < self.lr < 1):
             raise EdgeCompileError(f"distillation learning rate {self.lr} must be in (0, 1)")
+
+
+MAX_BUDGET_STEPS = 10_000  # the paper self-distils for "several thousand iterations"
+BUDGET_PROBE_STEPS = 5  # steps timed (after the first, which pays for warm-up) before the budget sets the count
 
 
 def default_steps(model: nn.Module) -> int:
@@ -118,6 +131,8 @@ class DistillResult:
     seconds: float
     trainable_params: int
     history: list[tuple[int, float]] = field(default_factory=list)
+    planned_steps: int = 0  # the step count chosen before early stopping (by --distill-steps, the budget or the default)
+    step_seconds: float | None = None  # measured per step, evaluations included (budgeted runs)
 
     def to_dict(self) -> dict:
         d = dict(self.__dict__)
@@ -156,20 +171,33 @@ def distill(student: nn.Module, teacher: nn.Module, calib: CalibrationSet, setti
         with torch.no_grad():
             return output_psnr(target, calibration_outputs(student, which, settings.eval_batch_size))
 
-    before_train, before_hold = evaluate(train, target_train), evaluate(hold, target_hold)
+    before_train = evaluate(train, target_train)
+    eval_start = time.perf_counter()
+    before_hold = evaluate(hold, target_hold)
+    eval_seconds = time.perf_counter() - eval_start
+    step_seconds, probe_start = None, None
     best = (before_hold, 0, [p.detach().clone() for p in params])
     history = [(0, before_hold)]
     opt = torch.optim.Adam(params, lr=settings.lr)
     bad_evals, step = 0, 0
     text_all = text_to_package(train.text)
     device = device_of(student)  # the training set and teacher outputs stay on the CPU; each batch moves
-    for step in range(1, steps + 1):
+    while step < steps:
+        step += 1
+        if step == 2:
+            probe_start = time.perf_counter()
         idx = torch.randint(0, len(train), (min(settings.batch_size, len(train)),), generator=g)
         out = student(train.latent[idx].to(device), train.timestep[idx].to(device), text_all[idx].to(device))
         loss = (out - target_train[idx].to(device)).pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
+        if settings.budget_seconds is not None and step == BUDGET_PROBE_STEPS + 1:
+            step_seconds = (time.perf_counter() - probe_start) / BUDGET_PROBE_STEPS + eval_seconds / settings.eval_every
+            remaining = settings.budget_seconds - (time.perf_counter() - start)
+            steps = max(step, min(MAX_BUDGET_STEPS, step + int(remaining / step_seconds)))
+            if progress:
+                progress(f"self-distillation: {steps} steps of {step_seconds * 1e3:.0f} ms planned", step, steps)
         if step % settings.eval_every == 0 or step == steps:
             p_hold = evaluate(hold, target_hold)
             history.append((step, p_hold))
@@ -193,6 +221,7 @@ def distill(student: nn.Module, teacher: nn.Module, calib: CalibrationSet, setti
         steps_run=step, best_step=best[1], psnr_before_db=round(before_train, 3), psnr_after_db=round(after_train, 3),
         holdout_psnr_before_db=round(before_hold, 3), holdout_psnr_after_db=round(after_hold, 3),
         seconds=round(time.perf_counter() - start, 2), trainable_params=n_trainable, history=history,
+        planned_steps=steps, step_seconds=round(step_seconds, 5) if step_seconds is not None else None,
     )
 
 
