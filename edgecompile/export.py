@@ -40,7 +40,8 @@ from edgecompile.compress.simulate import simulated_model_for_package
 from edgecompile.coreml.convert import TARGETS, convert_to_mlmodel, set_metadata
 from edgecompile.coreml.package import load_package
 from edgecompile.coreml.swift import write_swift_resources
-from edgecompile.coreml.verify import DEFAULT_MIN_PSNR_DB, VerifyResult, checkpoint_for, verify_package
+from edgecompile.coreml.verify import (DEFAULT_MIN_PSNR_DB, VerifyResult, check_min_psnr, check_verifiable, checkpoint_for,
+                                      verify_package)
 from edgecompile.coremltools_loader import import_coremltools
 from edgecompile.deploy.contract import PackageInfo, bits_metadata, package_metadata, with_btd_text
 from edgecompile.deploy.dit import DeployDiT
@@ -151,8 +152,7 @@ class ExportOptions:
             raise EdgeCompileError(f"--batch-size {self.batch_size} must be a positive number of inputs (e.g. 8)")
         if self.query_chunk is not None and self.query_chunk < 1:
             raise EdgeCompileError(f"--query-chunk {self.query_chunk} must be a positive number of tokens (e.g. 512)")
-        if not math.isfinite(self.min_psnr_db):
-            raise EdgeCompileError(f"--min-psnr {self.min_psnr_db} is not a finite number of dB (e.g. --min-psnr 60)")
+        check_min_psnr(self.min_psnr_db)
         layers = {w: layer_shapes(ckpt.config, w, latent_hw) for w in self.widths}
         if self.bits == "mixed":
             self.sweep.validate()
@@ -173,8 +173,6 @@ class ExportOptions:
                 raise EdgeCompileError("--group-size applies to palettized weights: add --bits 4, 6, 8 or mixed")
             for w, ls in layers.items():
                 check_group_size(ls, self.group_size, w)
-        if self.distill_steps is not None and self.distill_steps < 0:
-            raise EdgeCompileError(f"--distill-steps {self.distill_steps} must be >= 0")
         self.distill_settings().validate()
         if self.calibration is not None:
             resolved.calibration = load_checked_calibration(self.calibration, ckpt, self.widths)
@@ -460,11 +458,8 @@ def verify_exported(package: str | Path, checkpoint: str | Path | None = None, p
     a palettized package against edgecompile's simulation rebuilt from the checkpoint and its export folder.
     The torch references run on `device` (--device)."""
     torch_device = resolve_device(device)
-    if not math.isfinite(min_psnr_db):
-        raise EdgeCompileError(f"--min-psnr {min_psnr_db} is not a finite number of dB (e.g. --min-psnr 60)")
     view = load_package(package)
-    if view.width is None or view.config is None or view.latent_hw is None:
-        raise EdgeCompileError(f"package {package} has no edgecompile metadata: verify checks packages written by `edgecompile export`")
+    check_verifiable(view, min_psnr_db)
     ckpt = checkpoint_for(view, checkpoint)
     return verify_package(view, ckpt, simulated_model_for_package(view, ckpt, torch_device), precision=precision, runtime=runtime,
                           min_psnr_db=min_psnr_db, device=torch_device)

@@ -71,6 +71,18 @@ class VerifyResult:
         return cls(**fields)
 
 
+def check_min_psnr(min_psnr_db: float) -> None:
+    if not math.isfinite(min_psnr_db):
+        raise EdgeCompileError(f"--min-psnr {min_psnr_db} is not a finite number of dB (e.g. --min-psnr 60)")
+
+
+def check_verifiable(view: PackageView, min_psnr_db: float) -> None:
+    """A bar that is a number, and a package that carries what verification rebuilds its reference from."""
+    check_min_psnr(min_psnr_db)
+    if view.width is None or view.config is None or view.latent_hw is None:
+        raise EdgeCompileError(f"package {view.path} has no edgecompile metadata: verify checks packages written by `edgecompile export`")
+
+
 def check_passed(result: VerifyResult, what: str = "") -> None:
     if not result.passed:
         raise VerificationFailed(f"{what or result.package}: verification failed: {result.problem}")
@@ -168,10 +180,7 @@ def verify_package(view: PackageView, ckpt: Checkpoint, simulated: Callable | No
     package and is built by the caller (compress.simulate); psnr_vs_checkpoint_db always compares against the
     unquantized checkpoint. The result's `passed` says whether psnr_db reached `min_psnr_db` with finite outputs
     (see `check_passed`). The torch references run on `device` (`simulated` must live there too)."""
-    if not math.isfinite(min_psnr_db):
-        raise EdgeCompileError(f"--min-psnr {min_psnr_db} is not a finite number of dB (e.g. --min-psnr 60)")
-    if view.width is None or view.config is None or view.latent_hw is None:
-        raise EdgeCompileError(f"package {view.path} has no edgecompile metadata: verify checks packages written by `edgecompile export`")
+    check_verifiable(view, min_psnr_db)
     if simulated is None and view.metadata.get("edgecompile.bits", "16") != "16":
         raise ValueError("a palettized package is verified against its compressed simulation: pass `simulated`")
     width = view.width
