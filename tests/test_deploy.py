@@ -52,9 +52,9 @@ def test_bna_loop_has_no_layout_ops_and_one_key_transpose_per_attention_layer():
     q = torch.randn(1, d.attn_dim, 1, seq)
     k_t = torch.randn(1, seq, 1, d.kv_dim)
     v = torch.randn(1, d.kv_dim, 1, seq)
-    loop_ops = traced_ops(lambda q, k, v: attn.bna(q, k, v, seq), (q, k_t, v))
+    loop_ops = traced_ops(lambda q, k, v: attn.bna(q, k, v), (q, k_t, v))
     assert not [o for o in loop_ops if o in ("aten::transpose", "aten::permute", "aten::reshape", "aten::view")]
-    assert loop_ops.count("aten::einsum") == 2 * d.heads * len(attn.layout.neighbour_runs)
+    assert loop_ops.count("aten::einsum") == 2 * d.heads * len(attn.layout.neighbour_blocks)
     x = torch.randn(1, d.hidden, 8, 8)
     layer_ops = traced_ops(attn, (x,))
     assert layer_ops.count("aten::transpose") == 1  # BNA keys and compressed global keys share one transpose

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from edgecompile import __version__
-from edgecompile.coreml.palettize import check_palettized, palettization_config
+from edgecompile.coreml.palettize import PALETTIZE_PASS, check_palettized, palettization_config
 from edgecompile.coremltools_loader import import_coremltools, quiet_coremltools
 from edgecompile.deploy.contract import IO_DOC, LATENT, OUTPUT, TEXT, TIMESTEP, PackageInfo, example_inputs, package_metadata
 from edgecompile.deploy.dit import DeployDiT
@@ -23,7 +23,10 @@ def convert_to_mlmodel(deploy: DeployDiT, target: str = "iOS17", compute_precisi
                        fp32_timestep_island: bool = True):
     """Trace and convert; returns an in-memory ct.models.MLModel (mlprogram).
 
-    `palettes` (layer -> Palette) are then written in with coremltools' palettize_weights (edgecompile's own LUTs).
+    `palettes` (layer -> Palette), edgecompile's own LUTs, are emitted during conversion: coremltools' palettize
+    pass runs once, last in the conversion pipeline, on the fp16 weight consts. (Running palettize_weights on the
+    finished model instead reloads the program and runs the whole pipeline a second time; benchmarks/export_scale.py
+    measures both.)
     `fp32_timestep_island=False` is the naive fp16 conversion, kept only to measure what the island buys."""
     ct = import_coremltools()
     if target not in TARGETS:
@@ -35,6 +38,10 @@ def convert_to_mlmodel(deploy: DeployDiT, target: str = "iOS17", compute_precisi
         precision = ct.transform.FP16ComputePrecision(op_selector=lambda op: not (fp32_timestep_island and timestep_feature_op(op)))
     else:
         precision = ct.precision.FLOAT32
+    pipeline = ct.PassPipeline.DEFAULT
+    if palettes:
+        pipeline.append_pass(PALETTIZE_PASS)
+        pipeline.set_options(PALETTIZE_PASS, {"config": palettization_config(ct, palettes)})
     with quiet_coremltools():
         ml = ct.convert(
             traced,
@@ -47,10 +54,9 @@ def convert_to_mlmodel(deploy: DeployDiT, target: str = "iOS17", compute_precisi
             convert_to="mlprogram",
             minimum_deployment_target=getattr(ct.target, target),
             compute_precision=precision,
+            pass_pipeline=pipeline,
         )
     if palettes:
-        with quiet_coremltools():
-            ml = ct.optimize.coreml.palettize_weights(ml, palettization_config(ct, palettes))
         check_palettized(ml, palettes)
     return ml
 

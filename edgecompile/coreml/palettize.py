@@ -10,14 +10,23 @@ from edgecompile.compress.kmeans import Palette
 from edgecompile.errors import EdgeCompileError
 
 
+PALETTIZE_PASS = "compression::palettize_weights"  # coremltools' palettizer, run as the conversion's last pass
+
+
+def pass_const_name(layer: str) -> str:
+    """The const that holds `layer`'s weight at the end of the conversion pipeline (trace names, fp16 compute)."""
+    return f"{layer}.weight_to_fp16"
+
+
 def const_name(layer: str) -> str:
-    """The Core ML const that holds `layer`'s weight after trace conversion with fp16 compute."""
-    return layer.replace(".", "_") + "_weight_to_fp16"
+    """The same const's name in the saved program (the backend turns dots into underscores)."""
+    return pass_const_name(layer).replace(".", "_")
 
 
 def palettization_config(ct, palettes: dict[str, Palette]):
     """coremltools' palettizer config that writes edgecompile's LUTs and indices, one `custom` config per const."""
-    return ct.optimize.coreml.OptimizationConfig(op_name_configs={const_name(layer): _custom_config(ct, p, layer) for layer, p in palettes.items()})
+    return ct.optimize.coreml.OptimizationConfig(
+        op_name_configs={pass_const_name(layer): _custom_config(ct, p, layer) for layer, p in palettes.items()})
 
 
 def check_palettized(mlmodel, palettes: dict[str, Palette]) -> None:

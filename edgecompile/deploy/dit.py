@@ -53,31 +53,34 @@ class LayerNormANE(nn.Module):
         return out
 
 
-def split_einsum_attention(q, k_t, v, heads: int, kv_heads: int, head_dim: int, mask=None, query_chunk: int | None = None):
+def split_einsum_attention(q, k_t, v, heads: int, kv_heads: int, head_dim: int, query_chunk: int | None = None,
+                           q_scaled: bool = False):
     """Per-head attention in ANE layout.
 
     q (B, Hq*d, 1, Sq), k_t (B, Sk, 1, Hkv*d) (already transposed), v (B, Hkv*d, 1, Sk) -> (B, Hq*d, 1, Sq).
-    Query head i reads key/value head i // (Hq / Hkv) (GQA: shared slices, no copies).
-    `mask` is an additive (1, Sk, 1, Sq) bias; `query_chunk` splits the query axis (Apple's SPLIT_EINSUM_V2).
+    Query head i reads key/value head i // (Hq / Hkv) (GQA: shared splits, no copies).
+    `query_chunk` splits the query axis (Apple's SPLIT_EINSUM_V2);
+    `q_scaled` says q already carries the 1/sqrt(d) factor (a caller sharing q between branches scales it once).
     """
     group = heads // kv_heads
-    scale = head_dim**-0.5
+    if not q_scaled:
+        q = q * head_dim**-0.5  # (B, Hq*d, 1, Sq): one op for all heads, the same values as scaling each head
     sq = q.shape[3]
     chunks = [(0, sq)] if not query_chunk or query_chunk >= sq else [(s, min(s + query_chunk, sq)) for s in range(0, sq, query_chunk)]
+    # Principle: split heads along the channel axis (one split op per tensor, as ml-ane-transformers does),
+    # not by a (B, H, S, d) reshape + transpose; one split instead of a slice per head keeps the graph small
+    q_heads = q.split(head_dim, dim=1)  # Hq x (B, d, 1, Sq)
+    k_heads = k_t.split(head_dim, dim=3)  # Hkv x (B, Sk, 1, d)
+    v_heads = v.split(head_dim, dim=1)  # Hkv x (B, d, 1, Sk)
     outs = []
     for i in range(heads):
-        j = i // group  # GQA: query head i reads key/value head j, a channel slice (no repeat_kv copy)
-        # Principle: split heads by channel slices, not by a (B, H, S, d) reshape + transpose
-        q_h = q[:, i * head_dim : (i + 1) * head_dim] * scale  # (B, d, 1, Sq)
-        k_h = k_t[:, :, :, j * head_dim : (j + 1) * head_dim]  # (B, Sk, 1, d)
-        v_h = v[:, j * head_dim : (j + 1) * head_dim]  # (B, d, 1, Sk)
+        j = i // group  # GQA: query head i reads key/value head j (no repeat_kv copy)
+        q_h, k_h, v_h = q_heads[i], k_heads[j], v_heads[j]
         pieces = []
         for s0, s1 in chunks:
             qc = q_h if len(chunks) == 1 else q_h[:, :, :, s0:s1]  # (B, d, 1, sq)
             # Principle: scores keep keys on axis 1, so softmax reduces over channels-first like every other op
             w = torch.einsum("bchq,bkhc->bkhq", qc, k_h)  # (B, Sk, 1, sq)
-            if mask is not None:
-                w = w + (mask if len(chunks) == 1 else mask[:, :, :, s0:s1])
             w = w.softmax(dim=1)  # (B, Sk, 1, sq)
             pieces.append(torch.einsum("bkhq,bchk->bchq", w, v_h))  # (B, d, 1, sq)
         outs.append(pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=3))  # (B, d, 1, Sq)
@@ -105,17 +108,9 @@ class BlockLayout:
         n_blocks = config.bna_blocks
         self.block_len = h * w // n_blocks
         order, neighbours = bna_partition(config, h, w)
-        self.neighbour_runs = []  # per query block: list of (start, end) token ranges in the deploy sequence
-        for b in range(n_blocks):
-            nb = sorted(self.deploy_index(int(n)) for n in neighbours[b] if n >= 0)
-            runs = []
-            for n in nb:
-                s, e = n * self.block_len, (n + 1) * self.block_len
-                if runs and runs[-1][1] == s:
-                    runs[-1] = (runs[-1][0], e)
-                else:
-                    runs.append((s, e))
-            self.neighbour_runs.append((self.deploy_index(b), runs))
+        # per query block: (its deploy index, its neighbours' deploy indices, sorted: keys concatenate in sequence order)
+        self.neighbour_blocks = [(self.deploy_index(b), sorted(self.deploy_index(int(n)) for n in neighbours[b] if n >= 0))
+                                 for b in range(n_blocks)]
 
     def deploy_index(self, ref_block: int) -> int:
         """Block number in the deploy sequence of the reference model's block `ref_block` (row-major blocks)."""
@@ -165,35 +160,38 @@ class DeploySelfAttention(nn.Module):
             out = split_einsum_attention(flat(q), flat(k).transpose(1, 3), flat(v), d.heads, d.kv_heads, d.head_dim,
                                          query_chunk=self.query_chunk)
             return self.out(out).reshape(b, c, hh, ww)
-        q_seq, v_seq = flat(q), flat(v)
+        q_seq, v_seq = flat(q) * d.head_dim**-0.5, flat(v)  # (B, Hq*d, 1, S): q scaled once for both branches
         # One key transpose for both branches: BNA keys and compressed global keys are concatenated along the
         # sequence, transposed together, and sliced apart (slices are free; a transpose is a layout copy).
         k_both_t = torch.cat([flat(k), flat(self.k_compress(k))], dim=3).transpose(1, 3)  # (B, S + S/s^2, 1, Hkv*d)
         k_seq_t, kc_t = k_both_t[:, :seq], k_both_t[:, seq:]  # (B, S, 1, Hkv*d), (B, S/s^2, 1, Hkv*d)
         vc = flat(self.v_compress(v))  # (B, Hkv*d, 1, S/s^2): KV compression is a strided depthwise conv
-        global_out = split_einsum_attention(q_seq, kc_t, vc, d.heads, d.kv_heads, d.head_dim, query_chunk=self.query_chunk)  # (B, Hq*d, 1, S)
-        local_out = self.bna(q_seq, k_seq_t, v_seq, seq)  # (B, Hq*d, 1, S)
+        global_out = split_einsum_attention(q_seq, kc_t, vc, d.heads, d.kv_heads, d.head_dim, query_chunk=self.query_chunk,
+                                            q_scaled=True)  # (B, Hq*d, 1, S)
+        local_out = self.bna(q_seq, k_seq_t, v_seq)  # (B, Hq*d, 1, S)
         g = torch.sigmoid(flat(self.gate(x)))  # (B, Hq, 1, S): per token, per head
-        # Principle: per-head gating by channel slices of (B, Hq*d, 1, S), concatenated back on the channel axis
-        mixed = torch.cat(
-            [local_out[:, i * d.head_dim : (i + 1) * d.head_dim] * (1 - g[:, i : i + 1])
-             + global_out[:, i * d.head_dim : (i + 1) * d.head_dim] * g[:, i : i + 1] for i in range(d.heads)],
-            dim=1,
-        )
+        # Principle: per-head gating on channel splits of (B, Hq*d, 1, S), concatenated back on the channel axis
+        locals_, globals_ = local_out.split(d.head_dim, dim=1), global_out.split(d.head_dim, dim=1)  # Hq x (B, d, 1, S)
+        g_heads, keep_heads = g.split(1, dim=1), (1 - g).split(1, dim=1)  # Hq x (B, 1, 1, S)
+        mixed = torch.cat([locals_[i] * keep_heads[i] + globals_[i] * g_heads[i] for i in range(d.heads)], dim=1)  # (B, Hq*d, 1, S)
         return self.out(mixed).reshape(b, c, hh, ww)
 
-    def bna(self, q_seq, k_seq_t, v_seq, seq: int) -> torch.Tensor:
-        """Eq. 3 as a loop over query blocks: slices and concats only (the loop unrolls in the graph)."""
+    def bna(self, q_seq, k_seq_t, v_seq) -> torch.Tensor:
+        """Eq. 3 as a loop over query blocks: splits and concats only (the loop unrolls in the graph). q_seq is
+        already scaled."""
         d, lay = self.d, self.layout
         nb = lay.block_len
-        outs = [None] * (seq // nb)
-        # Principle: BNA as an explicit loop of slices and concats; the block-column layout makes every
-        # block and every neighbourhood a contiguous run of the sequence, so no gather and no transpose
-        for block, runs in lay.neighbour_runs:
-            q_b = q_seq[:, :, :, block * nb : (block + 1) * nb]  # (B, Hq*d, 1, nb)
-            k_b = torch.cat([k_seq_t[:, s:e] for s, e in runs], dim=1) if len(runs) > 1 else k_seq_t[:, runs[0][0] : runs[0][1]]  # (B, nk, 1, Hkv*d)
-            v_b = torch.cat([v_seq[:, :, :, s:e] for s, e in runs], dim=3) if len(runs) > 1 else v_seq[:, :, :, runs[0][0] : runs[0][1]]  # (B, Hkv*d, 1, nk)
-            outs[block] = split_einsum_attention(q_b, k_b, v_b, d.heads, d.kv_heads, d.head_dim)  # (B, Hq*d, 1, nb)
+        # Principle: BNA as an explicit loop over blocks; the block-column layout makes every block a contiguous
+        # run of the sequence, so one split per tensor cuts all blocks (no gather, no transpose) and a
+        # neighbourhood is a concat of its blocks
+        q_blocks = q_seq.split(nb, dim=3)  # n_blocks x (B, Hq*d, 1, nb)
+        k_blocks = k_seq_t.split(nb, dim=1)  # n_blocks x (B, nb, 1, Hkv*d)
+        v_blocks = v_seq.split(nb, dim=3)  # n_blocks x (B, Hkv*d, 1, nb)
+        outs = [None] * len(q_blocks)
+        for block, neighbours in lay.neighbour_blocks:
+            k_b = torch.cat([k_blocks[n] for n in neighbours], dim=1) if len(neighbours) > 1 else k_blocks[neighbours[0]]  # (B, nk, 1, Hkv*d)
+            v_b = torch.cat([v_blocks[n] for n in neighbours], dim=3) if len(neighbours) > 1 else v_blocks[neighbours[0]]  # (B, Hkv*d, 1, nk)
+            outs[block] = split_einsum_attention(q_blocks[block], k_b, v_b, d.heads, d.kv_heads, d.head_dim, q_scaled=True)  # (B, Hq*d, 1, nb)
         return torch.cat(outs, dim=3)  # (B, Hq*d, 1, S) in deploy block order
 
 
