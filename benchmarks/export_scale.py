@@ -1,68 +1,200 @@
-"""Export of the paper-scale supernetwork at full width (1.6B class) for a 1024x1024 image (128x128 latent) on
-this machine: wall time and peak resident memory of each step (target: completes, peak under 16 GiB).
+"""The whole mixed-bit export of the paper-scale supernetwork at 1024x1024 (128x128 latent): per-stage wall time and
+peak memory, the convert before and after its speed-up, and what compressing small costs.
 
-    python benchmarks/export_scale.py [--width 1.0] [--latent 128x128] [--workdir DIR] [--output DIR]
+    python benchmarks/export_scale.py [--width 0.375] [--latent 128x128] [--calibration-latent 32x32]
+        [--compare-latent 64x64] [--device auto] [--convert-baseline REV] [--workdir DIR] [--output DIR]
 
-Runs `edgecompile init` (random weights, fp16 checkpoint) and `edgecompile export --no-verify` as child
-processes and reads their peak RSS from the kernel (getrusage of children).
+Sections, each a child process measured on its own (wall time; peak RSS from wait4):
+1. init: a random paper-scale checkpoint (fp16 weights) from recipes/snapgenpp.yaml.
+2. convert: the fp16 conversion of every width at --latent (time, the package's op count by type), and, for
+   --width with uniform 4-bit palettes, this tree's convert against the same code at git revision
+   --convert-baseline (the graph and LUT writing before the speed-up), run from a temporary git worktree.
+3. export: `edgecompile export --bits mixed --calibration-latent C` at --latent, verified; report.json's
+   per-stage seconds and peak memory (host RSS; CUDA allocations on a GPU).
+4. compress-small fidelity: the same export with calibration and distillation at --compare-latent and the first
+   export's recipe (same bits per layer); the full-resolution verification PSNR against the checkpoint of both.
+Results go to benchmarks/results/export_scale.json after every section.
 """
 
 from __future__ import annotations
 
 import argparse
-import resource
-import shutil
+import json
+import os
 import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import _common
 
-EDGECOMPILE = [sys.executable, "-m", "edgecompile.cli"]
+EDGECOMPILE = [sys.executable, "-m", "edgecompile"]
+PAPER_WIDTHS = ("0.375", "0.5", "1.0")
 
 
-def timed(cmd: list[str]) -> dict:
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+def run_child(cmd: list[str], env: dict | None = None, cwd: Path | None = None) -> dict:
+    """Run one child; its own wall time and peak RSS (wait4), and its output when it fails."""
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True)
-    wall = time.perf_counter() - start
-    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=cwd, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        wall = time.perf_counter() - start
+        out.seek(0), err.seek(0)
+        stdout, stderr = out.read(), err.read()
     if proc.returncode != 0:
-        print(proc.stdout[-2000:], proc.stderr[-4000:], file=sys.stderr)
-    return {"cmd": " ".join(cmd[2:]), "rc": proc.returncode, "wall_s": round(wall, 1),
-            "peak_rss_gib": round(peak_kib / 2**20, 2), "peak_is_max_so_far": peak_kib == before}
+        print(stdout[-2000:], stderr[-4000:], file=sys.stderr)
+    return {"cmd": " ".join(str(c) for c in cmd[2:]), "rc": proc.returncode, "wall_s": round(wall, 1),
+            "peak_rss_gib": round(usage.ru_maxrss / 2**20, 2), "stdout": stdout}
+
+
+def convert_child(args: argparse.Namespace) -> None:
+    """In a child (possibly another revision's tree): convert one width, print seconds and op counts as JSON.
+    Uses only APIs that the baseline revision has too."""
+    if os.environ.get("BASELINE_TREE"):  # that tree's edgecompile, ahead of the one _common put first
+        sys.path.insert(0, os.environ["BASELINE_TREE"])
+    import edgecompile
+    from edgecompile.compress.palettize_model import PaletteCache, palettize_deploy, uniform_bits
+    from edgecompile.coreml.convert import convert_to_mlmodel
+    from edgecompile.deploy.rewrite import deploy_model
+    from edgecompile.model.checkpoint import load_checkpoint
+    from edgecompile.model.elastic import extract_width
+
+    hw = tuple(int(v) for v in args.latent.split("x"))
+    deploy = deploy_model(extract_width(load_checkpoint(args.checkpoint).model, float(args.width), share=True), latent_hw=hw)
+    palettes = None
+    if args.convert_bits != 16:
+        palettes = palettize_deploy(deploy, uniform_bits(deploy, args.convert_bits), None, PaletteCache(deploy, None))
+    start = time.perf_counter()
+    ml = convert_to_mlmodel(deploy, palettes=palettes)
+    seconds = time.perf_counter() - start
+    ops = Counter(op.type for f in ml.get_spec().mlProgram.functions.values()
+                  for b in f.block_specializations.values() for op in b.operations)
+    print(json.dumps({"source": str(Path(edgecompile.__file__).parent), "convert_seconds": round(seconds, 1), "ops": sum(ops.values()),
+                      "non_const_ops": sum(n for t, n in ops.items() if t != "const"), "op_types": dict(ops.most_common())}))
+
+
+def parse_child_json(step: dict) -> dict:
+    return json.loads(step.pop("stdout").strip().splitlines()[-1]) if step["rc"] == 0 else {"stdout_tail": step.pop("stdout")[-500:]}
+
+
+def export_summary(step: dict, out: Path, width: str) -> dict:
+    step.pop("stdout", None)
+    folder = next(out.glob("w*"), None)
+    if step["rc"] != 0 or folder is None:
+        return step
+    r = json.loads((folder / "report.json").read_text())
+    verify = r.get("verify") or {}
+    step.update({
+        "stage_seconds": r["stage_seconds"], "stage_peak_memory_gib": r.get("stage_peak_memory_gib"),
+        "calibration": {k: r["calibration"].get(k) for k in ("latent", "inputs", "device", "batch_size", "distill_batch_size")},
+        "average_bits": r.get("average_bits"), "size_bytes": r["size_bytes"],
+        "distill": {k: (r.get("distill") or {}).get(k) for k in ("planned_steps", "steps_run", "best_step", "step_seconds",
+                                                               "holdout_psnr_before_db", "holdout_psnr_after_db")},
+        "verify_psnr_db": verify.get("psnr_db"), "verify_psnr_vs_checkpoint_db": verify.get("psnr_vs_checkpoint_db"),
+        "verified": verify.get("psnr_db") is not None and verify["psnr_db"] >= verify.get("min_psnr_db", 60),
+        "recipe": str(folder / "recipe.json"),
+    })
+    return step
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__)
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=str(_common.ROOT / "recipes" / "snapgenpp.yaml"))
-    ap.add_argument("--width", default="1.0")
+    ap.add_argument("--width", default="0.375")
     ap.add_argument("--latent", default="128x128")
+    ap.add_argument("--calibration-latent", default="32x32")
+    ap.add_argument("--compare-latent", default="64x64", help="the compress-small comparison ('none' to skip)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--convert-baseline", default="79f88e5", help="git revision before the convert speed-up ('none' to skip)")
+    ap.add_argument("--convert-widths", default=",".join(PAPER_WIDTHS), help="widths whose fp16 convert is measured")
+    ap.add_argument("--distill-budget", help="minutes, passed to export (default: export's own default)")
+    ap.add_argument("--sections", default="convert,export,compare")
     ap.add_argument("--workdir")
     ap.add_argument("--output")
+    # child mode
+    ap.add_argument("--convert-child", action="store_true", help=argparse.SUPPRESS)
+    ap.add_argument("--checkpoint", help=argparse.SUPPRESS)
+    ap.add_argument("--convert-bits", type=int, default=16, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.convert_child:
+        return convert_child(args)
+
     work = Path(args.workdir or tempfile.mkdtemp(prefix="edgecompile-scale-"))
-    ckpt, out = work / "ckpt", work / "out"
-    steps = {}
-    steps["init"] = timed(EDGECOMPILE + ["init", args.config, "-o", str(ckpt), "--dtype", "float16", "--force"])
-    if steps["init"]["rc"] == 0:
-        steps["export"] = timed(EDGECOMPILE + ["export", str(ckpt), "--width", args.width, "--latent", args.latent,
-                                               "--no-verify", "-o", str(out), "--force", "--json"])
-    pkg = next(out.glob("*/*.mlpackage"), None) if out.exists() else None
-    size = sum(f.stat().st_size for f in pkg.rglob("*") if f.is_file()) if pkg else None
-    result = {"config": args.config, "width": args.width, "latent": args.latent, "steps": steps,
-              "package_bytes": size, "target_peak_gib": 16,
-              "completed": all(s["rc"] == 0 for s in steps.values()) and pkg is not None}
-    for name, s in steps.items():
-        print(f"{name:7s} rc={s['rc']} wall {s['wall_s']:.0f} s, peak RSS {s['peak_rss_gib']:.2f} GiB")
-    if size:
-        print(f"package {pkg} {size / 2**30:.2f} GiB")
-    path = _common.write_result("export_scale", result, Path(args.output) if args.output else None)
-    print(f"wrote {path}")
-    if not args.workdir:
-        shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True, exist_ok=True)
+    ckpt = work / "ckpt"
+    sections = set(args.sections.split(","))
+    result = {"config": args.config, "width": args.width, "latent": args.latent, "calibration_latent": args.calibration_latent,
+              "device": args.device, "target_minutes": 60, "target_peak_gib": 16, "steps": {}}
+    output = Path(args.output) if args.output else None
+
+    def save() -> None:
+        _common.write_result("export_scale", result, output)
+
+    def report(name: str, step: dict) -> None:
+        result["steps"][name] = step
+        print(f"{name}: rc={step['rc']} wall {step['wall_s']:.0f} s, peak RSS {step['peak_rss_gib']:.2f} GiB", flush=True)
+        save()
+
+    if not (ckpt / "model.safetensors").exists():
+        step = run_child(EDGECOMPILE + ["init", args.config, "-o", str(ckpt), "--dtype", "float16", "--force"])
+        step.pop("stdout")
+        report("init", step)
+    me = [sys.executable, str(Path(__file__).resolve()), "--convert-child", "--checkpoint", str(ckpt), "--latent", args.latent]
+
+    if "convert" in sections:
+        for w in args.convert_widths.split(","):
+            step = run_child(me + ["--width", w])
+            step.update(parse_child_json(step))
+            report(f"convert_fp16_w{w}", step)
+        step = run_child(me + ["--width", args.width, "--convert-bits", "4"])
+        step.update(parse_child_json(step))
+        report(f"convert_4bit_w{args.width}", step)
+        if args.convert_baseline != "none":
+            tree = work / "baseline-tree"
+            if not tree.exists():
+                subprocess.run(["git", "-C", str(_common.ROOT), "worktree", "add", "--detach", str(tree), args.convert_baseline],
+                               check=True, capture_output=True)
+            env = {**os.environ, "PYTHONPATH": str(tree), "BASELINE_TREE": str(tree)}
+            step = run_child(me + ["--width", args.width, "--convert-bits", "4"], env=env, cwd=tree)
+            step.update(parse_child_json(step))
+            step["revision"] = args.convert_baseline
+            report(f"convert_4bit_w{args.width}_baseline", step)
+            subprocess.run(["git", "-C", str(_common.ROOT), "worktree", "remove", "--force", str(tree)], capture_output=True)
+            new, old = result["steps"][f"convert_4bit_w{args.width}"], result["steps"][f"convert_4bit_w{args.width}_baseline"]
+            if new["rc"] == 0 and old["rc"] == 0:
+                result["convert_speedup"] = round(old["convert_seconds"] / new["convert_seconds"], 2)
+                print(f"convert (4-bit, width {args.width}): {old['convert_seconds']:.0f} s at {args.convert_baseline} -> "
+                      f"{new['convert_seconds']:.0f} s ({result['convert_speedup']}x); ops {old['ops']} -> {new['ops']}")
+                save()
+
+    export = ["export", str(ckpt), "--width", args.width, "--latent", args.latent, "--bits", "mixed", "--device", args.device,
+              "--force", "--json"] + (["--distill-budget", args.distill_budget] if args.distill_budget else [])
+    main_out = work / "export"
+    if "export" in sections:
+        step = run_child(EDGECOMPILE + export + ["--calibration-latent", args.calibration_latent, "-o", str(main_out)])
+        step = export_summary(step, main_out, args.width)
+        step["within_targets"] = step["rc"] == 0 and step["wall_s"] <= 60 * 60 and step["peak_rss_gib"] < 16
+        report("export", step)
+        print(json.dumps({k: step.get(k) for k in ("stage_seconds", "verify_psnr_db", "verify_psnr_vs_checkpoint_db", "distill")}))
+    if "compare" in sections and args.compare_latent != "none" and result["steps"].get("export", {}).get("rc") == 0:
+        out = work / "export-compare"
+        step = run_child(EDGECOMPILE + export + ["--calibration-latent", args.compare_latent, "--recipe",
+                                                 result["steps"]["export"]["recipe"], "-o", str(out)])
+        step = export_summary(step, out, args.width)
+        report("export_compare", step)
+        if step["rc"] == 0:
+            small, big = result["steps"]["export"], step
+            result["compress_small"] = {
+                "calibration_latents": [args.calibration_latent, args.compare_latent],
+                "verify_psnr_vs_checkpoint_db": [small["verify_psnr_vs_checkpoint_db"], big["verify_psnr_vs_checkpoint_db"]],
+                "cost_db": round(big["verify_psnr_vs_checkpoint_db"] - small["verify_psnr_vs_checkpoint_db"], 2),
+            }
+            print("compress small:", result["compress_small"])
+            save()
+    print(f"wrote {_common.RESULTS / 'export_scale.json' if output is None else output / 'export_scale.json'}")
 
 
 if __name__ == "__main__":

@@ -18,6 +18,7 @@ from edgecompile import __version__
 from edgecompile.atomic import quiet_staging_unraisable, termination_as_interrupt
 from edgecompile.bench.report import DEFAULT_DEVICES, BenchOptions, resolve_bench, run_bench
 from edgecompile.compress.calibration import record_calibration
+from edgecompile.compress.distill import DEFAULT_BUDGET_SECONDS, MAX_BUDGET_STEPS
 from edgecompile.compress.recipe import DEFAULT_TARGET_BITS
 from edgecompile.compress.sensitivity import MODES as SWEEP_MODES
 from edgecompile.coreml.package import layout_ops_per_block, load_package, weight_census
@@ -187,9 +188,11 @@ def parse_int_list(text: str, option: str, minimum: int | None = None) -> tuple[
 @click.option("--group-size", type=POSITIVE_INT, help="One LUT per group of this many output channels (iOS18).")
 @click.option("--calibration", type=click.Path(), help="Calibration inputs from `edgecompile calibrate` (default: built from the checkpoint).")
 @click.option("--no-distill", is_flag=True, help="Skip self-distillation of biases and norms after palettization.")
-@click.option("--distill-steps", type=NON_NEGATIVE_INT, help="Self-distillation steps (default: by model size; early stop on plateau).")
+@click.option("--distill-steps", type=NON_NEGATIVE_INT,
+              help="A fixed, reproducible number of self-distillation steps (early stop on plateau); default: --distill-budget.")
 @click.option("--distill-budget", type=Number(float, min=0, min_open=True),
-              help="Minutes of self-distillation: the measured step time sets the step count (at most 10000; early stop on plateau).")
+              help=f"Minutes of self-distillation per width (default {DEFAULT_BUDGET_SECONDS / 60:g}): the measured step time "
+                   f"sets the step count (at most {MAX_BUDGET_STEPS}; early stop on plateau).")
 @click.option("--swift-resources", is_flag=True, help="Lay the output out as the Swift Core ML pipelines expect (Resources/).")
 @click.option("--query-chunk", type=POSITIVE_INT, help="Split attention queries into chunks of this many tokens.")
 @click.option("--calibration-latent",

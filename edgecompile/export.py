@@ -54,7 +54,7 @@ from edgecompile.jsonutil import dumps
 from edgecompile.model.budget import MAX_BATCH, available_memory_bytes, batch_size_for, check_fits
 from edgecompile.model.checkpoint import Checkpoint
 from edgecompile.model.config import width_label
-from edgecompile.model.device import free_memory_bytes, resolve_device
+from edgecompile.model.device import free_memory_bytes, peak_memory_gib, reset_peak_memory, resolve_device
 from edgecompile.model.elastic import count_params, extract_width
 
 BITS_CHOICES = ("16", "8", "6", "4", "mixed")
@@ -223,16 +223,22 @@ def load_checked_calibration(path: Path, ckpt: Checkpoint, widths: list[float]) 
 
 @dataclass
 class StageTimer:
+    """Wall time and peak memory of each stage (report.json: stage_seconds, stage_peak_memory_gib)."""
+
     seconds: dict[str, float] = field(default_factory=dict)
     on_stage: Callable[[str], None] | None = None
+    device: torch.device = torch.device("cpu")
+    peak_memory_gib: dict[str, dict[str, float]] = field(default_factory=dict)
 
     @contextmanager
     def stage(self, name: str):
         if self.on_stage:
             self.on_stage(name)
+        reset_peak_memory(self.device)
         start = time.perf_counter()
         yield
         self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 3)
+        self.peak_memory_gib[name] = peak_memory_gib(self.device)
 
 
 def package_name(config_name: str, width: float, bits: str, fmt: str) -> str:
@@ -378,6 +384,7 @@ def export_width(ckpt: Checkpoint, width: float, opts: ExportOptions, resolved: 
     if opts.swift_resources:
         write_swift_resources(pkg_dir, pkg_path, deploy)
     report.stage_seconds = dict(timer.seconds)
+    report.stage_peak_memory_gib = dict(timer.peak_memory_gib)
     (out_dir / REPORT_FILE).write_text(dumps(report.to_dict()) + "\n")
     report.path = str(opts.width_dir(width) / report.package)
     return report
@@ -395,7 +402,8 @@ def run_export(ckpt: Checkpoint, opts: ExportOptions, on_stage: Callable[[str], 
     with atomic_outputs([opts.width_dir(w) for w in opts.widths], force=opts.force, inputs=opts.inputs(ckpt)) as stages:
         for w, out_dir in zip(opts.widths, stages):
             torch.manual_seed(0)  # per width: a width's output does not depend on which widths came before
-            timer = StageTimer(on_stage=(lambda s, w=w: on_stage(f"w{width_label(w)}: {s}")) if on_stage else None)
+            timer = StageTimer(on_stage=(lambda s, w=w: on_stage(f"w{width_label(w)}: {s}")) if on_stage else None,
+                               device=resolved.device)
             report = export_width(ckpt, w, opts, resolved, out_dir, timer, progress)
             reports.append(report)
             if report.verify is not None and not report.verify.passed:

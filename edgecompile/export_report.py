@@ -7,7 +7,9 @@ The one schema of report.json (keys in this order; optional parts absent when th
     calibration {how the inputs were made, inputs}, recipe {recipe.json}, bits_per_layer, average_bits,
     group_size, calibration_psnr_db {palettized, distilled}, distill {DistillResult}   -- palettized exports
     coremltools (version; Core ML exports), size_bytes,
-    verify {VerifyResult; package relative to the width's folder}, stage_seconds {stage: s, in run order}
+    verify {VerifyResult; package relative to the width's folder}, stage_seconds {stage: s, in run order},
+    stage_peak_memory_gib {stage: {host_rss: the process's resident peak so far, cuda_allocated: the stage's own
+    CUDA peak, on CUDA}}
 
 `ExportReport.from_dict(json.load(...))` reads it back; `path` (where the package was committed) is not part of
 the file, since the folder can move.
@@ -27,8 +29,9 @@ from edgecompile.coreml.verify import VerifyResult
 from edgecompile.errors import EdgeCompileError
 
 REPORT_FILE = "report.json"
-# what changes from run to run of the same export: the clock (report.json, recipe.json)
-TIMING_KEYS = frozenset({"seconds", "kmeans_seconds", "forward_seconds", "cost_forward_passes", "stage_seconds"})
+# what changes from run to run of the same export: the clock and the memory meter (report.json, recipe.json)
+TIMING_KEYS = frozenset({"seconds", "kmeans_seconds", "forward_seconds", "cost_forward_passes", "stage_seconds",
+                         "step_seconds", "stage_peak_memory_gib"})
 
 
 def without_timings(value):
@@ -90,6 +93,7 @@ class ExportReport:
     size_bytes: int = 0
     verify: VerifyResult | None = None
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    stage_peak_memory_gib: dict[str, dict[str, float]] = field(default_factory=dict)
     path: str = ""  # the committed package; not written to report.json
 
     HEAD = ("edgecompile", "config", "width", "params", "latent", "bits", "format", "target", "checkpoint",
@@ -113,6 +117,7 @@ class ExportReport:
         if self.verify is not None:
             d["verify"] = {**self.verify.to_dict(), "package": self.package}
         d["stage_seconds"] = self.stage_seconds
+        d["stage_peak_memory_gib"] = self.stage_peak_memory_gib
         return d
 
     @classmethod
@@ -121,7 +126,8 @@ class ExportReport:
                    compression=CompressionResult.from_dict(data) if "bits_per_layer" in data else None,
                    coremltools=data.get("coremltools"), size_bytes=data["size_bytes"],
                    verify=VerifyResult.from_dict(data["verify"]) if data.get("verify") else None,
-                   stage_seconds=data.get("stage_seconds", {}), path=path)
+                   stage_seconds=data.get("stage_seconds", {}), stage_peak_memory_gib=data.get("stage_peak_memory_gib", {}),
+                   path=path)
 
     @classmethod
     def read(cls, path: str | Path) -> ExportReport:

@@ -85,7 +85,7 @@ def bias_correction(student: nn.Module, teacher: nn.Module, calib: CalibrationSe
 
 @dataclass
 class DistillSettings:
-    steps: int | None = None  # None: default_steps(model)
+    steps: int | None = None  # a fixed count (reproducible); None: sized by the time budget
     lr: float = 1e-3
     batch_size: int = 16  # training batch (activations are kept for the backward pass)
     eval_batch_size: int = 64  # teacher outputs and held-out evaluation (no gradients)
@@ -95,7 +95,14 @@ class DistillSettings:
     holdout_fraction: float = 0.2
     # Sized by time: the number of steps that fit this many seconds at the measured step time (at most
     # MAX_BUDGET_STEPS, early stopping still applies). The step count then depends on the machine's speed.
+    # None with steps None: DEFAULT_BUDGET_SECONDS.
     budget_seconds: float | None = None
+
+    def planned_budget(self) -> float | None:
+        """The time budget this run is sized by, or None for a fixed step count."""
+        if self.steps is not None:
+            return None
+        return DEFAULT_BUDGET_SECONDS if self.budget_seconds is None else self.budget_seconds
 
     def validate(self) -> None:
         if self.steps is not None and self.steps < 0:
@@ -110,14 +117,10 @@ class DistillSettings:
 
 
 MAX_BUDGET_STEPS = 10_000  # the paper self-distils for "several thousand iterations"
+# Five minutes per width unless --distill-budget or --distill-steps says otherwise: the step count follows the
+# device's speed (thousands of steps where steps are cheap), and the progress line says the plan up front.
+DEFAULT_BUDGET_SECONDS = 300.0
 BUDGET_PROBE_STEPS = 5  # steps timed (after the first, which pays for warm-up) before the budget sets the count
-
-
-def default_steps(model: nn.Module) -> int:
-    """More steps for smaller models (cheap steps, more headroom); the paper's 'several thousand' at 1B+ scale
-    is out of reach on a laptop CPU, so large models get a short run that early stopping can cut."""
-    n = sum(p.numel() for p in model.parameters())
-    return 200 if n < 5e6 else 150 if n < 1e8 else 100
 
 
 @dataclass
@@ -131,7 +134,7 @@ class DistillResult:
     seconds: float
     trainable_params: int
     history: list[tuple[int, float]] = field(default_factory=list)
-    planned_steps: int = 0  # the step count chosen before early stopping (by --distill-steps, the budget or the default)
+    planned_steps: int = 0  # the step count chosen before early stopping (--distill-steps, or the time budget)
     step_seconds: float | None = None  # measured per step, evaluations included (budgeted runs)
 
     def to_dict(self) -> dict:
@@ -153,7 +156,8 @@ def distill(student: nn.Module, teacher: nn.Module, calib: CalibrationSet, setti
     settings = settings or DistillSettings()
     settings.validate()
     start = time.perf_counter()
-    steps = default_steps(student) if settings.steps is None else settings.steps
+    budget = settings.planned_budget()
+    steps = MAX_BUDGET_STEPS if budget is not None else settings.steps
     g = torch.Generator().manual_seed(settings.seed)
     perm = torch.randperm(len(calib), generator=g)
     n_hold = max(1, int(len(calib) * settings.holdout_fraction)) if len(calib) > 4 else 0
@@ -192,9 +196,9 @@ def distill(student: nn.Module, teacher: nn.Module, calib: CalibrationSet, setti
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if settings.budget_seconds is not None and step == BUDGET_PROBE_STEPS + 1:
+        if budget is not None and step == BUDGET_PROBE_STEPS + 1:
             step_seconds = (time.perf_counter() - probe_start) / BUDGET_PROBE_STEPS + eval_seconds / settings.eval_every
-            remaining = settings.budget_seconds - (time.perf_counter() - start)
+            remaining = budget - (time.perf_counter() - start)
             steps = max(step, min(MAX_BUDGET_STEPS, step + int(remaining / step_seconds)))
             if progress:
                 progress(f"self-distillation: {steps} steps of {step_seconds * 1e3:.0f} ms planned", step, steps)

@@ -51,3 +51,19 @@ def free_memory_bytes(device: torch.device, host_available: int | None) -> int |
     if device.type == "mps":
         return torch.mps.recommended_max_memory() - torch.mps.current_allocated_memory()
     return host_available
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start a new peak for `device` (CUDA keeps one; the host's resident peak only grows)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_gib(device: torch.device) -> dict[str, float]:
+    """The process's resident peak so far (host) and, on CUDA, the tensors' peak since reset_peak_memory."""
+    import resource
+
+    peaks = {"host_rss": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3)}  # Linux reports KiB
+    if device.type == "cuda":
+        peaks["cuda_allocated"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+    return peaks
