@@ -51,7 +51,7 @@ from edgecompile.digest import sha256_file
 from edgecompile.errors import EdgeCompileError, VerificationFailed
 from edgecompile.export_report import REPORT_FILE, CompressionResult, ExportReport
 from edgecompile.jsonutil import dumps
-from edgecompile.model.budget import MAX_BATCH, available_memory_bytes, batch_size_for, check_fits
+from edgecompile.model.budget import MAX_BATCH, available_memory_bytes, batch_size_for, check_fits, training_batch_for
 from edgecompile.model.checkpoint import Checkpoint
 from edgecompile.model.config import width_label
 from edgecompile.model.device import free_memory_bytes, peak_memory_gib, reset_peak_memory, resolve_device
@@ -272,12 +272,21 @@ def sweep_recipe(teacher: DeployDiT, config_name: str, width: float, calib: Cali
                        settings.target_psnr_db, cache=cache, progress=progress, batch_size=batch_size)
 
 
-def batch_sizes(ckpt: Checkpoint, width: float, calib: CalibrationSet, device: torch.device, given: int | None) -> tuple[int, int]:
-    """(inference batch, distillation batch): --batch-size, or what the device's free memory holds at the calibration
-    latent; the distillation batch keeps a quarter of that room for the backward pass, at most the default 16."""
+@dataclass(frozen=True)
+class BatchPlan:
+    inference: int  # the sweep's passes, teacher outputs, evaluations
+    training: int  # self-distillation
+    checkpointing: bool  # activation checkpointing in self-distillation
+
+
+def batch_plan(ckpt: Checkpoint, width: float, calib: CalibrationSet, device: torch.device, given: int | None) -> BatchPlan:
+    """Batches for the calibration latent: --batch-size, or what the device's free memory holds. Distillation gets at
+    most the default 16, and activation checkpointing where that lets it keep a larger batch."""
     hw = tuple(calib.latent.shape[2:])
-    infer = given or batch_size_for(ckpt.config, width, hw, free_memory_bytes(device, available_memory_bytes()))
-    return infer, min(DistillSettings.batch_size, given or max(1, infer // 4))
+    free = free_memory_bytes(device, available_memory_bytes())
+    infer = given or batch_size_for(ckpt.config, width, hw, free)
+    train, checkpointing = training_batch_for(ckpt.config, width, hw, free, cap=min(DistillSettings.batch_size, given or MAX_BATCH))
+    return BatchPlan(inference=infer, training=min(train, given) if given else train, checkpointing=checkpointing)
 
 
 def compress(ckpt: Checkpoint, dense, deploy: DeployDiT, width: float, opts: ExportOptions, resolved: ResolvedInputs,
@@ -287,7 +296,8 @@ def compress(ckpt: Checkpoint, dense, deploy: DeployDiT, width: float, opts: Exp
         calib = calibration_for(ckpt, width, resolved.calibration, opts.compress_latent(ckpt), resolved.device, progress)
     teacher = graph_at_calibration_size(dense, calib, opts.query_chunk, resolved.device)
     cache = PaletteCache(teacher, opts.group_size)
-    infer_batch, train_batch = batch_sizes(ckpt, width, calib, resolved.device, opts.batch_size)
+    batches = batch_plan(ckpt, width, calib, resolved.device, opts.batch_size)
+    infer_batch, train_batch = batches.inference, batches.training
     recipe = None
     if opts.bits == "mixed":
         recipe = resolved.recipe
@@ -301,6 +311,7 @@ def compress(ckpt: Checkpoint, dense, deploy: DeployDiT, width: float, opts: Exp
         palettes = palettize_deploy(deploy, bits_map, opts.group_size, cache)
         student = graph_at_calibration_size(dense, calib, opts.query_chunk, resolved.device)
         palettize_deploy(student, bits_map, opts.group_size, cache)
+        student.checkpoint_blocks = batches.checkpointing
     sizes = {n: m.weight.numel() for n, m in palettizable_layers(deploy).items()}
     with torch.no_grad():
         reference = calibration_outputs(teacher, calib, infer_batch)
@@ -314,7 +325,8 @@ def compress(ckpt: Checkpoint, dense, deploy: DeployDiT, width: float, opts: Exp
             calibration_psnr["distilled"] = round(output_psnr(reference, calibration_outputs(student, calib, infer_batch)), 3)
     return CompressionResult(
         calibration={**calib.meta, "latent": list(calib.latent.shape[2:]), "inputs": len(calib), "device": resolved.device.type,
-                     "batch_size": infer_batch, "distill_batch_size": train_batch},
+                     "batch_size": infer_batch, "distill_batch_size": train_batch,
+                     "distill_activation_checkpointing": batches.checkpointing},
         recipe=recipe, bits_per_layer=bits_map,
         average_bits=round(sum(bits_map[n] * sizes[n] for n in bits_map) / sum(sizes[n] for n in bits_map), 4),
         group_size=opts.group_size, calibration_psnr_db=calibration_psnr, distill=distilled, palettes=palettes,
@@ -453,7 +465,7 @@ def run_sweep(ckpt: Checkpoint, opts: SweepOptions, on_stage: Callable[[str], No
     calib = calibration_for(ckpt, opts.width, given, opts.latent_hw, device, progress)
     teacher = graph_at_calibration_size(extract_width(ckpt.model, opts.width, share=True), calib, device=device)
     on_stage(f"{opts.settings.mode} sweep")
-    infer_batch, _ = batch_sizes(ckpt, opts.width, calib, device, None)
+    infer_batch = batch_plan(ckpt, opts.width, calib, device, None).inference
     recipe = sweep_recipe(teacher, ckpt.config.name, opts.width, calib, opts.settings, PaletteCache(teacher, opts.group_size), progress,
                           infer_batch)
     recipe.save(opts.output, force=opts.force, inputs=[ckpt.path, opts.calibration])

@@ -77,6 +77,39 @@ def test_batches_are_sized_from_free_memory():
     assert batch_size_for(config, 1.0, (128, 128), 1) == 1  # never below one input
 
 
+def test_activation_checkpointing_where_it_pays():
+    """A 1.6B width at 1024² keeps a usable distillation batch on this machine's memory and on an 80 GB GPU only by
+    checkpointing; small latents, with room to spare, do without it."""
+    from edgecompile.model.budget import training_activation_bytes, training_batch_for
+    from edgecompile.model.config import ModelConfig
+
+    config = ModelConfig.load("recipes/snapgenpp.yaml")
+    assert training_activation_bytes(config, 1.0, (128, 128), 1, checkpointed=True) < training_activation_bytes(config, 1.0, (128, 128), 1) / 5
+    batch, checkpointing = training_batch_for(config, 1.0, (128, 128), 23 * 2**30, cap=16)
+    assert checkpointing and batch >= 1
+    assert training_batch_for(config, 1.0, (128, 128), 78 * 2**30, cap=16) == (16, True)
+    assert training_batch_for(config, 0.375, (32, 32), 23 * 2**30, cap=16) == (16, False)
+    assert training_batch_for(config, 1.0, (128, 128), None, cap=16) == (16, False)  # unknown free memory
+
+
+def test_checkpointed_blocks_give_the_same_gradients():
+    from edgecompile.compress.distill import detach_trainables
+    from edgecompile.deploy.rewrite import deploy_model
+    from tests.conftest import CONFIGS, trained_like
+
+    grads = []
+    for checkpointing in (False, True):
+        student = deploy_model(trained_like(CONFIGS["toy"]), 0.5)
+        student.checkpoint_blocks = checkpointing
+        params = detach_trainables(student)
+        torch.manual_seed(0)
+        c = student.config
+        out = student(torch.randn(2, c.latent_channels, *student.latent_hw), torch.rand(2), torch.randn(2, c.text_dim, 1, c.text_len))
+        out.pow(2).mean().backward()
+        grads.append(torch.cat([p.grad.reshape(-1) for p in params]))
+    assert torch.equal(grads[0], grads[1])
+
+
 def test_batch_size_is_recorded_and_checked(tiny_checkpoint, tmp_path, capsys):
     code, _, err = run_cli(["export", str(tiny_checkpoint), "--bits", "4", "--batch-size", "0", "-o", str(tmp_path / "o")], capsys)
     assert code == 2 and "--batch-size" in err and not (tmp_path / "o").exists()
@@ -85,6 +118,7 @@ def test_batch_size_is_recorded_and_checked(tiny_checkpoint, tmp_path, capsys):
     assert code == 0, err
     calibration = json.loads((tmp_path / "p" / "w1.0" / "report.json").read_text())["calibration"]
     assert calibration["batch_size"] == 5 and calibration["distill_batch_size"] == 5
+    assert calibration["distill_activation_checkpointing"] is False
 
 
 def test_distillation_sized_by_time(tiny_checkpoint):

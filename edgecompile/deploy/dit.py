@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.utils.checkpoint
 import torch.nn.functional as F
 from torch import nn
 
@@ -291,6 +292,14 @@ class DeployDiT(nn.Module):
         self.final_norm = LayerNormANE(d.hidden, affine=False)
         self.final_table = nn.Parameter(torch.zeros(1, 2 * d.hidden, 1, 1))
         self.final = conv1x1(d.hidden, p * p * c.latent_channels)
+        # Training only (self-distillation): keep each block's input and recompute its internals in the backward
+        # pass, trading one more forward for the activation memory of all blocks but one.
+        self.checkpoint_blocks = False
+
+    def _block(self, blk: DeployBlock, x, t0, text, skip=None):
+        if self.checkpoint_blocks and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(blk, x, t0, text, skip, use_reentrant=False)
+        return blk(x, t0, text, skip)
 
     def _to_layout(self, x):
         return self.layout.to_blocks(x) if self.layout is not None else x
@@ -306,19 +315,19 @@ class DeployDiT(nn.Module):
         temb = self.t_mlp2(F.silu(self.t_mlp1(tfeat)))
         t0 = self.t_block(F.silu(temb))
         for blk in self.down:
-            x = blk(x, t0, text)
+            x = self._block(blk, x, t0, text)
         hi_res = x
         if c.stage_downsample:
             x = self.downsample(x)  # stays inside block-column strips: same result as on the raster grid
         skips = []
         for i, blk in enumerate(self.middle):
-            x = blk(x, t0, text, skips.pop() if blk.skip_fuse is not None else None)
+            x = self._block(blk, x, t0, text, skips.pop() if blk.skip_fuse is not None else None)
             if i < self.n_skips:
                 skips.append(x)
         if c.stage_downsample:
             x = self.upsample(x) + hi_res
         for blk in self.up:
-            x = blk(x, t0, text)
+            x = self._block(blk, x, t0, text)
         hidden = temb.shape[1]
         shift, scale = self.final_table[:, :hidden] + temb, self.final_table[:, hidden:] + temb
         x = self.final(self.final_norm(x) * (1 + scale) + shift)

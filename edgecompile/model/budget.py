@@ -62,6 +62,37 @@ def forward_activation_bytes(config: ModelConfig, width: float, latent_hw: tuple
     return Estimate(bytes=2 * batch * FP32 * tensors[largest], largest=largest)
 
 
+def training_activation_bytes(config: ModelConfig, width: float, latent_hw: tuple[int, int], batch: int = 1,
+                              checkpointed: bool = False) -> int:
+    """Rough size of what one training step keeps for its backward pass (fp32): per block about a dozen hidden-size
+    maps, each attention's scores and probabilities, and the FFN's hidden and activation. With activation
+    checkpointing only each block's input is kept, plus one block's internals while it is recomputed."""
+    d = config.dims(width)
+    h, w = config.token_grid(*latent_hw)
+    n = h * w
+    mh, mw = config.middle_grid(*latent_hw)
+    nm = mh * mw
+    hidden_maps = 12
+
+    def block(tokens: int, self_keys: int, ffn: int) -> int:
+        return tokens * (hidden_maps * d.hidden + 2 * d.heads * (self_keys + config.text_len) + 2 * ffn)
+
+    if config.down_up_attention == "full":
+        outer_keys = n
+    else:
+        neighbours = (2 * config.bna_radius + 1) ** (2 if config.bna_tiling == "grid" else 1)
+        outer_keys = min(n, neighbours * max(n // config.bna_blocks, 1)) + max(n // config.kv_compression**2, 1)
+    blocks = ([block(n, outer_keys, d.ffn_outer)] * (config.depth_down + config.depth_up)
+              + [block(nm, nm, d.ffn_middle)] * config.depth_middle)
+    if not blocks:
+        return 0
+    if checkpointed:
+        kept = (config.depth_down + config.depth_up) * n * d.hidden + config.depth_middle * 2 * nm * d.hidden + max(blocks)
+    else:
+        kept = sum(blocks)
+    return batch * FP32 * kept
+
+
 MAX_BATCH = 64  # the largest inference batch edgecompile uses (its default before batches were sized)
 MEMORY_SHARE = 0.5  # of the free memory, for one batch's activations (weights, teacher outputs and slack need the rest)
 # forward_activation_bytes is a lower bound (the largest tensor, held twice); other tensors are alive at that moment
@@ -76,6 +107,23 @@ def batch_size_for(config: ModelConfig, width: float, latent_hw: tuple[int, int]
         return cap
     per_sample = ACTIVATION_MARGIN * forward_activation_bytes(config, width, latent_hw, 1).bytes
     return max(1, min(cap, int(free_bytes * MEMORY_SHARE // max(per_sample, 1))))
+
+
+def training_batch_for(config: ModelConfig, width: float, latent_hw: tuple[int, int], free_bytes: int | None,
+                       cap: int) -> tuple[int, bool]:
+    """(training batch, activation checkpointing): the largest batch up to `cap` whose kept activations fit
+    MEMORY_SHARE of `free_bytes`; checkpointing only where it pays, i.e. where the batch would otherwise be smaller
+    than the one it allows."""
+    if free_bytes is None:
+        return cap, False
+    room = free_bytes * MEMORY_SHARE
+
+    def fits(checkpointed: bool) -> int:
+        per_sample = training_activation_bytes(config, width, latent_hw, 1, checkpointed)
+        return max(1, min(cap, int(room // max(per_sample, 1))))
+
+    plain, checkpointed = fits(False), fits(True)
+    return (checkpointed, True) if checkpointed > plain else (plain, False)
 
 
 def _gib(n: int) -> str:
