@@ -175,7 +175,9 @@ def determinism(ckpt: Path, work: Path) -> dict:
     bytes_, meaning, packages = {}, {}, {}
     for label, threads in (("2 threads", "2"), ("2 threads again", "2"), ("1 thread", "1")):
         out = work / f"det_{label.replace(' ', '_')}" / "w0.5"
-        r = run(cli("export", ckpt, "--width", "0.5", "--bits", "mixed", "-o", out.parent), env={"OMP_NUM_THREADS": threads}, timeout=600)
+        # a fixed step count: the default time budget sizes distillation by the machine's speed
+        r = run(cli("export", ckpt, "--width", "0.5", "--bits", "mixed", "--distill-steps", "200", "-o", out.parent),
+                env={"OMP_NUM_THREADS": threads}, timeout=600)
         assert r["exit"] == 0, r
         files = [p for p in sorted(out.rglob("*")) if p.is_file() and p.name != "report.json"]
         bytes_[label] = {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}

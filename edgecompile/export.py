@@ -18,6 +18,7 @@ leaves no output and leaves an old one untouched.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from contextlib import contextmanager
@@ -38,7 +39,7 @@ from edgecompile.compress.sensitivity import MODES as SWEEP_MODES
 from edgecompile.compress.sensitivity import calibration_outputs, output_psnr
 from edgecompile.compress.simulate import simulated_model_for_package
 from edgecompile.coreml.convert import TARGETS, convert_to_mlmodel, set_metadata
-from edgecompile.coreml.package import load_package
+from edgecompile.coreml.package import ANE_MAX_WEIGHT_FILE_BYTES, load_package, weight_file_bytes
 from edgecompile.coreml.swift import write_swift_resources
 from edgecompile.coreml.verify import (DEFAULT_MIN_PSNR_DB, VerifyResult, check_min_psnr, check_verifiable, checkpoint_for,
                                       verify_package)
@@ -62,6 +63,7 @@ FORMATS = ("coreml", "onnx")
 SWIFT_DENOISER = "MultiModalDiffusionTransformer"  # ml-stable-diffusion's SD3 denoiser resource name
 
 Progress = Callable[[str, int, int], None]
+log = logging.getLogger("edgecompile")
 
 
 @dataclass(frozen=True)
@@ -388,6 +390,10 @@ def export_width(ckpt: Checkpoint, width: float, opts: ExportOptions, resolved: 
     with timer.stage("convert"):
         report.coremltools = convert_and_save(deploy, pkg_path, opts, info, extra, report.compression)
     report.size_bytes = size_on_disk(pkg_path)
+    if opts.fmt == "coreml" and weight_file_bytes(pkg_path) > ANE_MAX_WEIGHT_FILE_BYTES:
+        log.warning("width %g: the package's weight file is %.2f GiB, over the Neural Engine's %g GiB limit (Core ML will run "
+                    "it on the GPU or CPU): palettize it (--bits 4 or mixed) or export a smaller width",
+                    width, weight_file_bytes(pkg_path) / 2**30, ANE_MAX_WEIGHT_FILE_BYTES / 2**30)
     if opts.verify:
         with timer.stage("verify"):
             # a palettized package's reference is the torch graph it was converted from, decoded weights included

@@ -140,3 +140,12 @@ def test_distill_budget_and_steps_are_exclusive(tiny_checkpoint, tmp_path, capsy
     code, _, err = run_cli(["export", str(tiny_checkpoint), "--bits", "4", "--distill-steps", "5", "--distill-budget", "1",
                             "-o", str(tmp_path / "o")], capsys)
     assert code == 2 and "not both" in err and not (tmp_path / "o").exists()
+
+
+def test_a_weight_file_over_the_neural_engine_limit_is_reported(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    from edgecompile import export
+
+    monkeypatch.setattr(export, "ANE_MAX_WEIGHT_FILE_BYTES", 1024)
+    code, _, err = run_cli(["export", str(tiny_checkpoint), "--width", "0.5", "--no-verify", "-o", str(tmp_path / "o")], capsys)
+    assert code == 0, err
+    assert "over the Neural Engine's" in err and "--bits 4 or mixed" in err

@@ -340,6 +340,18 @@ class MILInterpreter:
         self._wants_op_type = {t for t in handled if OP_TYPE in inspect.signature(OPS[t]).parameters}
         # the dtype each value is stored in: fp16-declared values are rounded in the faithful (fp16) mode only
         self._fp16 = {v.name for o in self.function.operations for v in o.outputs if _dtype_name(v) == "fp16"}
+        # values dropped after their last reader, so that memory holds the live values only (at 1024² the whole
+        # program's values, decoded weights included, do not fit a laptop)
+        last_reader: dict[str, int] = {}
+        for i, o in enumerate(self.function.operations):
+            for v in o.inputs.values():
+                for var in v if isinstance(v, (list, tuple)) else [v]:
+                    last_reader[var.name] = i
+        outputs = {v.name for v in self.function.outputs}
+        self._release_after: dict[int, list[str]] = {}
+        for name, i in last_reader.items():
+            if name not in outputs:
+                self._release_after.setdefault(i, []).append(name)
 
     def _store(self, name: str, v):
         """A value as the program stores it: float32 arithmetic, rounded to fp16 where the program says fp16."""
@@ -367,10 +379,9 @@ class MILInterpreter:
                 return env[v.name]
             raise EdgeCompileError(f"MIL interpreter: no value for variable {v.name}")
 
-        for o in self.function.operations:
+        for i, o in enumerate(self.function.operations):
             if o.op_type == "const":
-                value(o.outputs[0])
-                continue
+                continue  # read when an op needs it (value() stores it until its last reader)
             kwargs = {k: value(v) for k, v in o.inputs.items()}
             if o.op_type in self._wants_op_type:
                 kwargs[OP_TYPE] = o.op_type
@@ -383,4 +394,6 @@ class MILInterpreter:
             results = result if isinstance(result, list) else [result]
             for var, val in zip(o.outputs, results):
                 env[var.name] = self._store(var.name, np.asarray(val))
-        return {v.name: np.asarray(env[v.name], dtype=np.float32) for v in self.function.outputs}
+            for name in self._release_after.get(i, ()):
+                env.pop(name, None)
+        return {v.name: np.asarray(value(v), dtype=np.float32) for v in self.function.outputs}
