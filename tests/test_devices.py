@@ -131,9 +131,9 @@ def test_distillation_sized_by_time(tiny_checkpoint):
     calib = default_calibration(ckpt, 1.0, schedules=(4,))
     teacher, student = deploy_model(ckpt.model, 1.0), deploy_model(ckpt.model, 1.0)
     palettize_deploy(student, uniform_bits(student, 4))
-    result = distill(student, teacher, calib, DistillSettings(budget_seconds=1.0, patience=10_000))
+    result = distill(student, teacher, calib, DistillSettings(budget_seconds=3.0, patience=10_000))
     assert result.step_seconds > 0 and result.planned_steps == result.steps_run > 6  # no early stop: the plan ran
-    assert 0.8 <= result.seconds <= 4  # the budget (1 s), plus the final evaluation
+    assert 2.4 <= result.seconds <= 10  # the budget (3 s), plus the final evaluation (slack for a busy machine)
 
 
 def test_distill_budget_and_steps_are_exclusive(tiny_checkpoint, tmp_path, capsys):
