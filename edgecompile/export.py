@@ -283,11 +283,12 @@ class BatchPlan:
 
 def batch_plan(ckpt: Checkpoint, width: float, calib: CalibrationSet, device: torch.device, given: int | None) -> BatchPlan:
     """Batches for the calibration latent: --batch-size, or what the device's free memory holds. Distillation gets at
-    most the default 16, and activation checkpointing where that lets it keep a larger batch."""
+    most the default 16, with activation checkpointing where it pays (model/budget.py: training_batch_for)."""
     hw = tuple(calib.latent.shape[2:])
     free = free_memory_bytes(device, available_memory_bytes())
     infer = given or batch_size_for(ckpt.config, width, hw, free)
-    train, checkpointing = training_batch_for(ckpt.config, width, hw, free, cap=min(DistillSettings.batch_size, given or MAX_BATCH))
+    train, checkpointing = training_batch_for(ckpt.config, width, hw, free, cap=min(DistillSettings.batch_size, given or MAX_BATCH),
+                                              on_cpu=device.type == "cpu")
     return BatchPlan(inference=infer, training=min(train, given) if given else train, checkpointing=checkpointing)
 
 
