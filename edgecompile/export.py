@@ -289,7 +289,7 @@ def batch_plan(ckpt: Checkpoint, width: float, calib: CalibrationSet, device: to
     infer = given or batch_size_for(ckpt.config, width, hw, free)
     train, checkpointing = training_batch_for(ckpt.config, width, hw, free, cap=min(DistillSettings.batch_size, given or MAX_BATCH),
                                               on_cpu=device.type == "cpu")
-    return BatchPlan(inference=infer, training=min(train, given) if given else train, checkpointing=checkpointing)
+    return BatchPlan(inference=infer, training=train, checkpointing=checkpointing)
 
 
 def compress(ckpt: Checkpoint, dense, deploy: DeployDiT, width: float, opts: ExportOptions, resolved: ResolvedInputs,
@@ -391,10 +391,11 @@ def export_width(ckpt: Checkpoint, width: float, opts: ExportOptions, resolved: 
     with timer.stage("convert"):
         report.coremltools = convert_and_save(deploy, pkg_path, opts, info, extra, report.compression)
     report.size_bytes = size_on_disk(pkg_path)
-    if opts.fmt == "coreml" and weight_file_bytes(pkg_path) > ANE_MAX_WEIGHT_FILE_BYTES:
+    weights = weight_file_bytes(pkg_path) if opts.fmt == "coreml" else 0
+    if weights > ANE_MAX_WEIGHT_FILE_BYTES:
         log.warning("width %g: the package's weight file is %.2f GiB, over the Neural Engine's %g GiB limit (Core ML will run "
                     "it on the GPU or CPU): palettize it (--bits 4 or mixed) or export a smaller width",
-                    width, weight_file_bytes(pkg_path) / 2**30, ANE_MAX_WEIGHT_FILE_BYTES / 2**30)
+                    width, weights / 2**30, ANE_MAX_WEIGHT_FILE_BYTES / 2**30)
     if opts.verify:
         with timer.stage("verify"):
             # a palettized package's reference is the torch graph it was converted from, decoded weights included

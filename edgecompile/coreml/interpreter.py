@@ -344,6 +344,8 @@ class MILInterpreter:
         # program's values, decoded weights included, do not fit a laptop)
         last_reader: dict[str, int] = {}
         for i, o in enumerate(self.function.operations):
+            for out in o.outputs:
+                last_reader[out.name] = i  # an output nobody reads goes right after its op
             for v in o.inputs.values():
                 for var in v if isinstance(v, (list, tuple)) else [v]:
                     last_reader[var.name] = i

@@ -16,6 +16,7 @@ from edgecompile.coremltools_loader import load_mil_program
 from edgecompile.errors import EdgeCompileError
 
 LAYOUT_OPS = ("transpose", "reshape")
+BLOCK_NAME = re.compile(r"^(down|middle|up)_(\d+)_")
 # The Neural Engine refuses a package whose weight file exceeds 2 GiB (coremltools issue 2554, PR 2593); Core ML
 # then runs it on the GPU or CPU.
 ANE_MAX_WEIGHT_FILE_BYTES = 2 * 2**30
@@ -24,7 +25,7 @@ ANE_MAX_WEIGHT_FILE_BYTES = 2 * 2**30
 def weight_file_bytes(package: Path) -> int:
     """The size of a .mlpackage's weight file(s)."""
     return sum(f.stat().st_size for f in (Path(package) / "Data" / "com.apple.CoreML" / "weights").glob("*") if f.is_file())
-BLOCK_NAME = re.compile(r"^(down|middle|up)_(\d+)_")
+
 
 
 @dataclass

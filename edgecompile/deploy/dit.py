@@ -108,7 +108,7 @@ class BlockLayout:
                 )
         n_blocks = config.bna_blocks
         self.block_len = h * w // n_blocks
-        order, neighbours = bna_partition(config, h, w)
+        _, neighbours = bna_partition(config, h, w)
         # per query block: (its deploy index, its neighbours' deploy indices, sorted: keys concatenate in sequence order)
         self.neighbour_blocks = [(self.deploy_index(b), sorted(self.deploy_index(int(n)) for n in neighbours[b] if n >= 0))
                                  for b in range(n_blocks)]

@@ -100,13 +100,17 @@ MEMORY_SHARE = 0.5  # of the free memory, for one batch's activations (weights, 
 ACTIVATION_MARGIN = 4
 
 
+def _batch_fitting(per_sample_bytes: int, free_bytes: int | None, cap: int) -> int:
+    """The largest batch whose per-sample bytes fit MEMORY_SHARE of `free_bytes` (at least 1, at most cap)."""
+    if free_bytes is None:
+        return cap
+    return max(1, min(cap, int(free_bytes * MEMORY_SHARE // max(per_sample_bytes, 1))))
+
+
 def batch_size_for(config: ModelConfig, width: float, latent_hw: tuple[int, int], free_bytes: int | None,
                    cap: int = MAX_BATCH) -> int:
     """The largest inference batch whose activations fit MEMORY_SHARE of `free_bytes` (at least 1, at most cap)."""
-    if free_bytes is None:
-        return cap
-    per_sample = ACTIVATION_MARGIN * forward_activation_bytes(config, width, latent_hw, 1).bytes
-    return max(1, min(cap, int(free_bytes * MEMORY_SHARE // max(per_sample, 1))))
+    return _batch_fitting(ACTIVATION_MARGIN * forward_activation_bytes(config, width, latent_hw, 1).bytes, free_bytes, cap)
 
 
 def training_batch_for(config: ModelConfig, width: float, latent_hw: tuple[int, int], free_bytes: int | None,
@@ -115,17 +119,11 @@ def training_batch_for(config: ModelConfig, width: float, latent_hw: tuple[int, 
     MEMORY_SHARE of `free_bytes`; checkpointing where it pays: always on the CPU, where recomputing costs less than
     allocating what it saves (benchmarks/distill_memory.py: 4.5x less memory, 0.55x the step time), elsewhere where
     the batch would otherwise be smaller than the one it allows."""
-    if on_cpu:
-        per_sample = training_activation_bytes(config, width, latent_hw, 1, checkpointed=True)
-        return (cap if free_bytes is None else max(1, min(cap, int(free_bytes * MEMORY_SHARE // max(per_sample, 1))))), True
-    if free_bytes is None:
-        return cap, False
-    room = free_bytes * MEMORY_SHARE
-
     def fits(checkpointed: bool) -> int:
-        per_sample = training_activation_bytes(config, width, latent_hw, 1, checkpointed)
-        return max(1, min(cap, int(room // max(per_sample, 1))))
+        return _batch_fitting(training_activation_bytes(config, width, latent_hw, 1, checkpointed), free_bytes, cap)
 
+    if on_cpu:
+        return fits(True), True
     plain, checkpointed = fits(False), fits(True)
     return (checkpointed, True) if checkpointed > plain else (plain, False)
 
