@@ -34,6 +34,9 @@ EDGECOMPILE = [sys.executable, "-m", "edgecompile"]
 PAPER_WIDTHS = ("0.375", "0.5", "1.0")
 
 
+ALL_SECTIONS = ("convert", "export", "compare")
+
+
 def run_child(cmd: list[str], env: dict | None = None, cwd: Path | None = None) -> dict:
     """Run one child; its own wall time and peak RSS (wait4), and its output when it fails."""
     start = time.perf_counter()
@@ -111,7 +114,7 @@ def main() -> None:
     ap.add_argument("--convert-baseline", default="79f88e5", help="git revision before the convert speed-up ('none' to skip)")
     ap.add_argument("--convert-widths", default=",".join(PAPER_WIDTHS), help="widths whose fp16 convert is measured")
     ap.add_argument("--distill-budget", help="minutes, passed to export (default: export's own default)")
-    ap.add_argument("--sections", default="convert,export,compare")
+    ap.add_argument("--sections", default=",".join(ALL_SECTIONS))
     ap.add_argument("--workdir")
     ap.add_argument("--output")
     # child mode
@@ -129,6 +132,11 @@ def main() -> None:
     result = {"config": args.config, "width": args.width, "latent": args.latent, "calibration_latent": args.calibration_latent,
               "device": args.device, "target_minutes": 60, "target_peak_gib": 16, "steps": {}}
     output = Path(args.output) if args.output else None
+    previous = (output or _common.RESULTS) / "export_scale.json"
+    if sections != set(ALL_SECTIONS) and previous.exists():
+        # A partial run (e.g. --sections compare) adds to the committed results rather than replacing them.
+        kept = json.loads(previous.read_text())
+        result = {**{k: v for k, v in kept.items() if k not in ("benchmark", "machine", "date")}, "steps": kept["steps"]}
 
     def save() -> None:
         _common.write_result("export_scale", result, output)
