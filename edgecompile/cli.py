@@ -21,7 +21,7 @@ from edgecompile.compress.calibration import record_calibration
 from edgecompile.compress.distill import DEFAULT_BUDGET_SECONDS, MAX_BUDGET_STEPS
 from edgecompile.compress.recipe import DEFAULT_TARGET_BITS
 from edgecompile.compress.sensitivity import MODES as SWEEP_MODES
-from edgecompile.coreml.package import layout_ops_per_block, load_package, weight_census
+from edgecompile.coreml.package import CHUNK_PACKAGES, layout_ops_per_block, load_package, weight_census
 from edgecompile.coreml.verify import DEFAULT_MIN_PSNR_DB, check_passed
 from edgecompile.errors import EdgeCompileError
 from edgecompile.export import FORMATS, ExportOptions, SweepOptions, SweepSettings, run_export, run_sweep, verify_exported
@@ -195,6 +195,8 @@ def parse_int_list(text: str, option: str, minimum: int | None = None) -> tuple[
                    f"sets the step count (at most {MAX_BUDGET_STEPS}; early stop on plateau).")
 @click.option("--swift-resources", is_flag=True, help="Lay the output out as the Swift Core ML pipelines expect (Resources/).")
 @click.option("--query-chunk", type=POSITIVE_INT, help="Split attention queries into chunks of this many tokens.")
+@click.option("--chunks", default=1, show_default=True, type=POSITIVE_INT,
+              help="Cut the denoiser into this many packages at block boundaries (each weight file under the Neural Engine's 2 GiB).")
 @click.option("--calibration-latent",
               help="Latent HxW for calibration, sweep and distillation (default: --latent); the package and its verification stay at --latent.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(DEVICE_CHOICES),
@@ -206,8 +208,8 @@ def parse_int_list(text: str, option: str, minimum: int | None = None) -> tuple[
 @click.option("--force", is_flag=True, help="Replace existing output folders.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
 def export(checkpoint, width_text, bits, output, latent, target, fmt, recipe, target_bits, candidates, sweep_mode, group_size,
-           calibration, no_distill, distill_steps, distill_budget, swift_resources, query_chunk, calibration_latent, device, batch_size,
-           no_verify, min_psnr, keep_failed, force, as_json):
+           calibration, no_distill, distill_steps, distill_budget, swift_resources, query_chunk, chunks, calibration_latent, device,
+           batch_size, no_verify, min_psnr, keep_failed, force, as_json):
     """Compile CHECKPOINT (default: the bundled one) into one verified package per width.
 
     Pipeline, in the order it runs: load and validate -> extract width -> rewrite -> calibrate -> sweep (or
@@ -217,8 +219,8 @@ def export(checkpoint, width_text, bits, output, latent, target, fmt, recipe, ta
     ckpt = load_checkpoint(checkpoint)
     opts = ExportOptions(
         output=Path(output), widths=ckpt.config.parse_widths(width_text), bits=str(bits), latent_hw=parse_latent(latent),
-        target=target, fmt=fmt, force=force, verify=not no_verify, query_chunk=query_chunk, device=device, batch_size=batch_size,
-        calibration_latent=parse_latent(calibration_latent, "--calibration-latent"), recipe=Path(recipe) if recipe else None,
+        target=target, fmt=fmt, force=force, verify=not no_verify, query_chunk=query_chunk, chunks=chunks, device=device,
+        batch_size=batch_size, calibration_latent=parse_latent(calibration_latent, "--calibration-latent"), recipe=Path(recipe) if recipe else None,
         sweep=SweepSettings(candidates=parse_int_list(candidates, "--candidates"), mode=sweep_mode, target_bits=target_bits),
         group_size=group_size, calibration=Path(calibration) if calibration else None,
         distill=not no_distill, distill_steps=distill_steps, distill_budget_minutes=distill_budget, swift_resources=swift_resources,
@@ -326,6 +328,9 @@ def inspect(package, as_json):
     out.print(f"[bold]{view.path}[/bold]  width {meta.get('edgecompile.width', '?')}, bits {meta.get('edgecompile.bits', '?')}, "
               f"latent {meta.get('edgecompile.latent', '?')}, {census['weight_bytes'] / 2**20:.2f} MiB of weights"
               + (f", {census['average_bits']:.2f} bits/weight palettized" if census["average_bits"] else ""))
+    if view.chunk:
+        out.print(f"chunk {view.chunk[0]} of {view.chunk[1]} of one denoiser: run in the order of "
+                  f"{meta.get(CHUNK_PACKAGES)} (denoiser_contract.json says how tensors bind)", overflow="fold")
     io_table = Table(title="inputs / outputs")
     for col in ("kind", "name", "shape", "dtype", "meaning"):
         io_table.add_column(col)
@@ -367,6 +372,7 @@ def verify(package, checkpoint, precision, runtime, min_psnr, device, as_json):
         fmt = lambda v: "NaN" if not math.isfinite(v) else f"{v:.1f}"  # noqa: E731
         out.print(f"{package}: width {result.width:g}, {result.runtime}: PSNR {fmt(result.psnr_db)} dB vs {result.reference}"
                   + ("" if result.psnr_db == result.psnr_vs_checkpoint_db else f", {fmt(result.psnr_vs_checkpoint_db)} dB vs the unquantized checkpoint")
+                  + (f"; chunks alone: {', '.join(fmt(v) for v in result.chunk_psnr_db)} dB" if result.chunk_psnr_db else "")
                   + (f"; passed (>= {min_psnr:g} dB)" if result.passed else ""))
     check_passed(result)
 

@@ -18,6 +18,7 @@ leaves no output and leaves an old one untouched.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import time
@@ -38,19 +39,20 @@ from edgecompile.compress.recipe import DEFAULT_TARGET_BITS, PALETTE_BITS, Recip
 from edgecompile.compress.sensitivity import MODES as SWEEP_MODES
 from edgecompile.compress.sensitivity import calibration_outputs, output_psnr
 from edgecompile.compress.simulate import simulated_model_for_package
-from edgecompile.coreml.convert import TARGETS, convert_to_mlmodel, set_metadata
-from edgecompile.coreml.package import ANE_MAX_WEIGHT_FILE_BYTES, load_package, weight_file_bytes
+from edgecompile.coreml.convert import TARGETS, convert_chunks, convert_to_mlmodel, set_metadata
+from edgecompile.coreml.package import ANE_MAX_WEIGHT_FILE_BYTES, CHUNK, CHUNK_PACKAGES, load_package, weight_file_bytes
 from edgecompile.coreml.swift import write_swift_resources
 from edgecompile.coreml.verify import (DEFAULT_MIN_PSNR_DB, VerifyResult, check_min_psnr, check_verifiable, checkpoint_for,
                                       verify_package)
 from edgecompile.coremltools_loader import import_coremltools
-from edgecompile.deploy.contract import PackageInfo, bits_metadata, package_metadata, with_btd_text
+from edgecompile.deploy.chunks import split_deploy
+from edgecompile.deploy.contract import PackageInfo, bits_metadata, example_inputs, package_metadata
 from edgecompile.deploy.dit import DeployDiT
 from edgecompile.deploy.onnx_export import export_onnx
 from edgecompile.deploy.rewrite import deploy_model
 from edgecompile.digest import sha256_file
 from edgecompile.errors import EdgeCompileError, VerificationFailed
-from edgecompile.export_report import REPORT_FILE, CompressionResult, ExportReport
+from edgecompile.export_report import REPORT_FILE, ChunkReport, CompressionResult, ExportReport
 from edgecompile.jsonutil import dumps
 from edgecompile.model.budget import MAX_BATCH, available_memory_bytes, batch_size_for, check_fits, training_batch_for
 from edgecompile.model.checkpoint import Checkpoint
@@ -102,6 +104,7 @@ class ExportOptions:
     force: bool = False
     verify: bool = True
     query_chunk: int | None = None
+    chunks: int = 1  # the denoiser cut into this many packages at block boundaries (deploy/chunks.py)
     device: str = "auto"  # where calibration, the sweep and self-distillation run (model/device.py)
     batch_size: int | None = None  # inference batch of the sweep and teacher outputs (default: from free memory)
     # compress small, export big: calibration, sweep and distillation at this latent (default: --latent)
@@ -152,6 +155,12 @@ class ExportOptions:
                 check_fits(ckpt.config, w, self.calibration_latent, what="--calibration-latent {}x{}".format(*self.calibration_latent))
         if self.batch_size is not None and self.batch_size < 1:
             raise EdgeCompileError(f"--batch-size {self.batch_size} must be a positive number of inputs (e.g. 8)")
+        if self.chunks != 1:
+            if self.fmt != "coreml":
+                raise EdgeCompileError("--chunks splits Core ML packages (for the Neural Engine's weight-file limit): drop --format onnx")
+            n_blocks = ckpt.config.depth_down + ckpt.config.depth_middle + ckpt.config.depth_up
+            if not 1 <= self.chunks <= n_blocks:
+                raise EdgeCompileError(f"--chunks {self.chunks}: this model has {n_blocks} blocks, so use 1 to {n_blocks} chunks")
         if self.query_chunk is not None and self.query_chunk < 1:
             raise EdgeCompileError(f"--query-chunk {self.query_chunk} must be a positive number of tokens (e.g. 512)")
         check_min_psnr(self.min_psnr_db)
@@ -337,6 +346,13 @@ def compress(ckpt: Checkpoint, dense, deploy: DeployDiT, width: float, opts: Exp
 
 
 # ---- one width ---------------------------------------------------------------------------------------------------
+def chunk_package_names(name: str, n: int, swift: bool) -> list[str]:
+    """--chunks N: the package files in run order, named as apple/ml-stable-diffusion names its U-Net chunks
+    (UnetChunk1.mlpackage, ...): `<denoiser>Chunk<k>` in Swift resources, `<stem>_chunk<k>` otherwise."""
+    stem = name.removesuffix(".mlpackage")
+    return [f"{stem}{'Chunk' if swift else '_chunk'}{k}.mlpackage" for k in range(1, n + 1)]
+
+
 def convert_and_save(deploy: DeployDiT, path: Path, opts: ExportOptions, info: PackageInfo, extra: dict[str, str],
                      compression: CompressionResult | None) -> str | None:
     """Write the package at `path`; returns the coremltools version for Core ML packages."""
@@ -351,6 +367,26 @@ def convert_and_save(deploy: DeployDiT, path: Path, opts: ExportOptions, info: P
     ml.save(str(path))
     del ml  # its temporary package lives in the staging folder: let coremltools drop it now
     return ct.__version__
+
+
+def convert_and_save_chunks(deploy: DeployDiT, paths: list[Path], opts: ExportOptions, info: PackageInfo, extra: dict[str, str],
+                            compression: CompressionResult | None) -> list[ChunkReport]:
+    """--chunks N: each chunk converted and saved in turn, with the metadata that binds it to the others."""
+    example = example_inputs(deploy)
+    chunks, io = split_deploy(deploy, len(paths), example)
+    extra = {**extra, CHUNK_PACKAGES: json.dumps([p.name for p in paths])}
+    if compression:
+        extra.update(bits_metadata(compression.bits_per_layer, opts.group_size))
+    reports = []
+    models = convert_chunks(chunks, io, example, target=opts.target, palettes=compression.palettes if compression else None)
+    for chunk, names, path, ml in zip(chunks, io, paths, models):
+        set_metadata(ml, info, deploy, extra={**extra, CHUNK: f"{chunk.index}/{chunk.count}"})
+        ml.save(str(path))
+        del ml
+        reports.append(ChunkReport(package=path.name, blocks=[chunk.start, chunk.end],
+                                   inputs={n: names.shapes[n] for n in names.inputs}, outputs={n: names.shapes[n] for n in names.outputs},
+                                   size_bytes=size_on_disk(path), weight_file_bytes=weight_file_bytes(path)))
+    return reports
 
 
 def size_on_disk(path: Path) -> int:
@@ -386,23 +422,32 @@ def export_width(ckpt: Checkpoint, width: float, opts: ExportOptions, resolved: 
         extra["edgecompile.distilled_sha256"] = sha256_file(pkg_dir / DISTILLED_STATE)
     if report.compression and report.compression.recipe:
         (out_dir / "recipe.json").write_text(dumps(report.compression.recipe.to_dict()) + "\n")
-    pkg_path = pkg_dir / name
     info = PackageInfo(width=width, params=report.params, config=report.config, checkpoint_sha256=ckpt_sha, bits=opts.bits)
-    with timer.stage("convert"):
-        report.coremltools = convert_and_save(deploy, pkg_path, opts, info, extra, report.compression)
-    report.size_bytes = size_on_disk(pkg_path)
-    weights = weight_file_bytes(pkg_path) if opts.fmt == "coreml" else 0
+    if opts.chunks > 1:
+        paths = [pkg_dir / n for n in chunk_package_names(name, opts.chunks, opts.swift_resources)]
+        report.package = str(Path(report.package).parent / paths[0].name)
+        with timer.stage("convert"):
+            report.chunks = convert_and_save_chunks(deploy, paths, opts, info, extra, report.compression)
+            report.coremltools = import_coremltools().__version__
+    else:
+        paths = [pkg_dir / name]
+        with timer.stage("convert"):
+            report.coremltools = convert_and_save(deploy, paths[0], opts, info, extra, report.compression)
+    pkg_path = paths[0]  # the chunk that takes the package inputs
+    report.size_bytes = sum(size_on_disk(p) for p in paths)
+    weights = max(weight_file_bytes(p) for p in paths) if opts.fmt == "coreml" else 0
     if weights > ANE_MAX_WEIGHT_FILE_BYTES:
-        log.warning("width %g: the package's weight file is %.2f GiB, over the Neural Engine's %g GiB limit (Core ML will run "
-                    "it on the GPU or CPU): palettize it (--bits 4 or mixed) or export a smaller width",
-                    width, weights / 2**30, ANE_MAX_WEIGHT_FILE_BYTES / 2**30)
+        log.warning("width %g: a weight file is %.2f GiB, over the Neural Engine's %g GiB limit (Core ML will run it on the "
+                    "GPU or CPU): palettize it (--bits 4 or mixed), split it (--chunks %d) or export a smaller width",
+                    width, weights / 2**30, ANE_MAX_WEIGHT_FILE_BYTES / 2**30,
+                    max(2, opts.chunks * math.ceil(weights / ANE_MAX_WEIGHT_FILE_BYTES)))
     if opts.verify:
         with timer.stage("verify"):
             # a palettized package's reference is the torch graph it was converted from, decoded weights included
-            simulated = with_btd_text(deploy) if report.compression else None
+            simulated = deploy if report.compression else None
             report.verify = verify_package(load_package(pkg_path), ckpt, simulated, min_psnr_db=opts.min_psnr_db, progress=progress)
     if opts.swift_resources:
-        write_swift_resources(pkg_dir, pkg_path, deploy)
+        write_swift_resources(pkg_dir, paths, deploy, report.chunks)
     report.stage_seconds = dict(timer.seconds)
     report.stage_peak_memory_gib = dict(timer.peak_memory_gib)
     (out_dir / REPORT_FILE).write_text(dumps(report.to_dict()) + "\n")

@@ -6,7 +6,7 @@ The one schema of report.json (keys in this order; optional parts absent when th
     package (relative to the width's folder), torch_threads,
     calibration {how the inputs were made, inputs}, recipe {recipe.json}, bits_per_layer, average_bits,
     group_size, calibration_psnr_db {palettized, distilled}, distill {DistillResult}   -- palettized exports
-    coremltools (version; Core ML exports), size_bytes,
+    coremltools (version; Core ML exports), size_bytes (all chunks), chunks [ChunkReport]  -- --chunks N > 1,
     verify {VerifyResult; package relative to the width's folder}, stage_seconds {stage: s, in run order},
     stage_peak_memory_gib {stage: {host_rss: the process's resident peak so far, cuda_allocated: the stage's own
     CUDA peak, on CUDA}}
@@ -75,6 +75,18 @@ class CompressionResult:
 
 
 @dataclass
+class ChunkReport:
+    """One package of a denoiser exported in chunks (deploy/chunks.py), in run order."""
+
+    package: str  # relative to the width's folder
+    blocks: list[int]  # [start, end) in the flat block order down, middle, up
+    inputs: dict[str, list[int]]  # name -> shape, in the order the program takes them
+    outputs: dict[str, list[int]]
+    size_bytes: int
+    weight_file_bytes: int
+
+
+@dataclass
 class ExportReport:
     edgecompile: str
     config: dict[str, Any]
@@ -91,6 +103,7 @@ class ExportReport:
     compression: CompressionResult | None = None
     coremltools: str | None = None
     size_bytes: int = 0
+    chunks: list[ChunkReport] = field(default_factory=list)
     verify: VerifyResult | None = None
     stage_seconds: dict[str, float] = field(default_factory=dict)
     stage_peak_memory_gib: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -114,6 +127,8 @@ class ExportReport:
         if self.coremltools is not None:
             d["coremltools"] = self.coremltools
         d["size_bytes"] = self.size_bytes
+        if self.chunks:
+            d["chunks"] = [c.__dict__ for c in self.chunks]
         if self.verify is not None:
             d["verify"] = {**self.verify.to_dict(), "package": self.package}
         d["stage_seconds"] = self.stage_seconds
@@ -125,6 +140,7 @@ class ExportReport:
         return cls(**{k: data[k] for k in cls.HEAD},
                    compression=CompressionResult.from_dict(data) if "bits_per_layer" in data else None,
                    coremltools=data.get("coremltools"), size_bytes=data["size_bytes"],
+                   chunks=[ChunkReport(**c) for c in data.get("chunks", [])],
                    verify=VerifyResult.from_dict(data["verify"]) if data.get("verify") else None,
                    stage_seconds=data.get("stage_seconds", {}), stage_peak_memory_gib=data.get("stage_peak_memory_gib", {}),
                    path=path)

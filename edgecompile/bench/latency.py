@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from edgecompile.coreml.package import load_package
+from edgecompile.coreml.package import load_chain, load_package
 from edgecompile.coremltools_loader import import_coremltools
 from edgecompile.deploy.dit import DeployDiT
 from edgecompile.errors import EdgeCompileError
@@ -76,34 +76,42 @@ def torch_latency(config, width: float, latent_hw: tuple[int, int], repeats: int
 
 
 def coreml_latency(package: Path, repeats: int = 10) -> dict:
-    """Core ML load and predict latency per compute-unit setting (macOS only)."""
+    """Core ML load and predict latency per compute-unit setting (macOS only). A chunk (--chunks) is timed as
+    the chain it belongs to: one sample is one denoiser call through every chunk."""
     if sys.platform != "darwin":
         return {"skipped": "Core ML runs only on macOS (coremltools on Linux cannot load or predict packages)"}
     import numpy as np
 
     ct = import_coremltools()
-    view = load_package(package)
-    feeds = {f["name"]: np.random.default_rng(0).standard_normal(f["shape"]).astype(np.float32) for f in view.inputs}
-    out = {}
+    chain = load_chain(load_package(package))
+    rng = np.random.default_rng(0)
+    feeds = {f["name"]: rng.standard_normal(f["shape"]).astype(np.float32) for f in chain[0].inputs}
+    out: dict = {"chunks": len(chain)} if len(chain) > 1 else {}
     for unit in COMPUTE_UNITS:
         start = time.perf_counter()
-        ml = ct.models.MLModel(str(package), compute_units=getattr(ct.ComputeUnit, unit))
+        models = [ct.models.MLModel(str(v.path), compute_units=getattr(ct.ComputeUnit, unit)) for v in chain]
         load_s = time.perf_counter() - start
-        ml.predict(feeds)
+
+        def predict():
+            values = dict(feeds)
+            for view, ml in zip(chain, models):
+                values.update(ml.predict({f["name"]: values[f["name"]] for f in view.inputs}))
+
+        predict()
         samples = []
         for _ in range(repeats):
             s = time.perf_counter()
-            ml.predict(feeds)
+            predict()
             samples.append(time.perf_counter() - s)
         out[unit] = {"load_ms": round(1e3 * load_s, 1), **summarise(samples)}
     try:  # device placement, when this coremltools and macOS provide the compute plan
-        compiled = ml.get_compiled_model_path()
-        plan = ct.models.compute_plan.MLComputePlan.load_from_path(compiled, compute_units=ct.ComputeUnit.ALL)
         counts: dict[str, int] = {}
-        for op in plan.model_structure.program.functions["main"].block.operations:
-            usage = plan.get_compute_device_usage_for_mlprogram_operation(op)
-            name = type(usage.preferred_compute_device).__name__ if usage else "none"
-            counts[name] = counts.get(name, 0) + 1
+        for ml in models:
+            plan = ct.models.compute_plan.MLComputePlan.load_from_path(ml.get_compiled_model_path(), compute_units=ct.ComputeUnit.ALL)
+            for op in plan.model_structure.program.functions["main"].block.operations:
+                usage = plan.get_compute_device_usage_for_mlprogram_operation(op)
+                name = type(usage.preferred_compute_device).__name__ if usage else "none"
+                counts[name] = counts.get(name, 0) + 1
         out["placement"] = counts
     except Exception as e:  # noqa: BLE001  the compute plan API is optional
         out["placement"] = f"unavailable ({type(e).__name__})"

@@ -10,7 +10,7 @@ from edgecompile.atomic import atomic_path, check_output_path
 from edgecompile.bench.cost_model import calibrated, estimate_ms
 from edgecompile.bench.latency import coreml_latency, load_runs, torch_latency
 from edgecompile.bench.static import OP_CLASSES, deploy_graph_stats
-from edgecompile.coreml.package import load_package, weight_census
+from edgecompile.coreml.package import load_chain, load_package, weight_census
 from edgecompile.errors import EdgeCompileError
 from edgecompile.export_report import ExportReport
 from edgecompile.jsonutil import dumps
@@ -35,9 +35,14 @@ def package_item(path: str) -> BenchItem:
     view = load_package(path)
     if view.config is None or view.width is None:
         raise EdgeCompileError(f"package {path} has no edgecompile metadata: bench analyses packages written by `edgecompile export`")
-    census = weight_census(view)
-    return BenchItem(label=Path(path).name, config=ModelConfig.from_dict(view.config), width=view.width, latent_hw=view.latent_hw,
-                     bits=census["average_bits"] or 16.0, weight_bytes=census["weight_bytes"], package=Path(path))
+    # a chunk stands for the denoiser it belongs to: weights of the whole chain, latency of the chain
+    chain = load_chain(view)
+    censuses = [weight_census(v) for v in chain]
+    palettized = [(c["average_bits"], c["palettized_bytes"]) for c in censuses if c["average_bits"]]
+    bits = sum(b * n for b, n in palettized) / sum(n for _, n in palettized) if palettized else 16.0
+    label = Path(path).name if len(chain) == 1 else f"{chain[0].path.name} (+{len(chain) - 1} chunks)"
+    return BenchItem(label=label, config=ModelConfig.from_dict(view.config), width=view.width, latent_hw=view.latent_hw,
+                     bits=bits, weight_bytes=sum(c["weight_bytes"] for c in censuses), package=Path(path))
 
 
 def config_items(path: str, widths: str, latent: tuple[int, int] | None, bits: float) -> list[BenchItem]:

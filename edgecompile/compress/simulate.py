@@ -12,14 +12,14 @@ from safetensors.torch import load_file
 
 from edgecompile.compress.distill import DISTILLED_STATE, load_trained_state
 from edgecompile.compress.palettize_model import palettize_deploy
-from edgecompile.deploy.contract import with_btd_text
 from edgecompile.deploy.rewrite import deploy_model
 from edgecompile.digest import sha256_file
 from edgecompile.errors import EdgeCompileError
 
 
 def simulated_model_for_package(view, ckpt, device: torch.device | str = "cpu"):
-    """None for an fp16 package (its reference is the checkpoint itself); else a callable (latent, t, text_btd).
+    """None for an fp16 package (its reference is the checkpoint itself); else the compressed deploy graph on
+    `device`, taking the package's inputs.
 
     `view` is the package read back (coreml.package.PackageView): its path, width, latent size and metadata."""
     meta = view.metadata
@@ -35,4 +35,4 @@ def simulated_model_for_package(view, ckpt, device: torch.device | str = "cpu"):
         if not state_path.is_file() or sha256_file(state_path) != want:
             raise EdgeCompileError(f"package {view.path} was self-distilled: keep {DISTILLED_STATE} from its export folder beside it to verify it")
         load_trained_state(deploy, load_file(str(state_path)))
-    return with_btd_text(deploy.to(device))
+    return deploy.to(device)

@@ -13,6 +13,7 @@ from edgecompile import __version__
 from edgecompile.coreml.palettize import PALETTIZE_PASS, check_palettized, palettization_config
 from edgecompile.coremltools_loader import import_coremltools, quiet_coremltools
 from edgecompile.deploy.contract import IO_DOC, LATENT, OUTPUT, TEXT, TIMESTEP, PackageInfo, example_inputs, package_metadata
+from edgecompile.deploy.chunks import ChunkIO, DeployChunk, carried_doc, chunk_example
 from edgecompile.deploy.dit import DeployDiT
 from edgecompile.errors import EdgeCompileError
 
@@ -28,12 +29,26 @@ def convert_to_mlmodel(deploy: DeployDiT, target: str = "iOS17", compute_precisi
     finished model instead reloads the program and runs the whole pipeline a second time; benchmarks/export_scale.py
     measures both.)
     `fp32_timestep_island=False` is the naive fp16 conversion, kept only to measure what the island buys."""
+    return convert_graph(deploy, example_inputs(deploy), [LATENT, TIMESTEP, TEXT], [OUTPUT], target, compute_precision,
+                         palettes, fp32_timestep_island)
+
+
+def convert_chunks(chunks: list[DeployChunk], io: list[ChunkIO], example: tuple, target: str = "iOS17",
+                   palettes: dict | None = None):
+    """Each chunk of `deploy/chunks.py` as its own program, with the palettes of the layers it holds; yields the
+    in-memory models one at a time (a caller saves each before the next is built)."""
+    for chunk, names, args in zip(chunks, io, chunk_example(chunks, io, example)):
+        own = {layer: p for layer, p in (palettes or {}).items() if chunk.owns(layer)}
+        yield convert_graph(chunk, args, names.inputs, names.outputs, target, palettes=own)
+
+
+def convert_graph(graph: torch.nn.Module, example: tuple, input_names: list[str], output_names: list[str], target: str = "iOS17",
+                  compute_precision: str = "float16", palettes: dict | None = None, fp32_timestep_island: bool = True):
     ct = import_coremltools()
     if target not in TARGETS:
         raise EdgeCompileError(f"--target {target} is not supported: use one of {', '.join(TARGETS)}")
-    example = example_inputs(deploy)
     with torch.no_grad():
-        traced = torch.jit.trace(deploy.eval(), example, check_trace=False)
+        traced = torch.jit.trace(graph.eval(), example, check_trace=False)
     if compute_precision == "float16":
         precision = ct.transform.FP16ComputePrecision(op_selector=lambda op: not (fp32_timestep_island and timestep_feature_op(op)))
     else:
@@ -45,12 +60,8 @@ def convert_to_mlmodel(deploy: DeployDiT, target: str = "iOS17", compute_precisi
     with quiet_coremltools():
         ml = ct.convert(
             traced,
-            inputs=[
-                ct.TensorType(name=LATENT, shape=tuple(example[0].shape), dtype=np.float32),
-                ct.TensorType(name=TIMESTEP, shape=tuple(example[1].shape), dtype=np.float32),
-                ct.TensorType(name=TEXT, shape=tuple(example[2].shape), dtype=np.float32),
-            ],
-            outputs=[ct.TensorType(name=OUTPUT, dtype=np.float32)],
+            inputs=[ct.TensorType(name=n, shape=tuple(x.shape), dtype=np.float32) for n, x in zip(input_names, example)],
+            outputs=[ct.TensorType(name=n, dtype=np.float32) for n in output_names],
             convert_to="mlprogram",
             minimum_deployment_target=getattr(ct.target, target),
             compute_precision=precision,
@@ -99,9 +110,10 @@ def set_metadata(ml, info: PackageInfo, deploy: DeployDiT, extra: dict | None = 
         f"SnapGen++-style efficient DiT denoiser '{c.name}', width {info.width:g}, {info.params / 1e6:.2f} M parameters, "
         f"latent {h}x{w}, {info.bits}-bit weights. One rectified-flow velocity prediction per call."
     )
-    for name, doc in IO_DOC.items():
-        if name in ml.input_description or name == OUTPUT:
-            (ml.output_description if name == OUTPUT else ml.input_description)[name] = doc
+    spec = ml.get_spec().description
+    for features, descriptions in ((spec.input, ml.input_description), (spec.output, ml.output_description)):
+        for f in features:
+            descriptions[f.name] = IO_DOC.get(f.name) or carried_doc(f.name)
     meta = {
         "com.github.apple.coremltools.source": "edgecompile",  # Apple's converter-name key convention
         "coremltools.version": ct.__version__,

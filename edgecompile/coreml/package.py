@@ -20,6 +20,8 @@ BLOCK_NAME = re.compile(r"^(down|middle|up)_(\d+)_")
 # The Neural Engine refuses a package whose weight file exceeds 2 GiB (coremltools issue 2554, PR 2593); Core ML
 # then runs it on the GPU or CPU.
 ANE_MAX_WEIGHT_FILE_BYTES = 2 * 2**30
+CHUNK = "edgecompile.chunk"  # "k/N": chunk k of N (deploy/chunks.py)
+CHUNK_PACKAGES = "edgecompile.chunk_packages"  # JSON list: every chunk's file name, in run order
 
 
 def weight_file_bytes(package: Path) -> int:
@@ -57,6 +59,12 @@ class PackageView:
     def latent_hw(self) -> tuple[int, int] | None:
         raw = self.metadata.get("edgecompile.latent")
         return tuple(int(v) for v in raw.split("x")) if raw else None
+
+    @property
+    def chunk(self) -> tuple[int, int] | None:
+        """(k, N) for chunk k of a denoiser exported with --chunks N; None for a whole one."""
+        raw = self.metadata.get(CHUNK)
+        return tuple(int(v) for v in raw.split("/")) if raw else None
 
     @property
     def main(self):
@@ -122,6 +130,28 @@ def load_package(path: str | Path) -> PackageView:
     )
     view.ops = dict(sorted(collections.Counter(o.op_type for o in view.main.operations).items(), key=lambda kv: -kv[1]))
     return view
+
+
+def load_chain(view: PackageView) -> list[PackageView]:
+    """The packages a chunk runs with, in order, read from beside it (a whole package is its own chain)."""
+    if view.chunk is None:
+        return [view]
+    k, n = view.chunk
+    names = json.loads(view.metadata.get(CHUNK_PACKAGES, "[]"))
+    if len(names) != n:
+        raise EdgeCompileError(f"package {view.path} says it is chunk {k} of {n} but lists {len(names)} chunk packages: re-export it")
+    chain = []
+    for i, name in enumerate(names, start=1):
+        path = view.path.parent / name
+        if not path.exists():
+            raise EdgeCompileError(f"package {view.path} is chunk {k} of {n}: keep every chunk beside it ({name} is missing)")
+        other = view if path.resolve() == view.path.resolve() else load_package(path)
+        same = ("edgecompile.checkpoint_sha256", "edgecompile.config_sha256", "edgecompile.width", "edgecompile.latent",
+                "edgecompile.bits", CHUNK_PACKAGES)
+        if other.chunk != (i, n) or any(other.metadata.get(key) != view.metadata.get(key) for key in same):
+            raise EdgeCompileError(f"{path} is not chunk {i} of the export {view.path} belongs to: keep the chunks of one export together")
+        chain.append(other)
+    return chain
 
 
 def block_of_ops(view: PackageView) -> dict[str, str]:

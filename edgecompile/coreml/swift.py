@@ -1,7 +1,8 @@
 """`--swift-resources`: the layout apple/ml-stable-diffusion's Swift pipelines load from.
 
 Swift loads compiled models (`<Name>.mlmodelc`) from a `Resources/` folder; the SD3 pipeline's denoiser is
-`MultiModalDiffusionTransformer`. Compiling (`xcrun coremlcompiler compile`) exists only on macOS, so on other
+`MultiModalDiffusionTransformer` (`MultiModalDiffusionTransformerChunk1`, ... with --chunks, as the SD pipelines
+load `UnetChunk1`, `UnetChunk2`). Compiling (`xcrun coremlcompiler compile`) exists only on macOS, so on other
 systems the folder holds the package plus the script that compiles it; on macOS it is compiled here.
 """
 
@@ -13,18 +14,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+from edgecompile.deploy.chunks import CARRY_DOC
 from edgecompile.deploy.contract import IO_DOC, LATENT, OUTPUT, TEXT, TIMESTEP
 
 COMPILE_SCRIPT = "compile_resources.sh"
 CONTRACT = "denoiser_contract.json"
 
 
-def denoiser_contract(deploy) -> dict:
+def denoiser_contract(deploy, chunks: list | None = None) -> dict:
+    """The denoiser's I/O for the app; with --chunks, the packages in run order and how their tensors bind."""
     c = deploy.config
     h, w = deploy.latent_hw
     shapes = {LATENT: [1, c.latent_channels, h, w], TIMESTEP: [1], TEXT: [1, c.text_dim, 1, c.text_len],
               OUTPUT: [1, c.latent_channels, h, w]}
-    return {
+    contract = {
         "model": "MultiModalDiffusionTransformer",
         "inputs": {n: {"shape": shapes[n], "dtype": "Float32", "meaning": IO_DOC[n]} for n in (LATENT, TIMESTEP, TEXT)},
         "outputs": {OUTPUT: {"shape": shapes[OUTPUT], "dtype": "Float32", "meaning": IO_DOC[OUTPUT]}},
@@ -34,15 +37,30 @@ def denoiser_contract(deploy) -> dict:
         ],
         "scheduler": "rectified flow, Euler: x <- x + (t_next - t) * v, t from 1 to 0",
     }
+    if chunks:
+        contract["chunks"] = {
+            "how_to_run": ("One denoiser call runs every chunk in this order. Keep one dictionary of MLMultiArrays holding "
+                           "the inputs above; feed each chunk the entries its inputs name, then add its outputs to the "
+                           f"dictionary. The last chunk's {OUTPUT} is the denoiser output. All tensors are Float32."),
+            "carried_tensors": {name: doc for name, doc in CARRY_DOC.items()} | {
+                "naming": "<name>_<k>: computed by chunk k; a chunk that passes a tensor through does not output it again"},
+            "models": [{"model": Path(ch.package).stem, "blocks": ch.blocks,
+                        "inputs": {n: {"shape": shape, "dtype": "Float32"} for n, shape in ch.inputs.items()},
+                        "outputs": {n: {"shape": shape, "dtype": "Float32"} for n, shape in ch.outputs.items()}}
+                       for ch in chunks],
+        }
+    return contract
 
 
-def write_swift_resources(resources: Path, package: Path, deploy) -> None:
-    (resources / CONTRACT).write_text(json.dumps(denoiser_contract(deploy), indent=2) + "\n")
+def write_swift_resources(resources: Path, packages: list[Path], deploy, chunks: list | None = None) -> None:
+    (resources / CONTRACT).write_text(json.dumps(denoiser_contract(deploy, chunks), indent=2) + "\n")
     script = resources / COMPILE_SCRIPT
+    compile_lines = "".join(f"xcrun coremlcompiler compile {p.name} .\n" for p in packages)
     script.write_text(
         "#!/bin/sh\n# Compile the denoiser for the Swift pipeline (macOS, Xcode command line tools).\n"
-        f'set -e\ncd "$(dirname "$0")"\nxcrun coremlcompiler compile {package.name} .\n'
+        f'set -e\ncd "$(dirname "$0")"\n{compile_lines}'
     )
     script.chmod(0o755)
     if sys.platform == "darwin" and shutil.which("xcrun"):
-        subprocess.run(["xcrun", "coremlcompiler", "compile", str(package), str(resources)], check=True, capture_output=True)
+        for p in packages:
+            subprocess.run(["xcrun", "coremlcompiler", "compile", str(p), str(resources)], check=True, capture_output=True)

@@ -18,9 +18,12 @@ import torch
 
 from edgecompile.compress.calibration import build_calibration
 from edgecompile.coreml.interpreter import MILInterpreter
-from edgecompile.coreml.package import PackageView
+from edgecompile.coreml.package import PackageView, load_chain
 from edgecompile.coremltools_loader import import_coremltools
+from edgecompile.deploy.chunks import chunk_example, split_deploy
 from edgecompile.deploy.contract import LATENT, OUTPUT, TEXT, TIMESTEP, text_from_package, text_to_package
+from edgecompile.deploy.dit import DeployDiT
+from edgecompile.deploy.rewrite import deploy_model
 from edgecompile.digest import sha256_file
 from edgecompile.errors import EdgeCompileError, VerificationFailed
 from edgecompile.jsonutil import finite_or_none
@@ -45,17 +48,22 @@ class VerifyResult:
     reference: str = "fp32 torch reference of the checkpoint"
     min_psnr_db: float = DEFAULT_MIN_PSNR_DB
     non_finite_outputs: int = 0
+    chunk_psnr_db: list[float] = field(default_factory=list)  # --chunks: each chunk alone, fed the reference's tensors
 
     @property
     def passed(self) -> bool:
-        return self.non_finite_outputs == 0 and math.isfinite(self.psnr_db) and self.psnr_db >= self.min_psnr_db
+        return (self.non_finite_outputs == 0 and math.isfinite(self.psnr_db) and self.psnr_db >= self.min_psnr_db
+                and all(math.isfinite(v) and v >= self.min_psnr_db for v in self.chunk_psnr_db))
 
     @property
     def problem(self) -> str | None:
         if self.non_finite_outputs:
             return f"{self.non_finite_outputs} of {len(self.per_input_psnr_db)} outputs hold NaN or infinite values"
-        if not self.passed:
+        if not (math.isfinite(self.psnr_db) and self.psnr_db >= self.min_psnr_db):
             return f"PSNR {self.psnr_db:.1f} dB against {self.reference} is below the {self.min_psnr_db:g} dB bar"
+        for k, v in enumerate(self.chunk_psnr_db, start=1):
+            if not (math.isfinite(v) and v >= self.min_psnr_db):
+                return f"chunk {k} alone: PSNR {v:.1f} dB against {self.reference} is below the {self.min_psnr_db:g} dB bar"
         return None
 
     def to_dict(self) -> dict:
@@ -67,7 +75,8 @@ class VerifyResult:
         fields = {k: v for k, v in data.items() if k not in ("passed", "problem")}
         for key in ("psnr_db", "psnr_vs_checkpoint_db"):
             fields[key] = nan if fields.get(key) is None else fields[key]
-        fields["per_input_psnr_db"] = [nan if v is None else v for v in fields.get("per_input_psnr_db", [])]
+        for key in ("per_input_psnr_db", "chunk_psnr_db"):
+            fields[key] = [nan if v is None else v for v in fields.get(key, [])]
         return cls(**fields)
 
 
@@ -128,12 +137,12 @@ def checkpoint_for(view: PackageView, checkpoint: str | Path | None) -> Checkpoi
 
 
 def coreml_runner(view: PackageView) -> Callable | None:
-    """Core ML prediction where it exists (macOS); None elsewhere."""
+    """Core ML prediction where it exists (macOS); None elsewhere. Returns all outputs by name."""
     if sys.platform != "darwin":
         return None
     ct = import_coremltools()
     ml = ct.models.MLModel(str(view.path), compute_units=ct.ComputeUnit.CPU_AND_NE)
-    return lambda feeds: ml.predict(feeds)[OUTPUT]
+    return ml.predict
 
 
 def onnx_runner(view: PackageView) -> Callable:
@@ -142,44 +151,86 @@ def onnx_runner(view: PackageView) -> Callable:
     options = ort.SessionOptions()
     options.intra_op_num_threads = 1  # deterministic reductions, and verification inputs are single images
     session = ort.InferenceSession(str(view.path), options, providers=["CPUExecutionProvider"])
-    return lambda feeds: session.run([OUTPUT], feeds)[0]
+    return lambda feeds: {OUTPUT: session.run([OUTPUT], feeds)[0]}
 
 
-def run_package(view: PackageView, inputs, precision: str = "fp32", runtime: str = "auto",
-                progress: Callable[[str, int, int], None] | None = None) -> tuple[list[np.ndarray], str]:
+def package_runner(view: PackageView, precision: str = "fp32", runtime: str = "auto") -> tuple[Callable[[dict], dict], str]:
+    """A callable feeds -> outputs (by name) for one package, and what runs it."""
     if view.is_onnx:
         if runtime == "coreml" or precision != "fp32":
             raise EdgeCompileError("an ONNX export runs in onnxruntime at its own precision: drop --runtime coreml and --precision fp16")
-        runner = onnx_runner(view)
-        return [np.asarray(runner({LATENT: x.numpy(), TIMESTEP: t.numpy(), TEXT: c.numpy()}), dtype=np.float32)
-                for x, t, c in inputs], "onnxruntime (cpu)"
+        return onnx_runner(view), "onnxruntime (cpu)"
     runner = coreml_runner(view) if runtime in ("auto", "coreml") else None
     if runtime == "coreml" and runner is None:
         raise EdgeCompileError("--runtime coreml needs macOS (Core ML is not available on this platform): use --runtime interpreter")
     if runner is not None and precision == "fp32":
-        label = "coreml"
-    else:
-        interp = MILInterpreter(view.program, precision=precision)
-        runner = lambda feeds: interp.run(feeds)[OUTPUT]  # noqa: E731
-        label = f"mil-interpreter ({precision})"
+        return runner, "coreml"
+    return MILInterpreter(view.program, precision=precision).run, f"mil-interpreter ({precision})"
+
+
+def package_feeds(latent: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> dict[str, np.ndarray]:
+    return {LATENT: latent.numpy(), TIMESTEP: t.numpy(), TEXT: text.numpy()}
+
+
+def run_chain(views: list[PackageView], runners: list[Callable[[dict], dict]], feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Run packages in order, each fed by name from the package inputs and the earlier packages' outputs (the
+    chunk contract of deploy/chunks.py; a single package is the one-element chain). Returns every value."""
+    values = dict(feeds)
+    for view, run in zip(views, runners):
+        out = run({f["name"]: values[f["name"]] for f in view.inputs})
+        values.update({f["name"]: np.asarray(out[f["name"]], dtype=np.float32) for f in view.outputs})
+    return values
+
+
+def run_package(view: PackageView, inputs, precision: str = "fp32", runtime: str = "auto",
+                progress: Callable[[str, int, int], None] | None = None) -> tuple[list[np.ndarray], str]:
+    """The denoiser output of `view` for each (latent, t, text); a chunk runs with the chain it belongs to."""
+    views = load_chain(view)
+    runners, labels = zip(*(package_runner(v, precision, runtime) for v in views))
+    label = labels[0] + (f", a chain of {len(views)} chunks" if len(views) > 1 else "")
     outs = []
     for latent, t, text in inputs:
-        feeds = {LATENT: latent.numpy(), TIMESTEP: t.numpy(), TEXT: text.numpy()}
-        outs.append(np.asarray(runner(feeds), dtype=np.float32))
+        outs.append(run_chain(views, runners, package_feeds(latent, t, text))[OUTPUT])
         if progress:
             progress(f"running the package ({label})", len(outs), len(inputs))
     return outs, label
 
 
-def verify_package(view: PackageView, ckpt: Checkpoint, simulated: Callable | None = None, precision: str = "fp32",
+def verify_chunks(views: list[PackageView], reference: DeployDiT, inputs, precision: str, runtime: str,
+                  device: torch.device | str) -> list[float]:
+    """Each chunk alone: fed the torch reference's own carried tensors, its outputs against the reference's (the
+    worst output and input), so a chunk's error is measured without the error of the chunks before it."""
+    chunks, io = split_deploy(reference, len(views), tuple(x.to(device) for x in inputs[0]))
+    for view, names in zip(views, io):
+        have = ([f["name"] for f in view.inputs], [f["name"] for f in view.outputs])
+        if have != (names.inputs, names.outputs):
+            raise EdgeCompileError(f"chunk {view.path} does not take and return what edgecompile's split of this model does: "
+                                   "re-export the chunks together")
+    runners = [package_runner(v, precision, runtime)[0] for v in views]
+    worst_per_chunk = [math.inf] * len(views)
+    for latent, t, text in inputs:
+        ref_inputs = chunk_example(chunks, io, tuple(x.to(device) for x in (latent, t, text)))
+        for k, (chunk, names, args) in enumerate(zip(chunks, io, ref_inputs)):
+            with torch.no_grad():
+                want = chunk(*args)
+            want = want if isinstance(want, tuple) else (want,)
+            feeds = {n: a.cpu().numpy() for n, a in zip(names.inputs, args)}
+            got = runners[k](feeds)
+            for name, w in zip(names.outputs, want):
+                worst_per_chunk[k] = min(worst_per_chunk[k], psnr_db(w.cpu().numpy(), np.asarray(got[name], dtype=np.float32)))
+    return worst_per_chunk
+
+
+def verify_package(view: PackageView, ckpt: Checkpoint, simulated: DeployDiT | None = None, precision: str = "fp32",
                    runtime: str = "auto", min_psnr_db: float = DEFAULT_MIN_PSNR_DB,
                    device: torch.device | str = "cpu", progress: Callable[[str, int, int], None] | None = None) -> VerifyResult:
     """Run the package `view` and compare it with the reference of `ckpt` (see `checkpoint_for`).
 
-    `simulated(latent, t, text_btd)`, edgecompile's own compressed torch model, is the reference of a palettized
-    package and is built by the caller (compress.simulate); psnr_vs_checkpoint_db always compares against the
-    unquantized checkpoint. The result's `passed` says whether psnr_db reached `min_psnr_db` with finite outputs
-    (see `check_passed`). The torch references run on `device` (`simulated` must live there too)."""
+    `simulated`, edgecompile's own compressed deploy graph (palettes decoded, distilled parameters loaded), is the
+    reference of a palettized package and is built by the caller (compress.simulate); psnr_vs_checkpoint_db always
+    compares against the unquantized checkpoint. A chunk is verified as the chain it belongs to, end to end, and
+    each chunk alone (chunk_psnr_db). The result's `passed` says whether every PSNR reached `min_psnr_db` with
+    finite outputs (see `check_passed`). The torch references run on `device` (`simulated` must live there too)."""
     check_verifiable(view, min_psnr_db)
     if simulated is None and view.metadata.get("edgecompile.bits", "16") != "16":
         raise ValueError("a palettized package is verified against its compressed simulation: pass `simulated`")
@@ -190,14 +241,19 @@ def verify_package(view: PackageView, ckpt: Checkpoint, simulated: Callable | No
     per, per_ckpt = [], []
     with torch.no_grad():
         for (latent, t, text), out in zip(inputs, outs):
-            latent, t, text_btd = latent.to(device), t.to(device), text_from_package(text).to(device)
-            ref = reference(latent, t, text_btd).cpu().numpy()
-            sim = ref if simulated is None else simulated(latent, t, text_btd).cpu().numpy()
+            latent, t, text = latent.to(device), t.to(device), text.to(device)
+            ref = reference(latent, t, text_from_package(text)).cpu().numpy()
+            sim = ref if simulated is None else simulated(latent, t, text).cpu().numpy()
             per.append(psnr_db(sim, out))
             per_ckpt.append(psnr_db(ref, out))
+    chunk_psnr = []
+    views = load_chain(view)
+    if len(views) > 1:
+        chunk_reference = simulated if simulated is not None else deploy_model(ckpt.model, width, latent_hw=view.latent_hw).to(device)
+        chunk_psnr = verify_chunks(views, chunk_reference, inputs, precision, runtime, device)
     return VerifyResult(
         package=str(view.path), runtime=label, precision=precision, width=width,
-        psnr_db=worst(per), psnr_vs_checkpoint_db=worst(per_ckpt), per_input_psnr_db=per,
+        psnr_db=worst(per), psnr_vs_checkpoint_db=worst(per_ckpt), per_input_psnr_db=per, chunk_psnr_db=chunk_psnr,
         reference="edgecompile's compressed torch simulation" if simulated is not None else "fp32 torch reference of the checkpoint",
         min_psnr_db=min_psnr_db, non_finite_outputs=sum(not np.isfinite(o).all() for o in outs),
     )

@@ -18,6 +18,7 @@ Layout tricks, each justified where it is used:
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 import torch.utils.checkpoint
@@ -251,6 +252,18 @@ class DeployBlock(nn.Module):
         return x + gate_ff * self.ffn(self.norm2(x) * (1 + scale_ff) + shift_ff)
 
 
+@dataclass
+class Carry:
+    """The state between two blocks: the hidden map, the timestep's modulation (t0, for every block) and
+    embedding (temb, for the head), and the skips still waiting for their reader."""
+
+    x: torch.Tensor  # (B, D, H', W') in block layout
+    t0: torch.Tensor  # (B, 6D, 1, 1)
+    temb: torch.Tensor  # (B, D, 1, 1)
+    hi_res: torch.Tensor | None = None  # the down stage's output, read by the up stage (stage_downsample)
+    skips: list[torch.Tensor] = field(default_factory=list)  # middle-stage long skips, a stack
+
+
 class DeployDiT(nn.Module):
     """Static-shape deploy graph of one width at one latent size.
 
@@ -308,29 +321,58 @@ class DeployDiT(nn.Module):
         return self.layout.from_blocks(x) if self.layout is not None else x
 
     def forward(self, latent: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        return self.head(self.run_blocks(self.embed(latent, timestep), text, 0, self.n_blocks))
+
+    # The forward in three parts, so that a chunk (deploy/chunks.py) runs a contiguous range of blocks with the same
+    # code: embed -> blocks [start, end) -> head, the state between blocks held in a Carry.
+    @property
+    def n_blocks(self) -> int:
+        return len(self.down) + len(self.middle) + len(self.up)
+
+    def block_at(self, pos: int) -> tuple[str, int]:
+        """Block `pos` of the flat order down, middle, up as (stage, index in stage)."""
+        for stage in ("down", "middle", "up"):
+            n = len(getattr(self, stage))
+            if pos < n:
+                return stage, pos
+            pos -= n
+        raise IndexError(pos)
+
+    def embed(self, latent: torch.Tensor, timestep: torch.Tensor) -> Carry:
         c = self.config
         x = self._to_layout(self.patch_embed(latent)) + self.pos
         args = timestep.view(-1, 1) * self.freqs
         tfeat = torch.cat([args.cos(), args.sin()], dim=1).view(-1, c.frequency_dim, 1, 1)
         temb = self.t_mlp2(F.silu(self.t_mlp1(tfeat)))
-        t0 = self.t_block(F.silu(temb))
-        for blk in self.down:
-            x = self._block(blk, x, t0, text)
-        hi_res = x
-        if c.stage_downsample:
-            x = self.downsample(x)  # stays inside block-column strips: same result as on the raster grid
-        skips = []
-        for i, blk in enumerate(self.middle):
-            x = self._block(blk, x, t0, text, skips.pop() if blk.skip_fuse is not None else None)
-            if i < self.n_skips:
+        return Carry(x=x, t0=self.t_block(F.silu(temb)), temb=temb)
+
+    def run_blocks(self, carry: Carry, text: torch.Tensor, start: int, end: int) -> Carry:
+        """Blocks [start, end) of the flat order; the stage transitions at a position run before its block (and
+        those at n_blocks with the last block), so every range ends between two blocks."""
+        c = self.config
+        x, skips = carry.x, list(carry.skips)
+        hi_res = carry.hi_res
+        for pos in range(start, end + 1 if end == self.n_blocks else end):
+            if pos == len(self.down) and c.stage_downsample:
+                hi_res = x
+                x = self.downsample(x)  # stays inside block-column strips: same result as on the raster grid
+            if pos == len(self.down) + len(self.middle) and c.stage_downsample:
+                x, hi_res = self.upsample(x) + hi_res, None
+            if pos == self.n_blocks:
+                break
+            stage, i = self.block_at(pos)
+            blk = getattr(self, stage)[i]
+            x = self._block(blk, x, carry.t0, text, skips.pop() if blk.skip_fuse is not None else None)
+            if stage == "middle" and i < self.n_skips:
                 skips.append(x)
-        if c.stage_downsample:
-            x = self.upsample(x) + hi_res
-        for blk in self.up:
-            x = self._block(blk, x, t0, text)
+        return Carry(x=x, t0=carry.t0, temb=carry.temb, hi_res=hi_res, skips=skips)
+
+    def head(self, carry: Carry) -> torch.Tensor:
+        c = self.config
+        temb = carry.temb
         hidden = temb.shape[1]
         shift, scale = self.final_table[:, :hidden] + temb, self.final_table[:, hidden:] + temb
-        x = self.final(self.final_norm(x) * (1 + scale) + shift)
+        x = self.final(self.final_norm(carry.x) * (1 + scale) + shift)
         x = self._from_layout(x)
         p = c.patch_size
         return F.pixel_shuffle(x, p) if p > 1 else x
