@@ -1,10 +1,10 @@
 """Calibration inputs: what the denoiser actually sees in the app, collected along the unquantized model's own
-sampling trajectories (rectified-flow Euler with CFG), so that sensitivity, allocation and self-distillation
+sampling trajectories (the config's sampler with CFG: rectified-flow Euler, or DDIM for epsilon models), so that sensitivity, allocation and self-distillation
 are measured where the package will run.
 
 File format (safetensors; documented in calibration/README.md):
     latent    (N, C, H, W) float32   x_t, the denoiser's latent input
-    timestep  (N,)         float32   t in [0, 1] (1 = pure noise)
+    timestep  (N,)         float32   t in [0, 1] (1 = pure noise); DDPM steps 0..999 for epsilon models
     text      (N, T, D)    float32   text tokens in training layout (the package takes them as (N, D, 1, T))
     metadata  {"format": "edgecompile-calibration", "format_version": "1", "width", "schedules", "seed",
                "cfg_scale", "prompts", "config"}
@@ -28,7 +28,7 @@ from edgecompile.model.budget import check_fits
 from edgecompile.model.config import ModelConfig
 from edgecompile.model.device import device_of, resolve_device
 from edgecompile.model.elastic import WIDTH_SUFFIX, extract_width
-from edgecompile.model.sampling import euler_sample
+from edgecompile.model.sampling import sample
 
 FORMAT = "edgecompile-calibration"
 FORMAT_VERSION = "1"
@@ -167,8 +167,8 @@ def build_calibration(model, width: float, tokens: torch.Tensor, null: torch.Ten
 
         g = torch.Generator().manual_seed(seed * 1000 + steps)
         noise = torch.randn((len(tokens), config.latent_channels, *latent_hw), generator=g).to(device)  # same noise on every device
-        euler_sample(lambda x, t, c: model(x, t, c, width=forward_width), noise, tokens, steps=steps,
-                     cfg_scale=cfg_scale if use_cfg else 1.0, null_text=null, on_step=record)
+        sample(config, lambda x, t, c: model(x, t, c, width=forward_width), noise, tokens, steps=steps,
+               cfg_scale=cfg_scale if use_cfg else 1.0, null_text=null, on_step=record)
     meta = {"width": width, "latent": list(latent_hw), "schedules": list(schedules), "seed": seed, "cfg_scale": cfg_scale if use_cfg else 1.0,
             "prompts": f"{prompts_label} ({len(tokens)})", "config": config.name.split(WIDTH_SUFFIX)[0]}  # the checkpoint's config
     return CalibrationSet(torch.cat(latents), torch.cat(times), torch.cat(texts), meta)

@@ -12,7 +12,7 @@ import torch
 from edgecompile import __version__
 from edgecompile.coreml.palettize import PALETTIZE_PASS, check_palettized, palettization_config
 from edgecompile.coremltools_loader import import_coremltools, quiet_coremltools
-from edgecompile.deploy.contract import IO_DOC, LATENT, OUTPUT, TEXT, TIMESTEP, PackageInfo, example_inputs, package_metadata
+from edgecompile.deploy.contract import LATENT, OUTPUT, TEXT, TIMESTEP, PackageInfo, example_inputs, io_doc, package_metadata
 from edgecompile.deploy.chunks import ChunkIO, DeployChunk, carried_doc, chunk_example
 from edgecompile.deploy.dit import DeployDiT
 from edgecompile.errors import EdgeCompileError
@@ -106,14 +106,15 @@ def set_metadata(ml, info: PackageInfo, deploy: DeployDiT, extra: dict | None = 
     ml.author = "edgecompile"
     ml.license = "Same license as the source checkpoint"
     ml.version = __version__
+    per_call = "DDPM noise (epsilon) prediction" if c.prediction == "epsilon" else "rectified-flow velocity prediction"
     ml.short_description = info.description or (
-        f"SnapGen++-style efficient DiT denoiser '{c.name}', width {info.width:g}, {info.params / 1e6:.2f} M parameters, "
-        f"latent {h}x{w}, {info.bits}-bit weights. One rectified-flow velocity prediction per call."
+        f"DiT denoiser '{c.name}' (edgecompile), width {info.width:g}, {info.params / 1e6:.2f} M parameters, "
+        f"latent {h}x{w}, {info.bits}-bit weights. One {per_call} per call."
     )
     spec = ml.get_spec().description
     for features, descriptions in ((spec.input, ml.input_description), (spec.output, ml.output_description)):
         for f in features:
-            descriptions[f.name] = IO_DOC.get(f.name) or carried_doc(f.name)
+            descriptions[f.name] = io_doc(c).get(f.name) or carried_doc(f.name)
     meta = {
         "com.github.apple.coremltools.source": "edgecompile",  # Apple's converter-name key convention
         "coremltools.version": ct.__version__,

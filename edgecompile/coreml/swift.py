@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from edgecompile.deploy.chunks import CARRY_DOC
-from edgecompile.deploy.contract import IO_DOC, LATENT, OUTPUT, TEXT, TIMESTEP
+from edgecompile.deploy.contract import LATENT, OUTPUT, TEXT, TIMESTEP, io_doc
 
 COMPILE_SCRIPT = "compile_resources.sh"
 CONTRACT = "denoiser_contract.json"
@@ -27,15 +27,22 @@ def denoiser_contract(deploy, chunks: list | None = None) -> dict:
     h, w = deploy.latent_hw
     shapes = {LATENT: [1, c.latent_channels, h, w], TIMESTEP: [1], TEXT: [1, c.text_dim, 1, c.text_len],
               OUTPUT: [1, c.latent_channels, h, w]}
+    doc = io_doc(c)
+    if c.prediction == "epsilon":
+        differences = ["no pooled_text_embeddings input: the timestep alone drives the modulation (adaLN-single)",
+                       f"timestep is the DDPM step (0..{c.train_timesteps - 1}); the output is the predicted noise (epsilon)"]
+        scheduler = (f"DDPM epsilon prediction, linear betas {c.beta_start:g}..{c.beta_end:g}, {c.train_timesteps} training steps: "
+                     "DDIM or DPM-Solver++ as diffusers' PixArt pipelines")
+    else:
+        differences = ["no pooled_text_embeddings input: the timestep alone drives the modulation (adaLN-single)",
+                       "timestep is flow time t in [0, 1], not t * 1000; the output is the rectified-flow velocity"]
+        scheduler = "rectified flow, Euler: x <- x + (t_next - t) * v, t from 1 to 0"
     contract = {
         "model": "MultiModalDiffusionTransformer",
-        "inputs": {n: {"shape": shapes[n], "dtype": "Float32", "meaning": IO_DOC[n]} for n in (LATENT, TIMESTEP, TEXT)},
-        "outputs": {OUTPUT: {"shape": shapes[OUTPUT], "dtype": "Float32", "meaning": IO_DOC[OUTPUT]}},
-        "differences_from_sd3": [
-            "no pooled_text_embeddings input: the timestep alone drives the modulation (adaLN-single)",
-            "timestep is flow time t in [0, 1], not t * 1000; the output is the rectified-flow velocity",
-        ],
-        "scheduler": "rectified flow, Euler: x <- x + (t_next - t) * v, t from 1 to 0",
+        "inputs": {n: {"shape": shapes[n], "dtype": "Float32", "meaning": doc[n]} for n in (LATENT, TIMESTEP, TEXT)},
+        "outputs": {OUTPUT: {"shape": shapes[OUTPUT], "dtype": "Float32", "meaning": doc[OUTPUT]}},
+        "differences_from_sd3": differences,
+        "scheduler": scheduler,
     }
     if chunks:
         contract["chunks"] = {

@@ -107,7 +107,7 @@ def verification_inputs(config: ModelConfig, latent_hw: tuple[int, int], n: int 
 
     With a checkpoint that ships prompts, the inputs are what the app feeds: points of the unquantized model's own
     4-step trajectories (seed `seed`, not the calibration seed), so the PSNR against the checkpoint is measured
-    where the package will run. Otherwise random latents and text at t = 0.15 .. 0.85."""
+    where the package will run. Otherwise random latents and text at t = 0.15 .. 0.85 of the timestep range."""
     if ckpt is not None and ckpt.prompts is not None and width is not None:
         tokens = ckpt.prompts.tokens[torch.linspace(0, len(ckpt.prompts.tokens) - 1, n).round().long()]
         calib = build_calibration(ckpt.model, width, tokens, ckpt.prompts.null, latent_hw, (4,), seed).subset(n)
@@ -117,7 +117,7 @@ def verification_inputs(config: ModelConfig, latent_hw: tuple[int, int], n: int 
     out = []
     for i in range(n):
         latent = torch.randn((1, config.latent_channels, *latent_hw), generator=g)
-        t = torch.tensor([0.15 + 0.7 * i / max(n - 1, 1)])
+        t = torch.tensor([0.15 + 0.7 * i / max(n - 1, 1)]) * config.max_timestep
         text = torch.randn((1, config.text_dim, 1, config.text_len), generator=g)
         out.append((latent, t, text))
     return out

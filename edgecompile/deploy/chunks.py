@@ -123,6 +123,9 @@ class DeployChunk(nn.Module):
         names = [f"{stage}.{i}" for stage, i in map(d.block_at, range(self.start, self.end))]
         if self.first:
             names += ["patch_embed", "t_mlp1", "t_mlp2", "t_block"]
+        if d.config.caption_projection:
+            # every chunk projects the text it is fed (a small MLP, duplicated rather than carried)
+            names += ["caption_proj1", "caption_proj2"]
         if d.config.stage_downsample:
             # a stage transition runs with the block at its position (or with the head when no block follows)
             for name, at in (("downsample", len(d.down)), ("upsample", len(d.down) + len(d.middle))):
@@ -145,7 +148,7 @@ class DeployChunk(nn.Module):
         else:
             text, *rest = inputs
             carry = carry_from_named({key: rest[i] for key, i in zip(self.reads, self.read_inputs)}, self.alive_in)
-        carry = d.run_blocks(carry, text, self.start, self.end)
+        carry = d.run_blocks(carry, d.project_text(text), self.start, self.end)
         if self.last:
             return d.head(carry)
         named = carry_to_named(carry)
@@ -205,6 +208,7 @@ def split_deploy(deploy: DeployDiT, n: int, example: tuple[torch.Tensor, ...]) -
     values = dict(zip([LATENT, TIMESTEP, TEXT], example))  # every value by name, for the shapes
     with torch.no_grad():
         carry = deploy.embed(latent, timestep)
+        text = deploy.project_text(text)
         before: dict[str, torch.Tensor] = {}
         for k, (start, end) in enumerate(chunk_boundaries(deploy, n), start=1):
             chunk = DeployChunk(deploy, start, end, k, n)

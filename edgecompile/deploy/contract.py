@@ -16,16 +16,31 @@ from edgecompile import __version__
 from edgecompile.digest import sha256_json
 
 LATENT = "latent_image_embeddings"  # (B, C, H, W)
-TIMESTEP = "timestep"  # (B,), t in [0, 1]: 1 = pure noise (rectified flow)
+TIMESTEP = "timestep"  # (B,): flow time t in [0, 1] (1 = pure noise), or DDPM steps for epsilon models
 TEXT = "token_level_text_embeddings"  # (B, text_dim, 1, T)
-OUTPUT = "denoiser_output"  # (B, C, H, W): velocity v = eps - x0
+OUTPUT = "denoiser_output"  # (B, C, H, W): velocity v = eps - x0, or the noise eps
 
-IO_DOC = {
-    LATENT: "noisy latent x_t, (B, C, H, W) float32",
-    TIMESTEP: "flow time t in [0, 1] (1 = noise), (B,) float32",
-    TEXT: "text token embeddings in channel-first layout, (B, text_dim, 1, T) float32",
-    OUTPUT: "predicted velocity v = noise - x0, (B, C, H, W) float32; Euler step x <- x + (t_next - t) * v",
-}
+
+def io_doc(config) -> dict[str, str]:
+    """What each input and the output mean, for the config's prediction type (ModelConfig.prediction)."""
+    text = "text token embeddings in channel-first layout, (B, text_dim, 1, T) float32"
+    if config.caption_projection:
+        text += " (the text encoder's raw output: the caption projection runs inside the package)"
+    if config.prediction == "epsilon":
+        last = config.train_timesteps - 1
+        return {
+            LATENT: "noisy latent x_t, (B, C, H, W) float32",
+            TIMESTEP: f"DDPM timestep in 0..{last} (the scheduler's own units, {last} = noise), (B,) float32",
+            TEXT: text,
+            OUTPUT: (f"predicted noise eps, (B, C, H, W) float32 (DDPM, linear betas {config.beta_start:g}..{config.beta_end:g} "
+                     f"over {config.train_timesteps} steps): step with DDIM or DPM-Solver"),
+        }
+    return {
+        LATENT: "noisy latent x_t, (B, C, H, W) float32",
+        TIMESTEP: "flow time t in [0, 1] (1 = noise), (B,) float32",
+        TEXT: text,
+        OUTPUT: "predicted velocity v = noise - x0, (B, C, H, W) float32; Euler step x <- x + (t_next - t) * v",
+    }
 
 
 def text_to_package(text_btd: torch.Tensor) -> torch.Tensor:
@@ -50,7 +65,7 @@ def example_inputs(deploy, batch: int = 1, seed: int = 0) -> tuple[torch.Tensor,
     g = torch.Generator().manual_seed(seed)
     h, w = deploy.latent_hw
     latent = torch.randn((batch, c.latent_channels, h, w), generator=g)
-    t = torch.rand((batch,), generator=g) * 0.9 + 0.05
+    t = (torch.rand((batch,), generator=g) * 0.9 + 0.05) * c.max_timestep
     text = torch.randn((batch, c.text_dim, 1, c.text_len), generator=g)
     return latent, t, text
 
@@ -77,7 +92,7 @@ def package_metadata(info: PackageInfo, deploy) -> dict[str, str]:
         "edgecompile.config": json.dumps(info.config, sort_keys=True),
         "edgecompile.config_sha256": sha256_json(info.config),
         "edgecompile.checkpoint_sha256": info.checkpoint_sha256 or "none",
-        "edgecompile.io": json.dumps(IO_DOC),
+        "edgecompile.io": json.dumps(io_doc(deploy.config)),
     }
 
 

@@ -27,7 +27,7 @@ from torch import nn
 
 from edgecompile.errors import EdgeCompileError
 from edgecompile.model.config import ModelConfig
-from edgecompile.model.dit import bna_partition, sincos_2d, timestep_frequencies
+from edgecompile.model.dit import bna_partition, position_table, timestep_frequencies
 
 NEG_INF = -1e4  # fp16-safe "minus infinity" for masks
 
@@ -203,8 +203,9 @@ class DeployCrossAttention(nn.Module):
         d = config.dims(1.0)
         self.d, self.query_chunk = d, query_chunk
         self.q = conv1x1(d.hidden, d.attn_dim)
-        self.k = conv1x1(config.text_dim, d.kv_dim)
-        self.v = conv1x1(config.text_dim, d.kv_dim)
+        text_dim = d.hidden if config.caption_projection else config.text_dim  # k and v read the projected text
+        self.k = conv1x1(text_dim, d.kv_dim)
+        self.v = conv1x1(text_dim, d.kv_dim)
         self.out = conv1x1(d.attn_dim, d.hidden)
 
     def forward(self, x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
@@ -236,7 +237,7 @@ class DeployBlock(nn.Module):
         self.skip_fuse = conv1x1(2 * d.hidden, d.hidden) if skip_in else None
         self.norm1 = LayerNormANE(d.hidden, affine=False)
         self.attn = DeploySelfAttention(config, sparse, layout if sparse else None, query_chunk)
-        self.norm_cross = LayerNormANE(d.hidden, affine=True)
+        self.norm_cross = LayerNormANE(d.hidden, affine=True) if config.cross_attention_norm else nn.Identity()
         self.cross = DeployCrossAttention(config, query_chunk)
         self.norm2 = LayerNormANE(d.hidden, affine=False)
         self.ffn = DeployFeedForward(d.hidden, inner)
@@ -286,9 +287,14 @@ class DeployDiT(nn.Module):
         p = c.patch_size
         self.patch_embed = nn.Conv2d(c.latent_channels, d.hidden, p, stride=p)
         with torch.device("cpu"):  # constants are computed even when the module is built on the meta device
-            pos = sincos_2d(h, w, d.hidden).T.reshape(1, d.hidden, h, w)
+            pos = position_table(c, h, w, d.hidden).T.reshape(1, d.hidden, h, w)
             self.register_buffer("pos", self._to_layout(pos), persistent=False)
-            self.register_buffer("freqs", timestep_frequencies(c.frequency_dim).view(1, -1), persistent=False)
+            self.register_buffer("freqs", timestep_frequencies(c.frequency_dim, c.prediction).view(1, -1), persistent=False)
+            # PixArt-alpha's micro-conditions are a constant of the latent size: deploy_model fills this in
+            self.register_buffer("micro_condition", torch.zeros(1, d.hidden, 1, 1), persistent=False)
+        if c.caption_projection:
+            self.caption_proj1 = conv1x1(c.text_dim, d.hidden)
+            self.caption_proj2 = conv1x1(d.hidden, d.hidden)
         self.t_mlp1 = conv1x1(c.frequency_dim, d.hidden)
         self.t_mlp2 = conv1x1(d.hidden, d.hidden)
         self.t_block = conv1x1(d.hidden, 6 * d.hidden)
@@ -321,7 +327,7 @@ class DeployDiT(nn.Module):
         return self.layout.from_blocks(x) if self.layout is not None else x
 
     def forward(self, latent: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        return self.head(self.run_blocks(self.embed(latent, timestep), text, 0, self.n_blocks))
+        return self.head(self.run_blocks(self.embed(latent, timestep), self.project_text(text), 0, self.n_blocks))
 
     # The forward in three parts, so that a chunk (deploy/chunks.py) runs a contiguous range of blocks with the same
     # code: embed -> blocks [start, end) -> head, the state between blocks held in a Carry.
@@ -344,10 +350,18 @@ class DeployDiT(nn.Module):
         args = timestep.view(-1, 1) * self.freqs
         tfeat = torch.cat([args.cos(), args.sin()], dim=1).view(-1, c.frequency_dim, 1, 1)
         temb = self.t_mlp2(F.silu(self.t_mlp1(tfeat)))
+        if c.micro_conditions:
+            temb = temb + self.micro_condition
         return Carry(x=x, t0=self.t_block(F.silu(temb)), temb=temb)
 
+    def project_text(self, text: torch.Tensor) -> torch.Tensor:
+        """PixArt's caption projection, once per call: (B, text_dim, 1, T) -> (B, D, 1, T)."""
+        if not self.config.caption_projection:
+            return text
+        return self.caption_proj2(F.gelu(self.caption_proj1(text), approximate="tanh"))
+
     def run_blocks(self, carry: Carry, text: torch.Tensor, start: int, end: int) -> Carry:
-        """Blocks [start, end) of the flat order; the stage transitions at a position run before its block (and
+        """Blocks [start, end) of the flat order, reading `text` as project_text returns it; the stage transitions at a position run before its block (and
         those at n_blocks with the last block), so every range ends between two blocks."""
         c = self.config
         x, skips = carry.x, list(carry.skips)

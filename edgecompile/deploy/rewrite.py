@@ -38,4 +38,6 @@ def deploy_model(model: EfficientDiT, width: float = 1.0, latent_hw: tuple[int, 
             src = src.view(p, p, ch, *src.shape[1:]).permute(2, 0, 1, *range(3, src.ndim + 2)).reshape(src.shape)
         state[name] = src.reshape(param.shape)
     deploy.load_state_dict(state, assign=True)
+    if config.micro_conditions:  # a constant of the latent size, computed once by the reference model
+        deploy.micro_condition = dense.micro_condition(*latent_hw).detach().reshape(1, -1, 1, 1).float().cpu()
     return deploy.eval()

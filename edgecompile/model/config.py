@@ -19,6 +19,14 @@ from edgecompile.errors import EdgeCompileError
 
 BNA_TILINGS = ("grid", "sequence")
 DOWN_UP_ATTENTIONS = ("assa", "full")
+# What the denoiser predicts, and so its timestep units and the sampler that drives it (model/sampling.py):
+# "flow": rectified-flow velocity, t in [0, 1] (SnapGen++); "epsilon": DDPM noise, t in [0, train_timesteps)
+# (PixArt and other diffusers DiTs).
+PREDICTIONS = ("flow", "epsilon")
+# The 2-D sin-cos position table: "sincos" (rows in the first half of the channels, one unit per token);
+# "pixart" (diffusers' convention: columns first, positions scaled by position_base_size / grid and divided by
+# position_interpolation_scale).
+POSITION_TABLES = ("sincos", "pixart")
 
 
 MAX_BLOCKS = 512  # the paper's largest model has 22; bounds what building a config (even on the meta device) costs
@@ -26,7 +34,8 @@ MAX_LATENT_SIDE = 1024  # an 8192-pixel image with an 8x VAE
 FIELD_LIMITS = {
     "latent_channels": 1024, "patch_size": 64, "hidden_dim": 65536, "head_dim": 4096, "num_heads": 4096,
     "num_kv_heads": 4096, "text_dim": 65536, "text_len": 65536, "ffn_ratio": 64, "ffn_ratio_middle": 64,
-    "kv_compression": 64, "bna_blocks": 65536, "bna_radius": 64, "frequency_dim": 65536,
+    "kv_compression": 64, "bna_blocks": 65536, "bna_radius": 64, "frequency_dim": 65536, "train_timesteps": 100000,
+    "vae_scale_factor": 64, "position_base_size": 65536, "position_interpolation_scale": 1024,
     "depth_down": MAX_BLOCKS, "depth_middle": MAX_BLOCKS, "depth_up": MAX_BLOCKS,
 }
 KIND_TEXT = {"int": "a whole number", "float": "a finite number", "bool": "true or false", "str": "a non-empty name",
@@ -96,6 +105,18 @@ class ModelConfig:
     bna_tiling: str = "grid"  # "grid": B blocks tile the 2-D token grid; "sequence": the flat sequence (eq. 2)
     widths: tuple[float, ...] = (0.375, 0.5, 1.0)
     frequency_dim: int = 256  # sinusoidal timestep features
+    # Options for imported families (model/importers); the defaults are SnapGen++'s.
+    prediction: str = "flow"  # PREDICTIONS
+    train_timesteps: int = 1000  # "epsilon": the DDPM schedule, linear betas from beta_start to beta_end
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+    cross_attention_norm: bool = True  # LayerNorm before cross-attention (PixArt has none)
+    caption_projection: bool = False  # text_dim -> hidden MLP inside the denoiser (PixArt's caption_projection)
+    micro_conditions: bool = False  # PixArt-alpha's resolution and aspect-ratio embeddings (fixed per latent size)
+    vae_scale_factor: int = 8  # pixels per latent cell (the resolution micro-condition)
+    position_table: str = "sincos"  # POSITION_TABLES
+    position_base_size: int = 0  # "pixart": the grid side positions are scaled to (0: the token grid itself)
+    position_interpolation_scale: float = 1.0
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -164,6 +185,20 @@ class ModelConfig:
                 f"config {self.name!r}: grid BNA tiles the token grid into sqrt(B) x sqrt(B) blocks, so bna_blocks "
                 f"must be a perfect square, got {self.bna_blocks}"
             )
+        if self.prediction not in PREDICTIONS:
+            raise EdgeCompileError(f"config {self.name!r}: prediction must be one of {PREDICTIONS}, got {self.prediction!r}")
+        if self.position_table not in POSITION_TABLES:
+            raise EdgeCompileError(f"config {self.name!r}: position_table must be one of {POSITION_TABLES}, got {self.position_table!r}")
+        if self.train_timesteps < 2 or not 0 < self.beta_start < self.beta_end < 1:
+            raise EdgeCompileError(f"config {self.name!r}: the DDPM schedule needs train_timesteps >= 2 and 0 < beta_start < beta_end < 1")
+        if self.position_base_size < 0 or self.position_interpolation_scale <= 0 or self.vae_scale_factor < 1:
+            raise EdgeCompileError(f"config {self.name!r}: position_base_size >= 0, position_interpolation_scale > 0 and "
+                                   "vae_scale_factor >= 1 are required")
+        if (self.caption_projection or self.micro_conditions) and self.widths != (1.0,):
+            raise EdgeCompileError(f"config {self.name!r}: caption_projection and micro_conditions are options of imported "
+                                   "single-width models: set widths to [1.0]")
+        if self.micro_conditions and self.hidden_dim % 3:
+            raise EdgeCompileError(f"config {self.name!r}: micro_conditions split hidden_dim in thirds: {self.hidden_dim} is not a multiple of 3")
         if self.ffn_ratio <= 0 or self.ffn_ratio_middle <= 0:
             raise EdgeCompileError(f"config {self.name!r}: ffn_ratio and ffn_ratio_middle must be > 0")
         if len(self.sample_size) != 2:
@@ -231,6 +266,11 @@ class ModelConfig:
     def valid_widths(self) -> list[float]:
         """Widths k/num_heads that divide every dimension (for error messages and `info`)."""
         return [k / self.num_heads for k in range(1, self.num_heads + 1) if not self._width_problems(k / self.num_heads)]
+
+    @property
+    def max_timestep(self) -> float:
+        """The timestep of pure noise: 1 for flow models, train_timesteps - 1 for DDPM ones."""
+        return 1.0 if self.prediction == "flow" else float(self.train_timesteps - 1)
 
     # ---- token grids -------------------------------------------------------------------------------
     def token_grid(self, latent_h: int, latent_w: int) -> tuple[int, int]:

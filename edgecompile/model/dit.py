@@ -73,18 +73,50 @@ def _sincos_2d(h: int, w: int, dim: int) -> torch.Tensor:
     return torch.cat([one_axis(gy, dim // 2), one_axis(gx, dim // 2)], dim=1).float()
 
 
-def timestep_frequencies(dim: int) -> torch.Tensor:
-    """The dim/2 angular frequencies, with DiT/PixArt's t*1000 scaling folded in (t is in [0, 1])."""
+def timestep_frequencies(dim: int, prediction: str = "flow") -> torch.Tensor:
+    """The dim/2 angular frequencies of the sinusoidal timestep features.
+
+    "flow" (t in [0, 1]): DiT/PixArt's t*1000 scaling folded in, computed in float64. "epsilon" (t in DDPM
+    steps): diffusers' `get_timestep_embedding` exactly, float32 exponent and all, so that an imported model's
+    features are bit-identical to diffusers' (a rounding step apart, t ~ 999 would move them by 1e-4 rad)."""
     half = dim // 2
-    return (torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float64) / half) * 1000).float()
+    if prediction == "flow":
+        return (torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float64) / half) * 1000).float()
+    exponent = -math.log(10000) * torch.arange(half, dtype=torch.float32)
+    return torch.exp(exponent / half)
 
 
-def timestep_features(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """Sinusoidal features of t in [0, 1] (scaled to 0..1000 as DiT/PixArt do)."""
-    t = t if t.dtype == torch.float64 else t.float()
-    freqs = timestep_frequencies(dim).to(t)
+def timestep_features(t: torch.Tensor, dim: int, prediction: str = "flow") -> torch.Tensor:
+    """Sinusoidal features [cos, sin] of t (flow: t in [0, 1], scaled to 0..1000 as DiT/PixArt do)."""
+    t = t if t.dtype == torch.float64 and prediction == "flow" else t.float()
+    freqs = timestep_frequencies(dim, prediction).to(t)
     args = t[:, None] * freqs[None]
     return torch.cat([args.cos(), args.sin()], dim=-1)
+
+
+@functools.lru_cache(maxsize=64)
+def pixart_sincos_2d(h: int, w: int, dim: int, base_size: int, interpolation_scale: float) -> torch.Tensor:
+    """(h*w, dim) positions in diffusers' convention (`get_2d_sincos_pos_embed`), op for op: grid coordinates
+    scaled to `base_size` and divided by `interpolation_scale`, the column coordinate in the first half."""
+    with torch.device("cpu"):
+        grid_h = torch.arange(h, dtype=torch.float32) / (h / base_size) / interpolation_scale
+        grid_w = torch.arange(w, dtype=torch.float32) / (w / base_size) / interpolation_scale
+        gw, gh = torch.meshgrid(grid_w, grid_h, indexing="xy")  # each (h, w)
+
+        def one_axis(pos: torch.Tensor, d: int) -> torch.Tensor:
+            omega = torch.arange(d // 2, dtype=torch.float64)
+            omega /= d / 2.0
+            out = torch.outer(pos.reshape(-1), 1.0 / 10000**omega)
+            return torch.cat([out.sin(), out.cos()], dim=1)
+
+        return torch.cat([one_axis(gw, dim // 2), one_axis(gh, dim // 2)], dim=1).float()
+
+
+def position_table(config: ModelConfig, h: int, w: int, dim: int) -> torch.Tensor:
+    """(h*w, dim) position embeddings of an h x w token grid, in the config's convention."""
+    if config.position_table == "pixart":
+        return pixart_sincos_2d(h, w, dim, config.position_base_size or h, config.position_interpolation_scale)
+    return sincos_2d(h, w, dim)
 
 
 class PerWidthLayerNorm(nn.Module):
@@ -269,10 +301,10 @@ class CrossAttention(nn.Module):
         super().__init__()
         full = config.dims(1.0)
         self.q = ElasticLinear(full.hidden, full.attn_dim)
-        self.k = ElasticLinear(config.text_dim, full.kv_dim)
-        self.v = ElasticLinear(config.text_dim, full.kv_dim)
+        self.text_dim = full.hidden if config.caption_projection else config.text_dim  # what k and v read
+        self.k = ElasticLinear(self.text_dim, full.kv_dim)
+        self.v = ElasticLinear(self.text_dim, full.kv_dim)
         self.out = ElasticLinear(full.attn_dim, full.hidden)
-        self.text_dim = config.text_dim
 
     def forward(self, x: torch.Tensor, text: torch.Tensor, d: WidthDims) -> torch.Tensor:
         q = split_heads(self.q(x, d.hidden, d.attn_dim), d.heads)
@@ -307,7 +339,7 @@ class DiTBlock(nn.Module):
         self.skip_fuse = ElasticLinear(2 * full.hidden, full.hidden, in_groups=2) if skip_in else None
         self.norm1 = PerWidthLayerNorm(config, affine=False)
         self.attn = SelfAttention(config, sparse=sparse)
-        self.norm_cross = PerWidthLayerNorm(config, affine=True)
+        self.norm_cross = PerWidthLayerNorm(config, affine=True) if config.cross_attention_norm else None
         self.cross = CrossAttention(config)
         self.norm2 = PerWidthLayerNorm(config, affine=False)
         self.ffn = FeedForward(config, middle=stage == "middle")
@@ -319,13 +351,17 @@ class DiTBlock(nn.Module):
         mod = self.scale_shift_table[width_key(d.width)][None] + t0.view(t0.shape[0], 6, d.hidden)
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (m[:, None] for m in mod.unbind(1))
         x = x + gate_sa * self.attn(modulate(self.norm1(x, d), shift_sa, scale_sa), d, grid)
-        x = x + self.cross(self.norm_cross(x, d), text, d)
+        x = x + self.cross(self.norm_cross(x, d) if self.norm_cross is not None else x, text, d)
         x = x + gate_ff * self.ffn(modulate(self.norm2(x, d), shift_ff, scale_ff), d)
         return x
 
 
 class EfficientDiT(nn.Module):
-    """Rectified-flow velocity predictor v(x_t, t, text) (eq. 4). Latent (B, C, H, W) in, velocity out."""
+    """Rectified-flow velocity predictor v(x_t, t, text) (eq. 4). Latent (B, C, H, W) in, velocity out.
+
+    The same class holds imported families (model/importers): config options give it PixArt's parts (no stages
+    or skips, no norm before cross-attention, a caption projection, micro-conditions, diffusers' position table,
+    epsilon prediction with DDPM timesteps)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -336,6 +372,13 @@ class EfficientDiT(nn.Module):
         self.t_mlp1 = ElasticLinear(c.frequency_dim, full.hidden)
         self.t_mlp2 = ElasticLinear(full.hidden, full.hidden)
         self.t_block = ElasticLinear(full.hidden, 6 * full.hidden, out_groups=6)  # adaLN-single, shared by all blocks
+        if c.micro_conditions:  # PixArt-alpha: the image's resolution and aspect ratio, each embedded like a timestep
+            third = full.hidden // 3
+            self.res_mlp1, self.res_mlp2 = ElasticLinear(c.frequency_dim, third), ElasticLinear(third, third)
+            self.ar_mlp1, self.ar_mlp2 = ElasticLinear(c.frequency_dim, third), ElasticLinear(third, third)
+        if c.caption_projection:  # PixArt: text_dim -> hidden MLP applied to the text tokens once
+            self.caption_proj1 = ElasticLinear(c.text_dim, full.hidden)
+            self.caption_proj2 = ElasticLinear(full.hidden, full.hidden)
         self.down = nn.ModuleList(DiTBlock(c, "down") for _ in range(c.depth_down))
         if c.stage_downsample:
             self.downsample = nn.Conv2d(full.hidden, full.hidden, 2, stride=2)
@@ -363,6 +406,26 @@ class EfficientDiT(nn.Module):
     def n_skips(self) -> int:
         return sum(b.skip_fuse is not None for b in self.middle)
 
+    def micro_condition(self, latent_h: int, latent_w: int) -> torch.Tensor:
+        """(1, D) embedding of the image's size in pixels [H, W] and aspect ratio H / W (PixArt-alpha): a constant
+        of the latent size, added to the timestep embedding."""
+        c = self.config
+        hidden = self.t_mlp2.weight.shape[0]
+        third = hidden // 3
+        px_h, px_w = latent_h * c.vae_scale_factor, latent_w * c.vae_scale_factor
+        device = self.t_mlp1.weight.device
+        res = timestep_features(torch.tensor([px_h, px_w], dtype=torch.float32, device=device), c.frequency_dim, "epsilon")
+        ar = timestep_features(torch.tensor([px_h / px_w], dtype=torch.float32, device=device), c.frequency_dim, "epsilon")
+        res_emb = self.res_mlp2(F.silu(self.res_mlp1(res, c.frequency_dim, third)), third, third).reshape(1, -1)
+        ar_emb = self.ar_mlp2(F.silu(self.ar_mlp1(ar, c.frequency_dim, third)), third, third)
+        return torch.cat([res_emb, ar_emb], dim=1)
+
+    def project_text(self, text: torch.Tensor, d: WidthDims) -> torch.Tensor:
+        if not self.config.caption_projection:
+            return text
+        c = self.config
+        return self.caption_proj2(F.gelu(self.caption_proj1(text, c.text_dim, d.hidden), approximate="tanh"), d.hidden, d.hidden)
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, width: float = 1.0) -> torch.Tensor:
         c = self.config
         d = c.dims(width)
@@ -372,9 +435,13 @@ class EfficientDiT(nn.Module):
         p = c.patch_size
 
         tok = F.conv2d(x, self.patch_embed.weight[: d.hidden], self.patch_embed.bias[: d.hidden], stride=p)
-        tok = tok.flatten(2).transpose(1, 2) + sincos_2d(h, w, d.hidden).to(x)
-        temb = self.t_mlp2(F.silu(self.t_mlp1(timestep_features(t, c.frequency_dim), c.frequency_dim, d.hidden)), d.hidden, d.hidden)
+        tok = tok.flatten(2).transpose(1, 2) + position_table(c, h, w, d.hidden).to(x)
+        tfeat = timestep_features(t, c.frequency_dim, c.prediction)
+        temb = self.t_mlp2(F.silu(self.t_mlp1(tfeat, c.frequency_dim, d.hidden)), d.hidden, d.hidden)
+        if c.micro_conditions:
+            temb = temb + self.micro_condition(lh, lw).to(temb)
         t0 = self.t_block(F.silu(temb), d.hidden, 6 * d.hidden)
+        text = self.project_text(text, d)
 
         for blk in self.down:
             tok = blk(tok, t0, text, d, (h, w))
