@@ -28,6 +28,8 @@ from edgecompile.export import FORMATS, ExportOptions, SweepOptions, SweepSettin
 from edgecompile.export_report import ExportReport
 from edgecompile.jsonutil import dumps
 from edgecompile.model.checkpoint import init_checkpoint, load_checkpoint, load_config_or_checkpoint
+from edgecompile.model.elastic import count_params
+from edgecompile.model.importers import import_checkpoint
 from edgecompile.model.device import DEVICE_CHOICES
 from edgecompile.model.summary import summarize
 
@@ -126,6 +128,28 @@ def init(config_path: str, output: str, seed: int, dtype: str, force: bool) -> N
     console.print(f"wrote {output} ({params / 1e6:,.2f} M parameters, seed {seed})")
 
 
+@cli.command("import")
+@click.argument("source", metavar="PATH")
+@click.option("-o", "--output", required=True, type=click.Path(), help="Checkpoint folder to write.")
+@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "float16", "bfloat16"]),
+              help="Storage dtype of the written checkpoint (the source may be fp32, fp16 or bf16).")
+@click.option("--text-len", type=POSITIVE_INT,
+              help="Text tokens the packages take (default: the pipelines' max_sequence_length, 120 for PixArt-alpha, 300 for Sigma).")
+@click.option("--name", help="Model name used in package names (default: the family, e.g. pixart).")
+@click.option("--force", is_flag=True, help="Replace an existing output.")
+def import_(source: str, output: str, dtype: str, text_len: int | None, name: str | None, force: bool) -> None:
+    """Import a public checkpoint in the diffusers layout (PixArt-alpha / PixArt-Sigma transformer folder, or a
+    pipeline folder holding transformer/) as an edgecompile checkpoint. Reads JSON and safetensors only."""
+    path = import_checkpoint(source, output, dtype=dtype, text_len=text_len, name=name, force=force)
+    ckpt = load_checkpoint(path)
+    c = ckpt.config
+    console.print(f"wrote {path}: {c.name}, {count_params(c, 1.0) / 1e6:,.2f} M parameters, {c.depth_middle} blocks, hidden {c.hidden_dim}, "
+                  f"latent {c.sample_size[0]}x{c.sample_size[1]}, text {c.text_len}x{c.text_dim}, {c.prediction} prediction"
+                  + (", micro-conditions" if c.micro_conditions else ""))
+    if ckpt.provenance.get("import", {}).get("learned_sigma_dropped"):
+        console.print("the learned-sigma (variance) output channels were dropped: packages predict the noise only")
+
+
 class StageProgress:
     """A rich progress display: one line per pipeline stage, with a bar for stages that report progress."""
 
@@ -175,7 +199,7 @@ def parse_int_list(text: str, option: str, minimum: int | None = None) -> tuple[
 
 @cli.command()
 @click.argument("checkpoint", required=False)
-@click.option("--width", "width_text", default="0.5", show_default=True, help="0.375, 0.5, 1.0, a comma list, or 'all'.")
+@click.option("--width", "width_text", help="0.375, 0.5, 1.0, a comma list, or 'all' (default: 0.5, or the checkpoint's only width).")
 @click.option("--bits", default="16", show_default=True, help="Weight bits: 16 (fp16), 8, 6, 4 or mixed (sensitivity sweep).")
 @click.option("-o", "--output", default="dist", show_default=True, type=click.Path(), help="Output folder (one subfolder per width).")
 @click.option("--latent", help="Latent size HxW (default: the config's sample_size).")
@@ -218,7 +242,7 @@ def export(checkpoint, width_text, bits, output, latent, target, fmt, recipe, ta
     """
     ckpt = load_checkpoint(checkpoint)
     opts = ExportOptions(
-        output=Path(output), widths=ckpt.config.parse_widths(width_text), bits=str(bits), latent_hw=parse_latent(latent),
+        output=Path(output), widths=ckpt.config.parse_widths(width_text or repr(ckpt.config.default_width)), bits=str(bits), latent_hw=parse_latent(latent),
         target=target, fmt=fmt, force=force, verify=not no_verify, query_chunk=query_chunk, chunks=chunks, device=device,
         batch_size=batch_size, calibration_latent=parse_latent(calibration_latent, "--calibration-latent"), recipe=Path(recipe) if recipe else None,
         sweep=SweepSettings(candidates=parse_int_list(candidates, "--candidates"), mode=sweep_mode, target_bits=target_bits),
@@ -252,7 +276,7 @@ def print_summary(name: str, reports: list[ExportReport]) -> None:
 
 @cli.command()
 @click.argument("checkpoint", required=False)
-@click.option("--width", default=0.5, show_default=True, type=WIDTH)
+@click.option("--width", type=WIDTH, help="Width (default: 0.5, or the checkpoint's only width).")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Calibration file to write (.safetensors).")
 @click.option("--prompts", type=click.Path(), help="Your text embeddings: safetensors with 'tokens' (N, T, D), optional 'null'.")
 @click.option("--schedules", default="4,20", show_default=True, help="Sampling step counts whose trajectories are recorded.")
@@ -265,13 +289,15 @@ def print_summary(name: str, reports: list[ExportReport]) -> None:
 def calibrate(checkpoint, width, output, prompts, schedules, latent, seed, cfg_scale, device, force):
     """Record calibration inputs along the unquantized model's own sampling trajectories."""
     steps = parse_int_list(schedules, "--schedules", minimum=1)
-    calib = record_calibration(load_checkpoint(checkpoint), width, output, prompts, steps, parse_latent(latent), seed, cfg_scale, force, device)
+    ckpt = load_checkpoint(checkpoint)
+    width = ckpt.config.default_width if width is None else width
+    calib = record_calibration(ckpt, width, output, prompts, steps, parse_latent(latent), seed, cfg_scale, force, device)
     console.print(f"wrote {output}: {len(calib)} inputs (width {width:g}, schedules {list(steps)}, seed {seed})")
 
 
 @cli.command()
 @click.argument("checkpoint", required=False)
-@click.option("--width", default=0.5, show_default=True, type=WIDTH)
+@click.option("--width", type=WIDTH, help="Width (default: 0.5, or the checkpoint's only width).")
 @click.option("--bits", "bits_text", default="4,8", show_default=True, help="Candidate bit-widths.")
 @click.option("--mode", default="local", show_default=True, type=click.Choice(SWEEP_MODES),
               help="local: each layer's own output error (one forward pass); e2e: denoiser-output error (one pass per layer and bits).")
@@ -292,10 +318,12 @@ def sweep(checkpoint, width, bits_text, mode, target_bits, target_psnr, group_si
     candidates = parse_int_list(bits_text, "--bits")
     settings = SweepSettings(candidates=candidates, mode=mode, target_bits=DEFAULT_TARGET_BITS if target_bits is None else target_bits,
                              target_psnr_db=target_psnr)
+    ckpt = load_checkpoint(checkpoint)
+    width = ckpt.config.default_width if width is None else width
     opts = SweepOptions(output=Path(output), width=width, settings=settings, group_size=group_size,
                         calibration=Path(calibration) if calibration else None, latent_hw=parse_latent(latent), device=device, force=force)
     with StageProgress() as display:
-        recipe = run_sweep(load_checkpoint(checkpoint), opts, on_stage=display.on_stage, progress=display.update)
+        recipe = run_sweep(ckpt, opts, on_stage=display.on_stage, progress=display.update)
     if as_json:
         emit_json({"recipe": str(output), **{k: v for k, v in recipe.to_dict().items() if k != "layers"}})
         return

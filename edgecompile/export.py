@@ -140,7 +140,7 @@ class ExportOptions:
         if not self.widths:
             raise EdgeCompileError("no width to export: pass --width 0.5 (or a comma list, or 'all')")
         for w in self.widths:
-            ckpt.config.dims(w)
+            ckpt.config.check_trained_width(w)
         if len(set(self.widths)) != len(self.widths):
             raise EdgeCompileError(f"--width names a width twice ({', '.join(map(width_label, self.widths))}): name each once")
         latent_hw = tuple(self.latent_hw or ckpt.config.sample_size)
@@ -495,7 +495,7 @@ class SweepOptions:
 
     def validate(self, ckpt: Checkpoint) -> CalibrationSet | None:
         """Checked before any work; returns the calibration file's set, loaded once."""
-        ckpt.config.dims(self.width)
+        ckpt.config.check_trained_width(self.width)
         check_output_path(self.output, self.force, inputs=[ckpt.path, self.calibration])
         self.settings.validate("--bits")
         calib = load_checked_calibration(self.calibration, ckpt, [self.width]) if self.calibration else None

@@ -219,7 +219,7 @@ def record_calibration(ckpt, width: float, output: str | Path, prompts: str | Pa
                        schedules: tuple[int, ...] = DEFAULT_SCHEDULES, latent_hw: tuple[int, int] | None = None, seed: int = 0,
                        cfg_scale: float = 2.0, force: bool = False, device: str = "cpu") -> CalibrationSet:
     """`edgecompile calibrate`: every option checked first, then the trajectories recorded and saved."""
-    ckpt.config.dims(width)
+    ckpt.config.check_trained_width(width)
     check_output_path(Path(output), force, inputs=[ckpt.path, prompts])
     if not schedules or min(schedules) < 1:
         raise EdgeCompileError(f"--schedules {list(schedules)}: give step counts >= 1 (e.g. 4,20)")

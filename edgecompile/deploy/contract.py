@@ -32,7 +32,7 @@ def io_doc(config) -> dict[str, str]:
             LATENT: "noisy latent x_t, (B, C, H, W) float32",
             TIMESTEP: f"DDPM timestep in 0..{last} (the scheduler's own units, {last} = noise), (B,) float32",
             TEXT: text,
-            OUTPUT: (f"predicted noise eps, (B, C, H, W) float32 (DDPM, linear betas {config.beta_start:g}..{config.beta_end:g} "
+            OUTPUT: (f"predicted noise (epsilon), (B, C, H, W) float32 (DDPM, linear betas {config.beta_start:g}..{config.beta_end:g} "
                      f"over {config.train_timesteps} steps): step with DDIM or DPM-Solver"),
         }
     return {

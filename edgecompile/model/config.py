@@ -249,6 +249,18 @@ class ModelConfig:
             broken.append(f"hidden_dim={round(wanted['hidden_dim'])} (2-D sin-cos positions need a multiple of 4)")
         return broken
 
+    @property
+    def default_width(self) -> float:
+        """The width commands use when none is given: 0.5 (SnapGen++'s 0.4B) if trained, else the largest."""
+        return 0.5 if 0.5 in self.widths else self.widths[-1]
+
+    def check_trained_width(self, width: float, option: str = "--width") -> None:
+        """A checkpoint holds the per-width parameters of its config's widths only."""
+        self.dims(width)
+        if float(width) not in self.widths:
+            raise EdgeCompileError(f"{option} {width:g}: config {self.name!r} was trained at widths "
+                                   f"{', '.join(width_label(w) for w in self.widths)} only: pick one of them")
+
     def parse_widths(self, text: str, option: str = "--width") -> list[float]:
         """'all', one width or a comma list (each width once, in the order given), every one checked."""
         if text.strip() == "all":
