@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import tempfile
 import platform
 import resource
 import sys
@@ -34,3 +37,41 @@ def write_result(name: str, data: dict, output_dir: Path | None = None) -> Path:
 def peak_rss_gib(children: bool = False) -> float:
     who = resource.RUSAGE_CHILDREN if children else resource.RUSAGE_SELF
     return resource.getrusage(who).ru_maxrss / 2**20  # Linux reports KiB
+
+
+def run_child(cmd: list[str], env: dict | None = None, cwd: Path | None = None) -> dict:
+    """Run one child; its own wall time and peak RSS (wait4), and its output when it fails."""
+    start = time.perf_counter()
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=cwd, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        wall = time.perf_counter() - start
+        out.seek(0), err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if proc.returncode != 0:
+        print(stdout[-2000:], stderr[-4000:], file=sys.stderr)
+    return {"cmd": " ".join(str(c) for c in cmd[2:]), "rc": proc.returncode, "wall_s": round(wall, 1),
+            "peak_rss_gib": round(usage.ru_maxrss / 2**20, 2), "stdout": stdout}
+
+
+def export_summary(step: dict, out: Path, width: str | None = None) -> dict:
+    """A finished export child summarised from its report.json."""
+    step.pop("stdout", None)
+    folder = next(out.glob("w*"), None)
+    if step["rc"] != 0 or folder is None:
+        return step
+    r = json.loads((folder / "report.json").read_text())
+    verify = r.get("verify") or {}
+    step.update({
+        "stage_seconds": r["stage_seconds"], "stage_peak_memory_gib": r.get("stage_peak_memory_gib"),
+        "calibration": {k: r["calibration"].get(k) for k in ("latent", "inputs", "device", "batch_size", "distill_batch_size")},
+        "average_bits": r.get("average_bits"), "size_bytes": r["size_bytes"],
+        "distill": {k: (r.get("distill") or {}).get(k) for k in ("planned_steps", "steps_run", "best_step", "step_seconds",
+                                                               "holdout_psnr_before_db", "holdout_psnr_after_db")},
+        "verify_psnr_db": verify.get("psnr_db"), "verify_psnr_vs_checkpoint_db": verify.get("psnr_vs_checkpoint_db"),
+        "verified": bool(verify.get("passed")), "chunk_psnr_db": verify.get("chunk_psnr_db") or None,
+        "chunks": [{k: ch[k] for k in ("package", "blocks", "size_bytes", "weight_file_bytes")} for ch in r.get("chunks", [])] or None,
+        "recipe": str(folder / "recipe.json"),
+    })
+    return step

@@ -2,7 +2,8 @@
 peak memory, the convert before and after its speed-up, and what compressing small costs.
 
     python benchmarks/export_scale.py [--width 0.375] [--latent 128x128] [--calibration-latent 32x32]
-        [--compare-latent 64x64] [--device auto] [--convert-baseline REV] [--workdir DIR] [--output DIR]
+        [--compare-latent 64x64] [--device auto] [--convert-baseline REV] [--chunks 2 --chunk-width 1.0]
+        [--sections convert,export,compare,chunks] [--workdir DIR] [--output DIR]
 
 Sections, each a child process measured on its own (wall time; peak RSS from wait4):
 1. init: a random paper-scale checkpoint (fp16 weights) from recipes/snapgenpp.yaml.
@@ -13,7 +14,9 @@ Sections, each a child process measured on its own (wall time; peak RSS from wai
    per-stage seconds and peak memory (host RSS; CUDA allocations on a GPU).
 4. compress-small fidelity: the same export with calibration and distillation at --compare-latent and the first
    export's recipe (same bits per layer); the full-resolution verification PSNR against the checkpoint of both.
-Results go to benchmarks/results/export_scale.json after every section.
+5. chunks: an fp16 export of --chunk-width with --chunks N (each weight file under the Neural Engine's 2 GiB),
+   each chunk verified alone and the chain end to end.
+--sections runs some of them and adds to the committed results. Results go to benchmarks/results/export_scale.json after every section.
 """
 
 from __future__ import annotations
@@ -34,23 +37,7 @@ EDGECOMPILE = [sys.executable, "-m", "edgecompile"]
 PAPER_WIDTHS = ("0.375", "0.5", "1.0")
 
 
-ALL_SECTIONS = ("convert", "export", "compare")
-
-
-def run_child(cmd: list[str], env: dict | None = None, cwd: Path | None = None) -> dict:
-    """Run one child; its own wall time and peak RSS (wait4), and its output when it fails."""
-    start = time.perf_counter()
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, env=env, cwd=cwd, text=True)
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
-        wall = time.perf_counter() - start
-        out.seek(0), err.seek(0)
-        stdout, stderr = out.read(), err.read()
-    if proc.returncode != 0:
-        print(stdout[-2000:], stderr[-4000:], file=sys.stderr)
-    return {"cmd": " ".join(str(c) for c in cmd[2:]), "rc": proc.returncode, "wall_s": round(wall, 1),
-            "peak_rss_gib": round(usage.ru_maxrss / 2**20, 2), "stdout": stdout}
+ALL_SECTIONS = ("convert", "export", "compare", "chunks")
 
 
 def convert_child(args: argparse.Namespace) -> None:
@@ -83,26 +70,6 @@ def parse_child_json(step: dict) -> dict:
     return json.loads(step.pop("stdout").strip().splitlines()[-1]) if step["rc"] == 0 else {"stdout_tail": step.pop("stdout")[-500:]}
 
 
-def export_summary(step: dict, out: Path, width: str) -> dict:
-    step.pop("stdout", None)
-    folder = next(out.glob("w*"), None)
-    if step["rc"] != 0 or folder is None:
-        return step
-    r = json.loads((folder / "report.json").read_text())
-    verify = r.get("verify") or {}
-    step.update({
-        "stage_seconds": r["stage_seconds"], "stage_peak_memory_gib": r.get("stage_peak_memory_gib"),
-        "calibration": {k: r["calibration"].get(k) for k in ("latent", "inputs", "device", "batch_size", "distill_batch_size")},
-        "average_bits": r.get("average_bits"), "size_bytes": r["size_bytes"],
-        "distill": {k: (r.get("distill") or {}).get(k) for k in ("planned_steps", "steps_run", "best_step", "step_seconds",
-                                                               "holdout_psnr_before_db", "holdout_psnr_after_db")},
-        "verify_psnr_db": verify.get("psnr_db"), "verify_psnr_vs_checkpoint_db": verify.get("psnr_vs_checkpoint_db"),
-        "verified": verify.get("psnr_db") is not None and verify["psnr_db"] >= verify.get("min_psnr_db", 60),
-        "recipe": str(folder / "recipe.json"),
-    })
-    return step
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--config", default=str(_common.ROOT / "recipes" / "snapgenpp.yaml"))
@@ -114,6 +81,8 @@ def main() -> None:
     ap.add_argument("--convert-baseline", default="79f88e5", help="git revision before the convert speed-up ('none' to skip)")
     ap.add_argument("--convert-widths", default=",".join(PAPER_WIDTHS), help="widths whose fp16 convert is measured")
     ap.add_argument("--distill-budget", help="minutes, passed to export (default: export's own default)")
+    ap.add_argument("--chunks", type=int, default=2, help="the chunks section: --chunks of an fp16 export of --chunk-width")
+    ap.add_argument("--chunk-width", default="1.0")
     ap.add_argument("--sections", default=",".join(ALL_SECTIONS))
     ap.add_argument("--workdir")
     ap.add_argument("--output")
@@ -147,17 +116,17 @@ def main() -> None:
         save()
 
     if not (ckpt / "model.safetensors").exists():
-        step = run_child(EDGECOMPILE + ["init", args.config, "-o", str(ckpt), "--dtype", "float16", "--force"])
+        step = _common.run_child(EDGECOMPILE + ["init", args.config, "-o", str(ckpt), "--dtype", "float16", "--force"])
         step.pop("stdout")
         report("init", step)
     me = [sys.executable, str(Path(__file__).resolve()), "--convert-child", "--checkpoint", str(ckpt), "--latent", args.latent]
 
     if "convert" in sections:
         for w in args.convert_widths.split(","):
-            step = run_child(me + ["--width", w])
+            step = _common.run_child(me + ["--width", w])
             step.update(parse_child_json(step))
             report(f"convert_fp16_w{w}", step)
-        step = run_child(me + ["--width", args.width, "--convert-bits", "4"])
+        step = _common.run_child(me + ["--width", args.width, "--convert-bits", "4"])
         step.update(parse_child_json(step))
         report(f"convert_4bit_w{args.width}", step)
         if args.convert_baseline != "none":
@@ -166,7 +135,7 @@ def main() -> None:
                 subprocess.run(["git", "-C", str(_common.ROOT), "worktree", "add", "--detach", str(tree), args.convert_baseline],
                                check=True, capture_output=True)
             env = {**os.environ, "PYTHONPATH": str(tree), "BASELINE_TREE": str(tree)}
-            step = run_child(me + ["--width", args.width, "--convert-bits", "4"], env=env, cwd=tree)
+            step = _common.run_child(me + ["--width", args.width, "--convert-bits", "4"], env=env, cwd=tree)
             step.update(parse_child_json(step))
             step["revision"] = args.convert_baseline
             report(f"convert_4bit_w{args.width}_baseline", step)
@@ -182,16 +151,16 @@ def main() -> None:
               "--force", "--json"] + (["--distill-budget", args.distill_budget] if args.distill_budget else [])
     main_out = work / "export"
     if "export" in sections:
-        step = run_child(EDGECOMPILE + export + ["--calibration-latent", args.calibration_latent, "-o", str(main_out)])
-        step = export_summary(step, main_out, args.width)
+        step = _common.run_child(EDGECOMPILE + export + ["--calibration-latent", args.calibration_latent, "-o", str(main_out)])
+        step = _common.export_summary(step, main_out, args.width)
         step["within_targets"] = step["rc"] == 0 and step["wall_s"] <= 60 * 60 and step["peak_rss_gib"] < 16
         report("export", step)
         print(json.dumps({k: step.get(k) for k in ("stage_seconds", "verify_psnr_db", "verify_psnr_vs_checkpoint_db", "distill")}))
     if "compare" in sections and args.compare_latent != "none" and result["steps"].get("export", {}).get("rc") == 0:
         out = work / "export-compare"
-        step = run_child(EDGECOMPILE + export + ["--calibration-latent", args.compare_latent, "--recipe",
+        step = _common.run_child(EDGECOMPILE + export + ["--calibration-latent", args.compare_latent, "--recipe",
                                                  result["steps"]["export"]["recipe"], "-o", str(out)])
-        step = export_summary(step, out, args.width)
+        step = _common.export_summary(step, out, args.width)
         report("export_compare", step)
         if step["rc"] == 0:
             small, big = result["steps"]["export"], step
@@ -202,6 +171,15 @@ def main() -> None:
             }
             print("compress small:", result["compress_small"])
             save()
+    if "chunks" in sections:
+        # the full width in fp16 is over the Neural Engine's 2 GiB weight file: --chunks puts each chunk under it
+        out = work / "export-chunks"
+        step = _common.run_child(EDGECOMPILE + ["export", str(ckpt), "--width", args.chunk_width, "--latent", args.latent, "--bits", "16",
+                                                "--chunks", str(args.chunks), "--force", "--json", "-o", str(out)])
+        step = _common.export_summary(step, out)
+        if step.get("chunks"):
+            step["largest_weight_file_gib"] = round(max(c["weight_file_bytes"] for c in step["chunks"]) / 2**30, 3)
+        report("export_chunks", step)
     print(f"wrote {_common.RESULTS / 'export_scale.json' if output is None else output / 'export_scale.json'}")
 
 
