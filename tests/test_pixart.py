@@ -101,7 +101,7 @@ def test_exported_fp16_package_equals_diffusers(imported, hw, tmp_path):
     assert psnr_db(diffusers_forward(model, latent, t, text).numpy(), out) >= 60, family
 
 
-def test_palettized_export_with_swift_resources_and_onnx(imported, tmp_path):
+def test_palettized_export_with_swift_resources_onnx_verify_and_inspect(imported, tmp_path, capsys):
     family, _, ckpt, _ = imported
     [mixed] = run_export(ckpt, ExportOptions(output=tmp_path / "mixed", widths=[1.0], bits="mixed", distill_steps=5, swift_resources=True))
     assert mixed.verify.passed and 4 < mixed.average_bits < 8
@@ -109,6 +109,10 @@ def test_palettized_export_with_swift_resources_and_onnx(imported, tmp_path):
     assert "epsilon" in contract["outputs"][OUTPUT]["meaning"] and "DDPM" in contract["scheduler"]
     [onnx] = run_export(ckpt, ExportOptions(output=tmp_path / "onnx", widths=[1.0], fmt="onnx"))
     assert onnx.verify.passed
+    code, out, _ = run_cli(["verify", mixed.path, "--checkpoint", str(ckpt.path), "--json"], capsys)
+    assert code == 0 and json.loads(out)["passed"]
+    code, out, _ = run_cli(["inspect", mixed.path, "--json"], capsys)
+    assert code == 0 and 4 < json.loads(out)["average_bits"] < 8
 
 
 def test_sharded_and_half_precision_sources_import_to_the_same_model(imported, tmp_path):
