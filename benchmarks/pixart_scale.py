@@ -140,9 +140,8 @@ def main() -> None:
         step.pop("stdout")
         report("import", step)
     budget = ["--distill-budget", args.distill_budget] if args.distill_budget else []
-    for bits in ("fp16", "mixed"):
-        if bits not in sections:
-            continue
+
+    def export(bits: str) -> None:
         out = work / bits
         extra = ["--bits", "16"] if bits == "fp16" else ["--bits", "mixed", "--calibration-latent", args.calibration_latent, *budget]
         step = _common.run_child(EDGECOMPILE + ["export", str(ckpt), "--latent", args.latent, "-o", str(out), "--force", "--json", *extra])
@@ -152,6 +151,9 @@ def main() -> None:
             step["package"] = str(package)
             step["census"] = census(package)
         report(f"export_{bits}", step)
+
+    if "fp16" in sections:
+        export("fp16")
     if "plain" in sections:
         step = _common.run_child(me + ["--latent", args.latent, "--plain-child", str(source), str(work / "plain.mlpackage")])
         step.update(json.loads(step.pop("stdout").strip().splitlines()[-1]) if step["rc"] == 0 else {})
@@ -163,6 +165,8 @@ def main() -> None:
                 "ops": [ours["census"]["ops"], step["ops"]], "layout_ops": [ours["census"]["layout_ops"], step["layout_ops"]],
                 "size_bytes": [ours["size_bytes"], step["size_bytes"]]}
             _common.write_result("pixart_scale", result, output)
+    if "mixed" in sections:
+        export("mixed")
     if "bench" in sections:
         packages = [result["steps"][k]["package"] for k in ("export_fp16", "export_mixed") if result["steps"].get(k, {}).get("package")]
         if packages:
