@@ -175,10 +175,12 @@ def distill(student: nn.Module, teacher: nn.Module, calib: CalibrationSet, setti
         with torch.no_grad():
             return output_psnr(target, calibration_outputs(student, which, settings.eval_batch_size))
 
+    train_eval_start = time.perf_counter()
     before_train = evaluate(train, target_train)
     eval_start = time.perf_counter()
     before_hold = evaluate(hold, target_hold)
     eval_seconds = time.perf_counter() - eval_start
+    closing_seconds = time.perf_counter() - train_eval_start  # the closing evaluation costs what the opening one did
     step_seconds, probe_start = None, None
     best = (before_hold, 0, [p.detach().clone() for p in params])
     history = [(0, before_hold)]
@@ -188,6 +190,8 @@ def distill(student: nn.Module, teacher: nn.Module, calib: CalibrationSet, setti
     device = device_of(student)  # the training set and teacher outputs stay on the CPU; each batch moves
     while step < steps:
         step += 1
+        if step == 1:
+            first_start = time.perf_counter()
         if step == 2:
             probe_start = time.perf_counter()
         idx = torch.randint(0, len(train), (min(settings.batch_size, len(train)),), generator=g)
@@ -196,9 +200,15 @@ def distill(student: nn.Module, teacher: nn.Module, calib: CalibrationSet, setti
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if budget is not None and step == BUDGET_PROBE_STEPS + 1:
-            step_seconds = (time.perf_counter() - probe_start) / BUDGET_PROBE_STEPS + eval_seconds / settings.eval_every
-            remaining = budget - (time.perf_counter() - start)
+        # The budget holds the whole stage: teacher outputs, evaluations and the closing evaluation included. Steps
+        # are timed over BUDGET_PROBE_STEPS after the first (warm-up), unless the first alone says that probing would
+        # overrun the budget (a large model on a CPU): then it plans from the first.
+        slow_first = step == 1 and (time.perf_counter() - first_start) * (BUDGET_PROBE_STEPS + 1) > budget - (time.perf_counter() - start) \
+            if budget is not None else False
+        if budget is not None and (step == BUDGET_PROBE_STEPS + 1 or slow_first) and step_seconds is None:
+            measured = (time.perf_counter() - (first_start if slow_first else probe_start)) / (1 if slow_first else BUDGET_PROBE_STEPS)
+            step_seconds = measured + eval_seconds / settings.eval_every
+            remaining = budget - (time.perf_counter() - start) - closing_seconds - eval_seconds  # the last step evaluates too
             steps = max(step, min(MAX_BUDGET_STEPS, step + int(remaining / step_seconds)))
             if progress:
                 progress(f"self-distillation: {steps} steps of {step_seconds * 1e3:.0f} ms planned", step, steps)
