@@ -45,7 +45,7 @@ from edgecompile.coreml.swift import write_swift_resources
 from edgecompile.coreml.verify import (DEFAULT_MIN_PSNR_DB, VerifyResult, check_min_psnr, check_verifiable, checkpoint_for,
                                       verify_package)
 from edgecompile.coremltools_loader import import_coremltools
-from edgecompile.deploy.chunks import split_deploy
+from edgecompile.deploy.chunks import check_chunks, split_deploy
 from edgecompile.deploy.contract import PackageInfo, bits_metadata, example_inputs, package_metadata
 from edgecompile.deploy.dit import DeployDiT
 from edgecompile.deploy.onnx_export import export_onnx
@@ -158,9 +158,7 @@ class ExportOptions:
         if self.chunks != 1:
             if self.fmt != "coreml":
                 raise EdgeCompileError("--chunks splits Core ML packages (for the Neural Engine's weight-file limit): drop --format onnx")
-            n_blocks = ckpt.config.depth_down + ckpt.config.depth_middle + ckpt.config.depth_up
-            if not 1 <= self.chunks <= n_blocks:
-                raise EdgeCompileError(f"--chunks {self.chunks}: this model has {n_blocks} blocks, so use 1 to {n_blocks} chunks")
+            check_chunks(ckpt.config, self.chunks)
         if self.query_chunk is not None and self.query_chunk < 1:
             raise EdgeCompileError(f"--query-chunk {self.query_chunk} must be a positive number of tokens (e.g. 512)")
         check_min_psnr(self.min_psnr_db)

@@ -69,12 +69,18 @@ def block_weight_counts(deploy: DeployDiT) -> list[int]:
     return out
 
 
+def check_chunks(config, n: int) -> None:
+    """A cut falls between blocks: at most one chunk per block."""
+    blocks = config.depth_down + config.depth_middle + config.depth_up
+    if not 1 <= n <= blocks:
+        raise EdgeCompileError(f"--chunks {n}: this model has {blocks} blocks, so use 1 to {blocks} chunks")
+
+
 def chunk_boundaries(deploy: DeployDiT, n: int) -> list[tuple[int, int]]:
     """N contiguous block ranges [start, end) whose weights are as even as the block sizes allow (the embedding
     goes with the first range, the final layer with the last)."""
+    check_chunks(deploy.config, n)
     blocks = block_weight_counts(deploy)
-    if not 1 <= n <= len(blocks):
-        raise EdgeCompileError(f"--chunks {n}: this model has {len(blocks)} blocks, so use 1 to {len(blocks)} chunks")
     total = sum(p.numel() for p in deploy.parameters())
     head = total - sum(blocks)
     # cumulative weight at each cut position, the embedding and head split evenly between the ends
@@ -108,6 +114,12 @@ class DeployChunk(nn.Module):
         for name, buf in deploy.named_buffers(recurse=False):
             self.register_buffer(name, buf, persistent=False)
         object.__setattr__(self, "_deploy", deploy)  # not a submodule: its code, not a second set of names
+        # set by split_deploy: the carried keys alive at this chunk's start, those it reads (and which of its carried
+        # inputs holds each: two keys can name one tensor), and those it produces
+        self.alive_in: list[str] = []
+        self.reads: list[str] = []
+        self.read_inputs: list[int] = []
+        self.produces: list[str] = []
 
     @property
     def first(self) -> bool:
@@ -153,13 +165,6 @@ class DeployChunk(nn.Module):
             return d.head(carry)
         named = carry_to_named(carry)
         return tuple(named[k] for k in self.produces)
-
-    # set by split_deploy: the carried keys alive at this chunk's start, those it reads (and which of its carried
-    # inputs holds each: two keys can name one tensor), and those it produces
-    alive_in: list[str] = []
-    reads: list[str] = []
-    read_inputs: list[int] = []
-    produces: list[str] = []
 
     def carried_reads(self) -> list[str]:
         """Which of the carried tensors alive at the start this chunk's blocks read. Mirrors DeployDiT.run_blocks:
