@@ -73,6 +73,6 @@ def export_summary(step: dict, out: Path, width: str | None = None) -> dict:
         "verify_psnr_db": verify.get("psnr_db"), "verify_psnr_vs_checkpoint_db": verify.get("psnr_vs_checkpoint_db"),
         "verified": bool(verify.get("passed")), "chunk_psnr_db": verify.get("chunk_psnr_db") or None,
         "chunks": [{k: ch[k] for k in ("package", "blocks", "size_bytes", "weight_file_bytes")} for ch in r.get("chunks", [])] or None,
-        "recipe": str(folder / "recipe.json"),
+        "recipe": str(folder / "recipe.json") if (folder / "recipe.json").exists() else None,
     })
     return step
