@@ -203,8 +203,8 @@ def distill(student: nn.Module, teacher: nn.Module, calib: CalibrationSet, setti
         # The budget holds the whole stage: teacher outputs, evaluations and the closing evaluation included. Steps
         # are timed over BUDGET_PROBE_STEPS after the first (warm-up), unless the first alone says that probing would
         # overrun the budget (a large model on a CPU): then it plans from the first.
-        slow_first = step == 1 and (time.perf_counter() - first_start) * (BUDGET_PROBE_STEPS + 1) > budget - (time.perf_counter() - start) \
-            if budget is not None else False
+        slow_first = step == 1 and (time.perf_counter() - first_start) * (BUDGET_PROBE_STEPS + 1) \
+            > budget - (time.perf_counter() - start) - closing_seconds - eval_seconds if budget is not None else False
         if budget is not None and (step == BUDGET_PROBE_STEPS + 1 or slow_first) and step_seconds is None:
             measured = (time.perf_counter() - (first_start if slow_first else probe_start)) / (1 if slow_first else BUDGET_PROBE_STEPS)
             step_seconds = measured + eval_seconds / settings.eval_every
