@@ -4,6 +4,7 @@ import torch
 
 from edgecompile.deploy.contract import example_inputs, text_from_package
 from edgecompile.deploy.rewrite import deploy_model
+from edgecompile.errors import EdgeCompileError
 from edgecompile.metrics import psnr_db
 from tests.conftest import CONFIGS, TINY, trained_like
 
@@ -29,13 +30,25 @@ def test_query_chunking_changes_nothing():
         assert psnr_db(plain(*ex).numpy(), chunked(*ex).numpy()) >= 100
 
 
-def test_deploy_at_another_latent_size():
+@pytest.mark.parametrize("latent_hw", [(16, 8), (8, 12), (12, 8), (16, 16)])
+def test_deploy_at_another_latent_size(latent_hw):
+    # 8x12 gives BNA blocks 3 tokens wide: the strided convolutions then read the raster map, not the strips
     model = trained_like(CONFIGS["toy"])
-    deploy = deploy_model(model, 1.0, latent_hw=(16, 8))
-    ex = example_inputs(deploy)
+    deploy = deploy_model(model, 1.0, latent_hw=latent_hw)
+    assert deploy.layout.strided_in_strips == (latent_hw[1] % 8 == 0)
+    ex = example_inputs(deploy, batch=2)
     with torch.no_grad():
         ref = model(ex[0], ex[1], text_from_package(ex[2]))
         assert psnr_db(ref.numpy(), deploy(*ex).numpy()) >= 100
+
+
+def test_latent_size_rules_live_in_the_config_and_name_sizes_that_work():
+    config = CONFIGS["toy"]
+    config.check_latent_size(8, 12)  # relaxed: the deploy layout handles 3-token-wide BNA blocks
+    with pytest.raises(EdgeCompileError, match=r"^latent 8x10 .*4x4.*sizes that work nearby: 8x8, 8x12"):
+        config.check_latent_size(8, 10)
+    for hw in config.nearby_latent_sizes(7, 9, count=5):
+        deploy_model(trained_like(config), 0.5, latent_hw=hw)  # every size the error suggests builds
 
 
 def traced_ops(module, ex):

@@ -9,8 +9,9 @@ Layout tricks, each justified where it is used:
 - Grid BNA: the token map is kept in *block-column layout* through the down/up stages: the bx column strips of
   the grid are stacked vertically, (B, C, bx*h, bw). Every BNA block (bh x bw tokens) is then a contiguous run of
   the flattened sequence, a block's neighbourhood is 2r+1 contiguous runs, and every 2x2 stride-2 convolution
-  (KV compression, downsample, upsample) stays inside its strip, so it computes exactly what it does on the
-  plain grid. Entering and leaving this layout costs slices and one concat, no transpose.
+  (KV compression, downsample, upsample) stays inside its strip when the strip width is even, so it computes
+  exactly what it does on the plain grid (odd strips: those convolutions read the raster map). Entering and
+  leaving this layout costs slices and one concat, no transpose.
 - BNA runs as an explicit Python loop over query blocks (unrolled in the traced graph) with slices and concats
   only inside the loop.
 """
@@ -100,13 +101,11 @@ class BlockLayout:
             self.rows, self.cols = config.bna_block_grid(h, w)
             self.bh, self.bw = h // self.rows, w // self.cols
             # A strip is bw tokens wide and h tall; 2x2 stride-2 windows stay inside it when bw is divisible by
-            # the strides (h already is), so they see the same tokens as on the raster grid.
-            need = math.lcm(config.kv_compression, 2 if config.stage_downsample else 1)
-            if self.bw % need:
-                raise EdgeCompileError(
-                    f"latent gives BNA blocks {self.bw} tokens wide; the deploy layout needs a width divisible by {need} "
-                    "(2x2 convolutions must not straddle block columns): choose another latent size or bna_blocks"
-                )
+            # the strides (h already is), so they see the same tokens as on the raster grid. Otherwise (e.g. an
+            # 8x12 latent: blocks 3 tokens wide) the strided convolutions read the raster map (slices + a concat).
+            self.strided_in_strips = self.bw % math.lcm(config.kv_compression, 2 if config.stage_downsample else 1) == 0
+        else:
+            self.strided_in_strips = True
         n_blocks = config.bna_blocks
         self.block_len = h * w // n_blocks
         _, neighbours = bna_partition(config, h, w)
@@ -134,6 +133,15 @@ class BlockLayout:
             return x
         s = x.shape[2] // self.cols
         return torch.cat([x[:, :, j * s : (j + 1) * s] for j in range(self.cols)], dim=3)  # (B, C, h, w)
+
+    def strided_input(self, x: torch.Tensor) -> torch.Tensor:
+        """The map a 2x2 stride-2 convolution reads: the block layout itself when windows stay inside strips,
+        else the raster map."""
+        return x if self.strided_in_strips else self.from_blocks(x)  # (B, C, cols*h, bw) or (B, C, h, w)
+
+    def strided_output(self, x: torch.Tensor) -> torch.Tensor:
+        """Back from a strided convolution's layout (see strided_input) to the block layout."""
+        return x if self.strided_in_strips else self.to_blocks(x)
 
 
 class DeploySelfAttention(nn.Module):
@@ -165,9 +173,9 @@ class DeploySelfAttention(nn.Module):
         q_seq, v_seq = flat(q) * d.head_dim**-0.5, flat(v)  # (B, Hq*d, 1, S): q scaled once for both branches
         # One key transpose for both branches: BNA keys and compressed global keys are concatenated along the
         # sequence, transposed together, and sliced apart (slices are free; a transpose is a layout copy).
-        k_both_t = torch.cat([flat(k), flat(self.k_compress(k))], dim=3).transpose(1, 3)  # (B, S + S/s^2, 1, Hkv*d)
+        k_both_t = torch.cat([flat(k), flat(self.k_compress(self.layout.strided_input(k)))], dim=3).transpose(1, 3)  # (B, S + S/s^2, 1, Hkv*d)
         k_seq_t, kc_t = k_both_t[:, :seq], k_both_t[:, seq:]  # (B, S, 1, Hkv*d), (B, S/s^2, 1, Hkv*d)
-        vc = flat(self.v_compress(v))  # (B, Hkv*d, 1, S/s^2): KV compression is a strided depthwise conv
+        vc = flat(self.v_compress(self.layout.strided_input(v)))  # (B, Hkv*d, 1, S/s^2): KV compression is a strided depthwise conv
         global_out = split_einsum_attention(q_seq, kc_t, vc, d.heads, d.kv_heads, d.head_dim, query_chunk=self.query_chunk,
                                             q_scaled=True)  # (B, Hq*d, 1, S)
         local_out = self.bna(q_seq, k_seq_t, v_seq)  # (B, Hq*d, 1, S)
@@ -369,9 +377,11 @@ class DeployDiT(nn.Module):
         for pos in range(start, end + 1 if end == self.n_blocks else end):
             if pos == len(self.down) and c.stage_downsample:
                 hi_res = x
-                x = self.downsample(x)  # stays inside block-column strips: same result as on the raster grid
+                # inside block-column strips (the same result as on the raster grid), or on the raster grid
+                x = self.downsample(self.layout.strided_input(x) if self.layout is not None else x)
             if pos == len(self.down) + len(self.middle) and c.stage_downsample:
-                x, hi_res = self.upsample(x) + hi_res, None
+                up = self.upsample(x)
+                x, hi_res = (self.layout.strided_output(up) if self.layout is not None else up) + hi_res, None
             if pos == self.n_blocks:
                 break
             stage, i = self.block_at(pos)

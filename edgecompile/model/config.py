@@ -297,34 +297,45 @@ class ModelConfig:
         side = math.isqrt(self.bna_blocks)
         return side, side
 
-    def check_latent_size(self, latent_h: int, latent_w: int) -> None:
-        """Raise a clear error when a latent of this size cannot run through the model."""
+    def latent_size_problem(self, latent_h: int, latent_w: int) -> str | None:
+        """Why a latent of this size cannot run through the model (reference and deploy graph alike), or None.
+        The one place the latent-size rules live: `info`, `init`, calibration and every export check through it."""
         p = self.patch_size
-        where = f"latent {latent_h}x{latent_w} for config {self.name!r}"
         if max(latent_h, latent_w) > MAX_LATENT_SIDE:
-            raise EdgeCompileError(f"{where}: a side beyond {MAX_LATENT_SIDE} is not supported "
-                                   f"({MAX_LATENT_SIDE}x{MAX_LATENT_SIDE} is an 8192-pixel image)")
+            return f"a side beyond {MAX_LATENT_SIDE} is not supported ({MAX_LATENT_SIDE}x{MAX_LATENT_SIDE} is an 8192-pixel image)"
         if latent_h < 1 or latent_w < 1 or latent_h % p or latent_w % p:
-            raise EdgeCompileError(f"{where}: H and W must be positive multiples of patch_size {p}")
+            return f"H and W must be positive multiples of patch_size {p}"
         h, w = self.token_grid(latent_h, latent_w)
         needs_even = self.stage_downsample or (self.down_up_attention == "assa" and self.depth_down + self.depth_up > 0)
         if needs_even:
             s = self.kv_compression if self.down_up_attention == "assa" else 1
             m = 2 * s // math.gcd(2, s) if self.stage_downsample else s
             if h % m or w % m:
-                raise EdgeCompileError(f"{where}: the {h}x{w} token grid must be divisible by {m} (2x2 downsample / KV compression)")
+                return f"the {h}x{w} token grid must be divisible by {m} (2x2 downsample / KV compression)"
         if self.down_up_attention == "assa" and self.depth_down + self.depth_up > 0:
             if self.bna_tiling == "grid":
                 rows, cols = self.bna_block_grid(h, w)
                 if h % rows or w % cols:
-                    raise EdgeCompileError(
-                        f"{where}: grid BNA splits the {h}x{w} token grid into {rows}x{cols} blocks; "
-                        f"use a latent whose token grid is divisible by {rows}x{cols}"
-                    )
+                    return f"grid BNA splits the {h}x{w} token grid into {rows}x{cols} blocks, so it must be divisible by {rows}x{cols}"
             elif (h * w) % self.bna_blocks:
-                raise EdgeCompileError(
-                    f"{where}: sequence BNA splits {h * w} tokens into {self.bna_blocks} blocks; use a latent whose token count is divisible by it"
-                )
+                return f"sequence BNA splits {h * w} tokens into {self.bna_blocks} blocks, so the token count must be divisible by it"
+        return None
+
+    def nearby_latent_sizes(self, latent_h: int, latent_w: int, count: int = 3) -> list[tuple[int, int]]:
+        """The `count` valid latent sizes closest to (latent_h, latent_w), for error messages."""
+        p, reach = self.patch_size, 8 * self.patch_size * max(2, self.kv_compression) * math.isqrt(max(1, self.bna_blocks))
+        around = lambda v: range(max(p, v - reach) // p * p, min(MAX_LATENT_SIDE, v + reach) + 1, p)  # noqa: E731
+        ok = [(hh, ww) for hh in around(latent_h) for ww in around(latent_w) if self.latent_size_problem(hh, ww) is None]
+        return sorted(ok, key=lambda hw: (abs(hw[0] - latent_h) + abs(hw[1] - latent_w), hw))[:count]
+
+    def check_latent_size(self, latent_h: int, latent_w: int) -> None:
+        """Raise a one-line error naming sizes that work when a latent of this size cannot run through the model."""
+        problem = self.latent_size_problem(latent_h, latent_w)
+        if problem is None:
+            return
+        near = self.nearby_latent_sizes(latent_h, latent_w)
+        hint = f"; sizes that work nearby: {', '.join(f'{a}x{b}' for a, b in near)}" if near else ""
+        raise EdgeCompileError(f"latent {latent_h}x{latent_w} for config {self.name!r}: {problem}{hint}")
 
     # ---- I/O ---------------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
