@@ -22,9 +22,10 @@ from edgecompile.compress.distill import DEFAULT_BUDGET_SECONDS, MAX_BUDGET_STEP
 from edgecompile.compress.recipe import DEFAULT_TARGET_BITS
 from edgecompile.compress.sensitivity import MODES as SWEEP_MODES
 from edgecompile.coreml.package import CHUNK_PACKAGES, layout_ops_per_block, load_package, weight_census
-from edgecompile.coreml.verify import DEFAULT_MIN_PSNR_DB, check_passed
+from edgecompile.coreml.generate import SampleSettings
+from edgecompile.coreml.verify import DEFAULT_MIN_PSNR_DB, GenerationSummary, check_passed
 from edgecompile.errors import EdgeCompileError
-from edgecompile.export import FORMATS, ExportOptions, SweepOptions, SweepSettings, run_export, run_sweep, verify_exported
+from edgecompile.export import FORMATS, ExportOptions, SweepOptions, SweepSettings, resolve_sample, run_export, run_sample, run_sweep, verify_exported
 from edgecompile.export_report import ExportReport
 from edgecompile.jsonutil import dumps
 from edgecompile.model.checkpoint import init_checkpoint, load_checkpoint, load_config_or_checkpoint
@@ -227,13 +228,14 @@ def parse_int_list(text: str, option: str, minimum: int | None = None) -> tuple[
               help="Where calibration, the sweep and self-distillation run (auto: CUDA, then MPS, then CPU; fp32 everywhere).")
 @click.option("--batch-size", type=POSITIVE_INT, help="Inference batch of the sweep and teacher outputs (default: what the device's free memory holds).")
 @click.option("--no-verify", is_flag=True, help="Skip executing the package against the checkpoint.")
+@click.option("--no-generate", is_flag=True, help="Skip sampling through the package in verification (checkpoints that ship prompts).")
 @click.option("--min-psnr", default=DEFAULT_MIN_PSNR_DB, show_default=True, type=FINITE, help="Verification bar (dB against edgecompile's simulation).")
 @click.option("--keep-failed", is_flag=True, help="Keep a package whose verification failed, for inspection (still exits 1).")
 @click.option("--force", is_flag=True, help="Replace existing output folders.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
 def export(checkpoint, width_text, bits, output, latent, target, fmt, recipe, target_bits, candidates, sweep_mode, group_size,
            calibration, no_distill, distill_steps, distill_budget, swift_resources, query_chunk, chunks, calibration_latent, device,
-           batch_size, no_verify, min_psnr, keep_failed, force, as_json):
+           batch_size, no_verify, no_generate, min_psnr, keep_failed, force, as_json):
     """Compile CHECKPOINT (default: the bundled one) into one verified package per width.
 
     Pipeline, in the order it runs: load and validate -> extract width -> rewrite -> calibrate -> sweep (or
@@ -248,7 +250,7 @@ def export(checkpoint, width_text, bits, output, latent, target, fmt, recipe, ta
         sweep=SweepSettings(candidates=parse_int_list(candidates, "--candidates"), mode=sweep_mode, target_bits=target_bits),
         group_size=group_size, calibration=Path(calibration) if calibration else None,
         distill=not no_distill, distill_steps=distill_steps, distill_budget_minutes=distill_budget, swift_resources=swift_resources,
-        min_psnr_db=min_psnr, keep_failed=keep_failed,
+        min_psnr_db=min_psnr, keep_failed=keep_failed, generate=not no_generate,
     )
     with StageProgress() as display:
         reports = run_export(ckpt, opts, on_stage=display.on_stage, progress=display.update)
@@ -389,11 +391,15 @@ def inspect(package, as_json):
 @click.option("--min-psnr", default=DEFAULT_MIN_PSNR_DB, show_default=True, type=FINITE, help="The bar: PSNR (dB) below it fails (exit 1).")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(DEVICE_CHOICES),
               help="Where the torch references run (auto: CUDA, then MPS, then CPU).")
+@click.option("--generate", is_flag=True, help="Also sample through the package with the checkpoint's prompts (final-sample PSNR, digit accuracy).")
+@click.option("--steps", default=4, show_default=True, type=POSITIVE_INT, help="--generate: sampler steps.")
+@click.option("--cfg", "cfg_scale", default=2.0, show_default=True, type=Number(float, min=1), help="--generate: guidance scale.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def verify(package, checkpoint, precision, runtime, min_psnr, device, as_json):
+def verify(package, checkpoint, precision, runtime, min_psnr, device, generate, steps, cfg_scale, as_json):
     """Execute PACKAGE (.mlpackage or .onnx) and compare it with edgecompile's simulation of its checkpoint and
     width (PSNR). Exits 1 when the PSNR is below --min-psnr or an output is not finite."""
-    result = verify_exported(package, checkpoint, precision=precision, runtime=runtime, min_psnr_db=min_psnr, device=device)
+    result = verify_exported(package, checkpoint, precision=precision, runtime=runtime, min_psnr_db=min_psnr, device=device,
+                             generate_with=SampleSettings(steps=steps, cfg_scale=cfg_scale) if generate else None)
     if as_json:
         emit_json(result.to_dict())
     else:
@@ -402,7 +408,51 @@ def verify(package, checkpoint, precision, runtime, min_psnr, device, as_json):
                   + ("" if result.psnr_db == result.psnr_vs_checkpoint_db else f", {fmt(result.psnr_vs_checkpoint_db)} dB vs the unquantized checkpoint")
                   + (f"; chunks alone: {', '.join(fmt(v) for v in result.chunk_psnr_db)} dB" if result.chunk_psnr_db else "")
                   + (f"; passed (>= {min_psnr:g} dB)" if result.passed else ""))
+        if result.generation is not None:
+            out.print(generation_line(result.generation))
     check_passed(result)
+
+
+def generation_line(g: GenerationSummary) -> str:
+    fmt = lambda v: "-" if v is None else f"{v:.1f}"  # noqa: E731
+    line = f"{len(g.labels)} samples, {g.steps} steps, CFG {g.cfg_scale:g} ({g.runtime}, {g.seconds:.0f} s)"
+    if g.psnr_db is not None:
+        line += f": final samples {fmt(g.psnr_db)} dB vs the checkpoint's (worst {fmt(g.worst_sample_psnr_db)} dB)"
+    if g.package_accuracy is not None:
+        line += f"; digits classified right: package {g.package_accuracy:.0%}"
+        if g.checkpoint_accuracy is not None:
+            line += f", checkpoint {g.checkpoint_accuracy:.0%}"
+    return line
+
+
+@cli.command()
+@click.argument("package", type=click.Path())
+@click.option("-o", "--output", required=True, type=click.Path(), help="The PNG grid to write.")
+@click.option("--checkpoint", type=click.Path(), help="The checkpoint it was exported from (default: the bundled one).")
+@click.option("--prompt", "labels", multiple=True, help="A prompt of the checkpoint by label (digits: 0..9); repeat it; default: all.")
+@click.option("--prompts", "prompts_file", type=click.Path(), help="Your text embeddings instead: safetensors with 'tokens' (N, T, D) and 'null'.")
+@click.option("--steps", default=4, show_default=True, type=POSITIVE_INT, help="Sampler steps (Euler for flow models, DDIM for epsilon).")
+@click.option("--cfg", "cfg_scale", default=2.0, show_default=True, type=Number(float, min=1), help="Classifier-free guidance scale (1: off).")
+@click.option("--seed", default=0, show_default=True, type=NON_NEGATIVE_INT, help="Noise seed.")
+@click.option("--per-prompt", default=1, show_default=True, type=POSITIVE_INT, help="Samples per prompt.")
+@click.option("--compare", is_flag=True, help="Add the checkpoint's own samples from the same noise (and their PSNR).")
+@click.option("--runtime", default="auto", show_default=True, type=click.Choice(["auto", "coreml", "interpreter"]),
+              help="auto: Core ML on macOS, else the interpreter in fp16.")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(DEVICE_CHOICES), help="Where --compare's checkpoint runs.")
+@click.option("--force", is_flag=True, help="Replace an existing PNG.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def sample(package, output, checkpoint, labels, prompts_file, steps, cfg_scale, seed, per_prompt, compare, runtime, device, force, as_json):
+    """Run the app's sampling loop with PACKAGE as the denoiser and write the samples as a labelled PNG grid."""
+    job = resolve_sample(package, output, checkpoint, list(labels) or None, prompts_file,
+                         SampleSettings(steps=steps, cfg_scale=cfg_scale, seed=seed, per_prompt=per_prompt), compare=compare,
+                         runtime=runtime, device=device, force=force)
+    with StageProgress() as display:
+        display.on_stage("sample")
+        summary = run_sample(job, progress=display.update)
+    if as_json:
+        emit_json(summary.to_dict())
+        return
+    out.print(f"{output}: " + generation_line(summary))
 
 
 @cli.command()

@@ -31,8 +31,9 @@ import torch
 from safetensors.torch import save_file
 
 from edgecompile import __version__
-from edgecompile.atomic import atomic_outputs, check_output_path, safe_name
-from edgecompile.compress.calibration import CalibrationSet, check_calibration_width, check_finite, default_calibration, load_calibration
+from edgecompile.atomic import atomic_outputs, atomic_path, check_output_path, safe_name
+from edgecompile.compress.calibration import (CalibrationSet, check_calibration_width, check_finite, default_calibration, load_calibration,
+                                             load_user_prompts)
 from edgecompile.compress.distill import DISTILLED_STATE, DistillSettings, distill, load_trained_state, trained_state
 from edgecompile.compress.palettize_model import PaletteCache, check_group_size, layer_shapes, palettizable_layers, palettize_deploy, uniform_bits
 from edgecompile.compress.recipe import DEFAULT_TARGET_BITS, PALETTE_BITS, Recipe, check_recipe_fits, load_recipe, make_recipe
@@ -40,10 +41,11 @@ from edgecompile.compress.sensitivity import MODES as SWEEP_MODES
 from edgecompile.compress.sensitivity import calibration_outputs, output_psnr
 from edgecompile.compress.simulate import simulated_model_for_package
 from edgecompile.coreml.convert import TARGETS, convert_chunks, convert_to_mlmodel, set_metadata
-from edgecompile.coreml.package import ANE_MAX_WEIGHT_FILE_BYTES, CHUNK, CHUNK_PACKAGES, load_package, weight_file_bytes
+from edgecompile.coreml.generate import SampleSettings, generate, grid_title, save_grid, select_prompts
+from edgecompile.coreml.package import ANE_MAX_WEIGHT_FILE_BYTES, CHUNK, CHUNK_PACKAGES, PackageView, load_package, weight_file_bytes
 from edgecompile.coreml.swift import write_swift_resources
-from edgecompile.coreml.verify import (DEFAULT_MIN_PSNR_DB, VerifyResult, check_min_psnr, check_verifiable, checkpoint_for,
-                                      verify_package)
+from edgecompile.coreml.verify import (DEFAULT_MIN_PSNR_DB, GenerationSummary, VerifyResult, check_min_psnr, check_verifiable,
+                                      checkpoint_for, verify_package)
 from edgecompile.coremltools_loader import import_coremltools
 from edgecompile.deploy.chunks import check_chunks, split_deploy
 from edgecompile.deploy.contract import PackageInfo, bits_metadata, example_inputs, package_metadata
@@ -55,7 +57,7 @@ from edgecompile.errors import EdgeCompileError, VerificationFailed
 from edgecompile.export_report import REPORT_FILE, ChunkReport, CompressionResult, ExportReport
 from edgecompile.jsonutil import dumps
 from edgecompile.model.budget import MAX_BATCH, available_memory_bytes, batch_size_for, check_fits, training_batch_for
-from edgecompile.model.checkpoint import Checkpoint
+from edgecompile.model.checkpoint import Checkpoint, Prompts
 from edgecompile.model.config import width_label
 from edgecompile.model.device import free_memory_bytes, peak_memory_gib, reset_peak_memory, resolve_device
 from edgecompile.model.elastic import count_params, extract_width
@@ -63,6 +65,7 @@ from edgecompile.model.elastic import count_params, extract_width
 BITS_CHOICES = ("16", "8", "6", "4", "mixed")
 FORMATS = ("coreml", "onnx")
 SWIFT_DENOISER = "MultiModalDiffusionTransformer"  # ml-stable-diffusion's SD3 denoiser resource name
+SAMPLES_GRID = "samples.png"  # the package's samples beside the checkpoint's, in each width's folder
 
 Progress = Callable[[str, int, int], None]
 log = logging.getLogger("edgecompile")
@@ -121,6 +124,7 @@ class ExportOptions:
     swift_resources: bool = False
     # verification gate
     min_psnr_db: float = DEFAULT_MIN_PSNR_DB
+    generate: bool = True  # checkpoints that ship prompts: sample through the package too (VerifyResult.generation)
     keep_failed: bool = False
 
     def validate(self, ckpt: Checkpoint) -> ResolvedInputs:
@@ -443,7 +447,13 @@ def export_width(ckpt: Checkpoint, width: float, opts: ExportOptions, resolved: 
         with timer.stage("verify"):
             # a palettized package's reference is the torch graph it was converted from, decoded weights included
             simulated = deploy if report.compression else None
-            report.verify = verify_package(load_package(pkg_path), ckpt, simulated, min_psnr_db=opts.min_psnr_db, progress=progress)
+            view = load_package(pkg_path)
+            report.verify = verify_package(view, ckpt, simulated, min_psnr_db=opts.min_psnr_db, progress=progress)
+            if opts.generate and ckpt.prompts is not None and opts.fmt == "coreml":
+                # the app's loop through the package, against the checkpoint's samples from the same noise
+                result = generate(view, ckpt, ckpt.prompts, progress=progress)
+                save_grid(result.grid_rows(), result.labels, out_dir / SAMPLES_GRID, grid_title(result, view))
+                report.verify.generation = result.summary(grid=SAMPLES_GRID)
     if opts.swift_resources:
         write_swift_resources(pkg_dir, paths, deploy, report.chunks)
     report.stage_seconds = dict(timer.seconds)
@@ -524,13 +534,75 @@ def run_sweep(ckpt: Checkpoint, opts: SweepOptions, on_stage: Callable[[str], No
 
 
 def verify_exported(package: str | Path, checkpoint: str | Path | None = None, precision: str = "fp32", runtime: str = "auto",
-                    min_psnr_db: float = DEFAULT_MIN_PSNR_DB, device: str = "cpu") -> VerifyResult:
+                    min_psnr_db: float = DEFAULT_MIN_PSNR_DB, device: str = "cpu", generate_with: SampleSettings | None = None) -> VerifyResult:
     """Verify a package written by `export` against the checkpoint it came from (the bundled one by default):
     a palettized package against edgecompile's simulation rebuilt from the checkpoint and its export folder.
-    The torch references run on `device` (--device)."""
+    The torch references run on `device` (--device). With `generate_with`, also sample through the package with
+    the checkpoint's prompts (`verify --generate`)."""
     torch_device = resolve_device(device)
     view = load_package(package)
     check_verifiable(view, min_psnr_db)
     ckpt = checkpoint_for(view, checkpoint)
-    return verify_package(view, ckpt, simulated_model_for_package(view, ckpt, torch_device), precision=precision, runtime=runtime,
-                          min_psnr_db=min_psnr_db, device=torch_device)
+    if generate_with is not None:
+        generate_with.validate()
+        if ckpt.prompts is None:
+            raise EdgeCompileError(f"--generate samples with the checkpoint's prompts and {ckpt.path} ships none: "
+                                   "use `edgecompile sample PACKAGE --prompts FILE` with your own text embeddings")
+    result = verify_package(view, ckpt, simulated_model_for_package(view, ckpt, torch_device), precision=precision, runtime=runtime,
+                            min_psnr_db=min_psnr_db, device=torch_device)
+    if generate_with is not None:
+        result.generation = generate(view, ckpt, ckpt.prompts, settings=generate_with, runtime=runtime, device=torch_device).summary()
+    return result
+
+
+@dataclass
+class SampleJob:
+    """`edgecompile sample`, every input read and checked (resolve_sample) before any sampling starts."""
+
+    view: PackageView
+    ckpt: Checkpoint
+    prompts: Prompts
+    labels: list[str] | None
+    settings: SampleSettings
+    output: Path
+    compare: bool
+    runtime: str
+    device: torch.device
+    force: bool
+    inputs: list
+
+
+def resolve_sample(package: str | Path, output: str | Path, checkpoint: str | Path | None = None, labels: list[str] | None = None,
+                   prompts_file: str | Path | None = None, settings: SampleSettings | None = None, compare: bool = False,
+                   runtime: str = "auto", device: str = "cpu", force: bool = False) -> SampleJob:
+    settings = settings or SampleSettings()
+    settings.validate()
+    output = Path(output)
+    if output.suffix.lower() != ".png":
+        raise EdgeCompileError(f"-o {output}: sample writes a PNG picture grid: give a path ending in .png, e.g. -o grid.png")
+    inputs = [package, checkpoint, prompts_file]
+    check_output_path(output, force, inputs=inputs)
+    view = load_package(package)
+    if view.width is None or view.latent_hw is None:
+        raise EdgeCompileError(f"package {view.path} has no edgecompile metadata: sample runs packages written by `edgecompile export`")
+    ckpt = checkpoint_for(view, checkpoint)
+    prompts = ckpt.prompts
+    if prompts_file is not None:
+        tokens, null = load_user_prompts(prompts_file, ckpt.config)
+        if null is None and settings.cfg_scale != 1.0:
+            raise EdgeCompileError(f"prompts file {prompts_file} has no 'null' embedding, which guidance needs: add it or pass --cfg 1")
+        prompts = Prompts(tokens=tokens, null=null if null is not None else torch.zeros_like(tokens[:1]),
+                          labels=[f"prompt {i}" for i in range(len(tokens))])
+    select_prompts(prompts, labels, str(prompts_file or ckpt.path or "the checkpoint"))  # unknown labels fail here
+    return SampleJob(view=view, ckpt=ckpt, prompts=prompts, labels=labels, settings=settings, output=output, compare=compare,
+                     runtime=runtime, device=resolve_device(device), force=force, inputs=inputs)
+
+
+def run_sample(job: SampleJob, progress: Progress | None = None) -> GenerationSummary:
+    """The app's sampling loop through the package, written as a labelled PNG grid (with `compare`, the
+    checkpoint's samples from the same noise as a second row)."""
+    result = generate(job.view, job.ckpt, job.prompts, job.labels, job.settings, compare=job.compare, runtime=job.runtime,
+                      device=job.device, progress=progress)
+    with atomic_path(job.output, force=job.force, is_dir=False, inputs=job.inputs) as target:
+        save_grid(result.grid_rows(), result.labels, target, grid_title(result, job.view))
+    return result.summary(grid=str(job.output))

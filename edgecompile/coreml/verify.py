@@ -37,6 +37,31 @@ DEFAULT_MIN_PSNR_DB = 60.0  # against edgecompile's own simulation (ml-ane-trans
 
 
 @dataclass
+class GenerationSummary:
+    """What a generation run measured (report.json's `generation`, `sample --json`): no pictures."""
+
+    runtime: str
+    steps: int
+    cfg_scale: float
+    seed: int
+    labels: list[str]  # the prompt of each sample
+    psnr_db: float | None  # final samples, package vs checkpoint from the same noise, all samples as one signal
+    worst_sample_psnr_db: float | None
+    package_accuracy: float | None  # digits model: the package's samples classified as their prompt
+    checkpoint_accuracy: float | None
+    non_finite_samples: int
+    seconds: float
+    grid: str | None = None  # the PNG written beside the package, relative to the width's folder
+
+    def to_dict(self) -> dict:
+        return finite_or_none(dict(self.__dict__))
+
+    @classmethod
+    def from_dict(cls, data: dict) -> GenerationSummary:
+        return cls(**data)
+
+
+@dataclass
 class VerifyResult:
     package: str
     runtime: str
@@ -49,11 +74,13 @@ class VerifyResult:
     min_psnr_db: float = DEFAULT_MIN_PSNR_DB
     non_finite_outputs: int = 0
     chunk_psnr_db: list[float] = field(default_factory=list)  # --chunks: each chunk alone, fed the reference's tensors
+    generation: GenerationSummary | None = None  # --generate: the app's sampling loop through the package
 
     @property
     def passed(self) -> bool:
         return (self.non_finite_outputs == 0 and math.isfinite(self.psnr_db) and self.psnr_db >= self.min_psnr_db
-                and all(math.isfinite(v) and v >= self.min_psnr_db for v in self.chunk_psnr_db))
+                and all(math.isfinite(v) and v >= self.min_psnr_db for v in self.chunk_psnr_db)
+                and (self.generation is None or self.generation.non_finite_samples == 0))
 
     @property
     def problem(self) -> str | None:
@@ -64,10 +91,17 @@ class VerifyResult:
         for k, v in enumerate(self.chunk_psnr_db, start=1):
             if not (math.isfinite(v) and v >= self.min_psnr_db):
                 return f"chunk {k} alone: PSNR {v:.1f} dB against {self.reference} is below the {self.min_psnr_db:g} dB bar"
+        if self.generation is not None and self.generation.non_finite_samples:
+            return f"{self.generation.non_finite_samples} of {len(self.generation.labels)} samples drawn through the package hold NaN or infinite values"
         return None
 
     def to_dict(self) -> dict:
-        return finite_or_none({**self.__dict__, "passed": self.passed, "problem": self.problem})
+        d = {**self.__dict__, "passed": self.passed, "problem": self.problem}
+        if self.generation is None:
+            d.pop("generation")
+        else:
+            d["generation"] = self.generation.to_dict()
+        return finite_or_none(d)
 
     @classmethod
     def from_dict(cls, data: dict) -> VerifyResult:
@@ -77,6 +111,8 @@ class VerifyResult:
             fields[key] = nan if fields.get(key) is None else fields[key]
         for key in ("per_input_psnr_db", "chunk_psnr_db"):
             fields[key] = [nan if v is None else v for v in fields.get(key, [])]
+        if fields.get("generation") is not None:
+            fields["generation"] = GenerationSummary.from_dict(fields["generation"])
         return cls(**fields)
 
 

@@ -26,7 +26,6 @@ import torch.utils.checkpoint
 import torch.nn.functional as F
 from torch import nn
 
-from edgecompile.errors import EdgeCompileError
 from edgecompile.model.config import ModelConfig
 from edgecompile.model.dit import bna_partition, position_table, timestep_frequencies
 

@@ -30,6 +30,9 @@ def train_classifier(seed: int = 0) -> SVC:
 
 
 def classify(clf: SVC, samples: torch.Tensor) -> np.ndarray:
+    """The digit each sample shows; a sample larger than 8x8 (a 16x16 latent) is area-averaged to 8x8 first."""
+    if tuple(samples.shape[-2:]) != (8, 8):
+        samples = torch.nn.functional.adaptive_avg_pool2d(samples.float(), (8, 8))
     return clf.predict(samples.clamp(-1, 1).reshape(len(samples), -1).numpy())
 
 
