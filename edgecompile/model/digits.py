@@ -16,10 +16,12 @@ from edgecompile.model.sampling import euler_sample
 N_CLASSES = 10
 
 
-def digits_dataset() -> tuple[torch.Tensor, torch.Tensor]:
-    """(images (N, 1, 8, 8) in [-1, 1], labels (N,))."""
+def digits_dataset(size: tuple[int, int] = (8, 8)) -> tuple[torch.Tensor, torch.Tensor]:
+    """(images (N, 1, H, W) in [-1, 1], labels (N,)): the 8x8 digits, bilinearly upsampled to a larger `size`."""
     d = load_digits()
     x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 8.0 - 1.0
+    if tuple(size) != (8, 8):
+        x = torch.nn.functional.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
     return x, torch.tensor(d.target, dtype=torch.long)
 
 
@@ -43,9 +45,9 @@ def class_prompts(prompts, per_class: int) -> tuple[torch.Tensor, np.ndarray]:
 
 
 def sample_accuracy(denoiser, prompts, clf: SVC, per_class: int = 20, steps: int = 20, cfg_scale: float = 2.0,
-                    seed: int = 0) -> tuple[float, torch.Tensor]:
-    """Generate per_class samples of each digit with fixed noise; return (accuracy, samples)."""
+                    seed: int = 0, latent_hw: tuple[int, int] = (8, 8)) -> tuple[float, torch.Tensor]:
+    """Generate per_class samples of each digit with fixed noise at `latent_hw`; return (accuracy, samples)."""
     text, labels = class_prompts(prompts, per_class)
-    noise = torch.randn((len(labels), 1, 8, 8), generator=torch.Generator().manual_seed(seed))
+    noise = torch.randn((len(labels), 1, *latent_hw), generator=torch.Generator().manual_seed(seed))
     samples = euler_sample(denoiser, noise, text, steps=steps, cfg_scale=cfg_scale, null_text=prompts.null)
     return float((classify(clf, samples) == labels).mean()), samples

@@ -49,9 +49,20 @@ def flow_matching_pair(x0: torch.Tensor, generator: torch.Generator):
     return (1 - tt) * x0 + tt * eps, t, eps - x0
 
 
-def train_elastic(model: EfficientDiT, tokens: ClassTokens, images: torch.Tensor, labels: torch.Tensor,
+@dataclass
+class Resolution:
+    """One latent size of a multi-resolution run: the data at that size and its batch (the same token count per
+    step at every size keeps steps equally costly)."""
+
+    images: torch.Tensor  # (N, C, H, W)
+    batch_size: int
+
+
+def train_elastic(model: EfficientDiT, tokens: ClassTokens, images: torch.Tensor | list[Resolution], labels: torch.Tensor,
                   s: TrainSettings, log=print) -> tuple[EfficientDiT, ClassTokens, dict]:
-    """Train in place; return EMA copies of the model and the class tokens, and a log of losses."""
+    """Train in place; return EMA copies of the model and the class tokens, and a log of losses. `images` is one
+    tensor (batch s.batch_size) or a list of Resolutions that the steps take in turn."""
+    sizes = images if isinstance(images, list) else [Resolution(images, s.batch_size)]
     torch.manual_seed(s.seed)
     random.seed(s.seed)
     gen = torch.Generator().manual_seed(s.seed)
@@ -67,8 +78,9 @@ def train_elastic(model: EfficientDiT, tokens: ClassTokens, images: torch.Tensor
     model.train()
     step = 0
     for step in range(s.steps):
-        idx = torch.randint(0, len(images), (s.batch_size,), generator=gen)
-        x0, y = images[idx], labels[idx].clone()
+        res = sizes[step % len(sizes)]
+        idx = torch.randint(0, len(res.images), (res.batch_size,), generator=gen)
+        x0, y = res.images[idx], labels[idx].clone()
         y[torch.rand(len(y), generator=gen) < s.label_dropout] = tokens.n_classes  # null class
         text = tokens(y)
         x_t, t, target = flow_matching_pair(x0, gen)
@@ -77,7 +89,7 @@ def train_elastic(model: EfficientDiT, tokens: ClassTokens, images: torch.Tensor
         loss = loss_full
         loss_sub = loss_dist = torch.zeros(())
         if sub_widths:
-            w = sub_widths[step % len(sub_widths)]  # every sub-width in turn (uniform over steps)
+            w = sub_widths[(step // len(sizes)) % len(sub_widths)]  # every sub-width in turn, at every size
             v_sub = model(x_t, t, text, width=w)
             loss_sub = F.mse_loss(v_sub, target)
             loss_dist = F.mse_loss(v_sub, v_full.detach())  # eq. 5, stop-gradient teacher
