@@ -23,9 +23,10 @@ from edgecompile.compress.recipe import DEFAULT_TARGET_BITS
 from edgecompile.compress.sensitivity import MODES as SWEEP_MODES
 from edgecompile.coreml.package import CHUNK_PACKAGES, layout_ops_per_block, load_package, weight_census
 from edgecompile.coreml.generate import SampleSettings
-from edgecompile.coreml.verify import DEFAULT_MIN_PSNR_DB, GenerationSummary, check_passed
+from edgecompile.coreml.verify import DEFAULT_MIN_PSNR_DB, GenerationSummary, VerifyResult, check_passed
 from edgecompile.errors import EdgeCompileError
-from edgecompile.export import FORMATS, ExportOptions, SweepOptions, SweepSettings, resolve_sample, run_export, run_sample, run_sweep, verify_exported
+from edgecompile.export import (FORMATS, ExportOptions, SweepOptions, SweepSettings, resolve_sample, run_export, run_sample, run_sweep,
+                                verify_every_function, verify_exported)
 from edgecompile.export_report import ExportReport
 from edgecompile.jsonutil import dumps
 from edgecompile.model.checkpoint import init_checkpoint, load_checkpoint, load_config_or_checkpoint
@@ -78,6 +79,13 @@ def parse_latent(text: str | None, option: str = "--latent") -> tuple[int, int] 
     if h < 1 or w < 1:
         raise EdgeCompileError(f"{option} {text!r} must have positive sides (e.g. {option} 8x8)")
     return h, w
+
+
+def parse_latents(text: str | None) -> list[tuple[int, int]]:
+    """--latent A[,B,...]: one size, or several for one multifunction package (the first is the default function)."""
+    if text is None:
+        return [None]
+    return [parse_latent(part.strip()) for part in text.split(",")]
 
 
 def emit_json(data) -> None:
@@ -203,7 +211,8 @@ def parse_int_list(text: str, option: str, minimum: int | None = None) -> tuple[
 @click.option("--width", "width_text", help="0.375, 0.5, 1.0, a comma list, or 'all' (default: 0.5, or the checkpoint's only width).")
 @click.option("--bits", default="16", show_default=True, help="Weight bits: 16 (fp16), 8, 6, 4 or mixed (sensitivity sweep).")
 @click.option("-o", "--output", default="dist", show_default=True, type=click.Path(), help="Output folder (one subfolder per width).")
-@click.option("--latent", help="Latent size HxW (default: the config's sample_size).")
+@click.option("--latent", help="Latent size HxW (default: the config's sample_size); several, comma-separated (8x8,16x16), "
+                               "make one multifunction package per width (iOS18), one function per size, the first the default.")
 @click.option("--target", default="iOS17", show_default=True, type=click.Choice(["iOS17", "iOS18"]))
 @click.option("--format", "fmt", default="coreml", show_default=True, type=click.Choice(FORMATS))
 @click.option("--recipe", type=click.Path(), help="Mixed-bit recipe from `edgecompile sweep` (skips the sweep).")
@@ -243,8 +252,10 @@ def export(checkpoint, width_text, bits, output, latent, target, fmt, recipe, ta
     --min-psnr is not written (exit 1).
     """
     ckpt = load_checkpoint(checkpoint)
+    latents = parse_latents(latent)
     opts = ExportOptions(
-        output=Path(output), widths=ckpt.config.parse_widths(width_text or repr(ckpt.config.default_width)), bits=str(bits), latent_hw=parse_latent(latent),
+        output=Path(output), widths=ckpt.config.parse_widths(width_text or repr(ckpt.config.default_width)), bits=str(bits),
+        latent_hw=latents[0], more_latents=tuple(latents[1:]),
         target=target, fmt=fmt, force=force, verify=not no_verify, query_chunk=query_chunk, chunks=chunks, device=device,
         batch_size=batch_size, calibration_latent=parse_latent(calibration_latent, "--calibration-latent"), recipe=Path(recipe) if recipe else None,
         sweep=SweepSettings(candidates=parse_int_list(candidates, "--candidates"), mode=sweep_mode, target_bits=target_bits),
@@ -342,13 +353,15 @@ def sweep(checkpoint, width, bits_text, mode, target_bits, target_psnr, group_si
 
 @cli.command()
 @click.argument("package", type=click.Path())
+@click.option("--function", help="One function of a multifunction package (default: its default function).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def inspect(package, as_json):
+def inspect(package, function, as_json):
     """Op counts, layout ops per block, I/O, metadata and weight bytes of a saved .mlpackage (works on Linux)."""
-    view = load_package(package)
+    view = load_package(package, function=function)
     census = weight_census(view)
     data = {
-        "package": str(view.path), "inputs": view.inputs, "outputs": view.outputs, "metadata": view.metadata,
+        "package": str(view.path), "function": view.function, "functions": view.functions,
+        "inputs": view.inputs, "outputs": view.outputs, "metadata": view.metadata,
         "ops": view.ops, "layout_ops_per_block": layout_ops_per_block(view), **census,
     }
     if as_json:
@@ -356,8 +369,11 @@ def inspect(package, as_json):
         return
     meta = view.metadata
     out.print(f"[bold]{view.path}[/bold]  width {meta.get('edgecompile.width', '?')}, bits {meta.get('edgecompile.bits', '?')}, "
-              f"latent {meta.get('edgecompile.latent', '?')}, {census['weight_bytes'] / 2**20:.2f} MiB of weights"
+              f"latent {'x'.join(map(str, view.latent_hw or ('?',)))}, {census['weight_bytes'] / 2**20:.2f} MiB of weights"
               + (f", {census['average_bits']:.2f} bits/weight palettized" if census["average_bits"] else ""))
+    if view.functions:
+        out.print(f"multifunction package: {', '.join(f'{n} ({hw})' for n, hw in view.functions.items())}; the first is the default; "
+                  f"showing {view.function} (--function to pick another)", overflow="fold")
     if view.chunk:
         out.print(f"chunk {view.chunk[0]} of {view.chunk[1]} of one denoiser: run in the order of "
                   f"{meta.get(CHUNK_PACKAGES)} (denoiser_contract.json says how tensors bind)", overflow="fold")
@@ -391,26 +407,34 @@ def inspect(package, as_json):
 @click.option("--min-psnr", default=DEFAULT_MIN_PSNR_DB, show_default=True, type=FINITE, help="The bar: PSNR (dB) below it fails (exit 1).")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(DEVICE_CHOICES),
               help="Where the torch references run (auto: CUDA, then MPS, then CPU).")
+@click.option("--function", help="Verify one function of a multifunction package (default: every function).")
 @click.option("--generate", is_flag=True, help="Also sample through the package with the checkpoint's prompts (final-sample PSNR, digit accuracy).")
 @click.option("--steps", default=4, show_default=True, type=POSITIVE_INT, help="--generate: sampler steps.")
 @click.option("--cfg", "cfg_scale", default=2.0, show_default=True, type=Number(float, min=1), help="--generate: guidance scale.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def verify(package, checkpoint, precision, runtime, min_psnr, device, generate, steps, cfg_scale, as_json):
+def verify(package, checkpoint, precision, runtime, min_psnr, device, function, generate, steps, cfg_scale, as_json):
     """Execute PACKAGE (.mlpackage or .onnx) and compare it with edgecompile's simulation of its checkpoint and
     width (PSNR). Exits 1 when the PSNR is below --min-psnr or an output is not finite."""
-    result = verify_exported(package, checkpoint, precision=precision, runtime=runtime, min_psnr_db=min_psnr, device=device,
-                             generate_with=SampleSettings(steps=steps, cfg_scale=cfg_scale) if generate else None)
-    if as_json:
-        emit_json(result.to_dict())
+    settings = dict(checkpoint=checkpoint, precision=precision, runtime=runtime, min_psnr_db=min_psnr, device=device,
+                    generate_with=SampleSettings(steps=steps, cfg_scale=cfg_scale) if generate else None)
+    results = [verify_exported(package, function=function, **settings)] if function else verify_every_function(package, **settings)
+    if as_json:  # one result, or one per function of a multifunction package
+        emit_json(results[0].to_dict() if len(results) == 1 else {"functions": [r.to_dict() for r in results]})
     else:
-        fmt = lambda v: "NaN" if not math.isfinite(v) else f"{v:.1f}"  # noqa: E731
-        out.print(f"{package}: width {result.width:g}, {result.runtime}: PSNR {fmt(result.psnr_db)} dB vs {result.reference}"
-                  + ("" if result.psnr_db == result.psnr_vs_checkpoint_db else f", {fmt(result.psnr_vs_checkpoint_db)} dB vs the unquantized checkpoint")
-                  + (f"; chunks alone: {', '.join(fmt(v) for v in result.chunk_psnr_db)} dB" if result.chunk_psnr_db else "")
-                  + (f"; passed (>= {min_psnr:g} dB)" if result.passed else ""))
-        if result.generation is not None:
-            out.print(generation_line(result.generation))
-    check_passed(result)
+        for result in results:
+            print_verify(package if result.function is None else f"{package} [{result.function}]", result, min_psnr)
+    for result in results:
+        check_passed(result)
+
+
+def print_verify(package: str, result: VerifyResult, min_psnr: float) -> None:
+    fmt = lambda v: "NaN" if not math.isfinite(v) else f"{v:.1f}"  # noqa: E731
+    out.print(f"{package}: width {result.width:g}, {result.runtime}: PSNR {fmt(result.psnr_db)} dB vs {result.reference}"
+              + ("" if result.psnr_db == result.psnr_vs_checkpoint_db else f", {fmt(result.psnr_vs_checkpoint_db)} dB vs the unquantized checkpoint")
+              + (f"; chunks alone: {', '.join(fmt(v) for v in result.chunk_psnr_db)} dB" if result.chunk_psnr_db else "")
+              + (f"; passed (>= {min_psnr:g} dB)" if result.passed else ""))
+    if result.generation is not None:
+        out.print(generation_line(result.generation))
 
 
 def generation_line(g: GenerationSummary) -> str:
@@ -435,17 +459,19 @@ def generation_line(g: GenerationSummary) -> str:
 @click.option("--cfg", "cfg_scale", default=2.0, show_default=True, type=Number(float, min=1), help="Classifier-free guidance scale (1: off).")
 @click.option("--seed", default=0, show_default=True, type=NON_NEGATIVE_INT, help="Noise seed.")
 @click.option("--per-prompt", default=1, show_default=True, type=POSITIVE_INT, help="Samples per prompt.")
+@click.option("--function", help="One function (latent size) of a multifunction package (default: its default function).")
 @click.option("--compare", is_flag=True, help="Add the checkpoint's own samples from the same noise (and their PSNR).")
 @click.option("--runtime", default="auto", show_default=True, type=click.Choice(["auto", "coreml", "interpreter"]),
               help="auto: Core ML on macOS, else the interpreter in fp16.")
 @click.option("--device", default="auto", show_default=True, type=click.Choice(DEVICE_CHOICES), help="Where --compare's checkpoint runs.")
 @click.option("--force", is_flag=True, help="Replace an existing PNG.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def sample(package, output, checkpoint, labels, prompts_file, steps, cfg_scale, seed, per_prompt, compare, runtime, device, force, as_json):
+def sample(package, output, checkpoint, labels, prompts_file, steps, cfg_scale, seed, per_prompt, function, compare, runtime, device, force,
+           as_json):
     """Run the app's sampling loop with PACKAGE as the denoiser and write the samples as a labelled PNG grid."""
     job = resolve_sample(package, output, checkpoint, list(labels) or None, prompts_file,
                          SampleSettings(steps=steps, cfg_scale=cfg_scale, seed=seed, per_prompt=per_prompt), compare=compare,
-                         runtime=runtime, device=device, force=force)
+                         runtime=runtime, device=device, force=force, function=function)
     with StageProgress() as display:
         display.on_stage("sample")
         summary = run_sample(job, progress=display.update)

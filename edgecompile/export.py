@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -40,9 +41,10 @@ from edgecompile.compress.recipe import DEFAULT_TARGET_BITS, PALETTE_BITS, Recip
 from edgecompile.compress.sensitivity import MODES as SWEEP_MODES
 from edgecompile.compress.sensitivity import calibration_outputs, output_psnr
 from edgecompile.compress.simulate import simulated_model_for_package
-from edgecompile.coreml.convert import TARGETS, convert_chunks, convert_to_mlmodel, set_metadata
+from edgecompile.coreml.convert import TARGETS, combine_functions, convert_chunks, convert_to_mlmodel, set_metadata
 from edgecompile.coreml.generate import SampleSettings, generate, grid_title, save_grid, select_prompts
-from edgecompile.coreml.package import ANE_MAX_WEIGHT_FILE_BYTES, CHUNK, CHUNK_PACKAGES, PackageView, load_package, weight_file_bytes
+from edgecompile.coreml.package import (ANE_MAX_WEIGHT_FILE_BYTES, CHUNK, CHUNK_PACKAGES, FUNCTIONS, PackageView, function_name, load_package,
+                                       weight_file_bytes)
 from edgecompile.coreml.swift import write_swift_resources
 from edgecompile.coreml.verify import (DEFAULT_MIN_PSNR_DB, GenerationSummary, VerifyResult, check_min_psnr, check_verifiable,
                                       checkpoint_for, verify_package)
@@ -54,7 +56,7 @@ from edgecompile.deploy.onnx_export import export_onnx
 from edgecompile.deploy.rewrite import deploy_model
 from edgecompile.digest import sha256_file
 from edgecompile.errors import EdgeCompileError, VerificationFailed
-from edgecompile.export_report import REPORT_FILE, ChunkReport, CompressionResult, ExportReport
+from edgecompile.export_report import REPORT_FILE, ChunkReport, CompressionResult, ExportReport, FunctionReport
 from edgecompile.jsonutil import dumps
 from edgecompile.model.budget import MAX_BATCH, available_memory_bytes, batch_size_for, check_fits, training_batch_for
 from edgecompile.model.checkpoint import Checkpoint, Prompts
@@ -102,6 +104,8 @@ class ExportOptions:
     widths: list[float]
     bits: str = "16"
     latent_hw: tuple[int, int] | None = None
+    # --latent A,B,...: the other latent sizes, each one more function of one multifunction package (iOS18)
+    more_latents: tuple[tuple[int, int], ...] = ()
     target: str = "iOS17"
     fmt: str = "coreml"
     force: bool = False
@@ -151,6 +155,19 @@ class ExportOptions:
         ckpt.config.check_latent_size(*latent_hw)
         for w in self.widths:
             check_fits(ckpt.config, w, latent_hw, what=f"--latent {latent_hw[0]}x{latent_hw[1]}")
+        if self.more_latents:
+            sizes = [latent_hw, *map(tuple, self.more_latents)]
+            if len(set(sizes)) != len(sizes):
+                raise EdgeCompileError(f"--latent names a size twice ({','.join(f'{h}x{w}' for h, w in sizes)}): name each once")
+            if self.fmt != "coreml" or self.target != "iOS18":
+                raise EdgeCompileError("several --latent sizes make one multifunction Core ML package, which needs iOS18: "
+                                       "add --target iOS18 (and drop --format onnx)")
+            if self.chunks != 1:
+                raise EdgeCompileError("--chunks with several --latent sizes is not supported: export each size on its own, or drop --chunks")
+            for hw in self.more_latents:
+                ckpt.config.check_latent_size(*hw)
+                for w in self.widths:
+                    check_fits(ckpt.config, w, tuple(hw), what=f"--latent {hw[0]}x{hw[1]}")
         if self.calibration_latent is not None:
             if self.bits == "16":
                 raise EdgeCompileError("--calibration-latent applies to palettized exports: add --bits 4, 6, 8 or mixed")
@@ -391,6 +408,32 @@ def convert_and_save_chunks(deploy: DeployDiT, paths: list[Path], opts: ExportOp
     return reports
 
 
+def function_graphs(dense, deploy: DeployDiT, opts: ExportOptions) -> list[tuple[str, DeployDiT]]:
+    """(function name, deploy graph) per latent size of a multifunction export, the default (--latent's first)
+    first. Every graph holds the very parameters of `deploy` (palettized and distilled ones included): the sizes
+    differ only in their constants (position table, micro-conditions)."""
+    graphs = [(function_name(deploy.latent_hw), deploy)]
+    for hw in opts.more_latents:
+        other = deploy_model(dense, latent_hw=tuple(hw), query_chunk=opts.query_chunk)
+        other.load_state_dict(deploy.state_dict(keep_vars=True), assign=True)  # shared, not copied
+        graphs.append((function_name(tuple(hw)), other))
+    return graphs
+
+
+def convert_functions(graphs: list[tuple[str, DeployDiT]], path: Path, opts: ExportOptions, info: PackageInfo, extra: dict[str, str],
+                      compression: CompressionResult | None) -> str | None:
+    """Each latent size converted on its own, then combined into one multifunction package at `path`."""
+    with tempfile.TemporaryDirectory(prefix="functions-") as scratch:  # inside the staging folder (scratch_tempdir)
+        parts = []
+        for function, graph in graphs:
+            part = Path(scratch) / f"{function}.mlpackage"
+            version = convert_and_save(graph, part, opts, info, extra, compression)
+            parts.append((function, str(part)))
+        functions = {name: "{}x{}".format(*graph.latent_hw) for name, graph in graphs}
+        combine_functions(parts, str(path), {FUNCTIONS: json.dumps(functions)})
+    return version
+
+
 def size_on_disk(path: Path) -> int:
     return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
@@ -425,12 +468,18 @@ def export_width(ckpt: Checkpoint, width: float, opts: ExportOptions, resolved: 
     if report.compression and report.compression.recipe:
         (out_dir / "recipe.json").write_text(dumps(report.compression.recipe.to_dict()) + "\n")
     info = PackageInfo(width=width, params=report.params, config=report.config, checkpoint_sha256=ckpt_sha, bits=opts.bits)
+    graphs: list[tuple[str | None, DeployDiT]] = [(None, deploy)]  # (function, graph): None for a one-function package
     if opts.chunks > 1:
         paths = [pkg_dir / n for n in chunk_package_names(name, opts.chunks, opts.swift_resources)]
         report.package = str(Path(report.package).parent / paths[0].name)
         with timer.stage("convert"):
             report.chunks = convert_and_save_chunks(deploy, paths, opts, info, extra, report.compression)
             report.coremltools = import_coremltools().__version__
+    elif opts.more_latents:
+        paths = [pkg_dir / name]
+        graphs = function_graphs(dense, deploy, opts)
+        with timer.stage("convert"):
+            report.coremltools = convert_functions(graphs, paths[0], opts, info, extra, report.compression)
     else:
         paths = [pkg_dir / name]
         with timer.stage("convert"):
@@ -446,16 +495,23 @@ def export_width(ckpt: Checkpoint, width: float, opts: ExportOptions, resolved: 
     if opts.verify:
         with timer.stage("verify"):
             # a palettized package's reference is the torch graph it was converted from, decoded weights included
-            simulated = deploy if report.compression else None
-            view = load_package(pkg_path)
-            report.verify = verify_package(view, ckpt, simulated, min_psnr_db=opts.min_psnr_db, progress=progress)
-            if opts.generate and ckpt.prompts is not None and opts.fmt == "coreml":
-                # the app's loop through the package, against the checkpoint's samples from the same noise
-                result = generate(view, ckpt, ckpt.prompts, progress=progress)
-                save_grid(result.grid_rows(), result.labels, out_dir / SAMPLES_GRID, grid_title(result, view))
-                report.verify.generation = result.summary(grid=SAMPLES_GRID)
+            for function, graph in graphs:
+                view = load_package(pkg_path, function=function)
+                result = verify_package(view, ckpt, graph if report.compression else None, min_psnr_db=opts.min_psnr_db, progress=progress)
+                if opts.generate and ckpt.prompts is not None and opts.fmt == "coreml":
+                    # the app's loop through the package, against the checkpoint's samples from the same noise
+                    grid = SAMPLES_GRID if function is None else f"samples_{function}.png"
+                    samples = generate(view, ckpt, ckpt.prompts, progress=progress)
+                    save_grid(samples.grid_rows(), samples.labels, out_dir / grid, grid_title(samples, view))
+                    result.generation = samples.summary(grid=grid)
+                if function is None:
+                    report.verify = result
+                else:
+                    report.functions.append(FunctionReport(name=function, latent=list(view.latent_hw), verify=result))
+            if report.functions:
+                report.verify = report.functions[0].verify
     if opts.swift_resources:
-        write_swift_resources(pkg_dir, paths, deploy, report.chunks)
+        write_swift_resources(pkg_dir, paths, deploy, report.chunks, graphs if opts.more_latents else None)
     report.stage_seconds = dict(timer.seconds)
     report.stage_peak_memory_gib = dict(timer.peak_memory_gib)
     (out_dir / REPORT_FILE).write_text(dumps(report.to_dict()) + "\n")
@@ -534,13 +590,15 @@ def run_sweep(ckpt: Checkpoint, opts: SweepOptions, on_stage: Callable[[str], No
 
 
 def verify_exported(package: str | Path, checkpoint: str | Path | None = None, precision: str = "fp32", runtime: str = "auto",
-                    min_psnr_db: float = DEFAULT_MIN_PSNR_DB, device: str = "cpu", generate_with: SampleSettings | None = None) -> VerifyResult:
+                    min_psnr_db: float = DEFAULT_MIN_PSNR_DB, device: str = "cpu", generate_with: SampleSettings | None = None,
+                    function: str | None = None) -> VerifyResult:
     """Verify a package written by `export` against the checkpoint it came from (the bundled one by default):
     a palettized package against edgecompile's simulation rebuilt from the checkpoint and its export folder.
-    The torch references run on `device` (--device). With `generate_with`, also sample through the package with
-    the checkpoint's prompts (`verify --generate`)."""
+    `function` picks one function of a multifunction package (default: its default function; see
+    `verify_every_function`). The torch references run on `device` (--device). With `generate_with`, also sample
+    through the package with the checkpoint's prompts (`verify --generate`)."""
     torch_device = resolve_device(device)
-    view = load_package(package)
+    view = load_package(package, function=function)
     check_verifiable(view, min_psnr_db)
     ckpt = checkpoint_for(view, checkpoint)
     if generate_with is not None:
@@ -553,6 +611,12 @@ def verify_exported(package: str | Path, checkpoint: str | Path | None = None, p
     if generate_with is not None:
         result.generation = generate(view, ckpt, ckpt.prompts, settings=generate_with, runtime=runtime, device=torch_device).summary()
     return result
+
+
+def verify_every_function(package: str | Path, **kwargs) -> list[VerifyResult]:
+    """`verify_exported` of every function of a multifunction package, the default first (one result otherwise)."""
+    names = list(load_package(package).functions) or [None]
+    return [verify_exported(package, function=name, **kwargs) for name in names]
 
 
 @dataclass
@@ -574,7 +638,7 @@ class SampleJob:
 
 def resolve_sample(package: str | Path, output: str | Path, checkpoint: str | Path | None = None, labels: list[str] | None = None,
                    prompts_file: str | Path | None = None, settings: SampleSettings | None = None, compare: bool = False,
-                   runtime: str = "auto", device: str = "cpu", force: bool = False) -> SampleJob:
+                   runtime: str = "auto", device: str = "cpu", force: bool = False, function: str | None = None) -> SampleJob:
     settings = settings or SampleSettings()
     settings.validate()
     output = Path(output)
@@ -582,7 +646,7 @@ def resolve_sample(package: str | Path, output: str | Path, checkpoint: str | Pa
         raise EdgeCompileError(f"-o {output}: sample writes a PNG picture grid: give a path ending in .png, e.g. -o grid.png")
     inputs = [package, checkpoint, prompts_file]
     check_output_path(output, force, inputs=inputs)
-    view = load_package(package)
+    view = load_package(package, function=function)
     if view.width is None or view.latent_hw is None:
         raise EdgeCompileError(f"package {view.path} has no edgecompile metadata: sample runs packages written by `edgecompile export`")
     ckpt = checkpoint_for(view, checkpoint)

@@ -7,7 +7,8 @@ The one schema of report.json (keys in this order; optional parts absent when th
     calibration {how the inputs were made, inputs}, recipe {recipe.json}, bits_per_layer, average_bits,
     group_size, calibration_psnr_db {palettized, distilled}, distill {DistillResult}   -- palettized exports
     coremltools (version; Core ML exports), size_bytes (all chunks), chunks [ChunkReport]  -- --chunks N > 1,
-    verify {VerifyResult; package relative to the width's folder}, stage_seconds {stage: s, in run order},
+    verify {VerifyResult; package relative to the width's folder; of the default function},
+    functions [{name, latent, verify}]  -- a multifunction package (--latent A,B,...), stage_seconds {stage: s, in run order},
     stage_peak_memory_gib {stage: {host_rss: the process's resident peak so far, cuda_allocated: the stage's own
     CUDA peak, on CUDA}}
 
@@ -87,6 +88,15 @@ class ChunkReport:
 
 
 @dataclass
+class FunctionReport:
+    """One function of a multifunction package (--latent A,B,...), the default first."""
+
+    name: str
+    latent: list[int]
+    verify: VerifyResult | None = None
+
+
+@dataclass
 class ExportReport:
     edgecompile: str
     config: dict[str, Any]
@@ -104,7 +114,8 @@ class ExportReport:
     coremltools: str | None = None
     size_bytes: int = 0
     chunks: list[ChunkReport] = field(default_factory=list)
-    verify: VerifyResult | None = None
+    verify: VerifyResult | None = None  # of the default function when there are several
+    functions: list[FunctionReport] = field(default_factory=list)  # a multifunction package's, each verified
     stage_seconds: dict[str, float] = field(default_factory=dict)
     stage_peak_memory_gib: dict[str, dict[str, float]] = field(default_factory=dict)
     path: str = ""  # the committed package; not written to report.json
@@ -118,7 +129,7 @@ class ExportReport:
 
     @property
     def verified(self) -> bool:
-        return self.verify is not None and self.verify.passed
+        return self.verify is not None and self.verify.passed and all(f.verify is not None and f.verify.passed for f in self.functions)
 
     def to_dict(self) -> dict:
         d: dict[str, Any] = {k: getattr(self, k) for k in self.HEAD}
@@ -131,6 +142,8 @@ class ExportReport:
             d["chunks"] = [c.__dict__ for c in self.chunks]
         if self.verify is not None:
             d["verify"] = {**self.verify.to_dict(), "package": self.package}
+        if self.functions:
+            d["functions"] = [{"name": f.name, "latent": f.latent, "verify": f.verify.to_dict() if f.verify else None} for f in self.functions]
         d["stage_seconds"] = self.stage_seconds
         d["stage_peak_memory_gib"] = self.stage_peak_memory_gib
         return d
@@ -142,6 +155,8 @@ class ExportReport:
                    coremltools=data.get("coremltools"), size_bytes=data["size_bytes"],
                    chunks=[ChunkReport(**c) for c in data.get("chunks", [])],
                    verify=VerifyResult.from_dict(data["verify"]) if data.get("verify") else None,
+                   functions=[FunctionReport(name=f["name"], latent=f["latent"], verify=VerifyResult.from_dict(f["verify"]) if f["verify"] else None)
+                              for f in data.get("functions", [])],
                    stage_seconds=data.get("stage_seconds", {}), stage_peak_memory_gib=data.get("stage_peak_memory_gib", {}),
                    path=path)
 

@@ -75,21 +75,23 @@ def torch_latency(config, width: float, latent_hw: tuple[int, int], repeats: int
     return {"runtime": f"torch {torch.__version__} {device} ({str(dtype).removeprefix('torch.')})", **summarise(samples)}
 
 
-def coreml_latency(package: Path, repeats: int = 10) -> dict:
+def coreml_latency(package: Path, repeats: int = 10, function: str | None = None) -> dict:
     """Core ML load and predict latency per compute-unit setting (macOS only). A chunk (--chunks) is timed as
-    the chain it belongs to: one sample is one denoiser call through every chunk."""
+    the chain it belongs to: one sample is one denoiser call through every chunk; `function` picks one function
+    of a multifunction package."""
     if sys.platform != "darwin":
         return {"skipped": "Core ML runs only on macOS (coremltools on Linux cannot load or predict packages)"}
     import numpy as np
 
     ct = import_coremltools()
-    chain = load_chain(load_package(package))
+    chain = load_chain(load_package(package, function=function))
     rng = np.random.default_rng(0)
     feeds = {f["name"]: rng.standard_normal(f["shape"]).astype(np.float32) for f in chain[0].inputs}
     out: dict = {"chunks": len(chain)} if len(chain) > 1 else {}
     for unit in COMPUTE_UNITS:
         start = time.perf_counter()
-        models = [ct.models.MLModel(str(v.path), compute_units=getattr(ct.ComputeUnit, unit)) for v in chain]
+        named = {"function_name": function} if function else {}
+        models = [ct.models.MLModel(str(v.path), compute_units=getattr(ct.ComputeUnit, unit), **named) for v in chain]
         load_s = time.perf_counter() - start
 
         def predict():
@@ -108,7 +110,7 @@ def coreml_latency(package: Path, repeats: int = 10) -> dict:
         counts: dict[str, int] = {}
         for ml in models:
             plan = ct.models.compute_plan.MLComputePlan.load_from_path(ml.get_compiled_model_path(), compute_units=ct.ComputeUnit.ALL)
-            for op in plan.model_structure.program.functions["main"].block.operations:
+            for op in plan.model_structure.program.functions[function or "main"].block.operations:
                 usage = plan.get_compute_device_usage_for_mlprogram_operation(op)
                 name = type(usage.preferred_compute_device).__name__ if usage else "none"
                 counts[name] = counts.get(name, 0) + 1

@@ -29,20 +29,28 @@ class BenchItem:
     bits: float
     weight_bytes: int | None = None
     package: Path | None = None
+    function: str | None = None  # one function of a multifunction package
 
 
-def package_item(path: str) -> BenchItem:
+def package_items(path: str) -> list[BenchItem]:
+    """One item per package, or per function of a multifunction package (one latent size each)."""
     view = load_package(path)
     if view.config is None or view.width is None:
         raise EdgeCompileError(f"package {path} has no edgecompile metadata: bench analyses packages written by `edgecompile export`")
-    # a chunk stands for the denoiser it belongs to: weights of the whole chain, latency of the chain
-    chain = load_chain(view)
-    censuses = [weight_census(v) for v in chain]
-    palettized = [(c["average_bits"], c["palettized_bytes"]) for c in censuses if c["average_bits"]]
-    bits = sum(b * n for b, n in palettized) / sum(n for _, n in palettized) if palettized else 16.0
-    label = Path(path).name if len(chain) == 1 else f"{chain[0].path.name} (+{len(chain) - 1} chunks)"
-    return BenchItem(label=label, config=ModelConfig.from_dict(view.config), width=view.width, latent_hw=view.latent_hw,
-                     bits=bits, weight_bytes=sum(c["weight_bytes"] for c in censuses), package=Path(path))
+    views = [view] if not view.functions else [view.with_function(name) for name in view.functions]
+    items = []
+    for v in views:
+        # a chunk stands for the denoiser it belongs to: weights of the whole chain, latency of the chain
+        chain = load_chain(v)
+        censuses = [weight_census(c) for c in chain]
+        palettized = [(c["average_bits"], c["palettized_bytes"]) for c in censuses if c["average_bits"]]
+        bits = sum(b * n for b, n in palettized) / sum(n for _, n in palettized) if palettized else 16.0
+        label = Path(path).name if len(chain) == 1 else f"{chain[0].path.name} (+{len(chain) - 1} chunks)"
+        label += f" [{v.function}]" if v.functions else ""
+        items.append(BenchItem(label=label, config=ModelConfig.from_dict(v.config), width=v.width, latent_hw=v.latent_hw,
+                               bits=bits, weight_bytes=sum(c["weight_bytes"] for c in censuses), package=Path(path),
+                               function=v.function if v.functions else None))
+    return items
 
 
 def config_items(path: str, widths: str, latent: tuple[int, int] | None, bits: float) -> list[BenchItem]:
@@ -72,7 +80,7 @@ def analyse(items: list[BenchItem], devices=DEFAULT_DEVICES, host: bool = True, 
             hw = host_latent if host_latent and item.package is None else item.latent_hw
             row["host"] = {**torch_latency(item.config, item.width, tuple(hw), repeats=repeats), "latent": list(hw)}
         if item.package is not None:
-            row["coreml"] = coreml_latency(item.package, repeats)
+            row["coreml"] = coreml_latency(item.package, repeats, function=item.function)
         rows.append(row)
     cost = {}
     for d, m in models.items():
@@ -226,7 +234,7 @@ def resolve_bench(opts: BenchOptions) -> BenchInputs:
         raise EdgeCompileError("give one or more packages (PKG...) or --config files to benchmark")
     if opts.output:
         check_output_path(Path(opts.output), opts.force, inputs=opts.inputs)
-    items = [package_item(p) for p in opts.packages]
+    items = [item for p in opts.packages for item in package_items(p)]
     for c in opts.configs:
         items += config_items(c, opts.config_widths, opts.latent, opts.config_bits)
     return BenchInputs(items=items, runs=load_runs(list(opts.runs)), export_reports=[ExportReport.read(r) for r in opts.export_reports])

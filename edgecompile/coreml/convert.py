@@ -6,6 +6,8 @@ matches, so Swift pipelines can bind them: all Float32 at the boundary (Swift fe
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import torch
 
@@ -122,3 +124,25 @@ def set_metadata(ml, info: PackageInfo, deploy: DeployDiT, extra: dict | None = 
     }
     meta.update(extra or {})
     ml.user_defined_metadata.update(meta)
+
+
+def combine_functions(parts: list[tuple[str, str]], dest: str, extra_metadata: dict[str, str]) -> None:
+    """One multifunction package (iOS18) from one-function packages [(function name, package path)], the first
+    the default function; constants byte-identical across them (every weight: the functions differ in latent size
+    only) are stored once by coremltools' save_multifunction. It drops the package description, so the first
+    part's (author, license, version, description, user metadata) is restored, with `extra_metadata` added."""
+    ct = import_coremltools()
+    desc = ct.utils.MultiFunctionDescriptor()
+    for name, path in parts:
+        desc.add_function(str(path), src_function_name="main", target_function_name=name)
+    desc.default_function_name = parts[0][0]
+    combined = f"{dest}.combined.mlpackage"
+    with quiet_coremltools():
+        ct.utils.save_multifunction(desc, combined)
+    ml = ct.models.MLModel(combined, skip_model_load=True)
+    first = ct.models.MLModel(str(parts[0][1]), skip_model_load=True)
+    ml.author, ml.license, ml.version, ml.short_description = first.author, first.license, first.version, first.short_description
+    ml.user_defined_metadata.update({**dict(first.user_defined_metadata), **extra_metadata})
+    ml.save(str(dest))
+    del ml
+    shutil.rmtree(combined)

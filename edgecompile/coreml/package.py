@@ -22,6 +22,14 @@ BLOCK_NAME = re.compile(r"^(down|middle|up)_(\d+)_")
 ANE_MAX_WEIGHT_FILE_BYTES = 2 * 2**30
 CHUNK = "edgecompile.chunk"  # "k/N": chunk k of N (deploy/chunks.py)
 CHUNK_PACKAGES = "edgecompile.chunk_packages"  # JSON list: every chunk's file name, in run order
+# Multifunction packages (--latent A,B,...; iOS18): one function per latent size, weights stored once
+FUNCTIONS = "edgecompile.functions"  # JSON object: function name -> "HxW", the default function first
+
+
+def function_name(latent_hw: tuple[int, int]) -> str:
+    """The documented name of a multifunction package's function for one latent size (Swift:
+    MLModelConfiguration.functionName; Python: MLModel(path, function_name=...))."""
+    return f"latent_{latent_hw[0]}x{latent_hw[1]}"
 
 
 def weight_file_bytes(package: Path) -> int:
@@ -40,6 +48,7 @@ class PackageView:
     outputs: list[dict]
     ops: dict[str, int] = field(default_factory=dict)
     onnx_weights: dict[str, np.ndarray] | None = None  # ONNX initializers; None for a Core ML package
+    function: str = "main"  # the program function this view reads (a multifunction package has several)
 
     @property
     def is_onnx(self) -> bool:
@@ -56,9 +65,19 @@ class PackageView:
         return float(raw) if raw else None
 
     @property
+    def functions(self) -> dict[str, str]:
+        """Function name -> "HxW" of a multifunction package, the default first; empty for a one-function one."""
+        raw = self.metadata.get(FUNCTIONS)
+        return json.loads(raw) if raw else {}
+
+    @property
     def latent_hw(self) -> tuple[int, int] | None:
-        raw = self.metadata.get("edgecompile.latent")
+        raw = self.functions.get(self.function) or self.metadata.get("edgecompile.latent")
         return tuple(int(v) for v in raw.split("x")) if raw else None
+
+    def with_function(self, name: str) -> PackageView:
+        """The same package read through another of its functions."""
+        return load_package(self.path, function=name)
 
     @property
     def chunk(self) -> tuple[int, int] | None:
@@ -68,7 +87,8 @@ class PackageView:
 
     @property
     def main(self):
-        return self.program.functions["main"]
+        """The program function this view reads."""
+        return self.program.functions[self.function]
 
 
 def _feature(f) -> dict:
@@ -109,7 +129,8 @@ def _load_onnx(path: Path) -> PackageView:
     )
 
 
-def load_package(path: str | Path) -> PackageView:
+def load_package(path: str | Path, function: str | None = None) -> PackageView:
+    """A package read back; `function` picks one function of a multifunction package (default: its default)."""
     path = Path(path)
     if not path.exists():
         raise EdgeCompileError(f"package {path} not found: pass the .mlpackage written by `edgecompile export`")
@@ -124,9 +145,19 @@ def load_package(path: str | Path) -> PackageView:
     except Exception as e:
         raise EdgeCompileError(f"package {path} could not be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
     meta = dict(spec.description.metadata.userDefined)
+    described = {f.name: f for f in spec.description.functions}
+    if described:  # a multifunction package: each function describes its own inputs and outputs
+        chosen = function or spec.description.defaultFunctionName
+        if chosen not in described:
+            raise EdgeCompileError(f"package {path} has no function {chosen!r}: use one of {', '.join(described)}")
+        desc = described[chosen]
+    elif function not in (None, "main"):
+        raise EdgeCompileError(f"package {path} has one function: drop --function {function}")
+    else:
+        chosen, desc = "main", spec.description
     view = PackageView(
-        path=path, spec=spec, program=program, metadata=meta,
-        inputs=[_feature(f) for f in spec.description.input], outputs=[_feature(f) for f in spec.description.output],
+        path=path, spec=spec, program=program, metadata=meta, function=chosen,
+        inputs=[_feature(f) for f in desc.input], outputs=[_feature(f) for f in desc.output],
     )
     view.ops = dict(sorted(collections.Counter(o.op_type for o in view.main.operations).items(), key=lambda kv: -kv[1]))
     return view

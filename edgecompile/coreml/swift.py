@@ -21,8 +21,9 @@ COMPILE_SCRIPT = "compile_resources.sh"
 CONTRACT = "denoiser_contract.json"
 
 
-def denoiser_contract(deploy, chunks: list | None = None) -> dict:
-    """The denoiser's I/O for the app; with --chunks, the packages in run order and how their tensors bind."""
+def denoiser_contract(deploy, chunks: list | None = None, functions: list | None = None) -> dict:
+    """The denoiser's I/O for the app; with --chunks, the packages in run order and how their tensors bind; with
+    several latent sizes, the functions of the multifunction package (`functions`: [(name, deploy graph)])."""
     c = deploy.config
     h, w = deploy.latent_hw
     shapes = {LATENT: [1, c.latent_channels, h, w], TIMESTEP: [1], TEXT: [1, c.text_dim, 1, c.text_len],
@@ -44,6 +45,16 @@ def denoiser_contract(deploy, chunks: list | None = None) -> dict:
         "differences_from_sd3": differences,
         "scheduler": scheduler,
     }
+    if functions:
+        contract["functions"] = {
+            "how_to_load": ("One function per latent size; the first is the default. Swift: set "
+                            "MLModelConfiguration.functionName to the function's name before loading (iOS 18 / macOS 15); "
+                            "Python: coremltools.models.MLModel(path, function_name=name). The weights are stored once."),
+            "default": functions[0][0],
+            "functions": [{"name": name, "latent": list(graph.latent_hw),
+                           "inputs": {LATENT: [1, c.latent_channels, *graph.latent_hw]}, "outputs": {OUTPUT: [1, c.latent_channels, *graph.latent_hw]}}
+                          for name, graph in functions],
+        }
     if chunks:
         contract["chunks"] = {
             "how_to_run": ("One denoiser call runs every chunk in this order. Keep one dictionary of MLMultiArrays holding "
@@ -59,8 +70,8 @@ def denoiser_contract(deploy, chunks: list | None = None) -> dict:
     return contract
 
 
-def write_swift_resources(resources: Path, packages: list[Path], deploy, chunks: list | None = None) -> None:
-    (resources / CONTRACT).write_text(json.dumps(denoiser_contract(deploy, chunks), indent=2) + "\n")
+def write_swift_resources(resources: Path, packages: list[Path], deploy, chunks: list | None = None, functions: list | None = None) -> None:
+    (resources / CONTRACT).write_text(json.dumps(denoiser_contract(deploy, chunks, functions), indent=2) + "\n")
     script = resources / COMPILE_SCRIPT
     compile_lines = "".join(f"xcrun coremlcompiler compile {p.name} .\n" for p in packages)
     script.write_text(

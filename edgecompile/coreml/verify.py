@@ -75,6 +75,7 @@ class VerifyResult:
     non_finite_outputs: int = 0
     chunk_psnr_db: list[float] = field(default_factory=list)  # --chunks: each chunk alone, fed the reference's tensors
     generation: GenerationSummary | None = None  # --generate: the app's sampling loop through the package
+    function: str | None = None  # the function verified, of a multifunction package
 
     @property
     def passed(self) -> bool:
@@ -177,7 +178,8 @@ def coreml_runner(view: PackageView) -> Callable | None:
     if sys.platform != "darwin":
         return None
     ct = import_coremltools()
-    ml = ct.models.MLModel(str(view.path), compute_units=ct.ComputeUnit.CPU_AND_NE)
+    function = {"function_name": view.function} if view.functions else {}
+    ml = ct.models.MLModel(str(view.path), compute_units=ct.ComputeUnit.CPU_AND_NE, **function)
     return ml.predict
 
 
@@ -201,7 +203,7 @@ def package_runner(view: PackageView, precision: str = "fp32", runtime: str = "a
         raise EdgeCompileError("--runtime coreml needs macOS (Core ML is not available on this platform): use --runtime interpreter")
     if runner is not None and precision == "fp32":
         return runner, "coreml"
-    return MILInterpreter(view.program, precision=precision).run, f"mil-interpreter ({precision})"
+    return MILInterpreter(view.program, precision=precision, function=view.function).run, f"mil-interpreter ({precision})"
 
 
 def package_feeds(latent: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> dict[str, np.ndarray]:
@@ -288,7 +290,7 @@ def verify_package(view: PackageView, ckpt: Checkpoint, simulated: DeployDiT | N
         chunk_reference = simulated if simulated is not None else deploy_model(ckpt.model, width, latent_hw=view.latent_hw).to(device)
         chunk_psnr = verify_chunks(views, chunk_reference, inputs, precision, runtime, device)
     return VerifyResult(
-        package=str(view.path), runtime=label, precision=precision, width=width,
+        package=str(view.path), runtime=label, function=view.function if view.functions else None, precision=precision, width=width,
         psnr_db=worst(per), psnr_vs_checkpoint_db=worst(per_ckpt), per_input_psnr_db=per, chunk_psnr_db=chunk_psnr,
         reference="edgecompile's compressed torch simulation" if simulated is not None else "fp32 torch reference of the checkpoint",
         min_psnr_db=min_psnr_db, non_finite_outputs=sum(not np.isfinite(o).all() for o in outs),

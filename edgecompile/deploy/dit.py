@@ -89,6 +89,20 @@ def split_einsum_attention(q, k_t, v, heads: int, kv_heads: int, head_dim: int, 
     return torch.cat(outs, dim=1)  # (B, Hq*d, 1, Sq): heads back on the channel axis
 
 
+def separable_positions(pos: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(rows (1, D, h, 1), cols (1, D, 1, w)) with rows + cols == pos exactly, when every channel of the (1, D, h, w)
+    table varies along one axis only (2-D sin-cos tables); (None, None) otherwise."""
+    along_rows = (pos == pos[:, :, :, :1]).all(dim=(2, 3))  # (1, D): constant across columns -> a row channel
+    along_cols = (pos == pos[:, :, :1, :]).all(dim=(2, 3))
+    if not bool((along_rows | along_cols).all()):
+        return None, None
+    rows = torch.where(along_rows[..., None, None], pos[:, :, :, :1], 0.0)
+    cols = torch.where(along_rows[..., None, None], 0.0, pos[:, :, :1, :])
+    if not torch.equal(rows + cols, pos):
+        return None, None
+    return rows, cols
+
+
 class BlockLayout:
     """Where each BNA block and its neighbourhood sit in the flattened down/up-stage sequence."""
 
@@ -295,7 +309,13 @@ class DeployDiT(nn.Module):
         self.patch_embed = nn.Conv2d(c.latent_channels, d.hidden, p, stride=p)
         with torch.device("cpu"):  # constants are computed even when the module is built on the meta device
             pos = position_table(c, h, w, d.hidden).T.reshape(1, d.hidden, h, w)
-            self.register_buffer("pos", self._to_layout(pos), persistent=False)
+            pos_rows, pos_cols = separable_positions(pos)
+            # Principle: a 2-D sin-cos table is a row part plus a column part (each channel reads one axis), so the
+            # package stores D x (h + w) values, not D x h x w: at several latent sizes per package
+            # (multifunction) the per-size constants stay small beside the shared weights
+            self.register_buffer("pos_rows", pos_rows, persistent=False)  # (1, D, h, 1), zero in column channels
+            self.register_buffer("pos_cols", pos_cols, persistent=False)  # (1, D, 1, w), zero in row channels
+            self.register_buffer("pos", None if pos_rows is not None else self._to_layout(pos), persistent=False)
             self.register_buffer("freqs", timestep_frequencies(c.frequency_dim, c.prediction).view(1, -1), persistent=False)
             # PixArt-alpha's micro-conditions are a constant of the latent size: deploy_model fills this in
             self.register_buffer("micro_condition", torch.zeros(1, d.hidden, 1, 1), persistent=False)
@@ -353,7 +373,10 @@ class DeployDiT(nn.Module):
 
     def embed(self, latent: torch.Tensor, timestep: torch.Tensor) -> Carry:
         c = self.config
-        x = self._to_layout(self.patch_embed(latent)) + self.pos
+        if self.pos is None:  # positions added on the raster map: the block layout permutes sums alike
+            x = self._to_layout(self.patch_embed(latent) + self.pos_rows + self.pos_cols)  # (B, D, h, w) -> block layout
+        else:
+            x = self._to_layout(self.patch_embed(latent)) + self.pos
         args = timestep.view(-1, 1) * self.freqs
         tfeat = torch.cat([args.cos(), args.sin()], dim=1).view(-1, c.frequency_dim, 1, 1)
         temb = self.t_mlp2(F.silu(self.t_mlp1(tfeat)))
