@@ -128,6 +128,17 @@ class ExportReport:
         return self.compression.average_bits if self.compression else 16.0
 
     @property
+    def folder(self) -> Path:
+        """The width's folder (where report.json and the sample grids lie), from the committed package path."""
+        return Path(self.path).parents[len(Path(self.package).parts) - 1]
+
+    def sample_grids(self) -> list[Path]:
+        """The PNG grids of the package's samples that verification wrote, one per function."""
+        results = [f.verify for f in self.functions] if self.functions else [self.verify]
+        grids = [self.folder / r.generation.grid for r in results if r is not None and r.generation is not None and r.generation.grid]
+        return [g for g in grids if g.is_file()]
+
+    @property
     def verified(self) -> bool:
         return self.verify is not None and self.verify.passed and all(f.verify is not None and f.verify.passed for f in self.functions)
 

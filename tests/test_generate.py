@@ -112,3 +112,12 @@ def test_sample_needs_prompts_for_a_checkpoint_without_them(exported, tiny_check
     data = json.loads(out)
     assert data["labels"] == ["prompt 0", "prompt 1"] and data["package_accuracy"] is None and data["psnr_db"] is None
     assert np.isfinite(data["seconds"])
+
+
+def test_bench_report_shows_the_sample_grids(bundled_fp16, tmp_path, capsys):
+    report_json = bundled_fp16_dir(bundled_fp16) / "report.json"
+    code, _, err = run_cli(["bench", bundled_fp16.path, "--reports", str(report_json), "--no-host", "-o", str(tmp_path / "bench")], capsys)
+    assert code == 0, err
+    name = "samples_toy_w0.375_fp16.png"
+    assert (tmp_path / "bench" / name).read_bytes()[:4] == b"\x89PNG"
+    assert f"![{name}]({name})" in (tmp_path / "bench" / "report.md").read_text()

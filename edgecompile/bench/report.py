@@ -184,6 +184,9 @@ def markdown(data: dict) -> str:
 
 def write_report(data: dict, out_dir: Path, export_reports: list[ExportReport], force: bool = False, inputs=()) -> None:
     images = plots(data, export_reports)
+    for r in export_reports:  # what each package draws (export's verify stage), beside the checkpoint's samples
+        for grid in r.sample_grids():
+            images[f"samples_{Path(r.package).stem}{grid.stem.removeprefix('samples')}.png"] = grid.read_bytes()
     md = markdown(data)
     with atomic_path(out_dir, force=force, inputs=inputs) as tmp:
         (tmp / "bench.json").write_text(dumps(data) + "\n")
