@@ -121,8 +121,17 @@ def info(source: str | None, latent: str | None, as_json: bool) -> None:
                       f"{row.heads}/{row.kv_heads}")
     out.print(table)
     if ckpt is not None:
+        out.print(f"checkpoint {ckpt.path} ({ckpt.dtype})")
         acc = ckpt.provenance.get("sample_accuracy")
-        out.print(f"checkpoint {ckpt.path} ({ckpt.dtype})" + (f"; sample accuracy per width: {acc}" if acc else ""))
+        if acc:
+            out.print("sample accuracy (20 Euler steps) " + "; ".join(f"width {w}: {accuracy_text(row)}" for w, row in acc.items()))
+
+
+def accuracy_text(row: dict) -> str:
+    """A width's sample accuracy from the provenance: one figure, or one per trained latent size."""
+    if "accuracy_20_steps" in row:
+        return f"{row['accuracy_20_steps']:.0%}"
+    return ", ".join(f"{size} {r['accuracy_20_steps']:.0%}" for size, r in row.items())
 
 
 @cli.command()
