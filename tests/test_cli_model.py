@@ -1,3 +1,4 @@
+import pytest
 import json
 
 from edgecompile.model.checkpoint import load_checkpoint
@@ -27,14 +28,18 @@ def test_init_writes_a_loadable_checkpoint(tmp_path, capsys):
     assert code == 2 and "already exists" in err
 
 
-def test_bundled_checkpoint_generates_recognisable_digits():
+@pytest.mark.parametrize("latent_hw", [(8, 8), (16, 16)])
+def test_bundled_checkpoint_generates_recognisable_digits(latent_hw):
+    """The bundled model was trained at 8x8 and at 16x16 (the digits upsampled): it draws digits at both sizes."""
     from edgecompile.model.digits import sample_accuracy, train_classifier
 
     ckpt = load_checkpoint()
     assert ckpt.prompts is not None and ckpt.prompts.tokens.shape[0] == 10
+    assert [tuple(s) for s in ckpt.provenance["latent_sizes"]] == [(8, 8), (16, 16)]
     clf = train_classifier()
-    acc, samples = sample_accuracy(lambda x, t, c: ckpt.model(x, t, c, width=1.0), ckpt.prompts, clf, per_class=5, steps=20)
-    assert samples.shape == (50, 1, 8, 8)
+    acc, samples = sample_accuracy(lambda x, t, c: ckpt.model(x, t, c, width=1.0), ckpt.prompts, clf, per_class=5, steps=20,
+                                   latent_hw=latent_hw)
+    assert samples.shape == (50, 1, *latent_hw)
     assert acc >= 0.7  # the full README figure uses 20 per class; 5 per class keeps this test fast
 
 
