@@ -134,7 +134,7 @@ def test_distillation_sized_by_time(tiny_checkpoint):
     palettize_deploy(student, uniform_bits(student, 4))
     result = distill(student, teacher, calib, DistillSettings(budget_seconds=3.0, patience=10_000))
     assert result.step_seconds > 0 and result.planned_steps == result.steps_run > 6  # no early stop: the plan ran
-    assert 2.4 <= result.seconds <= 10  # the budget (3 s), evaluations included (slack for a busy machine)
+    assert 1.8 <= result.seconds <= 10  # fills the budget (3 s), evaluations included; slack both ways for a busy machine
     # a budget that one step already overruns (a large model on a CPU) plans from that step, without probing
     palettize_deploy(student, uniform_bits(student, 4))
     short = distill(student, teacher, calib, DistillSettings(budget_seconds=0.01))
