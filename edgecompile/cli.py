@@ -20,6 +20,8 @@ from edgecompile.bench.report import DEFAULT_DEVICES, BenchOptions, resolve_benc
 from edgecompile.compress.calibration import record_calibration
 from edgecompile.compress.distill import DEFAULT_BUDGET_SECONDS, MAX_BUDGET_STEPS
 from edgecompile.compress.recipe import DEFAULT_TARGET_BITS
+from edgecompile.compress.palettize_model import DEFAULT_PALETTE_METHOD, PALETTE_METHODS
+from edgecompile.compress.sensitivity import DEFAULT_MODE as DEFAULT_SWEEP_MODE
 from edgecompile.compress.sensitivity import MODES as SWEEP_MODES
 from edgecompile.coreml.package import CHUNK_PACKAGES, layout_ops_per_block, load_package, weight_census
 from edgecompile.coreml.generate import SampleSettings
@@ -227,7 +229,9 @@ def parse_int_list(text: str, option: str, minimum: int | None = None) -> tuple[
 @click.option("--recipe", type=click.Path(), help="Mixed-bit recipe from `edgecompile sweep` (skips the sweep).")
 @click.option("--target-bits", default=DEFAULT_TARGET_BITS, show_default=True, type=FINITE, help="Average bits for --bits mixed.")
 @click.option("--candidates", default="4,8", show_default=True, help="Bit-widths --bits mixed chooses from.")
-@click.option("--sweep-mode", default="local", show_default=True, type=click.Choice(SWEEP_MODES), help="Sensitivity signal for --bits mixed.")
+@click.option("--sweep-mode", default=DEFAULT_SWEEP_MODE, show_default=True, type=click.Choice(SWEEP_MODES), help="Sensitivity signal for --bits mixed.")
+@click.option("--palettes", "palette_method", default=DEFAULT_PALETTE_METHOD, show_default=True, type=click.Choice(PALETTE_METHODS),
+              help="output-aware: LUTs weighted by output damage, error-compensating indices; weighted: nearest indices; plain: k-means on weights alone.")
 @click.option("--group-size", type=POSITIVE_INT, help="One LUT per group of this many output channels (iOS18).")
 @click.option("--calibration", type=click.Path(), help="Calibration inputs from `edgecompile calibrate` (default: built from the checkpoint).")
 @click.option("--no-distill", is_flag=True, help="Skip self-distillation of biases and norms after palettization.")
@@ -251,13 +255,13 @@ def parse_int_list(text: str, option: str, minimum: int | None = None) -> tuple[
 @click.option("--keep-failed", is_flag=True, help="Keep a package whose verification failed, for inspection (still exits 1).")
 @click.option("--force", is_flag=True, help="Replace existing output folders.")
 @click.option("--json", "as_json", is_flag=True, help="Print a machine-readable summary.")
-def export(checkpoint, width_text, bits, output, latent, target, fmt, recipe, target_bits, candidates, sweep_mode, group_size,
+def export(checkpoint, width_text, bits, output, latent, target, fmt, recipe, target_bits, candidates, sweep_mode, palette_method, group_size,
            calibration, no_distill, distill_steps, distill_budget, swift_resources, query_chunk, chunks, calibration_latent, device,
            batch_size, no_verify, no_generate, min_psnr, keep_failed, force, as_json):
     """Compile CHECKPOINT (default: the bundled one) into one verified package per width.
 
-    Pipeline, in the order it runs: load and validate -> extract width -> rewrite -> calibrate -> sweep (or
-    --recipe) -> palettize -> self-distill -> convert -> verify -> package. A package that verifies below
+    Pipeline, in the order it runs: load and validate -> extract width -> rewrite -> calibrate -> layer statistics
+    -> sweep (or --recipe) -> palettize -> self-distill -> convert -> verify -> package. A package that verifies below
     --min-psnr is not written (exit 1).
     """
     ckpt = load_checkpoint(checkpoint)
@@ -268,7 +272,7 @@ def export(checkpoint, width_text, bits, output, latent, target, fmt, recipe, ta
         target=target, fmt=fmt, force=force, verify=not no_verify, query_chunk=query_chunk, chunks=chunks, device=device,
         batch_size=batch_size, calibration_latent=parse_latent(calibration_latent, "--calibration-latent"), recipe=Path(recipe) if recipe else None,
         sweep=SweepSettings(candidates=parse_int_list(candidates, "--candidates"), mode=sweep_mode, target_bits=target_bits),
-        group_size=group_size, calibration=Path(calibration) if calibration else None,
+        palettes=palette_method, group_size=group_size, calibration=Path(calibration) if calibration else None,
         distill=not no_distill, distill_steps=distill_steps, distill_budget_minutes=distill_budget, swift_resources=swift_resources,
         min_psnr_db=min_psnr, keep_failed=keep_failed, generate=not no_generate,
     )
@@ -283,13 +287,13 @@ def export(checkpoint, width_text, bits, output, latent, target, fmt, recipe, ta
 def print_summary(name: str, reports: list[ExportReport]) -> None:
     """A per-width table that fits 80 columns, then each width's package path and stage times on their own lines."""
     table = Table(title=f"edgecompile export: {name}")
-    for col in ("width", "params", "size", "avg bits", "vs ckpt", "calib. PSNR"):
+    for col in ("width", "params", "size", "avg bits", "held-out PSNR", "vs ckpt"):
         table.add_column(col, justify="right")
     for r in reports:
         psnr = f"{r.verify.psnr_vs_checkpoint_db:.1f} dB" if r.verify and math.isfinite(r.verify.psnr_vs_checkpoint_db) else "-"
-        cal = r.compression.calibration_psnr_db if r.compression else {}
-        cal_text = " -> ".join(f"{cal[k]:.1f}" for k in ("palettized", "distilled") if k in cal) + " dB" if cal else "-"
-        table.add_row(f"{r.width:g}", f"{r.params / 1e6:.2f} M", f"{r.size_bytes / 2**20:.2f} MiB", f"{r.average_bits:.2f}", psnr, cal_text)
+        held = r.compression.heldout_psnr_db if r.compression else {}
+        held_text = " -> ".join(f"{held[k]:.1f}" for k in ("palettized", "distilled") if k in held) + " dB" if held else "-"
+        table.add_row(f"{r.width:g}", f"{r.params / 1e6:.2f} M", f"{r.size_bytes / 2**20:.2f} MiB", f"{r.average_bits:.2f}", held_text, psnr)
     out.print(table)
     for r in reports:
         out.print(f"w{r.width:g}: {r.path}", overflow="fold")
@@ -321,8 +325,11 @@ def calibrate(checkpoint, width, output, prompts, schedules, latent, seed, cfg_s
 @click.argument("checkpoint", required=False)
 @click.option("--width", type=WIDTH, help="Width (default: 0.5, or the checkpoint's only width).")
 @click.option("--bits", "bits_text", default="4,8", show_default=True, help="Candidate bit-widths.")
-@click.option("--mode", default="local", show_default=True, type=click.Choice(SWEEP_MODES),
-              help="local: each layer's own output error (one forward pass); e2e: denoiser-output error (one pass per layer and bits).")
+@click.option("--mode", default=DEFAULT_SWEEP_MODE, show_default=True, type=click.Choice(SWEEP_MODES),
+              help="propagated: predicted denoiser-output error (a forward pass, a backward pass on a third); local: each layer's "
+                   "own output error (one forward pass); e2e: denoiser-output error (one pass per layer and bits).")
+@click.option("--palettes", "palette_method", default=DEFAULT_PALETTE_METHOD, show_default=True, type=click.Choice(PALETTE_METHODS),
+              help="How each candidate's LUT and indices are chosen (see export --palettes).")
 @click.option("--target-bits", type=FINITE, help=f"Average bits to allocate (default {DEFAULT_TARGET_BITS} unless --target-psnr).")
 @click.option("--target-psnr", type=FINITE, help="Allocate the fewest bits whose calibration PSNR reaches this (dB).")
 @click.option("--group-size", type=POSITIVE_INT, help="Sweep grouped LUTs of this many output channels.")
@@ -333,7 +340,7 @@ def calibrate(checkpoint, width, output, prompts, schedules, latent, seed, cfg_s
 @click.option("-o", "--output", required=True, type=click.Path(), help="Recipe JSON to write.")
 @click.option("--force", is_flag=True)
 @click.option("--json", "as_json", is_flag=True)
-def sweep(checkpoint, width, bits_text, mode, target_bits, target_psnr, group_size, calibration, latent, device, output, force, as_json):
+def sweep(checkpoint, width, bits_text, mode, palette_method, target_bits, target_psnr, group_size, calibration, latent, device, output, force, as_json):
     """Per-layer palettization sensitivity and a mixed-bit recipe for one width."""
     if target_bits is not None and target_psnr is not None:
         raise EdgeCompileError("give --target-bits or --target-psnr, not both")
@@ -342,7 +349,7 @@ def sweep(checkpoint, width, bits_text, mode, target_bits, target_psnr, group_si
                              target_psnr_db=target_psnr)
     ckpt = load_checkpoint(checkpoint)
     width = ckpt.config.default_width if width is None else width
-    opts = SweepOptions(output=Path(output), width=width, settings=settings, group_size=group_size,
+    opts = SweepOptions(output=Path(output), width=width, settings=settings, palettes=palette_method, group_size=group_size,
                         calibration=Path(calibration) if calibration else None, latent_hw=parse_latent(latent), device=device, force=force)
     with StageProgress() as display:
         recipe = run_sweep(ckpt, opts, on_stage=display.on_stage, progress=display.update)

@@ -36,8 +36,21 @@ from edgecompile.atomic import atomic_outputs, atomic_path, check_output_path, s
 from edgecompile.compress.calibration import (CalibrationSet, check_calibration_width, check_finite, default_calibration, load_calibration,
                                              load_user_prompts)
 from edgecompile.compress.distill import DISTILLED_STATE, DistillSettings, distill, load_trained_state, trained_state
-from edgecompile.compress.palettize_model import PaletteCache, check_group_size, layer_shapes, palettizable_layers, palettize_deploy, uniform_bits
+from edgecompile.compress.importance import measure_statistics
+from edgecompile.compress.palettize_model import (
+    DEFAULT_PALETTE_METHOD,
+    PALETTE_METHODS,
+    PALETTES_FILE,
+    PaletteCache,
+    check_group_size,
+    layer_shapes,
+    palettizable_layers,
+    palettize_deploy,
+    save_palettes,
+    uniform_bits,
+)
 from edgecompile.compress.recipe import DEFAULT_TARGET_BITS, PALETTE_BITS, Recipe, check_recipe_fits, load_recipe, make_recipe
+from edgecompile.compress.sensitivity import DEFAULT_MODE as DEFAULT_SWEEP_MODE
 from edgecompile.compress.sensitivity import MODES as SWEEP_MODES
 from edgecompile.compress.sensitivity import calibration_outputs, output_psnr
 from edgecompile.compress.simulate import simulated_model_for_package
@@ -78,7 +91,7 @@ class SweepSettings:
     """How a mixed-bit recipe is made: `export --bits mixed` and `edgecompile sweep`."""
 
     candidates: tuple[int, ...] = (4, 8)
-    mode: str = "local"
+    mode: str = DEFAULT_SWEEP_MODE
     target_bits: float | None = DEFAULT_TARGET_BITS  # ignored when target_psnr_db is set
     target_psnr_db: float | None = None
 
@@ -119,6 +132,7 @@ class ExportOptions:
     # mixed-bit palettization
     recipe: Path | None = None
     sweep: SweepSettings = field(default_factory=SweepSettings)
+    palettes: str = DEFAULT_PALETTE_METHOD  # how LUTs and indices are chosen (compress/palettize_model.py)
     group_size: int | None = None
     calibration: Path | None = None
     # self-distillation (palettized exports)
@@ -184,6 +198,7 @@ class ExportOptions:
             raise EdgeCompileError(f"--query-chunk {self.query_chunk} must be a positive number of tokens (e.g. 512)")
         check_min_psnr(self.min_psnr_db)
         layers = {w: layer_shapes(ckpt.config, w, latent_hw) for w in self.widths}
+        check_palette_method(self.palettes)
         if self.bits == "mixed":
             self.sweep.validate()
             if self.recipe is not None:
@@ -281,7 +296,8 @@ def package_name(config_name: str, width: float, bits: str, fmt: str) -> str:
     return f"{safe_name(config_name)}_w{width_label(width)}_{tag}" + (".mlpackage" if fmt == "coreml" else ".onnx")
 
 
-# ---- compress: calibrate -> sweep -> palettize -> self-distill ------------------------------------------------
+# ---- compress: calibrate -> statistics -> sweep -> palettize -> self-distill ----------------------------------
+HELD_OUT_FRACTION = 0.2
 def calibration_for(ckpt: Checkpoint, width: float, given: CalibrationSet | None, latent_hw: tuple[int, int] | None = None,
                     device: torch.device | str = "cpu", progress: Progress | None = None) -> CalibrationSet:
     calib = given if given is not None else default_calibration(ckpt, width, latent_hw, device=device, progress=progress)
@@ -294,6 +310,21 @@ def graph_at_calibration_size(dense, calib: CalibrationSet, query_chunk: int | N
     """Sweep and distillation run on deploy graphs at the calibration latent size, on `device`; palettes and
     distilled parameters carry over to the export graph (on the CPU, for conversion) by layer name."""
     return deploy_model(dense, latent_hw=tuple(calib.latent.shape[2:]), query_chunk=query_chunk).to(device)
+
+
+def check_palette_method(method: str) -> None:
+    if method not in PALETTE_METHODS:
+        raise EdgeCompileError(f"--palettes {method} is not supported: use one of {', '.join(PALETTE_METHODS)}")
+
+
+def palette_cache(teacher: DeployDiT, calib: CalibrationSet, method: str, group_size: int | None, sweep_mode: str | None,
+                  batch_size: int, progress: Progress | None = None) -> PaletteCache:
+    """The palettes of `teacher`'s layers; the layer statistics (one forward pass and a backward pass on a third of
+    the calibration inputs) are measured once when the palette method or the propagated sweep needs them."""
+    stats = None
+    if method != "plain" or sweep_mode == "propagated":
+        stats = measure_statistics(teacher, palettizable_layers(teacher), calib, batch_size, progress=progress)
+    return PaletteCache(teacher, group_size, method, stats)
 
 
 def sweep_recipe(teacher: DeployDiT, config_name: str, width: float, calib: CalibrationSet, settings: SweepSettings,
@@ -324,11 +355,15 @@ def compress(ckpt: Checkpoint, dense, deploy: DeployDiT, width: float, opts: Exp
              timer: StageTimer, progress: Progress | None = None) -> CompressionResult:
     """Palettize `deploy` (and self-distil its biases and norms) in place; returns what was done and measured."""
     with timer.stage("calibrate"):
-        calib = calibration_for(ckpt, width, resolved.calibration, opts.compress_latent(ckpt), resolved.device, progress)
+        recorded = calibration_for(ckpt, width, resolved.calibration, opts.compress_latent(ckpt), resolved.device, progress)
+    # a seeded fifth of the inputs is held out of every step below: the PSNR the report puts first is measured on it
+    calib, held_out = recorded.split(HELD_OUT_FRACTION)
     teacher = graph_at_calibration_size(dense, calib, opts.query_chunk, resolved.device)
-    cache = PaletteCache(teacher, opts.group_size)
     batches = batch_plan(ckpt, width, calib, resolved.device, opts.batch_size)
     infer_batch, train_batch = batches.inference, batches.training
+    sweeping = opts.bits == "mixed" and resolved.recipe is None
+    with timer.stage("statistics"):
+        cache = palette_cache(teacher, calib, opts.palettes, opts.group_size, opts.sweep.mode if sweeping else None, infer_batch, progress)
     recipe = None
     if opts.bits == "mixed":
         recipe = resolved.recipe
@@ -343,24 +378,33 @@ def compress(ckpt: Checkpoint, dense, deploy: DeployDiT, width: float, opts: Exp
         student = graph_at_calibration_size(dense, calib, opts.query_chunk, resolved.device)
         palettize_deploy(student, bits_map, opts.group_size, cache)
         student.checkpoint_blocks = batches.checkpointing
+    del cache  # the layer statistics (one matrix per layer) are not needed past here
     sizes = {n: m.weight.numel() for n, m in palettizable_layers(deploy).items()}
+    sets = {"calibration": calib, "held_out": held_out if held_out is not None else calib}
     with torch.no_grad():
-        reference = calibration_outputs(teacher, calib, infer_batch)
-        calibration_psnr = {"palettized": round(output_psnr(reference, calibration_outputs(student, calib, infer_batch)), 3)}
+        references = {k: calibration_outputs(teacher, v, infer_batch) for k, v in sets.items()}
+
+        def psnr_now() -> dict[str, float]:
+            return {k: round(output_psnr(references[k], calibration_outputs(student, v, infer_batch)), 3) for k, v in sets.items()}
+
+        psnr = {"palettized": psnr_now()}
     distilled = None
     if opts.distill and opts.distill_steps != 0:
         with timer.stage("distill"):
             distilled = distill(student, teacher, calib, opts.distill_settings(train_batch, infer_batch), progress=progress)
         load_trained_state(deploy, {n: v.cpu() for n, v in trained_state(student).items()})
         with torch.no_grad():
-            calibration_psnr["distilled"] = round(output_psnr(reference, calibration_outputs(student, calib, infer_batch)), 3)
+            psnr["distilled"] = psnr_now()
     return CompressionResult(
-        calibration={**calib.meta, "latent": list(calib.latent.shape[2:]), "inputs": len(calib), "device": resolved.device.type,
+        calibration={**calib.meta, "latent": list(calib.latent.shape[2:]), "inputs": len(calib),
+                     "held_out": len(held_out) if held_out is not None else 0, "device": resolved.device.type,
                      "batch_size": infer_batch, "distill_batch_size": train_batch,
                      "distill_activation_checkpointing": batches.checkpointing},
         recipe=recipe, bits_per_layer=bits_map,
         average_bits=round(sum(bits_map[n] * sizes[n] for n in bits_map) / sum(sizes[n] for n in bits_map), 4),
-        group_size=opts.group_size, calibration_psnr_db=calibration_psnr, distill=distilled, palettes=palettes,
+        group_size=opts.group_size, calibration_psnr_db={k: v["calibration"] for k, v in psnr.items()},
+        heldout_psnr_db={k: v["held_out"] for k, v in psnr.items()} if held_out is not None else {},
+        distill=distilled, palettes=palettes, palette_method=opts.palettes,
     )
 
 
@@ -462,6 +506,9 @@ def export_width(ckpt: Checkpoint, width: float, opts: ExportOptions, resolved: 
         report.compression = compress(ckpt, dense, deploy, width, opts, resolved, timer, progress)
     pkg_dir.mkdir(exist_ok=True)
     extra = {}
+    if report.compression:  # the verifier's simulation decodes these (compress/simulate.py)
+        save_palettes(report.compression.palettes, pkg_dir / PALETTES_FILE)
+        extra["edgecompile.palettes_sha256"] = sha256_file(pkg_dir / PALETTES_FILE)
     if report.compression and report.compression.distill:
         save_file(trained_state(deploy), str(pkg_dir / DISTILLED_STATE))
         extra["edgecompile.distilled_sha256"] = sha256_file(pkg_dir / DISTILLED_STATE)
@@ -551,6 +598,7 @@ class SweepOptions:
     output: Path
     width: float = 0.5
     settings: SweepSettings = field(default_factory=SweepSettings)
+    palettes: str = DEFAULT_PALETTE_METHOD
     group_size: int | None = None
     calibration: Path | None = None
     latent_hw: tuple[int, int] | None = None  # the calibration latent when no file is given (default: sample_size)
@@ -562,6 +610,7 @@ class SweepOptions:
         ckpt.config.check_trained_width(self.width)
         check_output_path(self.output, self.force, inputs=[ckpt.path, self.calibration])
         self.settings.validate("--bits")
+        check_palette_method(self.palettes)
         calib = load_checked_calibration(self.calibration, ckpt, [self.width]) if self.calibration else None
         if self.latent_hw is not None:
             ckpt.config.check_latent_size(*self.latent_hw)
@@ -583,8 +632,8 @@ def run_sweep(ckpt: Checkpoint, opts: SweepOptions, on_stage: Callable[[str], No
     teacher = graph_at_calibration_size(extract_width(ckpt.model, opts.width, share=True), calib, device=device)
     on_stage(f"{opts.settings.mode} sweep")
     infer_batch = batch_plan(ckpt, opts.width, calib, device, None).inference
-    recipe = sweep_recipe(teacher, ckpt.config.name, opts.width, calib, opts.settings, PaletteCache(teacher, opts.group_size), progress,
-                          infer_batch)
+    cache = palette_cache(teacher, calib, opts.palettes, opts.group_size, opts.settings.mode, infer_batch, progress)
+    recipe = sweep_recipe(teacher, ckpt.config.name, opts.width, calib, opts.settings, cache, progress, infer_batch)
     recipe.save(opts.output, force=opts.force, inputs=[ckpt.path, opts.calibration])
     return recipe
 

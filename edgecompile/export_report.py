@@ -4,8 +4,10 @@ The one schema of report.json (keys in this order; optional parts absent when th
 
     edgecompile, config, width, params, latent [H, W], bits, format, target, checkpoint, checkpoint_sha256,
     package (relative to the width's folder), torch_threads,
-    calibration {how the inputs were made, inputs}, recipe {recipe.json}, bits_per_layer, average_bits,
-    group_size, calibration_psnr_db {palettized, distilled}, distill {DistillResult}   -- palettized exports
+    heldout_psnr_db {palettized, distilled} (denoiser PSNR on calibration inputs held out of every compression step:
+    the figure reported first), calibration {how the inputs were made, inputs, held_out}, palette_method,
+    recipe {recipe.json}, bits_per_layer, average_bits, group_size, calibration_psnr_db {palettized, distilled}
+    (on the inputs the steps used), distill {DistillResult}   -- palettized exports
     coremltools (version; Core ML exports), size_bytes (all chunks), chunks [ChunkReport]  -- --chunks N > 1,
     verify {VerifyResult; package relative to the width's folder; of the default function},
     functions [{name, latent, verify}]  -- a multifunction package (--latent A,B,...), stage_seconds {stage: s, in run order},
@@ -53,12 +55,15 @@ class CompressionResult:
     average_bits: float
     group_size: int | None
     calibration_psnr_db: dict[str, float]  # palettized, and distilled when distillation ran
+    # the same on calibration inputs held out of everything (statistics, sweep, distillation): the figure to trust
+    heldout_psnr_db: dict[str, float] = field(default_factory=dict)
+    palette_method: str = "plain"
     recipe: Recipe | None = None  # --bits mixed
     distill: DistillResult | None = None
     palettes: dict[str, Palette] = field(default_factory=dict, repr=False)  # written into the package, not the report
 
     def to_dict(self) -> dict:
-        d: dict[str, Any] = {"calibration": self.calibration}
+        d: dict[str, Any] = {"heldout_psnr_db": self.heldout_psnr_db, "calibration": self.calibration, "palette_method": self.palette_method}
         if self.recipe is not None:
             d["recipe"] = self.recipe.to_dict()
         d.update(bits_per_layer=self.bits_per_layer, average_bits=self.average_bits, group_size=self.group_size,
@@ -71,6 +76,7 @@ class CompressionResult:
     def from_dict(cls, data: dict) -> CompressionResult:
         return cls(calibration=data["calibration"], bits_per_layer=data["bits_per_layer"], average_bits=data["average_bits"],
                    group_size=data["group_size"], calibration_psnr_db=data["calibration_psnr_db"],
+                   heldout_psnr_db=data.get("heldout_psnr_db", {}), palette_method=data.get("palette_method", "plain"),
                    recipe=Recipe.from_dict(data["recipe"]) if "recipe" in data else None,
                    distill=DistillResult.from_dict(data["distill"]) if "distill" in data else None)
 

@@ -2,7 +2,8 @@ import numpy as np
 import pytest
 import torch
 
-from edgecompile.compress.palettize_model import palettizable_layers, palettize_deploy, uniform_bits
+from edgecompile.compress.palettize_model import palettizable_layers, palettize_deploy
+from edgecompile.compress.simulate import simulated_model_for_package
 from edgecompile.coreml.interpreter import OPS
 from edgecompile.coreml.package import load_package, weight_census
 from edgecompile.coreml.palettize import const_name
@@ -27,11 +28,9 @@ def palettized(tmp_path_factory):
 
 def test_package_decodes_to_exactly_the_simulated_weights(palettized):
     ckpt, report = palettized
-    deploy = deploy_model(ckpt.model, 1.0)
-    bits = uniform_bits(deploy, 4)
-    palettize_deploy(deploy, bits)
-    expected = {const_name(n): m.weight.detach().numpy().astype(np.float16) for n, m in palettizable_layers(deploy).items()}
     view = load_package(report.path)
+    deploy = simulated_model_for_package(view, ckpt)  # the checkpoint with the palettes saved beside the package
+    expected = {const_name(n): m.weight.detach().numpy().astype(np.float16) for n, m in palettizable_layers(deploy).items()}
     decoded = {}
     for op in view.main.operations:
         if op.op_type == "constexpr_lut_to_dense":

@@ -57,11 +57,16 @@ def test_distillation_improves_on_palettization_and_bias_correction(ckpt):
 def test_mixed_export_writes_recipe_report_and_verifies(mixed, ckpt):
     out, report = mixed
     folder = out / "w1.0"
-    assert {p.name for p in folder.iterdir()} == {report.package, "recipe.json", "report.json", "distilled.safetensors"}
+    assert {p.name for p in folder.iterdir()} == {report.package, "recipe.json", "report.json", "distilled.safetensors", "palettes.safetensors"}
     saved = json.loads((folder / "report.json").read_text())
     for key in ("bits_per_layer", "average_bits", "calibration_psnr_db", "distill", "stage_seconds", "verify", "size_bytes"):
         assert key in saved, key
-    assert {"calibrate", "sweep", "palettize", "distill", "convert", "verify"} <= set(saved["stage_seconds"])
+    # the figure on inputs no compression step saw comes first
+    compression_keys = [k for k in saved if k in ("heldout_psnr_db", "calibration", "calibration_psnr_db", "distill")]
+    assert compression_keys[0] == "heldout_psnr_db" and set(saved["heldout_psnr_db"]) == {"palettized", "distilled"}
+    assert saved["calibration"]["held_out"] > 0 and saved["palette_method"] == "output-aware"
+    assert saved["recipe"]["mode"] == "propagated" and saved["distill"]["stopped"] in ("converged", "steps")
+    assert {"calibrate", "statistics", "sweep", "palettize", "distill", "convert", "verify"} <= set(saved["stage_seconds"])
     assert 4.0 < saved["average_bits"] <= 5.0
     assert saved["verify"]["psnr_db"] >= 60  # the package equals the distilled, palettized simulation
     again = verify_exported(report.path, ckpt.path)

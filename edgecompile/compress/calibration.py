@@ -59,6 +59,15 @@ class CalibrationSet:
         idx = torch.linspace(0, len(self) - 1, n).round().long()
         return CalibrationSet(self.latent[idx], self.timestep[idx], self.text[idx], {**self.meta, "subset_of": len(self)})
 
+    def split(self, fraction: float = 0.2, seed: int = 0) -> tuple[CalibrationSet, CalibrationSet | None]:
+        """(the rest, a seeded random `fraction` held out); nothing is held out of a set of 4 inputs or fewer."""
+        if len(self) <= 4:
+            return self, None
+        perm = torch.randperm(len(self), generator=torch.Generator().manual_seed(seed))
+        n_hold = max(1, int(len(self) * fraction))
+        part = lambda idx: CalibrationSet(self.latent[idx], self.timestep[idx], self.text[idx], dict(self.meta))  # noqa: E731
+        return part(perm[n_hold:].sort().values), part(perm[:n_hold].sort().values)
+
     def check(self, config: ModelConfig, latent_hw: tuple[int, int] | None = None, source: str = "calibration set") -> None:
         """Shapes that fit the model, at least one input, a latent size the model runs at, finite values."""
         want = (config.latent_channels, *(latent_hw or self.latent.shape[2:]))

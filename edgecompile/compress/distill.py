@@ -90,7 +90,11 @@ class DistillSettings:
     batch_size: int = 16  # training batch (activations are kept for the backward pass)
     eval_batch_size: int = 64  # teacher outputs and held-out evaluation (no gradients)
     eval_every: int = 25
-    patience: int = 6  # evaluations without improvement before stopping
+    # Plateau schedule: after `patience` evaluations without a held-out improvement the learning rate is cut by
+    # `lr_decay` and training resumes from the best parameters; after `max_decays` cuts it has converged and stops.
+    patience: int = 3
+    lr_decay: float = 0.3
+    max_decays: int = 3
     seed: int = 0
     holdout_fraction: float = 0.2
     # Sized by time: the number of steps that fit this many seconds at the measured step time (at most
@@ -134,6 +138,8 @@ class DistillResult:
     seconds: float
     trainable_params: int
     history: list[tuple[int, float]] = field(default_factory=list)
+    stopped: str = "steps"  # converged (the plateau schedule ran out), steps (the planned count) or no-steps
+    lr_cuts: list[int] = field(default_factory=list)  # the steps at which the learning rate was cut
     planned_steps: int = 0  # the step count chosen before early stopping (--distill-steps, or the time budget)
     step_seconds: float | None = None  # measured per step, evaluations included (budgeted runs)
 
@@ -148,22 +154,22 @@ class DistillResult:
 
 
 def distill(student: nn.Module, teacher: nn.Module, calib: CalibrationSet, settings: DistillSettings | None = None,
-            progress: Callable[[str, int, int], None] | None = None) -> DistillResult:
+            progress: Callable[[str, int, int], None] | None = None, holdout: CalibrationSet | None = None) -> DistillResult:
     """Adam on the student's biases, norm affines and modulation tables against the teacher's output velocity.
 
-    A seeded split of the calibration set holds out `holdout_fraction` of the inputs; the parameters with the best
-    held-out PSNR are kept (early stop after `patience` evaluations without improvement)."""
+    `holdout` (default: a seeded `holdout_fraction` of `calib`) picks the parameters kept, those of the best
+    held-out PSNR, and drives the plateau schedule (DistillSettings) that stops training once it has converged."""
     settings = settings or DistillSettings()
     settings.validate()
     start = time.perf_counter()
     budget = settings.planned_budget()
     steps = MAX_BUDGET_STEPS if budget is not None else settings.steps
     g = torch.Generator().manual_seed(settings.seed)
-    perm = torch.randperm(len(calib), generator=g)
-    n_hold = max(1, int(len(calib) * settings.holdout_fraction)) if len(calib) > 4 else 0
-    hold_idx, train_idx = perm[:n_hold], perm[n_hold:]
-    subset = lambda idx: CalibrationSet(calib.latent[idx], calib.timestep[idx], calib.text[idx])  # noqa: E731
-    train, hold = subset(train_idx), subset(hold_idx) if n_hold else subset(train_idx)
+    if holdout is None:
+        train, hold = calib.split(settings.holdout_fraction, settings.seed)
+        hold = hold if hold is not None else train
+    else:
+        train, hold = calib, holdout
     teacher.eval()
     with torch.no_grad():
         target_train = calibration_outputs(teacher, train, settings.eval_batch_size)
@@ -185,7 +191,7 @@ def distill(student: nn.Module, teacher: nn.Module, calib: CalibrationSet, setti
     best = (before_hold, 0, [p.detach().clone() for p in params])
     history = [(0, before_hold)]
     opt = torch.optim.Adam(params, lr=settings.lr)
-    bad_evals, step = 0, 0
+    bad_evals, step, stopped, lr_cuts = 0, 0, "steps" if steps else "no-steps", []
     text_all = text_to_package(train.text)
     device = device_of(student)  # the training set and teacher outputs stay on the CPU; each batch moves
     while step < steps:
@@ -222,7 +228,16 @@ def distill(student: nn.Module, teacher: nn.Module, calib: CalibrationSet, setti
             if progress:
                 progress(f"self-distillation (held-out PSNR {p_hold:.2f} dB)", step, steps)
             if bad_evals >= settings.patience:
-                break
+                if len(lr_cuts) >= settings.max_decays:
+                    stopped = "converged"
+                    break
+                lr_cuts.append(step)
+                bad_evals = 0
+                with torch.no_grad():  # resume from the best parameters, at a smaller step
+                    for p, b in zip(params, best[2]):
+                        p.copy_(b)
+                for group in opt.param_groups:
+                    group["lr"] *= settings.lr_decay
         elif progress and step % 5 == 0:
             progress("self-distillation", step, steps)
     with torch.no_grad():
@@ -234,7 +249,7 @@ def distill(student: nn.Module, teacher: nn.Module, calib: CalibrationSet, setti
     return DistillResult(
         steps_run=step, best_step=best[1], psnr_before_db=round(before_train, 3), psnr_after_db=round(after_train, 3),
         holdout_psnr_before_db=round(before_hold, 3), holdout_psnr_after_db=round(after_hold, 3),
-        seconds=round(time.perf_counter() - start, 2), trainable_params=n_trainable, history=history,
+        seconds=round(time.perf_counter() - start, 2), trainable_params=n_trainable, history=history, stopped=stopped, lr_cuts=lr_cuts,
         planned_steps=steps, step_seconds=round(step_seconds, 5) if step_seconds is not None else None,
     )
 

@@ -242,8 +242,13 @@ def kmeans_histogram(values: np.ndarray, weights: np.ndarray, k: int) -> tuple[n
 NON_FINITE_CODES = np.flatnonzero((np.arange(65536) & 0x7C00) == 0x7C00)  # fp16 exponent all ones: inf, nan
 
 
-def palettize(weight: np.ndarray, nbits: int, group_size: int | None = None) -> Palette:
-    """k-means palettize an fp16 (or fp32, cast to fp16) weight to 2^nbits entries per group of output channels."""
+def palettize(weight: np.ndarray, nbits: int, group_size: int | None = None, importance: np.ndarray | None = None) -> Palette:
+    """k-means palettize an fp16 (or fp32, cast to fp16) weight to 2^nbits entries per group of output channels.
+
+    `importance` (the weight's shape, > 0) weights each element's squared error: the histogram then sums the
+    weights of the elements holding each fp16 value instead of counting them, and the same DP runs on it.
+    Either way each element takes its nearest LUT entry (`nearest_indices`), so a palette is a function of the
+    weight and its LUT alone."""
     if nbits not in (1, 2, 3, 4, 6, 8):
         raise EdgeCompileError(f"{nbits}-bit palettization is not supported: use 1, 2, 3, 4, 6 or 8 bits")
     w16 = np.ascontiguousarray(weight, dtype=np.float16)
@@ -253,18 +258,40 @@ def palettize(weight: np.ndarray, nbits: int, group_size: int | None = None) -> 
         raise EdgeCompileError(f"--group-size {g} does not divide the {rows} output channels of a weight")
     n_groups = rows // g
     blocks = w16.reshape(n_groups, -1).view(np.uint16)  # groups of g output channels, contiguous
+    weights = None if importance is None else np.asarray(importance, dtype=np.float64).reshape(n_groups, -1)
     k = 1 << nbits
     lut = np.zeros((n_groups, k), dtype=np.float16)
-    indices = np.empty(blocks.shape, dtype=np.uint8)
-    for codes, group_lut, group_indices in zip(blocks, lut, indices):
+    for i, (codes, group_lut) in enumerate(zip(blocks, lut)):
         hist = fp16_histogram(codes)
         if hist[NON_FINITE_CODES].any():
             raise EdgeCompileError("cannot palettize a weight with inf/nan values (after the fp16 cast)")
         values, counts, support_codes = _sorted_support(hist)
-        centroids, segment = kmeans_histogram(values, counts, k)
+        if weights is not None:
+            mass = np.bincount(codes, weights=weights[i], minlength=65536)[support_codes]
+            counts = mass / mass.min()  # every value weighs >= 1 (the DP's empty-cluster test relies on it)
+        centroids, _ = kmeans_histogram(values, counts, k)
         group_lut[: len(centroids)] = centroids.astype(np.float16)
-        code_to_index = np.zeros(65536, dtype=np.uint8)
-        code_to_index[support_codes] = segment
-        group_indices[:] = _gather(code_to_index, codes)
-    indices = indices.reshape(w16.shape)
-    return Palette(lut=lut, indices=indices, nbits=nbits, group_size=group_size)
+    return palette_from_lut(w16, lut, nbits, group_size)
+
+
+_FP16_VALUES = np.arange(65536, dtype=np.uint16).view(np.float16).astype(np.float64)  # every fp16 code's value
+
+
+def nearest_indices(codes: np.ndarray, lut: np.ndarray) -> np.ndarray:
+    """The index of the nearest LUT entry of each fp16 code (uint16 view); a value midway goes to the larger entry,
+    as in Lloyd's step. One 65,536-entry table per LUT, then one gather over the elements."""
+    entries = lut.astype(np.float64)
+    order = np.argsort(entries, kind="stable")
+    mids = (entries[order][:-1] + entries[order][1:]) / 2
+    table = order[np.searchsorted(mids, _FP16_VALUES, side="right")].astype(np.uint8)
+    return _gather(table, codes)
+
+
+def palette_from_lut(weight: np.ndarray, lut: np.ndarray, nbits: int, group_size: int | None) -> Palette:
+    """The palette of `weight` with these LUTs (G, 2^nbits): every element takes its nearest entry. How a
+    package's simulation is rebuilt from the LUTs saved beside it."""
+    w16 = np.ascontiguousarray(weight, dtype=np.float16)
+    lut = np.asarray(lut, dtype=np.float16)
+    blocks = w16.reshape(len(lut), -1).view(np.uint16)
+    indices = np.stack([nearest_indices(codes, group_lut) for codes, group_lut in zip(blocks, lut)])
+    return Palette(lut=lut, indices=indices.reshape(w16.shape), nbits=nbits, group_size=group_size)

@@ -1,22 +1,37 @@
-"""Palettize a deploy model's weights with edgecompile's k-means: which layers, their palettes (computed once
-per layer and bit-width), and the torch simulation (the deploy model with decoded weights). coreml/palettize.py
-writes these exact LUTs into the package, so the simulation and the package decode to the same numbers.
+"""Palettize a deploy model's weights: which layers, their palettes (computed once per layer and bit-width), the
+torch simulation (the deploy model with decoded weights), and the palettes file saved beside a package.
+coreml/palettize.py writes these exact LUTs and indices into the package, so the simulation and the package
+decode to the same numbers.
+
+Three palette methods (`--palettes`):
+- output-aware (default): the LUT from k-means weighted by each element's predicted output damage, the indices
+  from error-compensating rounding under the layer's input statistics (compress/rounding.py);
+- weighted: the same weighted LUT, each element at its nearest entry;
+- plain: k-means on the weight values alone, nearest entry (weight error only; needs no calibration data).
 """
 
 from __future__ import annotations
 
+import json
 import time
 
 import numpy as np
 import torch
 from torch import nn
 
+from safetensors.numpy import load_file, save_file
+
+from edgecompile.compress.importance import LayerStatistics, as_matrix, from_matrix
 from edgecompile.compress.kmeans import Palette, palettize
+from edgecompile.compress.rounding import output_aware_indices
 from edgecompile.deploy.dit import DeployDiT
 from edgecompile.errors import EdgeCompileError
 from edgecompile.model.elastic import width_config
 
 MIN_ELEMENTS = 2048  # smaller weights stay fp16 (coremltools' own weight_threshold default)
+PALETTE_METHODS = ("output-aware", "weighted", "plain")
+DEFAULT_PALETTE_METHOD = "output-aware"
+PALETTES_FILE = "palettes.safetensors"  # saved beside a package: the verifier's simulation decodes these
 
 
 def palettizable_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -40,14 +55,23 @@ def check_group_size(layers: dict[str, nn.Module], group_size: int, width: float
 
 
 class PaletteCache:
-    """k-means palettes of a deploy model's layers, computed once per (layer, bits) and reused by the sweep,
-    the allocation's checks and the export."""
+    """Palettes of a deploy model's layers, computed once per (layer, bits) and reused by the sweep, the
+    allocation's checks and the export. `statistics` (importance.measure_statistics on the same model) is what
+    the weighted and output-aware methods need."""
 
-    def __init__(self, model: nn.Module, group_size: int | None = None):
+    def __init__(self, model: nn.Module, group_size: int | None = None, method: str = "plain",
+                 statistics: LayerStatistics | None = None):
+        if method not in PALETTE_METHODS:
+            raise EdgeCompileError(f"--palettes {method} is not supported: use one of {', '.join(PALETTE_METHODS)}")
+        if method != "plain" and statistics is None:
+            raise EdgeCompileError(f"internal: --palettes {method} needs layer statistics from calibration data")
         self.layers = palettizable_layers(model)
         self.group_size = group_size
+        self.method = method
+        self.statistics = statistics
         self._palettes: dict[tuple[str, int], Palette] = {}
         self.kmeans_seconds = 0.0
+        self.rounding_seconds = 0.0
 
     def group_for(self, layer: str) -> int | None:
         # Grouped LUTs run along output channels, which is axis 0 of a Conv2d weight only (see palettize_model._custom_config).
@@ -57,10 +81,29 @@ class PaletteCache:
         key = (layer, nbits)
         if key not in self._palettes:
             start = time.perf_counter()
-            weight = self.layers[layer].weight.detach().cpu().numpy()
-            self._palettes[key] = palettize(weight, nbits, self.group_for(layer))
+            mod = self.layers[layer]
+            weight = mod.weight.detach().cpu().numpy()
+            importance = self.statistics.element_weights(mod, layer) if self.method != "plain" else None
+            p = palettize(weight, nbits, self.group_for(layer), importance)
             self.kmeans_seconds += time.perf_counter() - start
+            if self.method == "output-aware":
+                start = time.perf_counter()
+                p = self._output_aware(mod, layer, p)
+                self.rounding_seconds += time.perf_counter() - start
+            self._palettes[key] = p
         return self._palettes[key]
+
+    def _output_aware(self, mod: nn.Module, layer: str, p: Palette) -> Palette:
+        """The same LUTs, indices chosen by error-compensating rounding (on the statistics' device)."""
+        hessian = self.statistics.hessian[layer]
+        weight = torch.from_numpy(np.ascontiguousarray(mod.weight.detach().cpu().numpy(), dtype=np.float16).astype(np.float32))
+        matrix = as_matrix(mod, weight)
+        luts = torch.from_numpy(p.lut.astype(np.float32))
+        # grouped LUTs are runs of output channels, the rows of a Conv2d's matrix (group_for: ConvTranspose2d has one)
+        row_luts = luts[torch.arange(matrix.shape[0]) // (matrix.shape[0] // len(luts))]
+        idx = output_aware_indices(matrix.to(hessian.device), hessian, row_luts.to(hessian.device)).cpu()
+        indices = from_matrix(mod, idx, tuple(mod.weight.shape)).to(torch.uint8).numpy()
+        return Palette(lut=p.lut, indices=np.ascontiguousarray(indices), nbits=p.nbits, group_size=p.group_size)
 
     def decoded(self, layer: str, nbits: int) -> torch.Tensor:
         """The decoded weight, on the layer's device (k-means itself runs on the CPU, where it is fast)."""
@@ -69,24 +112,66 @@ class PaletteCache:
 
 
 @torch.no_grad()
+def apply_palettes(model: nn.Module, palettes: dict[str, Palette]) -> None:
+    """Give each layer its decoded palette as a new parameter (not written into: deploy weights may be views of
+    the checkpoint)."""
+    layers = palettizable_layers(model)
+    unknown = sorted(set(palettes) - set(layers))
+    if unknown:
+        raise EdgeCompileError(f"palettes name layer(s) this model does not have or cannot palettize: {', '.join(unknown[:3])}")
+    for name, p in palettes.items():
+        if tuple(p.indices.shape) != tuple(layers[name].weight.shape):
+            raise EdgeCompileError(f"the palette of layer {name} has shape {tuple(p.indices.shape)}, the layer {tuple(layers[name].weight.shape)}")
+        decoded = torch.from_numpy(p.decode().astype(np.float32)).to(layers[name].weight.device)
+        layers[name].weight = nn.Parameter(decoded, requires_grad=False)
+
+
+def save_palettes(palettes: dict[str, Palette], path) -> None:
+    """LUTs (fp16) and indices (two per byte up to 4 bits) of every palettized layer, as safetensors."""
+    tensors, meta = {}, {}
+    for name, p in palettes.items():
+        flat = p.indices.reshape(-1).astype(np.uint8)
+        if p.nbits <= 4:
+            flat = np.concatenate([flat, np.zeros(len(flat) % 2, np.uint8)])
+            flat = flat[0::2] | (flat[1::2] << 4)
+        tensors[f"{name}.lut"] = np.ascontiguousarray(p.lut)
+        tensors[f"{name}.indices"] = np.ascontiguousarray(flat)
+        meta[name] = json.dumps({"nbits": p.nbits, "group_size": p.group_size, "shape": list(p.indices.shape)})
+    save_file(tensors, str(path), metadata=meta)
+
+
+def load_palettes(path) -> dict[str, Palette]:
+    """The inverse of save_palettes."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="np") as f:
+        meta = f.metadata() or {}
+    tensors = load_file(str(path))
+    palettes = {}
+    for name, raw in meta.items():
+        info = json.loads(raw)
+        shape, nbits = tuple(info["shape"]), int(info["nbits"])
+        flat = tensors[f"{name}.indices"]
+        if nbits <= 4:
+            flat = np.stack([flat & 0x0F, flat >> 4], axis=1).reshape(-1)
+        n = int(np.prod(shape))
+        palettes[name] = Palette(lut=tensors[f"{name}.lut"], indices=flat[:n].reshape(shape), nbits=nbits, group_size=info["group_size"])
+    return palettes
+
+
+@torch.no_grad()
 def palettize_deploy(model: nn.Module, bits: dict[str, int], group_size: int | None = None, cache=None) -> dict[str, Palette]:
     """Replace each listed layer's weight by its decoded palette; return the palettes.
 
-    The weight is replaced by a new parameter, not written into: deploy weights may be views of the checkpoint.
-    `cache` (a PaletteCache over a model with the same weights) supplies palettes already computed by the sweep."""
+    `cache` (a PaletteCache over a model with the same weights) supplies palettes already computed by the sweep,
+    and decides the palette method (plain k-means without one)."""
     layers = palettizable_layers(model)
     cache = cache or PaletteCache(model, group_size)
     unknown = sorted(set(bits) - set(layers))
     if unknown:
         raise EdgeCompileError(f"recipe names layer(s) this model does not have or cannot palettize: {', '.join(unknown[:3])}")
-    palettes = {}
-    for name, nbits in bits.items():
-        if nbits >= 16:
-            continue
-        p = cache.palette(name, nbits)
-        decoded = torch.from_numpy(p.decode().astype(np.float32)).to(layers[name].weight.device)
-        layers[name].weight = nn.Parameter(decoded, requires_grad=False)
-        palettes[name] = p
+    palettes = {name: cache.palette(name, nbits) for name, nbits in bits.items() if nbits < 16}
+    apply_palettes(model, palettes)
     return palettes
 
 

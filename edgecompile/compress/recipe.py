@@ -2,8 +2,8 @@
 
 Recipe JSON (`edgecompile sweep -o R.json`, reused with `edgecompile export --recipe R.json`):
     {"format": "edgecompile-recipe", "format_version": 1, "config": name, "width": 0.5,
-     "mode": "local|e2e", "candidates": [4, 8], "target": {"bits": 4.3} | {"psnr_db": 40},
-     "group_size": null | g, "average_bits": 4.29, "predicted_psnr_db": 41.2,
+     "mode": "propagated|local|e2e", "candidates": [4, 8], "target": {"bits": 4.3} | {"psnr_db": 40},
+     "group_size": null | g, "average_bits": 4.29, "predicted_psnr_db": 41.2, "palettes": "output-aware|weighted|plain",
      "layers": {layer: {"bits": 4, "size": n, "sensitivity": {"4": s4, "8": s8}}},
      "sweep": {timings, cost_forward_passes}, "calibration": {how the inputs were made}}
 `predicted_psnr_db` is measured on the calibration inputs with edgecompile's torch simulation of the recipe,
@@ -47,6 +47,7 @@ class Recipe:
     group_size: int | None = None
     sensitivity: dict[str, dict[int, float]] = field(default_factory=dict)
     predicted_psnr_db: float | None = None
+    palettes: str = "plain"  # the palette method the sweep scored (compress/palettize_model.py)
     sweep: dict = field(default_factory=dict)
     calibration: dict = field(default_factory=dict)
 
@@ -58,7 +59,7 @@ class Recipe:
         return {
             "format": FORMAT, "format_version": FORMAT_VERSION, "config": self.config, "width": self.width,
             "mode": self.mode, "candidates": self.candidates, "target": self.target, "group_size": self.group_size,
-            "average_bits": round(self.average_bits, 4), "predicted_psnr_db": self.predicted_psnr_db,
+            "average_bits": round(self.average_bits, 4), "predicted_psnr_db": self.predicted_psnr_db, "palettes": self.palettes,
             "layers": {n: {"bits": b, "size": self.sizes[n],
                            "sensitivity": {str(k): v for k, v in self.sensitivity.get(n, {}).items()}}
                        for n, b in self.bits.items()},
@@ -75,7 +76,7 @@ class Recipe:
             mode=data.get("mode"), candidates=data.get("candidates", []), target=data.get("target", {}),
             group_size=data.get("group_size"),
             sensitivity={n: {int(k): float(s) for k, s in v.get("sensitivity", {}).items()} for n, v in layers.items()},
-            predicted_psnr_db=data.get("predicted_psnr_db"), sweep=data.get("sweep", {}), calibration=data.get("calibration", {}),
+            predicted_psnr_db=data.get("predicted_psnr_db"), palettes=data.get("palettes", "plain"), sweep=data.get("sweep", {}), calibration=data.get("calibration", {}),
         )
 
     def save(self, path: str | Path, force: bool = False, inputs=()) -> Path:
@@ -133,7 +134,7 @@ def simulated_psnr(model: nn.Module, cache: PaletteCache, bits: dict[str, int], 
 
 
 def make_recipe(model: nn.Module, config_name: str, width: float, calib: CalibrationSet, candidates: list[int],
-                mode: str = "local", target_bits: float | None = DEFAULT_TARGET_BITS, target_psnr_db: float | None = None,
+                mode: str = "propagated", target_bits: float | None = DEFAULT_TARGET_BITS, target_psnr_db: float | None = None,
                 cache: PaletteCache | None = None, progress=None, batch_size: int = 64) -> Recipe:
     """Sweep a deploy model on calibration inputs and allocate bits for a target average or a target PSNR."""
     bad = [b for b in candidates if b not in PALETTE_BITS]
@@ -158,4 +159,5 @@ def make_recipe(model: nn.Module, config_name: str, width: float, calib: Calibra
         sweep_info["single_layer_psnr_db"] = {n: {str(b): round(v, 3) for b, v in p.items()} for n, p in result.psnr_db.items()}
     return Recipe(config=config_name, width=width, bits=bits, sizes=result.sizes, mode=mode, candidates=sorted(candidates),
                   target=target, group_size=cache.group_size, sensitivity=result.sensitivity, predicted_psnr_db=round(psnr, 3),
+                  palettes=cache.method,
                   sweep=sweep_info, calibration={**calib.meta, "inputs": len(calib)})

@@ -1,6 +1,6 @@
 """Per-layer sensitivity to palettization: which layers deserve more bits (SnapGen++ supplementary C).
 
-Two modes:
+Three modes:
 - local (the paper's): each layer's own output error when only its weight is palettized, normalised by the
   energy of its unquantized output (NMSE), so layers of different scale compare. All layers and bit-widths are
   measured in ONE calibration forward pass of the unquantized model: a forward hook on every layer computes
@@ -9,6 +9,10 @@ Two modes:
   number of layers.
 - e2e (Apple's ml-stable-diffusion): the whole denoiser's output MSE (and PSNR) against the unquantized output
   with only that layer palettized: one calibration forward pass per layer and bit-width.
+- propagated (edgecompile's): the denoiser-output MSE each layer's palette is predicted to cause, from the
+  layer statistics (importance.py: the layer's input second moments and how strongly each output channel reaches
+  the denoiser's output, one forward pass and a backward pass on a third of the inputs). No pass per layer or
+  bit-width: every candidate is scored from its weight change alone.
 """
 
 from __future__ import annotations
@@ -23,11 +27,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgecompile.compress.calibration import CalibrationSet
+from edgecompile.compress.importance import measure_statistics
 from edgecompile.compress.palettize_model import PaletteCache
 from edgecompile.metrics import psnr_db
 from edgecompile.model.device import device_of
 
-MODES = ("local", "e2e")
+MODES = ("propagated", "local", "e2e")
+DEFAULT_MODE = "propagated"
 Progress = Callable[[str, int, int], None]  # (description, done, total)
 
 
@@ -67,7 +73,7 @@ class SweepResult:
     mode: str
     candidates: list[int]
     sizes: dict[str, int]
-    sensitivity: dict[str, dict[int, float]]  # local: NMSE of the layer's output; e2e: denoiser-output MSE
+    sensitivity: dict[str, dict[int, float]]  # local: NMSE of the layer's output; e2e, propagated: denoiser-output MSE
     psnr_db: dict[str, dict[int, float]] = field(default_factory=dict)  # e2e only: denoiser-output PSNR
     seconds: float = 0.0
     kmeans_seconds: float = 0.0
@@ -84,33 +90,47 @@ class SweepResult:
 
 
 @torch.no_grad()
-def sweep(model: nn.Module, calib: CalibrationSet, candidates: list[int], mode: str = "local",
+def sweep(model: nn.Module, calib: CalibrationSet, candidates: list[int], mode: str = DEFAULT_MODE,
           cache: PaletteCache | None = None, batch_size: int = 64, progress: Progress | None = None) -> SweepResult:
-    """Sensitivity of every palettizable layer of a deploy model to each candidate bit-width."""
+    """Sensitivity of every palettizable layer of a deploy model to each candidate bit-width.
+
+    The propagated mode uses the cache's layer statistics (measured here if the cache has none)."""
     if mode not in MODES:
         raise ValueError(f"mode {mode!r}")
     cache = cache or PaletteCache(model)
     layers = cache.layers
     start = time.perf_counter()
-    kmeans_before = cache.kmeans_seconds
-    for i, name in enumerate(layers):  # k-means first, timed apart from the measurement
+    kmeans_before = cache.kmeans_seconds + cache.rounding_seconds
+    stats = cache.statistics
+    if mode == "propagated" and stats is None:
+        stats = measure_statistics(model, layers, calib, batch_size, progress=progress)
+    for i, name in enumerate(layers):  # palettes first, timed apart from the measurement
         for b in candidates:
             cache.palette(name, b)
         if progress:
-            progress("k-means palettes", i + 1, len(layers))
-    t0 = time.perf_counter()
-    reference = calibration_outputs(model, calib, batch_size)  # also the cost unit: one plain forward pass
-    forward_seconds = time.perf_counter() - t0
-    result = SweepResult(mode, list(candidates), {n: m.weight.numel() for n, m in layers.items()}, {}, reference=reference)
-    t_measure = time.perf_counter()
-    if mode == "local":
-        _local(model, calib, candidates, cache, batch_size, result, progress)
-        measure_seconds = time.perf_counter() - t_measure
+            progress("palettes", i + 1, len(layers))
+    kmeans_seconds = cache.kmeans_seconds + cache.rounding_seconds - kmeans_before
+    if mode == "propagated":
+        t_measure = time.perf_counter()
+        result = SweepResult(mode, list(candidates), {n: m.weight.numel() for n, m in layers.items()}, {}, reference=stats.reference)
+        result.sensitivity = {n: {b: stats.predicted_mse(m, n, cache.decoded(n, b) - m.weight.detach()) for b in candidates}
+                              for n, m in layers.items()}
+        forward_seconds = stats.forward_seconds
+        measure_seconds = stats.seconds + time.perf_counter() - t_measure  # the statistics pass is the sweep's cost
     else:
-        _e2e(model, calib, candidates, cache, batch_size, result, reference, progress)
-        measure_seconds = time.perf_counter() - t_measure + forward_seconds  # the reference pass is part of it
+        t0 = time.perf_counter()
+        reference = calibration_outputs(model, calib, batch_size)  # also the cost unit: one plain forward pass
+        forward_seconds = time.perf_counter() - t0
+        result = SweepResult(mode, list(candidates), {n: m.weight.numel() for n, m in layers.items()}, {}, reference=reference)
+        t_measure = time.perf_counter()
+        if mode == "local":
+            _local(model, calib, candidates, cache, batch_size, result, progress)
+            measure_seconds = time.perf_counter() - t_measure
+        else:
+            _e2e(model, calib, candidates, cache, batch_size, result, reference, progress)
+            measure_seconds = time.perf_counter() - t_measure + forward_seconds  # the reference pass is part of it
     result.seconds = time.perf_counter() - start
-    result.kmeans_seconds = cache.kmeans_seconds - kmeans_before
+    result.kmeans_seconds = kmeans_seconds
     result.forward_seconds = forward_seconds
     result.cost_forward_passes = measure_seconds / max(forward_seconds, 1e-9)
     return result

@@ -1,0 +1,64 @@
+"""Error-compensating assignment of weights to LUT entries (OPTQ/GPTQ's rounding, with a palette for a grid).
+
+Nearest-entry assignment minimises each weight's own error. What the package is judged by is the layer's output
+error tr(dW H dW^T), H = sum of x x^T over the calibration inputs (importance.py). OPTQ assigns one column
+(input channel) at a time and moves the columns not yet assigned so that they cancel the error just made, the
+optimal update under H; with H's inverse Cholesky factor U this is one outer-product update per column, done
+in blocks of BLOCK columns so that most of the work is matrix products. The LUT stays what k-means chose: only
+the indices change, and the package stores exactly these LUTs and indices.
+"""
+
+from __future__ import annotations
+
+import torch
+
+BLOCK = 128
+DAMPING = 0.01  # of the mean of H's diagonal, added to it: H of a few inputs is singular
+
+
+def _inverse_cholesky_upper(h: torch.Tensor) -> torch.Tensor:
+    """U upper-triangular with U^T U = (H + damping)^-1; columns no input ever excited get H_cc = 1 (any value works)."""
+    h = h.clone()
+    dead = torch.diagonal(h) <= 0
+    h[dead, dead] = 1.0
+    h.diagonal().add_(DAMPING * float(torch.diagonal(h).mean()))
+    for scale in (1, 10, 100):
+        try:
+            inverse = torch.cholesky_inverse(torch.linalg.cholesky(h))
+            return torch.linalg.cholesky(inverse, upper=True)
+        except RuntimeError:  # not positive definite in floating point: damp more
+            h.diagonal().add_(DAMPING * scale * float(torch.diagonal(h).mean()))
+    raise RuntimeError("the layer's input second-moment matrix is not positive definite even after damping")
+
+
+def _nearest(w: torch.Tensor, sorted_luts: torch.Tensor, order: torch.Tensor, mids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(indices into the original LUT, values) of each row's nearest entry; a value midway goes to the larger one."""
+    pos = torch.searchsorted(mids, w[:, None].contiguous(), right=True)[:, 0]
+    return order.gather(1, pos[:, None])[:, 0], sorted_luts.gather(1, pos[:, None])[:, 0]
+
+
+@torch.no_grad()
+def output_aware_indices(weight: torch.Tensor, hessian: torch.Tensor, row_luts: torch.Tensor) -> torch.Tensor:
+    """Indices (rows, columns) into each row's LUT (rows, k) for `weight` (rows, columns), minimising the layer's
+    output error under `hessian` (columns, columns). Runs on the tensors' device."""
+    dtype = hessian.dtype
+    w = weight.to(dtype).clone()
+    luts = row_luts.to(dtype)
+    sorted_luts, order = torch.sort(luts, dim=1, stable=True)
+    mids = (sorted_luts[:, :-1] + sorted_luts[:, 1:]) / 2
+    u = _inverse_cholesky_upper(hessian)
+    rows, columns = w.shape
+    indices = torch.empty((rows, columns), dtype=torch.long, device=w.device)
+    for b0 in range(0, columns, BLOCK):
+        b1 = min(b0 + BLOCK, columns)
+        block = w[:, b0:b1].clone()
+        errors = torch.empty_like(block)
+        for j in range(b1 - b0):
+            c = b0 + j
+            idx, q = _nearest(block[:, j], sorted_luts, order, mids)
+            indices[:, c] = idx
+            e = (block[:, j] - q) / u[c, c]
+            block[:, j + 1:] -= e[:, None] * u[c, c + 1:b1][None, :]  # the block's later columns absorb the error
+            errors[:, j] = e
+        w[:, b1:] -= errors @ u[b0:b1, b1:]  # then every column after the block, in one product
+    return indices

@@ -1,0 +1,140 @@
+"""Layer statistics, weighted k-means, error-compensating indices, the propagated sweep, the palettes file and
+distillation's plateau schedule (issue 16)."""
+
+import numpy as np
+import pytest
+import torch
+
+from edgecompile.compress.calibration import default_calibration
+from edgecompile.compress.distill import DistillSettings, distill
+from edgecompile.compress.importance import _columns, as_matrix, from_matrix, measure_statistics
+from edgecompile.compress.kmeans import palette_from_lut, palettize
+from edgecompile.compress.palettize_model import PaletteCache, load_palettes, palettizable_layers, palettize_deploy, save_palettes, uniform_bits
+from edgecompile.compress.rounding import output_aware_indices
+from edgecompile.compress.sensitivity import calibration_outputs, output_psnr, swapped_weights, sweep
+from edgecompile.deploy.rewrite import deploy_model
+from edgecompile.model.checkpoint import load_checkpoint
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_checkpoint):
+    ckpt = load_checkpoint(tiny_checkpoint)
+    calib = default_calibration(ckpt, 1.0, n_random_prompts=2)
+    model = deploy_model(ckpt.model, 1.0)
+    layers = palettizable_layers(model)
+    return ckpt, calib, model, layers, measure_statistics(model, layers, calib, batch_size=16)
+
+
+def test_statistics_hold_each_layers_input_second_moments_and_the_reference(setup):
+    _, calib, model, layers, stats = setup
+    assert torch.allclose(stats.reference, calibration_outputs(model, calib))
+    grams = {}
+
+    def hook_for(name):
+        def hook(mod, inputs, output):
+            cols = _columns(mod, inputs[0]).double()
+            grams[name] = grams.get(name, 0) + cols @ cols.T
+        return hook
+
+    handles = [m.register_forward_hook(hook_for(n)) for n, m in layers.items()]
+    calibration_outputs(model, calib)
+    for h in handles:
+        h.remove()
+    for name in layers:
+        assert torch.allclose(stats.hessian[name], grams[name], rtol=1e-4, atol=1e-6), name
+        assert stats.row_gradient[name].shape == (as_matrix(layers[name], layers[name].weight).shape[0],)
+        assert (stats.row_gradient[name] > 0).any(), name
+    # the matrix view of a weight and back is the identity, for both layer kinds
+    for mod in layers.values():
+        assert torch.equal(from_matrix(mod, as_matrix(mod, mod.weight), tuple(mod.weight.shape)), mod.weight)
+
+
+def test_predicted_damage_tracks_the_measured_output_error(setup):
+    """sum_r gamma_r (dW H dW^T)_rr / outputs against the denoiser's real output MSE, one layer at a time."""
+    _, calib, model, layers, stats = setup
+    ratios = []
+    g = torch.Generator().manual_seed(0)
+    for name, mod in list(layers.items()):
+        delta = torch.randn(mod.weight.shape, generator=g) * mod.weight.detach().std() * 0.05
+        with swapped_weights(layers, {name: mod.weight.detach() + delta}):
+            measured = float((calibration_outputs(model, calib) - stats.reference).double().pow(2).mean())
+        ratios.append(stats.predicted_mse(mod, name, delta) / measured)
+    ratios = np.array(ratios)
+    # the K-FAC split and a random-sign estimate of gamma: right in scale, not exact
+    assert np.median(ratios) == pytest.approx(1.0, rel=0.5) and (ratios > 0.2).all() and (ratios < 5).all(), ratios
+
+
+def test_weighted_kmeans_favours_the_heavy_elements_and_stays_exact_without_weights():
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((64, 64)).astype(np.float16)
+    plain = palettize(w, 4)
+    assert np.array_equal(palettize(w, 4, importance=np.ones(w.shape)).decode(), plain.decode())
+    heavy = np.abs(w) > 2.0  # the tails matter 1000x more
+    weighted = palettize(w, 4, importance=np.where(heavy, 1000.0, 1.0))
+    err = lambda p: (p.decode().astype(np.float64) - w.astype(np.float64)) ** 2  # noqa: E731
+    assert err(weighted)[heavy].sum() < 0.5 * err(plain)[heavy].sum()
+    # a palette is its LUT plus nearest entries: rebuilt from the LUT alone it is the same
+    again = palette_from_lut(w, weighted.lut, 4, None)
+    assert np.array_equal(again.indices, weighted.indices)
+
+
+def test_error_compensating_indices_lower_the_layer_output_error():
+    rng = np.random.default_rng(1)
+    x = torch.from_numpy(rng.standard_normal((40, 2000)))
+    x[1] = x[0] + 0.1 * x[1]  # correlated inputs: where compensation pays
+    h = x @ x.T
+    w = torch.from_numpy(rng.standard_normal((24, 40)) * 0.1)
+    lut = torch.from_numpy(np.sort(palettize(w.numpy().astype(np.float16), 3).lut[0].astype(np.float64)))
+    luts = lut.expand(24, -1)
+    nearest = (w[:, :, None] - lut).abs().argmin(-1)
+    aware = output_aware_indices(w, h, luts)
+    assert aware.min() >= 0 and aware.max() < len(lut)
+
+    def output_error(idx):
+        d = lut[idx] - w
+        return float(((d @ h) * d).sum())
+
+    assert output_error(aware) < 0.7 * output_error(nearest)
+    # without correlations and with the weights on the grid already there is nothing to compensate
+    on_grid = lut[nearest]
+    assert torch.equal(output_aware_indices(on_grid, torch.eye(40, dtype=torch.float64), luts), nearest)
+
+
+def test_output_aware_palettes_beat_plain_ones_and_round_trip_through_the_file(setup, tmp_path):
+    ckpt, calib, model, _, stats = setup
+    results, palettes = {}, {}
+    for method in ("plain", "weighted", "output-aware"):
+        student = deploy_model(ckpt.model, 1.0)
+        palettes[method] = palettize_deploy(student, uniform_bits(student, 4), None, PaletteCache(model, None, method, stats))
+        results[method] = output_psnr(stats.reference, calibration_outputs(student, calib))
+    assert results["output-aware"] > results["plain"] + 3.0, results
+    path = tmp_path / "p.safetensors"
+    mixed = {**palettes["output-aware"], **dict(list(palettize_deploy(deploy_model(ckpt.model, 1.0), uniform_bits(model, 8)).items())[:2])}
+    save_palettes(mixed, path)
+    loaded = load_palettes(path)
+    assert set(loaded) == set(mixed)
+    for name, p in mixed.items():
+        assert loaded[name].nbits == p.nbits and np.array_equal(loaded[name].indices, p.indices) and np.array_equal(loaded[name].lut, p.lut)
+
+
+def test_propagated_sweep_ranks_layers_like_the_end_to_end_one(setup):
+    _, calib, model, _, stats = setup
+    cache = PaletteCache(model, None, "output-aware", stats)
+    propagated = sweep(model, calib, [4, 8], "propagated", cache)
+    e2e = sweep(model, calib, [4, 8], "e2e", cache)
+    names = list(propagated.sensitivity)
+    a = np.log([propagated.sensitivity[n][4] for n in names])
+    b = np.log([e2e.sensitivity[n][4] for n in names])
+    rank = lambda v: np.argsort(np.argsort(v))  # noqa: E731
+    assert np.corrcoef(rank(a), rank(b))[0, 1] > 0.8
+    assert propagated.cost_forward_passes < e2e.cost_forward_passes / 3
+
+
+def test_distillation_plateau_schedule_converges_and_keeps_the_best(setup):
+    ckpt, calib, model, _, stats = setup
+    student = deploy_model(ckpt.model, 1.0)
+    palettize_deploy(student, uniform_bits(student, 4), None, PaletteCache(model))
+    settings = DistillSettings(steps=3000, eval_every=5, patience=2, max_decays=2, lr=3e-3)
+    result = distill(student, model, calib, settings)
+    assert result.stopped == "converged" and len(result.lr_cuts) == 2 and result.steps_run < 3000
+    assert result.holdout_psnr_after_db == pytest.approx(max(p for _, p in result.history), abs=0.01)
