@@ -87,26 +87,48 @@ def quantization() -> None:
         return
     for w, r in data["widths"].items():
         print(f"Width {w} (unquantized sample accuracy {r['unquantized_sample_accuracy']:.0%}; {r['evaluation_inputs']} held-out inputs):\n")
-        header("setting", "avg bits", "denoiser PSNR", "final-sample PSNR", "sample accuracy")
+        header("setting", "avg bits", "held-out denoiser PSNR", "final-sample PSNR", "sample accuracy")
         for name, row in r["settings"].items():
-            print(f"| {name} | {row['average_bits']:.2f} | {row['denoiser_psnr_db']:.1f} dB | {row['sample_psnr_db']:.1f} dB | {row['sample_accuracy']:.0%} |")
-        c = r["sweep_cost_forward_passes"]
-        print(f"\nSweep cost: local {c['local']} forward passes ({r['sweep_seconds']['local']} s with k-means), "
-              f"e2e {c['e2e']} passes of its {r['e2e_sweep_inputs']}-input subset ({r['sweep_seconds']['e2e']} s).\n")
+            extra = ""
+            if "distill" in row:
+                d = row["distill"]
+                extra = f" ({d['steps_run']} steps, {d['stopped']})"
+            print(f"| {name}{extra} | {row['average_bits']:.2f} | {row['heldout_psnr_db']:.1f} dB | {row['sample_psnr_db']:.1f} dB | "
+                  f"{row['sample_accuracy']:.0%} |")
+        c, t = r["sweep_cost_forward_passes"], r["palette_seconds"]
+        print("\nSweep cost in forward passes of the calibration set: " + ", ".join(f"{m} {v}" for m, v in c.items())
+              + f" (e2e on its {r['e2e_sweep_inputs']}-input subset). Uniform 4-bit palette time: "
+              + ", ".join(f"{m} {v} s" for m, v in t.items()) + " (edgecompile's weighted methods include the layer statistics, "
+              f"{r['statistics']['seconds']} s = {r['statistics']['cost_forward_passes']} forward passes).\n")
 
 
-def distillation() -> None:
-    """Issue 5's check per width: what self-distillation and the bias-correction baseline add to each base."""
+def palettes_vs_skm() -> None:
+    """Issue 16's targets per width, from the same file."""
     data = load("quantization_quality")
     if not data:
         return
-    header("width", "base", "denoiser PSNR", "+ bias correction", "+ self-distillation", "final-sample PSNR, before -> distilled")
+    header("width", "plain", "weighted", "output-aware", "SKMPalettizer", "output-aware - plain", "output-aware - SKM", "speed vs SKM",
+           "propagated vs e2e sweep (4.3 bits)", "default, converged")
     for w, r in data["widths"].items():
-        rows = r["settings"]
-        for base in ("uniform 4-bit", "mixed 4.3 local sweep"):
-            b, bc, sd = rows[base], rows[f"{base} + bias correction"], rows[f"{base} + self-distillation"]
-            print(f"| {w} | {base} | {b['denoiser_psnr_db']:.1f} dB | {bc['denoiser_psnr_db'] - b['denoiser_psnr_db']:+.1f} dB | "
-                  f"{sd['denoiser_psnr_db'] - b['denoiser_psnr_db']:+.1f} dB | {b['sample_psnr_db']:.1f} -> {sd['sample_psnr_db']:.1f} dB |")
+        s, t = r["settings"], r["palette_seconds"]
+        u = {m: s[f"uniform 4-bit, {m}"]["heldout_psnr_db"] for m in ("plain", "weighted", "output-aware", "coremltools SKMPalettizer")}
+        prop = s["mixed 4.3, output-aware, propagated sweep"]["heldout_psnr_db"]
+        e2e = s["mixed 4.3, output-aware, e2e sweep"]["heldout_psnr_db"]
+        conv = next(v for k, v in s.items() if "to convergence" in k)
+        print(f"| {w} | {u['plain']:.1f} dB | {u['weighted']:.1f} dB | {u['output-aware']:.1f} dB | {u['coremltools SKMPalettizer']:.1f} dB | "
+              f"{u['output-aware'] - u['plain']:+.1f} dB | {u['output-aware'] - u['coremltools SKMPalettizer']:+.1f} dB | "
+              f"{t['SKMPalettizer'] / t['output-aware']:.1f}x | {prop:.1f} vs {e2e:.1f} dB | {conv['heldout_psnr_db']:.1f} dB |")
+    print()
+
+
+def position_table() -> None:
+    data = load("quantization_quality")
+    if not data:
+        return
+    header("width", "table (fp16)", "share of the 4-bit weights", "unquantized model with the table at 4 bits")
+    for w, r in data["widths"].items():
+        p = r["position_table"]
+        print(f"| {w} | {p['fp16_bytes']:,} B | {p['share_of_4bit_weight_bytes']:.1%} | {p['psnr_if_4bit_db']:.1f} dB |")
     print()
 
 
@@ -115,9 +137,13 @@ def sweep_scale() -> None:
     if not data:
         return
     print(f"Paper-scale sweep: width {data['width']} ({data['params'] / 1e6:.0f}M parameters, {data['palettizable_layers']} layers), "
-          f"{data['calibration_inputs']} calibration inputs at latent {data['latent'][0]}x{data['latent'][1]}: local sweep {data['seconds']:.0f} s "
-          f"({data['kmeans_seconds']:.0f} s of it k-means) = {data['cost_forward_passes']} forward passes of {data['forward_seconds']:.1f} s; "
-          f"the e2e sweep would take {data['e2e_forward_passes']} passes, about {data['e2e_estimated_seconds']:.0f} s (estimated from the measured pass).\n")
+          f"{data['calibration_inputs']} calibration inputs at latent {data['latent'][0]}x{data['latent'][1]}:\n")
+    header("sweep", "palettes", "wall time", "of it palettes", "cost in forward passes", "peak RSS")
+    for mode, r in data["sweeps"].items():
+        print(f"| {mode} | {r['palettes']} | {r['seconds']:.0f} s | {r['kmeans_seconds']:.0f} s | {r['cost_forward_passes']} "
+              f"(of {r['forward_seconds']:.1f} s) | {r['peak_rss_gib']:.1f} GiB |")
+    print(f"\nThe e2e sweep would take {data['e2e_forward_passes']} passes, about {data['e2e_estimated_seconds']:.0f} s (estimated from the "
+          "measured pass).\n")
 
 
 def cost_model() -> None:
@@ -146,5 +172,5 @@ def cost_model() -> None:
 
 
 if __name__ == "__main__":
-    for section in (quality, census, kmeans, scale, quantization, distillation, sweep_scale, cost_model):
+    for section in (quality, census, kmeans, scale, quantization, palettes_vs_skm, position_table, sweep_scale, cost_model):
         section()

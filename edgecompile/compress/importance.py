@@ -1,23 +1,25 @@
 """What each layer's weight error costs at the denoiser's output, measured on calibration inputs in one forward
-and one backward pass: the statistics behind edgecompile's output-aware palettes and its `propagated` sweep.
+pass and a backward pass over a third of them: the statistics behind edgecompile's output-aware palettes and its
+`propagated` sweep.
 
-Every palettizable layer is a linear map from columns (input channels x kernel taps) to rows (output channels,
-times kernel taps for the transposed conv), `as_matrix`. For a weight change dW of one layer, the change of the
-layer's output at one position is dW x, and the change of the denoiser's output is J (dW x). Two factors of the
-Gauss-Newton (K-FAC) approximation of the damage E||J dW x||^2 are measured per layer:
+Every palettizable layer is a linear map from columns (input channels x kernel taps, per group of a grouped
+conv) to rows (output channels; times kernel taps for the transposed conv), `as_matrix`. A weight change dW
+changes the layer's output at one position by dW x and the denoiser's output by J (dW x). Two statistics:
 
-- `hessian` H = sum over inputs and positions of x x^T (columns x columns): the layer's own output error is
-  tr(dW H dW^T). Its correlations are what error-compensating rounding (kmeans.palettize_output_aware) uses.
-- `row_gradient` gamma_r = mean over inputs and positions of g_r^2, g = J^T v the gradient of sum(v * y) for a
-  random sign vector v (Rademacher, one per input): E[g g^T] = J^T J, so gamma_r is how strongly an error in
-  row r reaches the output. One backward pass gives it for every layer at once; autograd computes no weight
-  gradients (only activation gradients flow, read by a hook on each layer's output). A mean over positions
-  needs few inputs: the backward pass sees a third of them (GRADIENT_SHARE).
+- `hessian` H = sum over inputs and positions of x x^T (columns x columns, one block per group): the layer's own
+  output error is tr(dW H dW^T). Its correlations are what error-compensating rounding (rounding.py) uses.
+- `fisher` F (the weight's matrix shape): the diagonal Fisher (Gauss-Newton) information of the output,
+  F_rc = sum over inputs of (d<v, y>/dW_rc)^2 for a random sign vector v (Rademacher, one per input):
+  E[v v^T] = I, so F_rc estimates sum over outputs of (dy/dW_rc)^2, without labels. Each input's weight
+  gradient is formed from the layer's own input and output gradient (sum over positions of g x^T), so
+  autograd computes no weight gradients and errors that add up across positions (attention averaging values,
+  a timestep embedding broadcast to every position) count as they do at the output. It is what SqueezeLLM's
+  sensitive k-means (coremltools' SKMPalettizer) weights by, and the weighted k-means' element weights.
 
-Predicted damage of dW (denoiser-output MSE): sum_r gamma_r (dW H dW^T)_rr / outputs, summed over layers.
-The element weights of the weighted k-means are its diagonal: gamma_r H_cc.
+Predicted damage of one layer's dW (denoiser-output MSE): per row, the diagonal-Fisher damage sum_c F_rc dW_rc^2
+times how the row's errors cancel or add through its input correlations, (dW_r H dW_r^T) / sum_c H_cc dW_rc^2
+(1 for independent errors; below 1 for error-compensating indices).
 """
-
 from __future__ import annotations
 
 import time
@@ -51,39 +53,59 @@ def from_matrix(mod: nn.Module, matrix, shape: tuple[int, ...]):
 
 def check_supported(mod: nn.Module) -> None:
     kh, kw = mod.weight.shape[2:]
-    plain = mod.groups == 1 and tuple(mod.padding) == (0, 0) and tuple(mod.dilation) == (1, 1)
-    if not plain or (isinstance(mod, nn.ConvTranspose2d) and tuple(mod.stride) != (kh, kw)):
-        raise EdgeCompileError(f"internal: output-aware palettization does not handle this {type(mod).__name__} "
+    if isinstance(mod, nn.ConvTranspose2d) and (mod.groups != 1 or tuple(mod.stride) != (kh, kw) or tuple(mod.padding) != (0, 0)):
+        raise EdgeCompileError(f"internal: output-aware palettization does not handle this ConvTranspose2d "
                                f"(groups {mod.groups}, padding {mod.padding}, stride {mod.stride})")
 
 
-def _columns(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """(columns, positions of every input): what multiplies the weight matrix."""
+def groups_of(mod: nn.Module) -> int:
+    """Groups of a grouped (e.g. depthwise) conv: its rows and columns split into this many independent blocks."""
+    return 1 if isinstance(mod, nn.ConvTranspose2d) else mod.groups
+
+
+def _columns_per_input(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(inputs, groups, columns, positions): what multiplies each group's block of the weight matrix."""
     kh, kw = mod.weight.shape[2:]
-    if isinstance(mod, nn.ConvTranspose2d) or ((kh, kw) == (1, 1) and tuple(mod.stride) == (1, 1)):
+    if isinstance(mod, nn.ConvTranspose2d) or ((kh, kw) == (1, 1) and tuple(mod.stride) == (1, 1) and tuple(mod.padding) == (0, 0)):
         cols = x.flatten(2)  # (B, I, H*W)
-    else:
-        cols = F.unfold(x, (kh, kw), stride=mod.stride)  # (B, I*kh*kw, positions)
-    return cols.transpose(0, 1).flatten(1)
+    else:  # (B, I*kh*kw, positions), channel-major like the weight's (I/groups, kh, kw)
+        cols = F.unfold(x, (kh, kw), dilation=mod.dilation, padding=mod.padding, stride=mod.stride)
+    return cols.reshape(cols.shape[0], groups_of(mod), -1, cols.shape[-1])
 
 
-def _row_gradients(mod: nn.Module, g: torch.Tensor) -> torch.Tensor:
-    """(rows, positions of every input) of the output gradient, rows as in as_matrix."""
+def _columns(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """(groups, columns, positions of every input)."""
+    return _columns_per_input(mod, x).permute(1, 2, 0, 3).flatten(2)
+
+
+def _row_gradients_per_input(mod: nn.Module, g: torch.Tensor) -> torch.Tensor:
+    """(inputs, rows, positions) of the output gradient, rows as in as_matrix."""
     if isinstance(mod, nn.ConvTranspose2d):
         kh, kw = mod.weight.shape[2:]
         b, o, hh, ww = g.shape
-        g = g.reshape(b, o, hh // kh, kh, ww // kw, kw).permute(1, 3, 5, 0, 2, 4)  # (O, a, c, B, H, W)
-        return g.reshape(o * kh * kw, -1)
-    return g.transpose(0, 1).flatten(1)
+        g = g.reshape(b, o, hh // kh, kh, ww // kw, kw).permute(0, 1, 3, 5, 2, 4)  # (B, O, a, c, H, W)
+        return g.reshape(b, o * kh * kw, -1)
+    return g.flatten(2)
+
+
+def per_input_weight_gradient(mod: nn.Module, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """(inputs, rows, columns): each input's gradient of <g, layer(x)> in the weight matrix, sum over positions
+    of g x^T within each group."""
+    cols = _columns_per_input(mod, x)  # (B, G, c, P)
+    rows = _row_gradients_per_input(mod, g)  # (B, R, P)
+    b, groups = cols.shape[:2]
+    rows = rows.reshape(b, groups, -1, rows.shape[-1])  # (B, G, R/G, P)
+    return (rows @ cols.transpose(2, 3)).reshape(b, -1, cols.shape[2])
 
 
 @dataclass
 class LayerStatistics:
-    """Per palettizable layer: `hessian` (columns x columns, float64, summed) and `row_gradient` (rows, mean
-    squared output gradient); `output_elements` turns summed damage into a denoiser-output MSE."""
+    """Per palettizable layer: `hessian` (groups x columns x columns, summed; one block per group of a grouped
+    conv) and `fisher` (rows x columns, summed over the inputs of the backward pass, scaled to all inputs);
+    `output_elements` turns summed damage into a denoiser-output MSE."""
 
     hessian: dict[str, torch.Tensor]
-    row_gradient: dict[str, torch.Tensor]
+    fisher: dict[str, torch.Tensor]
     output_elements: int
     reference: torch.Tensor  # the unquantized outputs on the calibration inputs (CPU)
     seconds: float = 0.0
@@ -94,11 +116,9 @@ class LayerStatistics:
         return self.seconds / max(self.forward_seconds, 1e-9)
 
     def element_weights(self, mod: nn.Module, layer: str) -> np.ndarray:
-        """The weighted k-means' weight of every element (weight layout): gamma_r H_cc, floored at FLOOR x mean
-        so that no value is ignored."""
-        diag = torch.diagonal(self.hessian[layer]).double().cpu()
-        w = self.row_gradient[layer].double().cpu()[:, None] * diag[None, :]
-        w = from_matrix(mod, w, tuple(mod.weight.shape)).numpy()
+        """The weighted k-means' weight of every element (weight layout): its diagonal Fisher information,
+        floored at FLOOR x the layer's mean so that no value is ignored."""
+        w = from_matrix(mod, self.fisher[layer].double().cpu(), tuple(mod.weight.shape)).numpy()
         mean = float(w.mean())
         if not np.isfinite(mean) or mean <= 0:  # the output does not depend on this layer on these inputs
             return np.ones_like(w)
@@ -106,37 +126,40 @@ class LayerStatistics:
 
     def predicted_mse(self, mod: nn.Module, layer: str, delta: torch.Tensor) -> float:
         """The denoiser-output MSE that changing `layer`'s weight by `delta` alone is predicted to cause."""
-        h = self.hessian[layer]
+        h = self.hessian[layer].double()
         d = as_matrix(mod, delta.to(h.device, torch.float64))
-        per_row = ((d @ h) * d).sum(1)  # each row's own output error, tr(dW H dW^T) split by row
-        return float((per_row * self.row_gradient[layer].to(per_row.device, torch.float64)).sum()) / self.output_elements
+        fisher_damage = (self.fisher[layer].to(h.device, torch.float64) * d * d).sum(1)  # per row
+        d = d.reshape(len(h), -1, d.shape[1])  # (groups, rows of the group, columns)
+        correlated = ((d @ h) * d).sum(2).reshape(-1)  # each row's own output error, tr(dW H dW^T) split by row
+        independent = (d * d * torch.diagonal(h, dim1=1, dim2=2)[:, None, :]).sum(2).reshape(-1)  # the same without correlations
+        ratio = torch.where(independent > 0, correlated / independent.clamp_min(1e-300), torch.ones_like(correlated))
+        return float((fisher_damage * ratio).sum()) / self.output_elements
 
 
 FLOOR = 1e-3
-GRADIENT_SHARE = 3  # the backward pass sees every 3rd input: gamma is a mean over rows' positions, and the
-# backward of split-einsum attention costs two forward passes (it differentiates both operands of each einsum)
+GRADIENT_SHARE = 3  # the backward pass sees every 3rd input: the backward of split-einsum attention costs two
+# forward passes (it differentiates both operands of each einsum), and a few dozen inputs estimate F well
 MIN_GRADIENT_INPUTS = 16
 
 
 def measure_statistics(model: nn.Module, layers: dict[str, nn.Module], calib: CalibrationSet, batch_size: int = 64,
                        seed: int = 0, progress: Callable[[str, int, int], None] | None = None) -> LayerStatistics:
     """A forward pass over every calibration input (hooks accumulate each layer's H; its outputs are the
-    reference), then a forward and backward pass over a spread third of them (gamma).
+    reference), then a forward and backward pass over a spread third of them (F).
 
-    H and gamma stay on the model's device (float64 sums on a CPU, float32 elsewhere: MPS has no float64)."""
+    H and F stay on the model's device (float64 sums on a CPU, float32 elsewhere: MPS has no float64)."""
     device = device_of(model)
     acc = torch.float64 if device.type == "cpu" else torch.float32
     for mod in layers.values():
         check_supported(mod)
     hessian: dict[str, torch.Tensor] = {}
-    grad_sq: dict[str, torch.Tensor] = {}
-    positions = dict.fromkeys(layers, 0)
-    captured: list[tuple[str, torch.Tensor]] = []
+    fisher: dict[str, torch.Tensor] = {}
+    captured: list[tuple[str, torch.Tensor, torch.Tensor]] = []
 
     def gram_hook(name):
         def hook(mod, inputs, output):
             cols = _columns(mod, inputs[0]).float()
-            gram = (cols @ cols.T).to(acc)  # products in float32 (2x the speed), sums across batches in `acc`
+            gram = (cols @ cols.transpose(1, 2)).to(acc)  # products in float32 (2x the speed), sums across batches in `acc`
             hessian[name] = hessian[name] + gram if name in hessian else gram
         return hook
 
@@ -144,7 +167,7 @@ def measure_statistics(model: nn.Module, layers: dict[str, nn.Module], calib: Ca
         def hook(mod, inputs, output):
             if not output.requires_grad:  # a layer fed only by constants (text, timestep): its output starts the graph
                 output = output.detach().requires_grad_()
-            captured.append((name, output))
+            captured.append((name, inputs[0].detach(), output))
             return output
         return hook
 
@@ -176,14 +199,15 @@ def measure_statistics(model: nn.Module, layers: dict[str, nn.Module], calib: Ca
             with torch.enable_grad():
                 y = model(x, t, c)
                 v = (torch.randint(0, 2, y.shape, generator=g).float() * 2 - 1).to(device)  # same signs on every device
-                grads = torch.autograd.grad((y.float() * v).sum(), [o for _, o in captured], allow_unused=True)
-            for (name, _), grad in zip(captured, grads):
-                if grad is None:
-                    continue
-                rows = _row_gradients(layers[name], grad.detach()).float()
-                sq = rows.pow(2).sum(1).to(acc)
-                grad_sq[name] = grad_sq[name] + sq if name in grad_sq else sq
-                positions[name] += rows.shape[1]
+                grads = torch.autograd.grad((y.float() * v).sum(), [o for _, _, o in captured], allow_unused=True)
+            per_input: dict[str, torch.Tensor] = {}
+            for (name, xin, _), grad in zip(captured, grads):
+                if grad is not None:  # a layer called more than once (strips) sums its calls before squaring
+                    w_grad = per_input_weight_gradient(layers[name], xin.float(), grad.detach().float())
+                    per_input[name] = per_input[name] + w_grad if name in per_input else w_grad
+            for name, w_grad in per_input.items():
+                sq = w_grad.pow(2).sum(0).to(acc)
+                fisher[name] = fisher[name] + sq if name in fisher else sq
             captured.clear()
             done += 1
             if progress:
@@ -201,11 +225,10 @@ def measure_statistics(model: nn.Module, layers: dict[str, nn.Module], calib: Ca
             model(x, t, c)
     forward_seconds = time.perf_counter() - t0
     reference = torch.cat(outputs)
-    row_gradient = {}
     for name, mod in layers.items():
         rows, cols = as_matrix(mod, mod.weight).shape
-        row_gradient[name] = grad_sq[name] / max(positions[name], 1) if name in grad_sq else torch.zeros(rows, dtype=acc, device=device)
+        fisher[name] = fisher[name] * (len(calib) / n_grad) if name in fisher else torch.zeros(rows, cols, dtype=acc, device=device)
         if name not in hessian:  # a layer the forward never called
-            hessian[name] = torch.zeros(cols, cols, dtype=acc, device=device)
-    return LayerStatistics(hessian=hessian, row_gradient=row_gradient, output_elements=reference.numel(), reference=reference,
+            hessian[name] = torch.zeros(groups_of(mod), cols, cols, dtype=acc, device=device)
+    return LayerStatistics(hessian=hessian, fisher=fisher, output_elements=reference.numel(), reference=reference,
                            seconds=seconds, forward_seconds=forward_seconds)

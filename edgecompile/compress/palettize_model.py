@@ -101,7 +101,11 @@ class PaletteCache:
         luts = torch.from_numpy(p.lut.astype(np.float32))
         # grouped LUTs are runs of output channels, the rows of a Conv2d's matrix (group_for: ConvTranspose2d has one)
         row_luts = luts[torch.arange(matrix.shape[0]) // (matrix.shape[0] // len(luts))]
-        idx = output_aware_indices(matrix.to(hessian.device), hessian, row_luts.to(hessian.device)).cpu()
+        # a grouped conv's groups are independent blocks of rows and columns, each with its own H
+        per_group = matrix.shape[0] // len(hessian)
+        idx = torch.cat([output_aware_indices(matrix[g * per_group:(g + 1) * per_group].to(hessian.device), hessian[g],
+                                              row_luts[g * per_group:(g + 1) * per_group].to(hessian.device)).cpu()
+                         for g in range(len(hessian))])
         indices = from_matrix(mod, idx, tuple(mod.weight.shape)).to(torch.uint8).numpy()
         return Palette(lut=p.lut, indices=np.ascontiguousarray(indices), nbits=p.nbits, group_size=p.group_size)
 

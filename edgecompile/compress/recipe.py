@@ -76,7 +76,8 @@ class Recipe:
             mode=data.get("mode"), candidates=data.get("candidates", []), target=data.get("target", {}),
             group_size=data.get("group_size"),
             sensitivity={n: {int(k): float(s) for k, s in v.get("sensitivity", {}).items()} for n, v in layers.items()},
-            predicted_psnr_db=data.get("predicted_psnr_db"), palettes=data.get("palettes", "plain"), sweep=data.get("sweep", {}), calibration=data.get("calibration", {}),
+            predicted_psnr_db=data.get("predicted_psnr_db"), palettes=data.get("palettes", "plain"), sweep=data.get("sweep", {}),
+            calibration=data.get("calibration", {}),
         )
 
     def save(self, path: str | Path, force: bool = False, inputs=()) -> Path:

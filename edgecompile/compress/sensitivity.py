@@ -10,9 +10,9 @@ Three modes:
 - e2e (Apple's ml-stable-diffusion): the whole denoiser's output MSE (and PSNR) against the unquantized output
   with only that layer palettized: one calibration forward pass per layer and bit-width.
 - propagated (edgecompile's): the denoiser-output MSE each layer's palette is predicted to cause, from the
-  layer statistics (importance.py: the layer's input second moments and how strongly each output channel reaches
-  the denoiser's output, one forward pass and a backward pass on a third of the inputs). No pass per layer or
-  bit-width: every candidate is scored from its weight change alone.
+  layer statistics (importance.py: the diagonal Fisher information of the output in every weight, corrected by
+  the layer's input correlations; one forward pass and a backward pass on a third of the inputs). No pass per
+  layer or bit-width: every candidate is scored from its weight change alone.
 """
 
 from __future__ import annotations
