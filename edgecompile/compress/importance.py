@@ -200,14 +200,18 @@ def measure_statistics(model: nn.Module, layers: dict[str, nn.Module], calib: Ca
                 y = model(x, t, c)
                 v = (torch.randint(0, 2, y.shape, generator=g).float() * 2 - 1).to(device)  # same signs on every device
                 grads = torch.autograd.grad((y.float() * v).sum(), [o for _, _, o in captured], allow_unused=True)
+            # a layer called more than once (strips) sums its calls before squaring; each layer's per-input
+            # gradients (inputs x the weight's size) are squared and freed after its last call, one layer at a time
+            last_call = {name: i for i, (name, _, _) in enumerate(captured)}
             per_input: dict[str, torch.Tensor] = {}
-            for (name, xin, _), grad in zip(captured, grads):
-                if grad is not None:  # a layer called more than once (strips) sums its calls before squaring
+            for i, ((name, xin, _), grad) in enumerate(zip(captured, grads)):
+                if grad is not None:
                     w_grad = per_input_weight_gradient(layers[name], xin.float(), grad.detach().float())
                     per_input[name] = per_input[name] + w_grad if name in per_input else w_grad
-            for name, w_grad in per_input.items():
-                sq = w_grad.pow(2).sum(0).to(acc)
-                fisher[name] = fisher[name] + sq if name in fisher else sq
+                if last_call[name] == i and name in per_input:
+                    sq = per_input.pop(name).pow(2).sum(0).to(acc)
+                    fisher[name] = fisher[name] + sq if name in fisher else sq
+            del grads
             captured.clear()
             done += 1
             if progress:

@@ -4,8 +4,9 @@ coreml/palettize.py writes these exact LUTs and indices into the package, so the
 decode to the same numbers.
 
 Three palette methods (`--palettes`):
-- output-aware (default): the LUT from k-means weighted by each element's predicted output damage, the indices
-  from error-compensating rounding under the layer's input statistics (compress/rounding.py);
+- output-aware (default): the LUT from k-means weighted by each element's diagonal Fisher information (what an
+  error in it costs at the denoiser's output), the indices from error-compensating rounding under the layer's
+  input second moments (compress/rounding.py);
 - weighted: the same weighted LUT, each element at its nearest entry;
 - plain: k-means on the weight values alone, nearest entry (weight error only; needs no calibration data).
 """
@@ -17,9 +18,9 @@ import time
 
 import numpy as np
 import torch
-from torch import nn
-
+from safetensors import safe_open
 from safetensors.numpy import load_file, save_file
+from torch import nn
 
 from edgecompile.compress.importance import LayerStatistics, as_matrix, from_matrix
 from edgecompile.compress.kmeans import Palette, palettize
@@ -146,8 +147,6 @@ def save_palettes(palettes: dict[str, Palette], path) -> None:
 
 def load_palettes(path) -> dict[str, Palette]:
     """The inverse of save_palettes."""
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="np") as f:
         meta = f.metadata() or {}
     tensors = load_file(str(path))
