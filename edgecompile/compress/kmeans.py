@@ -288,8 +288,8 @@ def nearest_indices(codes: np.ndarray, lut: np.ndarray) -> np.ndarray:
 
 
 def palette_from_lut(weight: np.ndarray, lut: np.ndarray, nbits: int, group_size: int | None) -> Palette:
-    """The palette of `weight` with these LUTs (G, 2^nbits): every element takes its nearest entry. How a
-    package's simulation is rebuilt from the LUTs saved beside it."""
+    """The palette of `weight` with these LUTs (G, 2^nbits): every element takes its nearest entry (k-means'
+    own assignment; output-aware palettes then change indices, compress/rounding.py)."""
     w16 = np.ascontiguousarray(weight, dtype=np.float16)
     lut = np.asarray(lut, dtype=np.float16)
     blocks = w16.reshape(len(lut), -1).view(np.uint16)
