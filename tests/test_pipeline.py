@@ -16,10 +16,10 @@ from edgecompile.coreml.interpreter import OPS
 from edgecompile.coreml.package import load_package
 from edgecompile.deploy.rewrite import deploy_model
 from edgecompile.errors import EdgeCompileError
-from edgecompile.export import ExportOptions, SweepSettings, run_export, verify_exported
+from edgecompile.export import CompressionOptions, ExportOptions, PackageOptions, VerificationOptions, SweepSettings, run_export, verify_exported
 from edgecompile.model.checkpoint import load_checkpoint
 
-FAST = dict(distill_steps=30)
+FAST = dict(distill_steps=30)  # CompressionOptions keywords
 
 
 @pytest.fixture(scope="module")
@@ -30,7 +30,8 @@ def ckpt(tiny_checkpoint):
 @pytest.fixture(scope="module")
 def mixed(ckpt, tmp_path_factory):
     out = tmp_path_factory.mktemp("mixed")
-    report = run_export(ckpt, ExportOptions(output=out, widths=[1.0], bits="mixed", sweep=SweepSettings(target_bits=5.0), **FAST))[0]
+    report = run_export(ckpt, ExportOptions(output=out, widths=[1.0],
+        compression=CompressionOptions(bits="mixed", sweep=SweepSettings(target_bits=5.0), **FAST)))[0]
     return out, report
 
 
@@ -75,7 +76,8 @@ def test_mixed_export_writes_recipe_report_and_verifies(mixed, ckpt):
 
 def test_recipe_reuse_and_determinism(mixed, ckpt, tmp_path):
     out, report = mixed
-    second = run_export(ckpt, ExportOptions(output=tmp_path, widths=[1.0], bits="mixed", recipe=out / "w1.0" / "recipe.json", **FAST))[0]
+    second = run_export(ckpt, ExportOptions(output=tmp_path, widths=[1.0],
+        compression=CompressionOptions(bits="mixed", recipe=out / "w1.0" / "recipe.json", **FAST)))[0]
     assert second.compression.bits_per_layer == report.compression.bits_per_layer
     # same checkpoint and options: the same weights in the package
     a = load_package(report.path)
@@ -89,7 +91,8 @@ def test_recipe_reuse_and_determinism(mixed, ckpt, tmp_path):
 
 
 def test_grouped_luts_decode_exactly(ckpt, tmp_path):
-    report = run_export(ckpt, ExportOptions(output=tmp_path, widths=[0.5], bits="4", group_size=4, target="iOS18", distill=False))[0]
+    report = run_export(ckpt, ExportOptions(output=tmp_path, widths=[0.5], compression=CompressionOptions(bits="4", group_size=4, distill=False),
+        package=PackageOptions(target="iOS18")))[0]
     view = load_package(report.path)
     luts = [op for op in view.main.operations if op.op_type == "constexpr_lut_to_dense"]
     assert luts and any(op.inputs["lut"].val.shape[0] > 1 for op in luts)  # several LUTs per weight
@@ -97,7 +100,8 @@ def test_grouped_luts_decode_exactly(ckpt, tmp_path):
 
 
 def test_swift_resources_layout(ckpt, tmp_path):
-    report = run_export(ckpt, ExportOptions(output=tmp_path, widths=[0.5], swift_resources=True, verify=False))[0]
+    report = run_export(ckpt, ExportOptions(output=tmp_path, widths=[0.5],
+        package=PackageOptions(swift_resources=True), verification=VerificationOptions(verify=False)))[0]
     res = tmp_path / "w0.5" / "Resources"
     assert (res / "MultiModalDiffusionTransformer.mlpackage").is_dir() and (res / "compile_resources.sh").is_file()
     contract = json.loads((res / "denoiser_contract.json").read_text())
@@ -141,14 +145,14 @@ def test_unknown_recipe_layer_and_existing_output(mixed, tiny_checkpoint, tmp_pa
 
 
 def test_interrupted_mixed_export_leaves_nothing(ckpt, tmp_path, monkeypatch):
-    import edgecompile.export as export
+    import edgecompile.commands.compression as export
 
     def interrupt(*a, **k):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(export, "distill", interrupt)
     with pytest.raises(KeyboardInterrupt):
-        run_export(ckpt, ExportOptions(output=tmp_path / "o", widths=[1.0], bits="4", **FAST))
+        run_export(ckpt, ExportOptions(output=tmp_path / "o", widths=[1.0], compression=CompressionOptions(bits="4", **FAST)))
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").iterdir())
 
 

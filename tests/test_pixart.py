@@ -12,7 +12,7 @@ from edgecompile.coreml.interpreter import MILInterpreter  # noqa: E402
 from edgecompile.coreml.package import load_package  # noqa: E402
 from edgecompile.deploy.contract import LATENT, OUTPUT, TEXT, TIMESTEP, text_to_package  # noqa: E402
 from edgecompile.deploy.rewrite import deploy_model  # noqa: E402
-from edgecompile.export import ExportOptions, run_export  # noqa: E402
+from edgecompile.export import CompressionOptions, ExportOptions, LatentPlan, PackageOptions, run_export  # noqa: E402
 from edgecompile.metrics import psnr_db  # noqa: E402
 from edgecompile.model.checkpoint import load_checkpoint  # noqa: E402
 from edgecompile.model.importers import import_checkpoint  # noqa: E402
@@ -91,7 +91,7 @@ def test_import_records_the_family_options(imported):
 @pytest.mark.parametrize("hw", [(16, 16), (16, 24)])
 def test_exported_fp16_package_equals_diffusers(imported, hw, tmp_path):
     family, model, ckpt, _ = imported
-    [report] = run_export(ckpt, ExportOptions(output=tmp_path, widths=[1.0], latent_hw=hw))
+    [report] = run_export(ckpt, ExportOptions(output=tmp_path, widths=[1.0], latents=LatentPlan(package=hw)))
     assert report.verify.passed
     view = load_package(report.path)
     assert "DDPM" in view.metadata["edgecompile.io"]
@@ -103,11 +103,12 @@ def test_exported_fp16_package_equals_diffusers(imported, hw, tmp_path):
 
 def test_palettized_export_with_swift_resources_onnx_verify_and_inspect(imported, tmp_path, capsys):
     family, _, ckpt, _ = imported
-    [mixed] = run_export(ckpt, ExportOptions(output=tmp_path / "mixed", widths=[1.0], bits="mixed", distill_steps=5, swift_resources=True))
+    [mixed] = run_export(ckpt, ExportOptions(output=tmp_path / "mixed", widths=[1.0], compression=CompressionOptions(bits="mixed", distill_steps=5),
+        package=PackageOptions(swift_resources=True)))
     assert mixed.verify.passed and 4 < mixed.average_bits < 8
     contract = json.loads((tmp_path / "mixed" / "w1.0" / "Resources" / "denoiser_contract.json").read_text())
     assert "epsilon" in contract["outputs"][OUTPUT]["meaning"] and "DDPM" in contract["scheduler"]
-    [onnx] = run_export(ckpt, ExportOptions(output=tmp_path / "onnx", widths=[1.0], fmt="onnx"))
+    [onnx] = run_export(ckpt, ExportOptions(output=tmp_path / "onnx", widths=[1.0], package=PackageOptions(fmt="onnx")))
     assert onnx.verify.passed
     code, out, _ = run_cli(["verify", mixed.path, "--checkpoint", str(ckpt.path), "--json"], capsys)
     assert code == 0 and json.loads(out)["passed"]

@@ -35,8 +35,7 @@ class BenchItem:
 def package_items(path: str) -> list[BenchItem]:
     """One item per package, or per function of a multifunction package (one latent size each)."""
     view = load_package(path)
-    if view.config is None or view.width is None:
-        raise EdgeCompileError(f"package {path} has no edgecompile metadata: bench analyses packages written by `edgecompile export`")
+    view.require_meta("bench")
     views = [view] if not view.functions else [view.with_function(name) for name in view.functions]
     items = []
     for v in views:
@@ -62,8 +61,68 @@ def config_items(path: str, widths: str, latent: tuple[int, int] | None, bits: f
                       latent_hw=tuple(hw), bits=bits) for w in ws]
 
 
+@dataclass
+class BenchRow:
+    """One analysed item (a package, a function of one, or a config width): bench.json's `items` entries."""
+
+    item: str
+    package: str | None
+    config: str
+    width: float
+    latent: list[int]
+    bits: float
+    params: int
+    weight_bytes: int
+    static: dict  # the deploy graph's census (bench/static.py): macs per op class, ops, layout ops, largest tensor
+    estimates_ms: dict[str, float]  # per device profile: the cost model's estimate of one denoiser call
+    host: dict | None = None  # measured torch latency on this host
+    coreml: dict | None = None  # measured Core ML latency (macOS)
+
+    @property
+    def total_macs(self) -> int:
+        return self.static["total_macs"]
+
+    @property
+    def attention_fraction(self) -> float:
+        return sum(v for k, v in self.static["macs"].items() if k.startswith("attn")) / max(self.total_macs, 1)
+
+    def to_dict(self) -> dict:
+        d = {k: v for k, v in self.__dict__.items() if k not in ("host", "coreml")}
+        if self.host is not None:
+            d["host"] = self.host
+        if self.coreml is not None:
+            d["coreml"] = self.coreml
+        return d
+
+
+@dataclass
+class BenchReport:
+    """What `edgecompile bench` measured and estimated (bench.json is its to_dict)."""
+
+    items: list[BenchRow]
+    cost_model: dict  # per device profile: coefficients, calibration and validation against the paper's figures
+    runs: list[dict] = field(default_factory=list)  # measured runs merged from other machines
+
+    NOTE = "estimates_ms come from the cost model: they are estimates, not measurements"
+
+    @property
+    def devices(self) -> list[str]:
+        return list(self.cost_model["devices"])
+
+    @property
+    def calibration_error_pct(self) -> float:
+        return self.cost_model["calibration_error_pct"]
+
+    @property
+    def validation_error_pct(self) -> float:
+        return self.cost_model["validation_error_pct"]
+
+    def to_dict(self) -> dict:
+        return {"items": [r.to_dict() for r in self.items], "cost_model": self.cost_model, "note": self.NOTE, "runs": self.runs}
+
+
 def analyse(items: list[BenchItem], devices=DEFAULT_DEVICES, host: bool = True, host_latent: tuple[int, int] | None = None,
-            repeats: int = 10, progress=None) -> dict:
+            repeats: int = 10, progress=None) -> BenchReport:
     models = {d: calibrated(d) for d in devices}
     rows = []
     for i, item in enumerate(items):
@@ -71,16 +130,16 @@ def analyse(items: list[BenchItem], devices=DEFAULT_DEVICES, host: bool = True, 
             progress(f"analysing {item.label}", i, len(items))
         stats = deploy_graph_stats(item.config, item.width, item.latent_hw)
         weight_bytes = item.weight_bytes if item.weight_bytes is not None else int(stats.params * item.bits / 8)
-        row = {"item": item.label, "package": str(item.package) if item.package else None, "config": item.config.name,
-               "width": item.width, "latent": list(item.latent_hw), "bits": round(item.bits, 3), "params": stats.params,
-               "weight_bytes": weight_bytes, "static": {k: v for k, v in stats.to_dict().items() if k != "params"},
-               "estimates_ms": {d: round(float(estimate_ms(stats, item.bits, m["coefficients"], m["profile"].memory_gbps)), 3)
-                                for d, m in models.items()}}
+        row = BenchRow(item=item.label, package=str(item.package) if item.package else None, config=item.config.name,
+                       width=item.width, latent=list(item.latent_hw), bits=round(item.bits, 3), params=stats.params,
+                       weight_bytes=weight_bytes, static={k: v for k, v in stats.to_dict().items() if k != "params"},
+                       estimates_ms={d: round(float(estimate_ms(stats, item.bits, m["coefficients"], m["profile"].memory_gbps)), 3)
+                                     for d, m in models.items()})
         if host:
             hw = host_latent if host_latent and item.package is None else item.latent_hw
-            row["host"] = {**torch_latency(item.config, item.width, tuple(hw), repeats=repeats), "latent": list(hw)}
+            row.host = {**torch_latency(item.config, item.width, tuple(hw), repeats=repeats), "latent": list(hw)}
         if item.package is not None:
-            row["coreml"] = coreml_latency(item.package, repeats, function=item.function)
+            row.coreml = coreml_latency(item.package, repeats, function=item.function)
         rows.append(row)
     cost = {}
     for d, m in models.items():
@@ -91,9 +150,8 @@ def analyse(items: list[BenchItem], devices=DEFAULT_DEVICES, host: bool = True, 
                    "memory_gbps": m["profile"].memory_gbps, "calibration": m["calibration"], "validation": m["validation"],
                    "calibration_error_pct": m["calibration_error_pct"], "validation_error_pct": m["validation_error_pct"]}
     primary = cost[devices[0]]
-    return {"items": rows, "cost_model": {"calibration_error_pct": primary["calibration_error_pct"],
-                                          "validation_error_pct": primary["validation_error_pct"], "devices": cost},
-            "note": "estimates_ms come from the cost model: they are estimates, not measurements"}
+    return BenchReport(items=rows, cost_model={"calibration_error_pct": primary["calibration_error_pct"],
+                                               "validation_error_pct": primary["validation_error_pct"], "devices": cost})
 
 
 def _png(fig) -> bytes:
@@ -182,7 +240,8 @@ def markdown(data: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_report(data: dict, out_dir: Path, export_reports: list[ExportReport], force: bool = False, inputs=()) -> None:
+def write_report(report: BenchReport, out_dir: Path, export_reports: list[ExportReport], force: bool = False, inputs=()) -> None:
+    data = report.to_dict()
     images = plots(data, export_reports)
     for r in export_reports:  # what each package draws (export's verify stage), beside the checkpoint's samples
         for grid in r.sample_grids():
@@ -243,13 +302,13 @@ def resolve_bench(opts: BenchOptions) -> BenchInputs:
     return BenchInputs(items=items, runs=load_runs(list(opts.runs)), export_reports=[ExportReport.read(r) for r in opts.export_reports])
 
 
-def run_bench(opts: BenchOptions, inputs: BenchInputs | None = None, progress=None) -> dict:
+def run_bench(opts: BenchOptions, inputs: BenchInputs | None = None, progress=None) -> BenchReport:
     """`edgecompile bench`: static analysis, host and Core ML timing, cost-model estimates; the report folder
     written when `output` is set. `inputs` from resolve_bench (called here when not given)."""
     inputs = inputs or resolve_bench(opts)
     data = analyse(inputs.items, tuple(opts.devices) or DEFAULT_DEVICES, host=opts.host, host_latent=opts.host_latent,
                    repeats=opts.repeats, progress=progress)
-    data["runs"] = inputs.runs
+    data.runs = inputs.runs
     if opts.output:
         write_report(data, Path(opts.output), inputs.export_reports, force=opts.force, inputs=opts.inputs)
     return data

@@ -46,6 +46,11 @@ class CalibrationSet:
     def __len__(self) -> int:
         return len(self.timestep)
 
+    @property
+    def latent_hw(self) -> tuple[int, int]:
+        """The latent size the inputs were recorded at."""
+        return tuple(int(v) for v in self.latent.shape[2:])
+
     def batches(self, batch_size: int = 64, device: torch.device | str = "cpu"):
         """(latent, t, text in package layout (B, D, 1, T)) batches, in order, moved to `device` one at a time."""
         for s in range(0, len(self), batch_size):
@@ -70,7 +75,7 @@ class CalibrationSet:
 
     def check(self, config: ModelConfig, latent_hw: tuple[int, int] | None = None, source: str = "calibration set") -> None:
         """Shapes that fit the model, at least one input, a latent size the model runs at, finite values."""
-        want = (config.latent_channels, *(latent_hw or self.latent.shape[2:]))
+        want = (config.latent_channels, *(latent_hw or self.latent_hw))
         if len(self.timestep) == 0 or len(self.latent) == 0:
             raise EdgeCompileError(f"{source} holds no inputs: build one with `edgecompile calibrate`")
         problems = []
@@ -82,7 +87,7 @@ class CalibrationSet:
             problems.append(f"timestep is {tuple(self.timestep.shape)}, expected ({len(self.latent)},)")
         if problems:
             raise EdgeCompileError(f"{source} does not fit model {config.name!r}: " + "; ".join(problems))
-        config.check_latent_size(*self.latent.shape[2:])
+        config.check_latent_size(*self.latent_hw)
         check_finite(self, source)
 
     def save(self, path: str | Path, force: bool = False, inputs=()) -> Path:

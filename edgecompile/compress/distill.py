@@ -22,7 +22,6 @@ from edgecompile.deploy.contract import text_to_package
 from edgecompile.errors import EdgeCompileError
 from edgecompile.model.device import device_of
 
-DISTILLED_STATE = "distilled.safetensors"  # saved beside the package: the verifier's simulation needs it
 TRAINABLE_SUFFIXES = (".bias", "_table")  # biases (convs and norm affines) and modulation tables
 TRAINABLE_NORM_WEIGHTS = ("norm_cross.weight",)  # the only affine norm scale in the block
 

@@ -13,26 +13,22 @@ Three palette methods (`--palettes`):
 
 from __future__ import annotations
 
-import json
 import time
 
 import numpy as np
 import torch
-from safetensors import safe_open
-from safetensors.numpy import load_file, save_file
 from torch import nn
 
 from edgecompile.compress.importance import LayerStatistics, as_matrix, from_matrix
 from edgecompile.compress.kmeans import Palette, palettize
 from edgecompile.compress.rounding import output_aware_indices
 from edgecompile.deploy.dit import DeployDiT
+from edgecompile.choices import KEEP_FP16, PaletteMethod
 from edgecompile.errors import EdgeCompileError
 from edgecompile.model.elastic import width_config
 
 MIN_ELEMENTS = 2048  # smaller weights stay fp16 (coremltools' own weight_threshold default)
-PALETTE_METHODS = ("output-aware", "weighted", "plain")
-DEFAULT_PALETTE_METHOD = "output-aware"
-PALETTES_FILE = "palettes.safetensors"  # saved beside a package: the verifier's simulation decodes these
+DEFAULT_PALETTE_METHOD = PaletteMethod.OUTPUT_AWARE
 
 
 def palettizable_layers(model: nn.Module) -> dict[str, nn.Module]:
@@ -62,8 +58,7 @@ class PaletteCache:
 
     def __init__(self, model: nn.Module, group_size: int | None = None, method: str = "plain",
                  statistics: LayerStatistics | None = None):
-        if method not in PALETTE_METHODS:
-            raise EdgeCompileError(f"--palettes {method} is not supported: use one of {', '.join(PALETTE_METHODS)}")
+        method = PaletteMethod.parse(method, "--palettes")
         if method != "plain" and statistics is None:
             raise EdgeCompileError(f"internal: --palettes {method} needs layer statistics from calibration data")
         self.layers = palettizable_layers(model)
@@ -131,37 +126,6 @@ def apply_palettes(model: nn.Module, palettes: dict[str, Palette]) -> None:
         layers[name].weight = nn.Parameter(decoded, requires_grad=False)
 
 
-def save_palettes(palettes: dict[str, Palette], path) -> None:
-    """LUTs (fp16) and indices (two per byte up to 4 bits) of every palettized layer, as safetensors."""
-    tensors, meta = {}, {}
-    for name, p in palettes.items():
-        flat = p.indices.reshape(-1).astype(np.uint8)
-        if p.nbits <= 4:
-            flat = np.concatenate([flat, np.zeros(len(flat) % 2, np.uint8)])
-            flat = flat[0::2] | (flat[1::2] << 4)
-        tensors[f"{name}.lut"] = np.ascontiguousarray(p.lut)
-        tensors[f"{name}.indices"] = np.ascontiguousarray(flat)
-        meta[name] = json.dumps({"nbits": p.nbits, "group_size": p.group_size, "shape": list(p.indices.shape)})
-    save_file(tensors, str(path), metadata=meta)
-
-
-def load_palettes(path) -> dict[str, Palette]:
-    """The inverse of save_palettes."""
-    with safe_open(str(path), framework="np") as f:
-        meta = f.metadata() or {}
-    tensors = load_file(str(path))
-    palettes = {}
-    for name, raw in meta.items():
-        info = json.loads(raw)
-        shape, nbits = tuple(info["shape"]), int(info["nbits"])
-        flat = tensors[f"{name}.indices"]
-        if nbits <= 4:
-            flat = np.stack([flat & 0x0F, flat >> 4], axis=1).reshape(-1)
-        n = int(np.prod(shape))
-        palettes[name] = Palette(lut=tensors[f"{name}.lut"], indices=flat[:n].reshape(shape), nbits=nbits, group_size=info["group_size"])
-    return palettes
-
-
 @torch.no_grad()
 def palettize_deploy(model: nn.Module, bits: dict[str, int], group_size: int | None = None, cache=None) -> dict[str, Palette]:
     """Replace each listed layer's weight by its decoded palette; return the palettes.
@@ -173,7 +137,7 @@ def palettize_deploy(model: nn.Module, bits: dict[str, int], group_size: int | N
     unknown = sorted(set(bits) - set(layers))
     if unknown:
         raise EdgeCompileError(f"recipe names layer(s) this model does not have or cannot palettize: {', '.join(unknown[:3])}")
-    palettes = {name: cache.palette(name, nbits) for name, nbits in bits.items() if nbits < 16}
+    palettes = {name: cache.palette(name, nbits) for name, nbits in bits.items() if nbits < KEEP_FP16}
     apply_palettes(model, palettes)
     return palettes
 

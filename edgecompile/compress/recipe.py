@@ -25,13 +25,12 @@ from edgecompile.compress.allocation import allocate_for_psnr, average_bits, gre
 from edgecompile.compress.calibration import CalibrationSet
 from edgecompile.compress.palettize_model import PaletteCache
 from edgecompile.compress.sensitivity import calibration_outputs, output_psnr, swapped_weights, sweep
+from edgecompile.choices import KEEP_FP16, LAYER_BITS, PALETTE_BITS
 from edgecompile.errors import EdgeCompileError
 from edgecompile.jsonutil import dumps
 
 FORMAT = "edgecompile-recipe"
 FORMAT_VERSION = 1
-PALETTE_BITS = (1, 2, 4, 6, 8)  # what constexpr_lut_to_dense takes before iOS18
-KEEP_FP16 = 16
 DEFAULT_TARGET_BITS = 4.3  # the paper's average
 
 
@@ -101,15 +100,15 @@ def load_recipe(path: str | Path) -> Recipe:
         odd = sorted(n for n, v in layers.items() if isinstance(v["bits"], bool) or not isinstance(v["bits"], int))
         if odd:
             raise EdgeCompileError(f"recipe {path}: layer {odd[0]} has bits {layers[odd[0]]['bits']!r}, not a whole number of bits "
-                                   f"(use one of {PALETTE_BITS} or 16)")
+                                   f"(use one of {PALETTE_BITS} or {KEEP_FP16})")
         recipe = Recipe.from_dict(data)
     except EdgeCompileError:
         raise
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, ValueError, AttributeError) as e:
         raise EdgeCompileError(f"recipe {path} is corrupt ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'bad field'})") from None
-    bad = sorted(n for n, b in recipe.bits.items() if b not in (*PALETTE_BITS, KEEP_FP16))
+    bad = sorted(n for n, b in recipe.bits.items() if b not in LAYER_BITS)
     if bad:
-        raise EdgeCompileError(f"recipe {path}: layer {bad[0]} has {recipe.bits[bad[0]]} bits; use one of {PALETTE_BITS} or 16 (fp16)")
+        raise EdgeCompileError(f"recipe {path}: layer {bad[0]} has {recipe.bits[bad[0]]} bits; use one of {PALETTE_BITS} or {KEEP_FP16} (fp16)")
     return recipe
 
 

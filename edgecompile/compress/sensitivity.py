@@ -29,11 +29,11 @@ from torch import nn
 from edgecompile.compress.calibration import CalibrationSet
 from edgecompile.compress.importance import measure_statistics
 from edgecompile.compress.palettize_model import PaletteCache
+from edgecompile.choices import SweepMode
 from edgecompile.metrics import psnr_db
 from edgecompile.model.device import device_of
 
-MODES = ("propagated", "local", "e2e")
-DEFAULT_MODE = "propagated"
+DEFAULT_MODE = SweepMode.PROPAGATED
 Progress = Callable[[str, int, int], None]  # (description, done, total)
 
 
@@ -95,8 +95,7 @@ def sweep(model: nn.Module, calib: CalibrationSet, candidates: list[int], mode: 
     """Sensitivity of every palettizable layer of a deploy model to each candidate bit-width.
 
     The propagated mode uses the cache's layer statistics (measured here if the cache has none)."""
-    if mode not in MODES:
-        raise ValueError(f"mode {mode!r}")
+    mode = SweepMode.parse(mode, "--sweep-mode")
     cache = cache or PaletteCache(model)
     layers = cache.layers
     start = time.perf_counter()

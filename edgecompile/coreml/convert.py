@@ -12,14 +12,14 @@ import numpy as np
 import torch
 
 from edgecompile import __version__
+from edgecompile.choices import Target
 from edgecompile.coreml.palettize import PALETTIZE_PASS, check_palettized, palettization_config
 from edgecompile.coremltools_loader import import_coremltools, quiet_coremltools
-from edgecompile.deploy.contract import LATENT, OUTPUT, TEXT, TIMESTEP, PackageInfo, example_inputs, io_doc, package_metadata
+from edgecompile.deploy.contract import LATENT, OUTPUT, TEXT, TIMESTEP, example_inputs, io_doc
+from edgecompile.deploy.metadata import PackageMetadata
 from edgecompile.deploy.chunks import ChunkIO, DeployChunk, carried_doc, chunk_example
 from edgecompile.deploy.dit import DeployDiT
-from edgecompile.errors import EdgeCompileError
 
-TARGETS = ("iOS17", "iOS18")
 
 
 def convert_to_mlmodel(deploy: DeployDiT, target: str = "iOS17", compute_precision: str = "float16", palettes: dict | None = None,
@@ -47,8 +47,7 @@ def convert_chunks(chunks: list[DeployChunk], io: list[ChunkIO], example: tuple,
 def convert_graph(graph: torch.nn.Module, example: tuple, input_names: list[str], output_names: list[str], target: str = "iOS17",
                   compute_precision: str = "float16", palettes: dict | None = None, fp32_timestep_island: bool = True):
     ct = import_coremltools()
-    if target not in TARGETS:
-        raise EdgeCompileError(f"--target {target} is not supported: use one of {', '.join(TARGETS)}")
+    target = Target.parse(target, "--target").value
     with torch.no_grad():
         traced = torch.jit.trace(graph.eval(), example, check_trace=False)
     if compute_precision == "float16":
@@ -101,7 +100,7 @@ def timestep_feature_op(op) -> bool:
     return seen_timestep
 
 
-def set_metadata(ml, info: PackageInfo, deploy: DeployDiT, extra: dict | None = None) -> None:
+def set_metadata(ml, meta: PackageMetadata, deploy: DeployDiT) -> None:
     ct = import_coremltools()
     c = deploy.config
     h, w = deploy.latent_hw
@@ -109,28 +108,27 @@ def set_metadata(ml, info: PackageInfo, deploy: DeployDiT, extra: dict | None = 
     ml.license = "Same license as the source checkpoint"
     ml.version = __version__
     per_call = "DDPM noise (epsilon) prediction" if c.prediction == "epsilon" else "rectified-flow velocity prediction"
-    ml.short_description = info.description or (
-        f"DiT denoiser '{c.name}' (edgecompile), width {info.width:g}, {info.params / 1e6:.2f} M parameters, "
-        f"latent {h}x{w}, {info.bits}-bit weights. One {per_call} per call."
+    ml.short_description = (
+        f"DiT denoiser '{c.name}' (edgecompile), width {meta.width:g}, {meta.params / 1e6:.2f} M parameters, "
+        f"latent {h}x{w}, {meta.bits}-bit weights. One {per_call} per call."
     )
     spec = ml.get_spec().description
     for features, descriptions in ((spec.input, ml.input_description), (spec.output, ml.output_description)):
         for f in features:
             descriptions[f.name] = io_doc(c).get(f.name) or carried_doc(f.name)
-    meta = {
+    ml.user_defined_metadata.update({
         "com.github.apple.coremltools.source": "edgecompile",  # Apple's converter-name key convention
         "coremltools.version": ct.__version__,
-        **package_metadata(info, deploy),
-    }
-    meta.update(extra or {})
-    ml.user_defined_metadata.update(meta)
+        **meta.to_strings(),
+    })
 
 
-def combine_functions(parts: list[tuple[str, str]], dest: str, extra_metadata: dict[str, str]) -> None:
+def combine_functions(parts: list[tuple[str, str]], dest: str, meta: PackageMetadata) -> None:
     """One multifunction package (iOS18) from one-function packages [(function name, package path)], the first
     the default function; constants byte-identical across them (every weight: the functions differ in latent size
     only) are stored once by coremltools' save_multifunction. It drops the package description, so the first
-    part's (author, license, version, description, user metadata) is restored, with `extra_metadata` added."""
+    part's (author, license, version, description, user metadata) is restored, then `meta` (which names the
+    functions) written over it."""
     ct = import_coremltools()
     desc = ct.utils.MultiFunctionDescriptor()
     for name, path in parts:
@@ -142,7 +140,7 @@ def combine_functions(parts: list[tuple[str, str]], dest: str, extra_metadata: d
     ml = ct.models.MLModel(combined, skip_model_load=True)
     first = ct.models.MLModel(str(parts[0][1]), skip_model_load=True)
     ml.author, ml.license, ml.version, ml.short_description = first.author, first.license, first.version, first.short_description
-    ml.user_defined_metadata.update({**dict(first.user_defined_metadata), **extra_metadata})
+    ml.user_defined_metadata.update({**dict(first.user_defined_metadata), **meta.to_strings()})
     ml.save(str(dest))
     del ml
     shutil.rmtree(combined)

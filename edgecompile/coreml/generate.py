@@ -14,7 +14,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, ClassVar
 
 import numpy as np
 import torch
@@ -40,9 +40,20 @@ class SampleSettings:
     seed: int = 0
     per_prompt: int = 1
 
-    def validate(self) -> None:
-        if self.steps < 1:
-            raise EdgeCompileError(f"--steps {self.steps} must be >= 1")
+    # Bounds stated up front rather than found by running out of time or memory: the package runs once per step
+    # (twice with guidance) for every sample, and a DDPM schedule has no more than its 1000 training timesteps.
+    MAX_STEPS: ClassVar[int] = 1000
+    MAX_SAMPLES: ClassVar[int] = 1024  # samples in one grid (prompts x per prompt)
+    MAX_SEED: ClassVar[int] = 2**63 - 1  # torch.Generator takes a signed 64-bit seed
+
+    def validate(self, prompts: int = 1) -> None:
+        if not 1 <= self.steps <= self.MAX_STEPS:
+            raise EdgeCompileError(f"--steps {self.steps} must be in 1..{self.MAX_STEPS} (4 is what the app runs)")
+        if not 0 <= self.seed <= self.MAX_SEED:
+            raise EdgeCompileError(f"--seed {self.seed} must be in 0..{self.MAX_SEED}")
+        if not 1 <= self.per_prompt or prompts * self.per_prompt > self.MAX_SAMPLES:
+            raise EdgeCompileError(f"{prompts} prompt(s) x --per-prompt {self.per_prompt} samples is more than the {self.MAX_SAMPLES} one grid "
+                                   "holds: pick fewer prompts (--prompt) or a smaller --per-prompt")
         if not (math.isfinite(self.cfg_scale) and self.cfg_scale >= 1.0):
             raise EdgeCompileError(f"--cfg {self.cfg_scale} must be a finite number >= 1 (1 turns guidance off)")
         if self.per_prompt < 1:
@@ -131,8 +142,7 @@ def generate(view: PackageView, ckpt: Checkpoint, prompts: Prompts, labels: list
     checkpoint at the package's width from the same noise (the checkpoint's own sampler: Euler or DDIM)."""
     settings = settings or SampleSettings()
     settings.validate()
-    if view.width is None or view.latent_hw is None:
-        raise EdgeCompileError(f"package {view.path} has no edgecompile metadata: sample runs packages written by `edgecompile export`")
+    view.require_meta("sample")
     tokens, null, names = select_prompts(prompts, labels, str(ckpt.path or "the checkpoint"))
     tokens, names = tokens.repeat_interleave(settings.per_prompt, 0), [n for n in names for _ in range(settings.per_prompt)]
     config = ckpt.config
@@ -186,7 +196,7 @@ def picture(latent: np.ndarray) -> tuple[np.ndarray, str | None]:
 
 def grid_title(result: GenerationResult, view: PackageView) -> str:
     s = result.settings
-    bits = view.metadata.get("edgecompile.bits", "16")
+    bits = view.bits.value
     summary = result.summary()
     title = (f"{Path(result.package).name}: width {view.width:g}, {'fp16' if bits == '16' else bits + '-bit'}, "
              f"{s.steps} steps, CFG {s.cfg_scale:g}, seed {s.seed}")

@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from edgecompile.choices import Precision
 from edgecompile.coremltools_loader import mil_types, unpack_bits
 from edgecompile.errors import EdgeCompileError
 
@@ -302,9 +303,6 @@ def _lut_to_dense(indices=None, lut=None, shape=None, vector_axis=None):
     return out
 
 
-PRECISIONS = ("fp32", "fp16")
-
-
 def _dtype_name(var) -> str:
     try:
         return mil_types().builtin_to_string(var.dtype)
@@ -316,8 +314,7 @@ class MILInterpreter:
     """Executes one function of a pymil Program with numpy (`function`: default 'main')."""
 
     def __init__(self, program, precision: str = "fp32", function: str = "main"):
-        if precision not in PRECISIONS:
-            raise EdgeCompileError(f"--precision {precision} is not supported: use fp32 or fp16")
+        precision = Precision.parse(precision, "--precision").value
         if function not in program.functions:
             raise EdgeCompileError(f"the package has no function {function!r} (functions: {', '.join(program.functions)})")
         self.function = program.functions[function]

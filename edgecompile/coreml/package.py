@@ -4,7 +4,6 @@ An ONNX export reads into the same view (metadata, I/O, op census, initializer b
 from __future__ import annotations
 
 import collections
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,7 +11,9 @@ from typing import Any
 
 import numpy as np
 
+from edgecompile.choices import Bits
 from edgecompile.coremltools_loader import load_mil_program
+from edgecompile.deploy.metadata import PackageMetadata
 from edgecompile.errors import EdgeCompileError
 
 LAYOUT_OPS = ("transpose", "reshape")
@@ -20,10 +21,6 @@ BLOCK_NAME = re.compile(r"^(down|middle|up)_(\d+)_")
 # The Neural Engine refuses a package whose weight file exceeds 2 GiB (coremltools issue 2554, PR 2593); Core ML
 # then runs it on the GPU or CPU.
 ANE_MAX_WEIGHT_FILE_BYTES = 2 * 2**30
-CHUNK = "edgecompile.chunk"  # "k/N": chunk k of N (deploy/chunks.py)
-CHUNK_PACKAGES = "edgecompile.chunk_packages"  # JSON list: every chunk's file name, in run order
-# Multifunction packages (--latent A,B,...; iOS18): one function per latent size, weights stored once
-FUNCTIONS = "edgecompile.functions"  # JSON object: function name -> "HxW", the default function first
 
 
 def function_name(latent_hw: tuple[int, int]) -> str:
@@ -49,6 +46,7 @@ class PackageView:
     ops: dict[str, int] = field(default_factory=dict)
     onnx_weights: dict[str, np.ndarray] | None = None  # ONNX initializers; None for a Core ML package
     function: str = "main"  # the program function this view reads (a multifunction package has several)
+    meta: PackageMetadata | None = None  # edgecompile's metadata, checked when read; None for a foreign package
 
     @property
     def is_onnx(self) -> bool:
@@ -56,24 +54,24 @@ class PackageView:
 
     @property
     def config(self) -> dict | None:
-        raw = self.metadata.get("edgecompile.config")
-        return json.loads(raw) if raw else None
+        return self.meta.config if self.meta else None
 
     @property
     def width(self) -> float | None:
-        raw = self.metadata.get("edgecompile.width")
-        return float(raw) if raw else None
+        return self.meta.width if self.meta else None
 
     @property
     def functions(self) -> dict[str, str]:
         """Function name -> "HxW" of a multifunction package, the default first; empty for a one-function one."""
-        raw = self.metadata.get(FUNCTIONS)
-        return json.loads(raw) if raw else {}
+        return self.meta.functions if self.meta else {}
 
     @property
     def latent_hw(self) -> tuple[int, int] | None:
-        raw = self.functions.get(self.function) or self.metadata.get("edgecompile.latent")
-        return tuple(int(v) for v in raw.split("x")) if raw else None
+        return self.meta.latent_of(self.function if self.functions else None) if self.meta else None
+
+    @property
+    def bits(self) -> Bits:
+        return self.meta.bits if self.meta else Bits.FP16
 
     def with_function(self, name: str) -> PackageView:
         """The same package read through another of its functions."""
@@ -82,8 +80,13 @@ class PackageView:
     @property
     def chunk(self) -> tuple[int, int] | None:
         """(k, N) for chunk k of a denoiser exported with --chunks N; None for a whole one."""
-        raw = self.metadata.get(CHUNK)
-        return tuple(int(v) for v in raw.split("/")) if raw else None
+        return self.meta.chunk if self.meta else None
+
+    def require_meta(self, command: str) -> PackageMetadata:
+        """The metadata record, or the one-line error for a package edgecompile did not write."""
+        if self.meta is None:
+            raise EdgeCompileError(f"package {self.path} has no edgecompile metadata: {command} works on packages written by `edgecompile export`")
+        return self.meta
 
     @property
     def main(self):
@@ -117,11 +120,12 @@ def _load_onnx(path: Path) -> PackageView:
                 "description": doc.get(v.name, "")}
 
     meta = {p.key: p.value for p in model.metadata_props}
-    io_doc = json.loads(meta.get("edgecompile.io", "{}"))
+    record = PackageMetadata.from_strings(meta, str(path))
+    io_doc = record.io if record else {}
     init_names = {i.name for i in model.graph.initializer}
     ops = collections.Counter(n.op_type for n in model.graph.node)
     return PackageView(
-        path=path, spec=None, program=None, metadata=meta,
+        path=path, spec=None, program=None, metadata=meta, meta=record,
         inputs=[feature(v, io_doc) for v in model.graph.input if v.name not in init_names],
         outputs=[feature(v, io_doc) for v in model.graph.output],
         ops=dict(sorted(ops.items(), key=lambda kv: -kv[1])),
@@ -156,7 +160,7 @@ def load_package(path: str | Path, function: str | None = None) -> PackageView:
     else:
         chosen, desc = "main", spec.description
     view = PackageView(
-        path=path, spec=spec, program=program, metadata=meta, function=chosen,
+        path=path, spec=spec, program=program, metadata=meta, function=chosen, meta=PackageMetadata.from_strings(meta, str(path)),
         inputs=[_feature(f) for f in desc.input], outputs=[_feature(f) for f in desc.output],
     )
     view.ops = dict(sorted(collections.Counter(o.op_type for o in view.main.operations).items(), key=lambda kv: -kv[1]))
@@ -168,18 +172,14 @@ def load_chain(view: PackageView) -> list[PackageView]:
     if view.chunk is None:
         return [view]
     k, n = view.chunk
-    names = json.loads(view.metadata.get(CHUNK_PACKAGES, "[]"))
-    if len(names) != n:
-        raise EdgeCompileError(f"package {view.path} says it is chunk {k} of {n} but lists {len(names)} chunk packages: re-export it")
+    names = view.meta.chunk_packages
     chain = []
     for i, name in enumerate(names, start=1):
         path = view.path.parent / name
         if not path.exists():
             raise EdgeCompileError(f"package {view.path} is chunk {k} of {n}: keep every chunk beside it ({name} is missing)")
         other = view if path.resolve() == view.path.resolve() else load_package(path)
-        same = ("edgecompile.checkpoint_sha256", "edgecompile.config_sha256", "edgecompile.width", "edgecompile.latent",
-                "edgecompile.bits", CHUNK_PACKAGES)
-        if other.chunk != (i, n) or any(other.metadata.get(key) != view.metadata.get(key) for key in same):
+        if other.chunk != (i, n) or other.meta.binding() != view.meta.binding():
             raise EdgeCompileError(f"{path} is not chunk {i} of the export {view.path} belongs to: keep the chunks of one export together")
         chain.append(other)
     return chain

@@ -125,8 +125,7 @@ def check_min_psnr(min_psnr_db: float) -> None:
 def check_verifiable(view: PackageView, min_psnr_db: float) -> None:
     """A bar that is a number, and a package that carries what verification rebuilds its reference from."""
     check_min_psnr(min_psnr_db)
-    if view.width is None or view.config is None or view.latent_hw is None:
-        raise EdgeCompileError(f"package {view.path} has no edgecompile metadata: verify checks packages written by `edgecompile export`")
+    view.require_meta("verify")
 
 
 def check_passed(result: VerifyResult, what: str = "") -> None:
@@ -163,9 +162,9 @@ def verification_inputs(config: ModelConfig, latent_hw: tuple[int, int], n: int 
 def checkpoint_for(view: PackageView, checkpoint: str | Path | None) -> Checkpoint:
     """Load the checkpoint a package came from; refuse a different one (by content hash)."""
     path = Path(checkpoint) if checkpoint is not None else DEFAULT_CHECKPOINT
-    want = view.metadata.get("edgecompile.checkpoint_sha256")
+    want = view.require_meta("this command").checkpoint_sha256
     ckpt = load_checkpoint(path)
-    if want and want != "none":
+    if want:
         have = sha256_file(path / "model.safetensors")
         if have != want:
             hint = "pass --checkpoint with the folder it was exported from" if checkpoint is None else "is this the checkpoint it was exported from?"
@@ -270,7 +269,7 @@ def verify_package(view: PackageView, ckpt: Checkpoint, simulated: DeployDiT | N
     each chunk alone (chunk_psnr_db). The result's `passed` says whether every PSNR reached `min_psnr_db` with
     finite outputs (see `check_passed`). The torch references run on `device` (`simulated` must live there too)."""
     check_verifiable(view, min_psnr_db)
-    if simulated is None and view.metadata.get("edgecompile.bits", "16") != "16":
+    if simulated is None and view.bits.palettized:
         raise ValueError("a palettized package is verified against its compressed simulation: pass `simulated`")
     width = view.width
     inputs = verification_inputs(ckpt.config, view.latent_hw, ckpt=ckpt, width=width)

@@ -7,13 +7,10 @@ matches, so Swift pipelines can bind them: all Float32 at the boundary (Swift fe
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
-
 import torch
 
-from edgecompile import __version__
-from edgecompile.digest import sha256_json
+from edgecompile.choices import Bits
+from edgecompile.deploy.metadata import PackageMetadata
 
 LATENT = "latent_image_embeddings"  # (B, C, H, W)
 TIMESTEP = "timestep"  # (B,): flow time t in [0, 1] (1 = pure noise), or DDPM steps for epsilon models
@@ -70,31 +67,9 @@ def example_inputs(deploy, batch: int = 1, seed: int = 0) -> tuple[torch.Tensor,
     return latent, t, text
 
 
-@dataclass
-class PackageInfo:
-    width: float
-    params: int
-    config: dict
-    checkpoint_sha256: str | None
-    bits: str = "16"
-    description: str = ""
-
-
-def package_metadata(info: PackageInfo, deploy) -> dict[str, str]:
-    """The edgecompile keys every exported model carries."""
-    h, w = deploy.latent_hw
-    return {
-        "edgecompile.version": __version__,
-        "edgecompile.width": repr(float(info.width)),
-        "edgecompile.params": str(info.params),
-        "edgecompile.bits": info.bits,
-        "edgecompile.latent": f"{h}x{w}",
-        "edgecompile.config": json.dumps(info.config, sort_keys=True),
-        "edgecompile.config_sha256": sha256_json(info.config),
-        "edgecompile.checkpoint_sha256": info.checkpoint_sha256 or "none",
-        "edgecompile.io": json.dumps(io_doc(deploy.config)),
-    }
-
-
-def bits_metadata(bits: dict[str, int], group_size: int | None) -> dict[str, str]:
-    return {"edgecompile.bits_per_layer": json.dumps(bits, sort_keys=True), "edgecompile.group_size": str(group_size or 0)}
+def package_metadata(deploy, width: float, params: int, config: dict, checkpoint_sha256: str | None, bits: Bits | str = Bits.FP16,
+                     **more) -> PackageMetadata:
+    """The metadata record of a package converted from `deploy` (its latent size and I/O meanings come from the
+    graph); `more` sets the record's optional fields (bits_per_layer, sidecar digests, chunk binding, ...)."""
+    return PackageMetadata(width=width, params=params, bits=Bits.parse(bits, "--bits"), latent_hw=tuple(deploy.latent_hw), config=config,
+                           checkpoint_sha256=checkpoint_sha256, io=io_doc(deploy.config), **more)

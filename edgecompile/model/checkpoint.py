@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from edgecompile.atomic import atomic_path, check_output_path
 from edgecompile.errors import EdgeCompileError
 from edgecompile.model.budget import check_weights_fit
-from edgecompile.model.config import ModelConfig
+from edgecompile.model.config import CONFIG_SUFFIXES, ModelConfig, shipped_config
 from edgecompile.model.dit import EfficientDiT, randomize_untrained
 from edgecompile.model.elastic import count_params
 
@@ -169,7 +169,9 @@ def _load_prompts(path: Path, config: ModelConfig) -> Prompts | None:
 
 def load_config_or_checkpoint(path: str | Path | None) -> tuple[ModelConfig, Checkpoint | None]:
     """`info` and friends accept a YAML/JSON config or a checkpoint folder (default: the bundled checkpoint)."""
-    if path is not None and Path(path).is_file() and Path(path).suffix in (".yaml", ".yml", ".json"):
+    if path is not None and Path(path).is_file() and Path(path).suffix in CONFIG_SUFFIXES:
+        return ModelConfig.load(path), None
+    if path is not None and not Path(path).exists() and shipped_config(path) is not None:
         return ModelConfig.load(path), None
     ckpt = load_checkpoint(path)
     return ckpt.config, ckpt

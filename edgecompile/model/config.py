@@ -361,9 +361,7 @@ class ModelConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> "ModelConfig":
-        path = Path(path)
-        if not path.is_file():
-            raise EdgeCompileError(f"config file {path} not found: pass a YAML or JSON config, e.g. recipes/toy.yaml")
+        path = find_config(path)
         try:
             text = path.read_text()
             data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
@@ -380,3 +378,35 @@ class ModelConfig:
 # Shipped as package data (configs, device profiles, ablation models), so a regular install runs every command;
 # the repository's top-level recipes/ is a link to it.
 RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+
+
+SHIPPED_CONFIGS = Path(__file__).resolve().parents[1] / "recipes"  # installed with the package (package-data)
+CONFIG_SUFFIXES = (".yaml", ".yml", ".json")
+
+
+def shipped_config_names() -> list[str]:
+    return sorted(p.stem for p in SHIPPED_CONFIGS.glob("*.yaml"))
+
+
+def shipped_config(name: str | Path) -> Path | None:
+    """The config shipped with edgecompile that `name` names: `snapgenpp`, `snapgenpp.yaml` or the source tree's
+    `recipes/snapgenpp.yaml`, from any folder (after `pip install` too)."""
+    p = Path(name)
+    stem = p.stem if p.suffix in CONFIG_SUFFIXES else p.name
+    if p.parent not in (Path("."), Path("recipes")) or not stem:
+        return None
+    found = SHIPPED_CONFIGS / f"{stem}.yaml"
+    return found if found.is_file() else None
+
+
+def find_config(name: str | Path) -> Path:
+    """A config file: the path itself when it is a file, else the shipped config of that name; else a one-line
+    error saying what was looked for."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    shipped = shipped_config(name)
+    if shipped is not None:
+        return shipped
+    raise EdgeCompileError(f"config {name} not found: looked for the file {path} and for a config shipped with edgecompile; "
+                           f"pass a YAML or JSON config file, or one of the shipped names: {', '.join(shipped_config_names())}")

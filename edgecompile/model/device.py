@@ -12,9 +12,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from edgecompile.choices import Device
 from edgecompile.errors import EdgeCompileError
 
-DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
 
 
 def available(kind: str) -> bool:
@@ -27,8 +27,7 @@ def available(kind: str) -> bool:
 
 def resolve_device(name: str = "auto") -> torch.device:
     """The torch device for --device NAME, set up for full fp32; an unavailable one is a one-line error."""
-    if name not in DEVICE_CHOICES:
-        raise EdgeCompileError(f"--device {name} is not supported: use one of {', '.join(DEVICE_CHOICES)}")
+    name = Device.parse(name, "--device").value
     kind = next(k for k in ("cuda", "mps", "cpu") if available(k)) if name == "auto" else name
     if not available(kind):
         raise EdgeCompileError(f"--device {kind}: no {kind.upper()} device is available to torch on this machine "

@@ -1,0 +1,159 @@
+"""The export's compress step for one width: calibrate -> layer statistics -> sweep (or --recipe) -> palettize ->
+self-distill, on deploy graphs at the calibration latent on the chosen device. It palettizes the export graph in
+place and returns a `CompressionResult` (what was done and measured); `run_sweep` shares its first half.
+"""
+
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from edgecompile.choices import Bits, PaletteMethod, SweepMode
+from edgecompile.compress.calibration import CalibrationSet, check_finite, default_calibration
+from edgecompile.compress.distill import DistillSettings, distill, load_trained_state, trained_state
+from edgecompile.compress.importance import measure_statistics
+from edgecompile.compress.palettize_model import PaletteCache, palettizable_layers, palettize_deploy, uniform_bits
+from edgecompile.compress.recipe import Recipe, make_recipe
+from edgecompile.compress.sensitivity import calibration_outputs, output_psnr
+from edgecompile.deploy.dit import DeployDiT
+from edgecompile.deploy.rewrite import deploy_model
+from edgecompile.export_report import CompressionResult
+from edgecompile.model.budget import MAX_BATCH, available_memory_bytes, batch_size_for, training_batch_for
+from edgecompile.model.checkpoint import Checkpoint
+from edgecompile.model.device import free_memory_bytes, peak_memory_gib, reset_peak_memory
+
+from edgecompile.commands.options import CompressionOptions, ResolvedCompression, SweepSettings
+
+Progress = Callable[[str, int, int], None]
+HELD_OUT_FRACTION = 0.2
+
+
+@dataclass
+class StageTimer:
+    """Wall time and peak memory of each stage (report.json: stage_seconds, stage_peak_memory_gib)."""
+
+    seconds: dict[str, float] = field(default_factory=dict)
+    on_stage: Callable[[str], None] | None = None
+    device: torch.device = torch.device("cpu")
+    peak_memory_gib: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    @contextmanager
+    def stage(self, name: str):
+        if self.on_stage:
+            self.on_stage(name)
+        reset_peak_memory(self.device)
+        start = time.perf_counter()
+        yield
+        self.seconds[name] = round(self.seconds.get(name, 0.0) + time.perf_counter() - start, 3)
+        self.peak_memory_gib[name] = peak_memory_gib(self.device)
+
+
+def calibration_for(ckpt: Checkpoint, width: float, given: CalibrationSet | None, latent_hw: tuple[int, int] | None = None,
+                    device: torch.device | str = "cpu", progress: Progress | None = None) -> CalibrationSet:
+    calib = given if given is not None else default_calibration(ckpt, width, latent_hw, device=device, progress=progress)
+    check_finite(calib, "calibration set")
+    return calib
+
+
+def graph_at_calibration_size(dense, calib: CalibrationSet, query_chunk: int | None = None,
+                              device: torch.device | str = "cpu") -> DeployDiT:
+    """Sweep and distillation run on deploy graphs at the calibration latent size, on `device`; palettes and
+    distilled parameters carry over to the export graph (on the CPU, for conversion) by layer name."""
+    return deploy_model(dense, latent_hw=calib.latent_hw, query_chunk=query_chunk).to(device)
+
+
+def palette_cache(teacher: DeployDiT, calib: CalibrationSet, method: PaletteMethod, group_size: int | None, sweep_mode: SweepMode | None,
+                  batch_size: int, progress: Progress | None = None) -> PaletteCache:
+    """The palettes of `teacher`'s layers; the layer statistics (one forward pass and a backward pass on a third of
+    the calibration inputs) are measured once when the palette method or the propagated sweep needs them."""
+    stats = None
+    if method != PaletteMethod.PLAIN or sweep_mode == SweepMode.PROPAGATED:
+        stats = measure_statistics(teacher, palettizable_layers(teacher), calib, batch_size, progress=progress)
+    return PaletteCache(teacher, group_size, method, stats)
+
+
+def sweep_recipe(teacher: DeployDiT, config_name: str, width: float, calib: CalibrationSet, settings: SweepSettings,
+                 cache: PaletteCache, progress: Progress | None = None, batch_size: int = MAX_BATCH) -> Recipe:
+    return make_recipe(teacher, config_name, width, calib, list(settings.candidates), settings.mode, settings.target_bits,
+                       settings.target_psnr_db, cache=cache, progress=progress, batch_size=batch_size)
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    inference: int  # the sweep's passes, teacher outputs, evaluations
+    training: int  # self-distillation
+    checkpointing: bool  # activation checkpointing in self-distillation
+
+
+def batch_plan(ckpt: Checkpoint, width: float, calib: CalibrationSet, device: torch.device, given: int | None) -> BatchPlan:
+    """Batches for the calibration latent: --batch-size, or what the device's free memory holds. Distillation gets at
+    most the default 16, with activation checkpointing where it pays (model/budget.py: training_batch_for)."""
+    hw = calib.latent_hw
+    free = free_memory_bytes(device, available_memory_bytes())
+    infer = given or batch_size_for(ckpt.config, width, hw, free)
+    train, checkpointing = training_batch_for(ckpt.config, width, hw, free, cap=min(DistillSettings.batch_size, given or MAX_BATCH),
+                                              on_cpu=device.type == "cpu")
+    return BatchPlan(inference=infer, training=train, checkpointing=checkpointing)
+
+
+def compress(ckpt: Checkpoint, dense, deploy: DeployDiT, width: float, opts: CompressionOptions, resolved: ResolvedCompression,
+             compress_hw: tuple[int, int], query_chunk: int | None, timer: StageTimer,
+             progress: Progress | None = None) -> CompressionResult:
+    """Palettize `deploy` (and self-distil its biases and norms) in place; returns what was done and measured."""
+    bits = Bits(opts.bits)
+    with timer.stage("calibrate"):
+        recorded = calibration_for(ckpt, width, resolved.calibration, compress_hw, resolved.device, progress)
+    # a seeded fifth of the inputs is held out of every step below: the PSNR the report puts first is measured on it
+    calib, held_out = recorded.split(HELD_OUT_FRACTION)
+    teacher = graph_at_calibration_size(dense, calib, query_chunk, resolved.device)
+    batches = batch_plan(ckpt, width, calib, resolved.device, opts.batch_size)
+    infer_batch, train_batch = batches.inference, batches.training
+    sweeping = bits is Bits.MIXED and resolved.recipe is None
+    with timer.stage("statistics"):
+        cache = palette_cache(teacher, calib, opts.palettes, opts.group_size, opts.sweep.mode if sweeping else None, infer_batch, progress)
+    recipe = None
+    if bits is Bits.MIXED:
+        recipe = resolved.recipe
+        if recipe is None:
+            with timer.stage("sweep"):
+                recipe = sweep_recipe(teacher, ckpt.config.name, width, calib, opts.sweep, cache, progress, infer_batch)
+        bits_map = recipe.bits
+    else:
+        bits_map = uniform_bits(deploy, bits.uniform)
+    with timer.stage("palettize"):
+        palettes = palettize_deploy(deploy, bits_map, opts.group_size, cache)
+        student = graph_at_calibration_size(dense, calib, query_chunk, resolved.device)
+        palettize_deploy(student, bits_map, opts.group_size, cache)
+        student.checkpoint_blocks = batches.checkpointing
+    del cache  # the layer statistics (one matrix per layer) are not needed past here
+    sizes = {n: m.weight.numel() for n, m in palettizable_layers(deploy).items()}
+    sets = {"calibration": calib, "held_out": held_out if held_out is not None else calib}
+    with torch.no_grad():
+        references = {k: calibration_outputs(teacher, v, infer_batch) for k, v in sets.items()}
+
+        def psnr_now() -> dict[str, float]:
+            return {k: round(output_psnr(references[k], calibration_outputs(student, v, infer_batch)), 3) for k, v in sets.items()}
+
+        psnr = {"palettized": psnr_now()}
+    distilled = None
+    if opts.distill and opts.distill_steps != 0:
+        with timer.stage("distill"):
+            distilled = distill(student, teacher, calib, opts.distill_settings(train_batch, infer_batch), progress=progress)
+        load_trained_state(deploy, {n: v.cpu() for n, v in trained_state(student).items()})
+        with torch.no_grad():
+            psnr["distilled"] = psnr_now()
+    return CompressionResult(
+        calibration={**calib.meta, "latent": list(calib.latent_hw), "inputs": len(calib),
+                     "held_out": len(held_out) if held_out is not None else 0, "device": resolved.device.type,
+                     "batch_size": infer_batch, "distill_batch_size": train_batch,
+                     "distill_activation_checkpointing": batches.checkpointing},
+        recipe=recipe, bits_per_layer=bits_map,
+        average_bits=round(sum(bits_map[n] * sizes[n] for n in bits_map) / sum(sizes[n] for n in bits_map), 4),
+        group_size=opts.group_size, calibration_psnr_db={k: v["calibration"] for k, v in psnr.items()},
+        heldout_psnr_db={k: v["held_out"] for k, v in psnr.items()} if held_out is not None else {},
+        distill=distilled, palettes=palettes, palette_method=opts.palettes,
+    )
