@@ -160,7 +160,9 @@ class ExportReport:
         if self.verify is not None:
             d["verify"] = {**self.verify.to_dict(), "package": self.package}
         if self.functions:
-            d["functions"] = [{"name": f.name, "latent": f.latent, "verify": f.verify.to_dict() if f.verify else None} for f in self.functions]
+            # the package path as committed (relative), not the staging folder verification ran in
+            d["functions"] = [{"name": f.name, "latent": f.latent, "verify": {**f.verify.to_dict(), "package": self.package} if f.verify else None}
+                              for f in self.functions]
         d["stage_seconds"] = self.stage_seconds
         d["stage_peak_memory_gib"] = self.stage_peak_memory_gib
         return d

@@ -18,6 +18,9 @@ from pathlib import Path
 
 from edgecompile.export_report import without_timings
 
+SIDECARS = ("palettes.safetensors", "distilled.safetensors")
+
+
 def safetensors_content(path: Path):
     import numpy as np
     from safetensors import safe_open
@@ -38,17 +41,22 @@ def main() -> None:
     from coremltools.proto import Model_pb2
 
     a, b = args.a / f"w{args.width}", args.b / f"w{args.width}"
-    files = sorted(p.relative_to(a) for p in a.rglob("*") if p.is_file())
-    if files != sorted(p.relative_to(b) for p in b.rglob("*") if p.is_file()):
+    # the sidecars moved out of Resources/ (what an app bundles) into the width's folder: matched by name
+    def listing(root: Path) -> dict[Path, Path]:
+        return {Path(p.name) if p.name in SIDECARS else p.relative_to(root): p.relative_to(root) for p in root.rglob("*") if p.is_file()}
+
+    in_a, in_b = listing(a), listing(b)
+    if sorted(in_a) != sorted(in_b):
         sys.exit("the two folders hold different files")
+    files = sorted(in_a)
     differs = False
     same_content = set()  # sidecars equal by content: their recorded digests may still differ
     for f in sorted(files, key=lambda f: f.suffix != ".safetensors"):
-        x, y = (a / f).read_bytes(), (b / f).read_bytes()
+        x, y = (a / in_a[f]).read_bytes(), (b / in_b[f]).read_bytes()
         if f.name == "Manifest.json":
             verdict = "not compared (random item UUIDs)"
         elif f.suffix == ".safetensors":
-            equal = x == y or safetensors_content(a / f) == safetensors_content(b / f)
+            equal = x == y or safetensors_content(a / in_a[f]) == safetensors_content(b / in_b[f])
             verdict = ("identical bytes" if x == y else "same tensors and metadata") if equal else "DIFFERS"
             if equal:
                 same_content.add(f.name)

@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from edgecompile.compress.hooks import forward_hooks
 from edgecompile.compress.calibration import CalibrationSet
 from edgecompile.compress.palettize_model import palettizable_layers
 from edgecompile.compress.sensitivity import calibration_outputs, layer_delta, output_psnr
@@ -68,12 +69,8 @@ def bias_correction(student: nn.Module, teacher: nn.Module, calib: CalibrationSe
             count[name] += delta.shape[0] * delta.shape[2] * delta.shape[3]
         return hook
 
-    handles = [t_layers[n].register_forward_hook(hook_for(n)) for n in names]
-    try:
+    with forward_hooks({n: t_layers[n] for n in names}, hook_for):
         calibration_outputs(teacher, calib, batch_size)
-    finally:
-        for h in handles:
-            h.remove()
     detach_trainables(student)  # own storage before writing
     for n in names:
         s_layers[n].bias.sub_(shift[n] / count[n])
@@ -121,9 +118,9 @@ class DistillSettings:
 
 MAX_BUDGET_STEPS = 10_000  # the paper self-distils for "several thousand iterations"
 # Five minutes per width unless --distill-budget or --distill-steps says otherwise: the step count follows the
-# device's speed (thousands of steps where steps are cheap), and the progress line says the plan up front.
+# device's speed (thousands of steps where steps are cheap), and the progress line says the plan as it goes.
 DEFAULT_BUDGET_SECONDS = 300.0
-BUDGET_PROBE_STEPS = 5  # steps timed (after the first, which pays for warm-up) before the budget sets the count
+Clock = Callable[[], float]
 
 
 @dataclass
@@ -137,9 +134,10 @@ class DistillResult:
     seconds: float
     trainable_params: int
     history: list[tuple[int, float]] = field(default_factory=list)
-    stopped: str = "steps"  # converged (the plateau schedule ran out), steps (the planned count) or no-steps
+    # converged (the plateau schedule ran out), steps (the fixed count ran), budget (the time budget ran out) or no-steps
+    stopped: str = "steps"
     lr_cuts: list[int] = field(default_factory=list)  # the steps at which the learning rate was cut
-    planned_steps: int = 0  # the step count chosen before early stopping (--distill-steps, or the time budget)
+    planned_steps: int = 0  # --distill-steps, or the last projection of what the time budget holds
     step_seconds: float | None = None  # measured per step, evaluations included (budgeted runs)
 
     def to_dict(self) -> dict:
@@ -152,17 +150,110 @@ class DistillResult:
         return cls(**{**data, "history": [(int(s), float(p)) for s, p in data.get("history", [])]})
 
 
+class StepPlan:
+    """How many steps the stage runs: a fixed count, or what the time budget holds.
+
+    The budget holds the whole stage (teacher outputs, every evaluation, the closing evaluation), on a busy machine
+    too: it is re-planned before every step from the costs measured so far (the latest steps weigh most), and a
+    step is taken only when it, a held-out evaluation and the closing evaluation still fit. So the stage ends
+    within the budget unless one step alone costs more than the estimate it was planned with. The clock is
+    injected (tests drive it), `time.perf_counter` by default."""
+
+    SMOOTHING = 0.3  # weight of the newest step in the step-time estimate
+
+    def __init__(self, settings: DistillSettings, clock: Clock = time.perf_counter):
+        self.clock, self.start = clock, clock()
+        self.fixed = settings.steps
+        self.budget = settings.planned_budget()
+        self.eval_every = settings.eval_every
+        self.step_cost: float | None = None
+        self.eval_cost = 0.0  # the latest held-out evaluation
+        self.closing_ratio = 1.0  # the closing evaluation (training and held-out sets) against a held-out one
+
+    @property
+    def limit(self) -> int:
+        return self.fixed if self.fixed is not None else MAX_BUDGET_STEPS
+
+    def elapsed(self) -> float:
+        return self.clock() - self.start
+
+    def record_step(self, seconds: float) -> None:
+        self.step_cost = seconds if self.step_cost is None else (1 - self.SMOOTHING) * self.step_cost + self.SMOOTHING * seconds
+
+    def opened(self, train_eval: float, held_out_eval: float) -> None:
+        """The opening evaluations' costs; the closing evaluation repeats both."""
+        self.eval_cost = held_out_eval
+        self.closing_ratio = (train_eval + held_out_eval) / max(held_out_eval, 1e-9)
+
+    def record_eval(self, seconds: float) -> None:
+        self.eval_cost = seconds  # the latest: a machine that got busier makes evaluations dearer too
+
+    @property
+    def closing_cost(self) -> float:
+        return self.closing_ratio * self.eval_cost
+
+    def may_take(self, step: int) -> bool:
+        """Whether step number `step` (1-based) runs."""
+        if step > self.limit:
+            return False
+        if self.budget is None:
+            return True
+        step_cost = self.step_cost if self.step_cost is not None else 0.0
+        return self.elapsed() + step_cost + self.eval_cost + self.closing_cost <= self.budget
+
+    def projected(self, step: int) -> int:
+        """The step count the budget holds as things stand (the fixed count otherwise)."""
+        if self.budget is None or self.step_cost is None:
+            return self.limit if self.budget is None else step
+        per_step = self.step_cost + self.eval_cost / self.eval_every
+        remaining = self.budget - self.elapsed() - self.eval_cost - self.closing_cost
+        return max(step, min(self.limit, step + int(max(remaining, 0.0) / per_step)))
+
+    def must_evaluate(self, step: int) -> bool:
+        """A held-out evaluation after `step`: every eval_every steps, after the last planned step, and after the
+        last step the budget holds (so no trained step goes unjudged)."""
+        return step % self.eval_every == 0 or step == self.limit or (self.budget is not None and not self.may_take(step + 1))
+
+
+@dataclass
+class PlateauSchedule:
+    """After `patience` evaluations without a held-out improvement the learning rate is cut by `lr_decay` and
+    training resumes from the best parameters; after `max_decays` cuts it has converged."""
+
+    patience: int
+    lr_decay: float
+    max_decays: int
+    best_psnr: float = -math.inf
+    best_step: int = 0
+    bad_evals: int = 0
+    cuts: list[int] = field(default_factory=list)
+
+    def observe(self, step: int, psnr: float) -> str:
+        """'improved' (keep these parameters), 'wait', 'cut' (restore the best, lower the rate) or 'converged'."""
+        if psnr > self.best_psnr + 1e-3:
+            self.best_psnr, self.best_step, self.bad_evals = psnr, step, 0
+            return "improved"
+        self.bad_evals += 1
+        if self.bad_evals < self.patience:
+            return "wait"
+        if len(self.cuts) >= self.max_decays:
+            return "converged"
+        self.cuts.append(step)
+        self.bad_evals = 0
+        return "cut"
+
+
 def distill(student: nn.Module, teacher: nn.Module, calib: CalibrationSet, settings: DistillSettings | None = None,
-            progress: Callable[[str, int, int], None] | None = None, holdout: CalibrationSet | None = None) -> DistillResult:
+            progress: Callable[[str, int, int], None] | None = None, holdout: CalibrationSet | None = None,
+            clock: Clock = time.perf_counter) -> DistillResult:
     """Adam on the student's biases, norm affines and modulation tables against the teacher's output velocity.
 
     `holdout` (default: a seeded `holdout_fraction` of `calib`) picks the parameters kept, those of the best
-    held-out PSNR, and drives the plateau schedule (DistillSettings) that stops training once it has converged."""
+    held-out PSNR, and drives the plateau schedule that stops training once it has converged; the StepPlan
+    decides how many steps run."""
     settings = settings or DistillSettings()
     settings.validate()
-    start = time.perf_counter()
-    budget = settings.planned_budget()
-    steps = MAX_BUDGET_STEPS if budget is not None else settings.steps
+    plan = StepPlan(settings, clock)
     g = torch.Generator().manual_seed(settings.seed)
     if holdout is None:
         train, hold = calib.split(settings.holdout_fraction, settings.seed)
@@ -174,82 +265,70 @@ def distill(student: nn.Module, teacher: nn.Module, calib: CalibrationSet, setti
         target_train = calibration_outputs(teacher, train, settings.eval_batch_size)
         target_hold = calibration_outputs(teacher, hold, settings.eval_batch_size)
     params = detach_trainables(student)
-    n_trainable = sum(p.numel() for p in params)
 
     def evaluate(which, target) -> float:
         with torch.no_grad():
             return output_psnr(target, calibration_outputs(student, which, settings.eval_batch_size))
 
-    train_eval_start = time.perf_counter()
+    opening = clock()
     before_train = evaluate(train, target_train)
-    eval_start = time.perf_counter()
+    mid = clock()
     before_hold = evaluate(hold, target_hold)
-    eval_seconds = time.perf_counter() - eval_start
-    closing_seconds = time.perf_counter() - train_eval_start  # the closing evaluation costs what the opening one did
-    step_seconds, probe_start = None, None
-    best = (before_hold, 0, [p.detach().clone() for p in params])
+    plan.opened(mid - opening, clock() - mid)
+    schedule = PlateauSchedule(settings.patience, settings.lr_decay, settings.max_decays, best_psnr=before_hold)
+    best = [p.detach().clone() for p in params]
     history = [(0, before_hold)]
     opt = torch.optim.Adam(params, lr=settings.lr)
-    bad_evals, step, stopped, lr_cuts = 0, 0, "steps" if steps else "no-steps", []
+    step, stopped = 0, "no-steps"
     text_all = text_to_package(train.text)
     device = device_of(student)  # the training set and teacher outputs stay on the CPU; each batch moves
-    while step < steps:
+    while plan.may_take(step + 1):
         step += 1
-        if step == 1:
-            first_start = time.perf_counter()
-        if step == 2:
-            probe_start = time.perf_counter()
+        started = clock()
         idx = torch.randint(0, len(train), (min(settings.batch_size, len(train)),), generator=g)
         out = student(train.latent[idx].to(device), train.timestep[idx].to(device), text_all[idx].to(device))
         loss = (out - target_train[idx].to(device)).pow(2).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        # The budget holds the whole stage: teacher outputs, evaluations and the closing evaluation included. Steps
-        # are timed over BUDGET_PROBE_STEPS after the first (warm-up), unless the first alone says that probing would
-        # overrun the budget (a large model on a CPU): then it plans from the first.
-        slow_first = step == 1 and (time.perf_counter() - first_start) * (BUDGET_PROBE_STEPS + 1) \
-            > budget - (time.perf_counter() - start) - closing_seconds - eval_seconds if budget is not None else False
-        if budget is not None and (step == BUDGET_PROBE_STEPS + 1 or slow_first) and step_seconds is None:
-            measured = (time.perf_counter() - (first_start if slow_first else probe_start)) / (1 if slow_first else BUDGET_PROBE_STEPS)
-            step_seconds = measured + eval_seconds / settings.eval_every
-            remaining = budget - (time.perf_counter() - start) - closing_seconds - eval_seconds  # the last step evaluates too
-            steps = max(step, min(MAX_BUDGET_STEPS, step + int(remaining / step_seconds)))
-            if progress:
-                progress(f"self-distillation: {steps} steps of {step_seconds * 1e3:.0f} ms planned", step, steps)
-        if step % settings.eval_every == 0 or step == steps:
+        plan.record_step(clock() - started)
+        stopped = "steps" if plan.budget is None else "budget"
+        if plan.must_evaluate(step):
+            started = clock()
             p_hold = evaluate(hold, target_hold)
+            plan.record_eval(clock() - started)
             history.append((step, p_hold))
-            if p_hold > best[0] + 1e-3:
-                best, bad_evals = (p_hold, step, [p.detach().clone() for p in params]), 0
-            else:
-                bad_evals += 1
+            action = schedule.observe(step, p_hold)
+            if action == "improved":
+                best = [p.detach().clone() for p in params]
             if progress:
-                progress(f"self-distillation (held-out PSNR {p_hold:.2f} dB)", step, steps)
-            if bad_evals >= settings.patience:
-                if len(lr_cuts) >= settings.max_decays:
-                    stopped = "converged"
-                    break
-                lr_cuts.append(step)
-                bad_evals = 0
+                progress(f"self-distillation (held-out PSNR {p_hold:.2f} dB)", step, plan.projected(step))
+            if action == "converged":
+                stopped = "converged"
+                break
+            if action == "cut":
                 with torch.no_grad():  # resume from the best parameters, at a smaller step
-                    for p, b in zip(params, best[2]):
+                    for p, b in zip(params, best):
                         p.copy_(b)
                 for group in opt.param_groups:
                     group["lr"] *= settings.lr_decay
         elif progress and step % 5 == 0:
-            progress("self-distillation", step, steps)
+            progress("self-distillation", step, plan.projected(step))
+    if stopped == "budget" and step >= MAX_BUDGET_STEPS:
+        stopped = "steps"
     with torch.no_grad():
-        for p, b in zip(params, best[2]):
+        for p, b in zip(params, best):
             p.copy_(b)
     for p in params:
         p.requires_grad_(False)
     after_train, after_hold = evaluate(train, target_train), evaluate(hold, target_hold)
+    per_step = plan.step_cost + plan.eval_cost / settings.eval_every if plan.budget is not None and plan.step_cost is not None else None
     return DistillResult(
-        steps_run=step, best_step=best[1], psnr_before_db=round(before_train, 3), psnr_after_db=round(after_train, 3),
+        steps_run=step, best_step=schedule.best_step, psnr_before_db=round(before_train, 3), psnr_after_db=round(after_train, 3),
         holdout_psnr_before_db=round(before_hold, 3), holdout_psnr_after_db=round(after_hold, 3),
-        seconds=round(time.perf_counter() - start, 2), trainable_params=n_trainable, history=history, stopped=stopped, lr_cuts=lr_cuts,
-        planned_steps=steps, step_seconds=round(step_seconds, 5) if step_seconds is not None else None,
+        seconds=round(plan.elapsed(), 2), trainable_params=sum(p.numel() for p in params), history=history, stopped=stopped,
+        lr_cuts=list(schedule.cuts), planned_steps=plan.projected(step) if plan.budget is not None else plan.limit,
+        step_seconds=round(per_step, 5) if per_step is not None else None,
     )
 
 

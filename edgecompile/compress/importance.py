@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgecompile.compress.hooks import forward_hooks
 from edgecompile.compress.calibration import CalibrationSet
 from edgecompile.errors import EdgeCompileError
 from edgecompile.model.device import device_of
@@ -176,49 +177,42 @@ def measure_statistics(model: nn.Module, layers: dict[str, nn.Module], calib: Ca
     n_batches = -(-len(calib) // batch_size) + -(-n_grad // batch_size)
     done = 0
     start = time.perf_counter()
-    handles = [m.register_forward_hook(gram_hook(n)) for n, m in layers.items()]
     outputs = []
-    try:
-        with torch.no_grad():
-            for x, t, c in calib.batches(batch_size, device):
-                outputs.append(model(x, t, c).cpu())
-                done += 1
-                if progress:
-                    progress("layer statistics (a forward pass, then a backward pass on a third)", done, n_batches)
-    finally:
-        for h in handles:
-            h.remove()
+    with forward_hooks(layers, gram_hook), torch.no_grad():
+        for x, t, c in calib.batches(batch_size, device):
+            outputs.append(model(x, t, c).cpu())
+            done += 1
+            if progress:
+                progress("layer statistics (a forward pass, then a backward pass on a third)", done, n_batches)
     g = torch.Generator().manual_seed(seed + 104729)
     frozen = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in frozen:
         p.requires_grad_(False)  # no weight gradients: only activation gradients flow
-    handles = [m.register_forward_hook(output_hook(n)) for n, m in layers.items()]
     try:
-        for x, t, c in grad_set.batches(batch_size, device):
-            captured.clear()
-            with torch.enable_grad():
-                y = model(x, t, c)
-                v = (torch.randint(0, 2, y.shape, generator=g).float() * 2 - 1).to(device)  # same signs on every device
-                grads = torch.autograd.grad((y.float() * v).sum(), [o for _, _, o in captured], allow_unused=True)
-            # a layer called more than once (strips) sums its calls before squaring; each layer's per-input
-            # gradients (inputs x the weight's size) are squared and freed after its last call, one layer at a time
-            last_call = {name: i for i, (name, _, _) in enumerate(captured)}
-            per_input: dict[str, torch.Tensor] = {}
-            for i, ((name, xin, _), grad) in enumerate(zip(captured, grads)):
-                if grad is not None:
-                    w_grad = per_input_weight_gradient(layers[name], xin.float(), grad.detach().float())
-                    per_input[name] = per_input[name] + w_grad if name in per_input else w_grad
-                if last_call[name] == i and name in per_input:
-                    sq = per_input.pop(name).pow(2).sum(0).to(acc)
-                    fisher[name] = fisher[name] + sq if name in fisher else sq
-            del grads
-            captured.clear()
-            done += 1
-            if progress:
-                progress("layer statistics (a forward pass, then a backward pass on a third)", done, n_batches)
+        with forward_hooks(layers, output_hook):
+            for x, t, c in grad_set.batches(batch_size, device):
+                captured.clear()
+                with torch.enable_grad():
+                    y = model(x, t, c)
+                    v = (torch.randint(0, 2, y.shape, generator=g).float() * 2 - 1).to(device)  # same signs on every device
+                    grads = torch.autograd.grad((y.float() * v).sum(), [o for _, _, o in captured], allow_unused=True)
+                # a layer called more than once (strips) sums its calls before squaring; each layer's per-input
+                # gradients (inputs x the weight's size) are squared and freed after its last call, one layer at a time
+                last_call = {name: i for i, (name, _, _) in enumerate(captured)}
+                per_input: dict[str, torch.Tensor] = {}
+                for i, ((name, xin, _), grad) in enumerate(zip(captured, grads)):
+                    if grad is not None:
+                        w_grad = per_input_weight_gradient(layers[name], xin.float(), grad.detach().float())
+                        per_input[name] = per_input[name] + w_grad if name in per_input else w_grad
+                    if last_call[name] == i and name in per_input:
+                        sq = per_input.pop(name).pow(2).sum(0).to(acc)
+                        fisher[name] = fisher[name] + sq if name in fisher else sq
+                del grads
+                captured.clear()
+                done += 1
+                if progress:
+                    progress("layer statistics (a forward pass, then a backward pass on a third)", done, n_batches)
     finally:
-        for h in handles:
-            h.remove()
         for p, flag in frozen:
             p.requires_grad_(flag)
         captured.clear()

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgecompile.compress.hooks import forward_hooks
 from edgecompile.compress.calibration import CalibrationSet
 from edgecompile.compress.importance import measure_statistics
 from edgecompile.compress.palettize_model import PaletteCache
@@ -149,16 +150,12 @@ def _local(model, calib, candidates, cache, batch_size, result, progress):
                 err[name][b] += float(layer_delta(mod, x, deltas[(name, b)]).double().pow(2).sum())
         return hook
 
-    handles = [m.register_forward_hook(hook_for(n)) for n, m in layers.items()]
-    try:
+    with forward_hooks(layers, hook_for):
         n_batches = (len(calib) + batch_size - 1) // batch_size
         for i, (x, t, c) in enumerate(calib.batches(batch_size, device_of(model))):
             model(x, t, c)
             if progress:
                 progress("local sweep (one forward pass, all layers)", i + 1, n_batches)
-    finally:
-        for h in handles:
-            h.remove()
     result.sensitivity = {n: {b: err[n][b] / max(energy[n], 1e-30) for b in candidates} for n in layers}
 
 

@@ -62,11 +62,7 @@ def carry_from_named(named: dict[str, torch.Tensor | None], alive: list[str]) ->
 
 def block_weight_counts(deploy: DeployDiT) -> list[int]:
     """Parameters of each block in flat order (what a cut balances)."""
-    out = []
-    for pos in range(deploy.n_blocks):
-        stage, i = deploy.block_at(pos)
-        out.append(sum(p.numel() for p in getattr(deploy, stage)[i].parameters()))
-    return out
+    return [sum(p.numel() for p in getattr(deploy, b.stage)[b.index].parameters()) for b in deploy.plan.blocks]
 
 
 def check_chunks(config, n: int) -> None:
@@ -132,17 +128,16 @@ class DeployChunk(nn.Module):
     def module_prefixes(self) -> list[str]:
         """The module names whose weights this chunk reads (palettes and per-chunk weights are selected by them)."""
         d = self._deploy
-        names = [f"{stage}.{i}" for stage, i in map(d.block_at, range(self.start, self.end))]
+        names = [b.name for b in d.plan.blocks[self.start:self.end]]
         if self.first:
             names += ["patch_embed", "t_mlp1", "t_mlp2", "t_block"]
         if d.config.caption_projection:
             # every chunk projects the text it is fed (a small MLP, duplicated rather than carried)
             names += ["caption_proj1", "caption_proj2"]
-        if d.config.stage_downsample:
-            # a stage transition runs with the block at its position (or with the head when no block follows)
-            for name, at in (("downsample", len(d.down)), ("upsample", len(d.down) + len(d.middle))):
-                if self.start <= at < self.end or (self.last and at == d.n_blocks):
-                    names.append(name)
+        # a stage transition runs with the block at its position (or with the head when no block follows)
+        for name, at in (("downsample", d.plan.downsample_at), ("upsample", d.plan.upsample_at)):
+            if at is not None and (self.start <= at < self.end or (self.last and at == d.n_blocks)):
+                names.append(name)
         if self.last:
             names += ["final_norm", "final"]
         return names
@@ -172,15 +167,14 @@ class DeployChunk(nn.Module):
         skip, and a skip-fusing block the top of the skip stack."""
         d = self._deploy
         reads = [HIDDEN, MODULATION] + ([TIME_EMBEDDING] if self.last else [])
-        up_at = len(d.down) + len(d.middle)
-        if STAGE_SKIP in self.alive_in and (self.start <= up_at < self.end or (self.last and up_at == d.n_blocks)):
+        up_at = d.plan.upsample_at
+        if STAGE_SKIP in self.alive_in and up_at is not None and (self.start <= up_at < self.end or (self.last and up_at == d.n_blocks)):
             reads.append(STAGE_SKIP)
         stack: list[str | None] = [k for k in self.alive_in if k.startswith(MIDDLE_SKIP)]
-        for pos in range(self.start, self.end):
-            stage, i = d.block_at(pos)
-            if getattr(d, stage)[i].skip_fuse is not None and (top := stack.pop()) is not None:
+        for b in d.plan.blocks[self.start:self.end]:
+            if b.reads_skip and (top := stack.pop()) is not None:
                 reads.append(top)
-            if stage == "middle" and i < d.n_skips:
+            if b.writes_skip:
                 stack.append(None)  # pushed inside this chunk
         return reads
 

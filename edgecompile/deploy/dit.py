@@ -26,7 +26,7 @@ import torch.utils.checkpoint
 import torch.nn.functional as F
 from torch import nn
 
-from edgecompile.model.config import ModelConfig
+from edgecompile.model.config import PlannedBlock, ModelConfig
 from edgecompile.model.dit import bna_partition, position_table, timestep_frequencies
 
 NEG_INF = -1e4  # fp16-safe "minus infinity" for masks
@@ -249,15 +249,14 @@ class DeployFeedForward(nn.Module):
 
 
 class DeployBlock(nn.Module):
-    def __init__(self, config: ModelConfig, stage: str, skip_in: bool, layout: BlockLayout | None, query_chunk: int | None):
+    def __init__(self, config: ModelConfig, planned: PlannedBlock, layout: BlockLayout | None, query_chunk: int | None):
         super().__init__()
         d = config.dims(1.0)
         self.hidden = d.hidden
-        sparse = stage != "middle" and config.down_up_attention == "assa"
-        inner = d.ffn_middle if stage == "middle" else d.ffn_outer
-        self.skip_fuse = conv1x1(2 * d.hidden, d.hidden) if skip_in else None
+        inner = d.ffn_middle if planned.stage == "middle" else d.ffn_outer
+        self.skip_fuse = conv1x1(2 * d.hidden, d.hidden) if planned.reads_skip else None
         self.norm1 = LayerNormANE(d.hidden, affine=False)
-        self.attn = DeploySelfAttention(config, sparse, layout if sparse else None, query_chunk)
+        self.attn = DeploySelfAttention(config, planned.sparse, layout if planned.sparse else None, query_chunk)
         self.norm_cross = LayerNormANE(d.hidden, affine=True) if config.cross_attention_norm else nn.Identity()
         self.cross = DeployCrossAttention(config, query_chunk)
         self.norm2 = LayerNormANE(d.hidden, affine=False)
@@ -302,9 +301,9 @@ class DeployDiT(nn.Module):
         d = c.dims(1.0)
         h, w = c.token_grid(*latent_hw)
         self.grid_hw = (h, w)
-        sparse = c.down_up_attention == "assa" and (c.depth_down + c.depth_up) > 0
+        self.plan = plan = c.block_plan()
         with torch.device("cpu"):
-            self.layout = BlockLayout(c, h, w) if sparse else None
+            self.layout = BlockLayout(c, h, w) if any(b.sparse for b in plan.blocks) else None
         p = c.patch_size
         self.patch_embed = nn.Conv2d(c.latent_channels, d.hidden, p, stride=p)
         with torch.device("cpu"):  # constants are computed even when the module is built on the meta device
@@ -325,16 +324,12 @@ class DeployDiT(nn.Module):
         self.t_mlp1 = conv1x1(c.frequency_dim, d.hidden)
         self.t_mlp2 = conv1x1(d.hidden, d.hidden)
         self.t_block = conv1x1(d.hidden, 6 * d.hidden)
-        n_skip = c.depth_middle // 2 if c.middle_skips else 0
-        self.down = nn.ModuleList(DeployBlock(c, "down", False, self.layout, query_chunk) for _ in range(c.depth_down))
+        for stage in ("down", "middle", "up"):
+            setattr(self, stage, nn.ModuleList(DeployBlock(c, b, self.layout, query_chunk) for b in plan.blocks if b.stage == stage))
         if c.stage_downsample:
             self.downsample = nn.Conv2d(d.hidden, d.hidden, 2, stride=2)
             self.upsample = nn.ConvTranspose2d(d.hidden, d.hidden, 2, stride=2)
-        self.middle = nn.ModuleList(
-            DeployBlock(c, "middle", i >= c.depth_middle - n_skip, None, query_chunk) for i in range(c.depth_middle)
-        )
-        self.n_skips = n_skip
-        self.up = nn.ModuleList(DeployBlock(c, "up", False, self.layout, query_chunk) for _ in range(c.depth_up))
+        self.n_skips = plan.n_skips
         self.final_norm = LayerNormANE(d.hidden, affine=False)
         self.final_table = nn.Parameter(torch.zeros(1, 2 * d.hidden, 1, 1))
         self.final = conv1x1(d.hidden, p * p * c.latent_channels)
@@ -360,16 +355,12 @@ class DeployDiT(nn.Module):
     # code: embed -> blocks [start, end) -> head, the state between blocks held in a Carry.
     @property
     def n_blocks(self) -> int:
-        return len(self.down) + len(self.middle) + len(self.up)
+        return len(self.plan)
 
     def block_at(self, pos: int) -> tuple[str, int]:
         """Block `pos` of the flat order down, middle, up as (stage, index in stage)."""
-        for stage in ("down", "middle", "up"):
-            n = len(getattr(self, stage))
-            if pos < n:
-                return stage, pos
-            pos -= n
-        raise IndexError(pos)
+        b = self.plan.blocks[pos]
+        return b.stage, b.index
 
     def embed(self, latent: torch.Tensor, timestep: torch.Tensor) -> Carry:
         c = self.config
@@ -393,23 +384,22 @@ class DeployDiT(nn.Module):
     def run_blocks(self, carry: Carry, text: torch.Tensor, start: int, end: int) -> Carry:
         """Blocks [start, end) of the flat order, reading `text` as project_text returns it; the stage transitions at a position run before its block (and
         those at n_blocks with the last block), so every range ends between two blocks."""
-        c = self.config
         x, skips = carry.x, list(carry.skips)
         hi_res = carry.hi_res
         for pos in range(start, end + 1 if end == self.n_blocks else end):
-            if pos == len(self.down) and c.stage_downsample:
+            down, up = self.plan.transitions_before(pos)
+            if down:
                 hi_res = x
                 # inside block-column strips (the same result as on the raster grid), or on the raster grid
                 x = self.downsample(self.layout.strided_input(x) if self.layout is not None else x)
-            if pos == len(self.down) + len(self.middle) and c.stage_downsample:
-                up = self.upsample(x)
-                x, hi_res = (self.layout.strided_output(up) if self.layout is not None else up) + hi_res, None
+            if up:
+                upsampled = self.upsample(x)
+                x, hi_res = (self.layout.strided_output(upsampled) if self.layout is not None else upsampled) + hi_res, None
             if pos == self.n_blocks:
                 break
-            stage, i = self.block_at(pos)
-            blk = getattr(self, stage)[i]
-            x = self._block(blk, x, carry.t0, text, skips.pop() if blk.skip_fuse is not None else None)
-            if stage == "middle" and i < self.n_skips:
+            b = self.plan.blocks[pos]
+            x = self._block(getattr(self, b.stage)[b.index], x, carry.t0, text, skips.pop() if b.reads_skip else None)
+            if b.writes_skip:
                 skips.append(x)
         return Carry(x=x, t0=carry.t0, temb=carry.temb, hi_res=hi_res, skips=skips)
 

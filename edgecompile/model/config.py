@@ -78,6 +78,41 @@ class WidthDims:
 
 
 @dataclass(frozen=True)
+class PlannedBlock:
+    """One transformer block of the architecture, in the flat order down, middle, up."""
+
+    position: int
+    stage: str  # down, middle or up
+    index: int  # within its stage
+    sparse: bool  # adaptive sparse self-attention (ASSA): the outer stages of an `assa` config
+    reads_skip: bool  # fuses a U-ViT long skip (the last half of the middle stage)
+    writes_skip: bool  # its output is a long skip a later middle block reads (the first half)
+
+    @property
+    def name(self) -> str:
+        return f"{self.stage}.{self.index}"
+
+
+@dataclass(frozen=True)
+class BlockPlan:
+    """The walk every model of a config takes (the reference EfficientDiT, the deploy graph, its chunks): the
+    blocks in order, and where the hourglass stage transitions run. A transition at position p runs before block
+    p; at len(blocks), after the last block."""
+
+    blocks: tuple[PlannedBlock, ...]
+    downsample_at: int | None  # the down stage's output is saved, and the map downsampled, before this block
+    upsample_at: int | None  # the map is upsampled and the saved down-stage output added back, before this block
+    n_skips: int  # U-ViT long skips of the middle stage (a stack: the innermost first)
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def transitions_before(self, position: int) -> tuple[bool, bool]:
+        """(downsample, upsample) before block `position` (or after the last, at len(self))."""
+        return position == self.downsample_at, position == self.upsample_at
+
+
+@dataclass(frozen=True)
 class ModelConfig:
     """An elastic three-stage efficient DiT (SnapGen++ §3.1-3.2)."""
 
@@ -285,6 +320,21 @@ class ModelConfig:
         return 1.0 if self.prediction == "flow" else float(self.train_timesteps - 1)
 
     # ---- token grids -------------------------------------------------------------------------------
+    def block_plan(self) -> BlockPlan:
+        """The architecture's block walk: which blocks are sparse, which read and write long skips, and where the
+        stage transitions run. The one place these are decided (model/dit.py and deploy/dit.py build and walk it)."""
+        n_skip = self.depth_middle // 2 if self.middle_skips else 0
+        sparse_outer = self.down_up_attention == "assa"
+        blocks, pos = [], 0
+        for stage, depth in (("down", self.depth_down), ("middle", self.depth_middle), ("up", self.depth_up)):
+            for i in range(depth):
+                middle = stage == "middle"
+                blocks.append(PlannedBlock(position=pos, stage=stage, index=i, sparse=sparse_outer and not middle,
+                                           reads_skip=middle and i >= self.depth_middle - n_skip, writes_skip=middle and i < n_skip))
+                pos += 1
+        return BlockPlan(blocks=tuple(blocks), downsample_at=self.depth_down if self.stage_downsample else None,
+                         upsample_at=self.depth_down + self.depth_middle if self.stage_downsample else None, n_skips=n_skip)
+
     def token_grid(self, latent_h: int, latent_w: int) -> tuple[int, int]:
         return latent_h // self.patch_size, latent_w // self.patch_size
 

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgecompile.model.config import ModelConfig, WidthDims, width_key
+from edgecompile.model.config import PlannedBlock, ModelConfig, WidthDims, width_key
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -330,15 +330,14 @@ class FeedForward(nn.Module):
 class DiTBlock(nn.Module):
     """Self-attention -> cross-attention -> FFN with adaLN-single modulation (PixArt-alpha)."""
 
-    def __init__(self, config: ModelConfig, stage: str, skip_in: bool = False):
+    def __init__(self, config: ModelConfig, planned: PlannedBlock):
         super().__init__()
-        self.stage = stage
-        sparse = stage != "middle" and config.down_up_attention == "assa"
+        self.stage = stage = planned.stage
         full = config.dims(1.0)
         # U-ViT long skip: cat([x, skip]) -> linear, sliced per half.
-        self.skip_fuse = ElasticLinear(2 * full.hidden, full.hidden, in_groups=2) if skip_in else None
+        self.skip_fuse = ElasticLinear(2 * full.hidden, full.hidden, in_groups=2) if planned.reads_skip else None
         self.norm1 = PerWidthLayerNorm(config, affine=False)
-        self.attn = SelfAttention(config, sparse=sparse)
+        self.attn = SelfAttention(config, sparse=planned.sparse)
         self.norm_cross = PerWidthLayerNorm(config, affine=True) if config.cross_attention_norm else None
         self.cross = CrossAttention(config)
         self.norm2 = PerWidthLayerNorm(config, affine=False)
@@ -379,15 +378,12 @@ class EfficientDiT(nn.Module):
         if c.caption_projection:  # PixArt: text_dim -> hidden MLP applied to the text tokens once
             self.caption_proj1 = ElasticLinear(c.text_dim, full.hidden)
             self.caption_proj2 = ElasticLinear(full.hidden, full.hidden)
-        self.down = nn.ModuleList(DiTBlock(c, "down") for _ in range(c.depth_down))
+        self.plan = plan = c.block_plan()
+        for stage in ("down", "middle", "up"):
+            setattr(self, stage, nn.ModuleList(DiTBlock(c, b) for b in plan.blocks if b.stage == stage))
         if c.stage_downsample:
             self.downsample = nn.Conv2d(full.hidden, full.hidden, 2, stride=2)
             self.upsample = nn.ConvTranspose2d(full.hidden, full.hidden, 2, stride=2)
-        n_skip = c.depth_middle // 2 if c.middle_skips else 0
-        self.middle = nn.ModuleList(
-            DiTBlock(c, "middle", skip_in=i >= c.depth_middle - n_skip) for i in range(c.depth_middle)
-        )
-        self.up = nn.ModuleList(DiTBlock(c, "up") for _ in range(c.depth_up))
         self.final_norm = PerWidthLayerNorm(c, affine=False)
         self.final_table = per_width_table(c, 2)
         self.final = ElasticLinear(full.hidden, p * p * c.latent_channels)
@@ -404,7 +400,7 @@ class EfficientDiT(nn.Module):
 
     @property
     def n_skips(self) -> int:
-        return sum(b.skip_fuse is not None for b in self.middle)
+        return self.plan.n_skips
 
     def micro_condition(self, latent_h: int, latent_w: int) -> torch.Tensor:
         """(1, D) embedding of the image's size in pixels [H, W] and aspect ratio H / W (PixArt-alpha): a constant
@@ -443,30 +439,26 @@ class EfficientDiT(nn.Module):
         t0 = self.t_block(F.silu(temb), d.hidden, 6 * d.hidden)
         text = self.project_text(text, d)
 
-        for blk in self.down:
-            tok = blk(tok, t0, text, d, (h, w))
-        hi_res = tok
-        mh, mw = h, w
-        if c.stage_downsample:
-            maps = tok.transpose(1, 2).reshape(bsz, d.hidden, h, w)
-            wgt = self.downsample.weight[: d.hidden, : d.hidden]
-            tok = F.conv2d(maps, wgt, self.downsample.bias[: d.hidden], stride=2).flatten(2).transpose(1, 2)
-            mh, mw = h // 2, w // 2
-
-        skips = []  # U-ViT: the first n_skips middle blocks feed the last n_skips, innermost first
-        for i, blk in enumerate(self.middle):
-            skip = skips.pop() if blk.skip_fuse is not None else None
-            tok = blk(tok, t0, text, d, (mh, mw), skip=skip)
-            if i < self.n_skips:
+        grid, hi_res, skips = (h, w), None, []  # skips: U-ViT's, the first middle blocks feed the last, innermost first
+        for pos in range(len(self.plan) + 1):
+            down, up = self.plan.transitions_before(pos)
+            if down:  # hourglass: the middle stage runs at half resolution
+                hi_res = tok
+                maps = tok.transpose(1, 2).reshape(bsz, d.hidden, h, w)
+                wgt = self.downsample.weight[: d.hidden, : d.hidden]
+                tok = F.conv2d(maps, wgt, self.downsample.bias[: d.hidden], stride=2).flatten(2).transpose(1, 2)
+                grid = (h // 2, w // 2)
+            if up:
+                maps = tok.transpose(1, 2).reshape(bsz, d.hidden, *grid)
+                wgt = self.upsample.weight[: d.hidden, : d.hidden]
+                tok = F.conv_transpose2d(maps, wgt, self.upsample.bias[: d.hidden], stride=2).flatten(2).transpose(1, 2) + hi_res
+                grid = (h, w)
+            if pos == len(self.plan):
+                break
+            b = self.plan.blocks[pos]
+            tok = getattr(self, b.stage)[b.index](tok, t0, text, d, grid, skip=skips.pop() if b.reads_skip else None)
+            if b.writes_skip:
                 skips.append(tok)
-
-        if c.stage_downsample:
-            maps = tok.transpose(1, 2).reshape(bsz, d.hidden, mh, mw)
-            wgt = self.upsample.weight[: d.hidden, : d.hidden]
-            up = F.conv_transpose2d(maps, wgt, self.upsample.bias[: d.hidden], stride=2)
-            tok = up.flatten(2).transpose(1, 2) + hi_res  # hourglass skip around the middle stage
-        for blk in self.up:
-            tok = blk(tok, t0, text, d, (h, w))
 
         shift, scale = (self.final_table[width_key(d.width)][None] + temb[:, None]).unbind(1)
         tok = modulate(self.final_norm(tok, d), shift[:, None], scale[:, None])
