@@ -110,17 +110,75 @@ def signals(ckpt: Path, work: Path) -> list[dict]:
     return rows
 
 
-def full_disk(ckpt: Path, work: Path) -> dict:
-    mnt = work / "small_disk"
-    mnt.mkdir()
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True, text=True)
-    if mounted.returncode != 0:
-        return {"skipped": f"no tmpfs here ({mounted.stderr.strip()[:120]})"}
+def full_disk(ckpt: Path, work: Path) -> list[dict]:
+    """Each writer onto a small tmpfs: coremltools' (export), safetensors' (import, init, calibrate)."""
+    pixart = pixart_folder(work)
+    cases = [("export to a 256 KiB tmpfs", "256k", lambda mnt: cli("export", ckpt, "--width", "1.0", "-o", mnt / "out")),
+             ("export to a 600 KiB tmpfs", "600k", lambda mnt: cli("export", ckpt, "--width", "1.0", "-o", mnt / "out")),
+             ("init onto a 64 KiB tmpfs", "64k", lambda mnt: cli("init", work / "tiny.json", "-o", mnt / "ck")),
+             ("calibrate onto a 16 KiB tmpfs", "16k", lambda mnt: cli("calibrate", ckpt, "--width", "1.0", "-o", mnt / "c.safetensors"))]
+    if pixart is not None:
+        cases.append(("import onto a 64 KiB tmpfs", "64k", lambda mnt: cli("import", pixart, "-o", mnt / "ck")))
+    rows = []
+    for label, size, args in cases:
+        mnt = work / f"small_disk_{len(rows)}"
+        mnt.mkdir()
+        mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mnt)], capture_output=True, text=True)
+        if mounted.returncode != 0:
+            rows.append({"case": label, "skipped": f"no tmpfs here ({mounted.stderr.strip()[:120]})"})
+            continue
+        try:
+            r = run(args(mnt))
+            rows.append({"case": label, "exit": r["exit"], "stderr_lines": r["stderr_lines"], "message": r["stderr_last_line"],
+                         "leftovers": leftovers(mnt)})
+        finally:
+            subprocess.run(["umount", str(mnt)])
+    return rows
+
+
+def pixart_folder(work: Path) -> Path | None:
+    """A tiny PixArt transformer saved by diffusers (None without diffusers)."""
     try:
-        r = run(cli("export", ckpt, "--width", "1.0", "-o", mnt / "out"))
-        return {"exit": r["exit"], "stderr_lines": r["stderr_lines"], "message": r["stderr_last_line"], "leftovers": leftovers(mnt)}
-    finally:
-        subprocess.run(["umount", str(mnt)])
+        import diffusers
+    except ImportError:
+        return None
+    model = diffusers.PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=1,
+                                               cross_attention_dim=16, sample_size=8, patch_size=2, caption_channels=12)
+    model.save_pretrained(work / "pixart")
+    return work / "pixart"
+
+
+def tampering(ckpt: Path, work: Path) -> list[dict]:
+    """A package changed after export: one sign bit of weight.bin, a metadata field that is not JSON."""
+    out = work / "tamper"
+    r = run(cli("export", ckpt, "--width", "1.0", "--no-verify", "-o", out, "--json"))
+    assert r["exit"] == 0, r
+    pkg = next((out / "w1.0").glob("*.mlpackage"))
+    rows = []
+    flipped = work / "flipped" / pkg.name
+    shutil.copytree(pkg, flipped)
+    blob = flipped / "Data" / "com.apple.CoreML" / "weights" / "weight.bin"
+    data = bytearray(blob.read_bytes())
+    data[-1] ^= 0x80
+    blob.write_bytes(bytes(data))
+    r = run(cli("verify", flipped, "--checkpoint", ckpt))
+    rows.append({"case": "one sign bit of weight.bin flipped", "exit": r["exit"], "stderr_lines": r["stderr_lines"], "message": r["stderr_last_line"]})
+    edited = work / "edited" / pkg.name
+    shutil.copytree(pkg, edited)
+    from edgecompile.coremltools_loader import model_proto
+    from edgecompile.deploy.metadata import BITS_PER_LAYER
+
+    spec = edited / "Data" / "com.apple.CoreML" / "model.mlmodel"
+    model = model_proto().Model()
+    model.ParseFromString(spec.read_bytes())
+    model.description.metadata.userDefined[BITS_PER_LAYER] = "{not json"
+    spec.write_bytes(model.SerializeToString())
+    for command in ("verify", "inspect", "bench"):
+        args = [command, edited] + (["--checkpoint", ckpt] if command == "verify" else ["--no-host"] if command == "bench" else [])
+        r = run(cli(*args))
+        rows.append({"case": f"{command}: bits_per_layer not JSON", "exit": r["exit"], "stderr_lines": r["stderr_lines"],
+                     "message": r["stderr_last_line"]})
+    return rows
 
 
 def absurd_sizes(ckpt: Path, work: Path) -> list[dict]:
@@ -138,6 +196,22 @@ def absurd_sizes(ckpt: Path, work: Path) -> list[dict]:
         cases.append((f"init ({label})", cli("init", path, "-o", work / f"init_{len(cases)}")))
     cases += [(f"export --latent {s}", cli("export", ckpt, "--latent", s, "-o", work / f"big_{s}")) for s in ("4096x4096", "1024x1024", "512x512")]
     cases.append(("calibrate --latent 512x512", cli("calibrate", ckpt, "--latent", "512x512", "-o", work / "big.safetensors")))
+    # sampling counts: bounded up front, not found by running out of time
+    cases.append(("init --seed 99999999999999999999999", cli("init", work / "tiny.json", "-o", work / "seed", "--seed", "99999999999999999999999")))
+    out = work / "for_sample"
+    subprocess.run(cli("export", ckpt, "--width", "1.0", "--no-verify", "-o", out), check=True, capture_output=True)
+    pkg = next((out / "w1.0").glob("*.mlpackage"))
+    prompts = work / "prompts.safetensors"
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"tokens": torch.zeros(20_000, TINY["text_len"], TINY["text_dim"]), "null": torch.zeros(1, TINY["text_len"], TINY["text_dim"])},
+              str(prompts))
+    for label, extra in (("sample --steps 100000000", ["--steps", "100000000"]),
+                         ("sample --per-prompt 100000000", ["--per-prompt", "100000000"]),
+                         ("sample with 20,000 prompts", ["--prompts", prompts]),
+                         ("sample --seed 99999999999999999999999", ["--seed", "99999999999999999999999"])):
+        cases.append((label, cli("sample", pkg, "--checkpoint", ckpt, "-o", work / "grid.png", *extra)))
     rows = []
     for label, args in cases:
         r = run(args)
@@ -224,9 +298,11 @@ def markdown(data: dict) -> str:
     for r in data["signals"]:
         lines.append(f"| {r['signal']} after {r['after_s']} s | exit {r['exit']} at {r['seconds']} s; leftovers beside the output "
                      f"{r['output_parent_leftovers']}, in TMPDIR {r['tmpdir_leftovers']} |")
-    fd = data["full_disk"]
-    disk = fd.get("skipped") or f"exit {fd['exit']}, {fd['stderr_lines']} line: `{fd['message'][:110]}`; leftovers {fd['leftovers']}"
-    lines.append(f"| export to a 256 KiB tmpfs | {disk} |")
+    for fd in data["full_disk"]:
+        disk = fd.get("skipped") or f"exit {fd['exit']}, {fd['stderr_lines']} line: `{fd['message'][:110]}`; leftovers {fd['leftovers']}"
+        lines.append(f"| {fd['case']} | {disk} |")
+    for r in data.get("tampering", []):
+        lines.append(f"| {r['case']} | exit {r['exit']}, {r['stderr_lines']} line: `{r['message'][:130]}` |")
     for r in data["absurd_sizes"]:
         lines.append(f"| {r['case']} | exit {r['exit']} in {r['seconds']} s at {r['peak_rss_mib']:.0f} MiB peak RSS"
                      f"{'; ' + r['watchdog'] if r['watchdog'] else ''}; `{r['message'][:110]}` |")
@@ -241,7 +317,7 @@ def markdown(data: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output", type=Path, default=None)
-    parser.add_argument("--only", default="concurrent,signals,full_disk,absurd_sizes,determinism,packaging")
+    parser.add_argument("--only", default="concurrent,signals,full_disk,tampering,absurd_sizes,determinism,packaging")
     args = parser.parse_args()
     os.chdir(ROOT)
     work = Path(tempfile.mkdtemp(prefix="edgecompile-robustness-"))

@@ -50,7 +50,10 @@ def safe_name(text: str, fallback: str = "model") -> str:
 
 
 def _resolved(path: str | Path) -> Path:
-    return Path(os.path.abspath(Path(path).expanduser())).resolve(strict=False)
+    try:
+        return Path(os.path.abspath(Path(path).expanduser())).resolve(strict=False)
+    except RuntimeError:  # a symlink loop (pathlib raises RuntimeError for it before Python 3.13)
+        raise EdgeCompileError(f"{path} is a symbolic link that points back to itself (a loop): pass the real file or folder") from None
 
 
 def _overlap(dest: Path, source: Path) -> str | None:
@@ -262,6 +265,45 @@ def scratch_tempdir(folder: Path) -> Iterator[Path]:
             os.environ["TMPDIR"] = old_env
 
 
+# How libraries that write files report a failed write in their own exception types: coremltools' MIL FileWriter
+# (a RuntimeError that names no cause), safetensors (SafetensorError wrapping the OS error), PIL and others
+# (messages naming errno 28). Each stands for an OSError.
+_DISK_FULL_TEXT = ("no space left", "storagefull", "os error 28", "errno 28", "disk quota")
+_WRITE_FAILED_TEXT = ("filewriter", "ioerror", "i/o error", "error while serializing", "failed to write", "could not write")
+MIN_FREE_BYTES = 1 << 20  # a write that failed with less than this free on the device is taken for a full disk
+
+
+def as_os_error(error: BaseException, where: Path) -> OSError | None:
+    """The OSError a library's write error stands for (ENOSPC for a full disk, EIO otherwise); None when it is
+    not a write error."""
+    if isinstance(error, OSError) or not isinstance(error, Exception):
+        return None
+    text = str(error).lower()
+    if not any(t in text for t in _DISK_FULL_TEXT + _WRITE_FAILED_TEXT):
+        return None
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError:
+        free = None
+    full = any(t in text for t in _DISK_FULL_TEXT) or (free is not None and free < MIN_FREE_BYTES)
+    if full:
+        return OSError(errno.ENOSPC, "No space left on device", str(where))
+    return OSError(errno.EIO, f"writing failed ({type(error).__name__}: {str(error).splitlines()[0][:120]})", str(where))
+
+
+@contextlib.contextmanager
+def library_write_errors(where: Path) -> Iterator[None]:
+    """Turn a library's write error inside the block into the OSError it stands for (see as_os_error): the CLI
+    prints an OSError as one line, and the staging folder around the block leaves nothing behind."""
+    try:
+        yield
+    except Exception as e:
+        mapped = as_os_error(e, where)
+        if mapped is None:
+            raise
+        raise mapped from None
+
+
 @contextlib.contextmanager
 def atomic_outputs(dests: Sequence[str | Path], force: bool = False, is_dir: bool = True,
                    inputs: Iterable[str | Path | None] = ()) -> Iterator[list[Path]]:
@@ -293,7 +335,7 @@ def atomic_outputs(dests: Sequence[str | Path], force: bool = False, is_dir: boo
             if is_dir:
                 target.mkdir()
             targets.append(target)
-        with scratch_tempdir(stages[0] / "tmp"):
+        with scratch_tempdir(stages[0] / "tmp"), library_write_errors(dests[0].parent):
             yield targets
         with interrupts_deferred():
             for t in targets:

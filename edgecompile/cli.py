@@ -48,8 +48,9 @@ def emit_json(data) -> None:
 
 
 def print_lines(lines: list[str]) -> None:
+    """Plain lines, never cut: the terminal wraps them (soft wrap), so a name copied from one is whole."""
     for line in lines:
-        out.print(line, overflow="fold", highlight=False, markup=False)
+        out.print(line, soft_wrap=True, highlight=False, markup=False)
 
 
 FORCE_HELP = "Replace an existing output (default: refuse to overwrite)."
@@ -341,16 +342,18 @@ def sample(package, output, checkpoint, labels, prompts_file, steps, cfg_scale, 
 @click.option("--no-host", is_flag=True, help="Skip measuring the torch deploy graph on this host.")
 @click.option("--host-latent", help="Latent HxW for host timing of --config models (default: --latent; reduce it for paper-scale models on a laptop CPU).")
 @click.option("--repeats", default=10, type=Number(int, min=1, max=1000), help="Timed runs after warm-up.")
+@click.option("--steps", default=4, type=Number(int, min=1, max=1000), help="Sampler steps of the per-image estimate.")
+@click.option("--cfg", "cfg_scale", default=2.0, type=Number(float, min=1), help="Guidance of the per-image estimate (1: one call per step).")
 @click.option("-o", "--output", type=click.Path(), help="Report folder (report.md, report.html, PNG plots, bench.json; default: print only).")
 @click.option("--force", is_flag=True, help="Replace an existing report folder (default: refuse to overwrite).")
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
-def bench(packages, configs, config_widths, latent, config_bits, devices, runs, export_reports, no_host, host_latent, repeats, output,
-          force, as_json):
+def bench(packages, configs, config_widths, latent, config_bits, devices, runs, export_reports, no_host, host_latent, repeats, steps,
+          cfg_scale, output, force, as_json):
     """Latency report: static analysis, host timing, Core ML timing (macOS) and device cost-model estimates."""
     opts = BenchOptions(packages=list(packages), configs=list(configs), config_widths=config_widths, latent=parse_latent(latent),
                         config_bits=config_bits, devices=tuple(devices) or DEFAULT_DEVICES, runs=list(runs),
                         export_reports=list(export_reports), host=not no_host, host_latent=parse_latent(host_latent, "--host-latent"),
-                        repeats=repeats, output=Path(output) if output else None, force=force)
+                        repeats=repeats, steps=steps, cfg_scale=cfg_scale, output=Path(output) if output else None, force=force)
     inputs = resolve_bench(opts)  # every input read and checked before the progress display starts
     with stage_display(console) as display:
         display.on_stage("bench")

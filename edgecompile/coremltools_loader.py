@@ -68,3 +68,11 @@ def load_mil_program(path: str):
         ml = ct.models.MLModel(path, skip_model_load=True)
         spec = ml.get_spec()
         return spec, milproto_load.load(spec, spec.specificationVersion, ml.weights_dir)
+
+
+def model_proto():
+    """coremltools' Model protobuf module (Model_pb2), to read and rewrite a package's model.mlmodel."""
+    import_coremltools()
+    from coremltools.proto import Model_pb2
+
+    return Model_pb2

@@ -61,3 +61,60 @@ def test_export_summary_reads_at_80_columns(exported, monkeypatch):
     for r in reports:
         assert f"{r.size_bytes / 2**20:.2f} MiB" in text and f"{r.verify.psnr_vs_checkpoint_db:.1f} dB" in text
         assert ", ".join(f"{k} {s:.1f}s" for k, s in list(r.stage_seconds.items())[:2]) in text
+
+
+def test_every_option_of_every_command_has_help_and_one_name_per_concept():
+    """Each option says what it does (click shows its default); the sweep and bench spell concepts as export does."""
+    import click
+
+    from edgecompile.cli import cli
+
+    missing = [f"{name} {p.opts[0]}" for name, cmd in cli.commands.items() for p in cmd.params
+               if isinstance(p, click.Option) and not p.hidden and not (p.help or "").strip()]
+    assert not missing, missing
+    sweep_opts = {o for p in cli.commands["sweep"].params for o in p.opts}
+    export_opts = {o for p in cli.commands["export"].params for o in p.opts}
+    assert {"--candidates", "--sweep-mode", "--calibration-latent"} <= sweep_opts & export_opts
+    assert "--profile" in {o for p in cli.commands["bench"].params for o in p.opts}
+
+
+def test_old_option_spellings_still_work_but_are_not_shown(tiny_checkpoint, tmp_path, capsys):
+    from tests.test_coreml import run_cli
+
+    code, out, _ = run_cli(["sweep", "--help"], capsys)
+    assert "--candidates" in out and "--mode " not in out and "--bits" not in out
+    code, out, err = run_cli(["sweep", str(tiny_checkpoint), "--width", "1.0", "--bits", "4,8", "--mode", "local", "--latent", "8x8",
+                              "-o", str(tmp_path / "r.json"), "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["mode"] == "local"
+
+
+def test_shipped_configs_are_found_by_name_from_any_folder(tmp_path, monkeypatch, capsys):
+    from tests.test_coreml import run_cli
+
+    monkeypatch.chdir(tmp_path)  # not the source tree
+    for source in ("snapgenpp", "snapgenpp.yaml", "recipes/snapgenpp.yaml"):
+        code, out, err = run_cli(["info", source, "--json"], capsys)
+        assert code == 0 and json.loads(out)["config"] == "snapgenpp", (source, err)
+    code, _, err = run_cli(["init", "toy", "-o", str(tmp_path / "ck")], capsys)
+    assert code == 0, err
+    code, _, err = run_cli(["bench", "--config", "toy", "--width", "0.5", "--no-host", "--profile", "iphone12"], capsys)
+    assert code == 0, err
+    code, _, err = run_cli(["info", "nosuchmodel"], capsys)
+    assert code == 2 and "looked for a checkpoint folder, a YAML/JSON config file and a config shipped" in err and "snapgenpp" in err
+
+
+def test_inspect_prints_io_names_whole_at_80_columns(exported, monkeypatch, capsys):
+    from rich.console import Console
+
+    import edgecompile.cli as cli
+    from edgecompile.coreml.package import load_package
+
+    console = Console(width=80, record=True, force_terminal=False)
+    monkeypatch.setattr(cli, "out", console)
+    path = exported[0.5].path
+    cli.cli.main(args=["inspect", path], standalone_mode=False)
+    text = console.export_text()
+    view = load_package(path)
+    for f in (*view.inputs, *view.outputs):
+        assert f"{f['name']}  {'x'.join(map(str, f['shape']))}" in text, f["name"]

@@ -5,7 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from edgecompile.coreml.package import FUNCTIONS, load_package, weight_file_bytes
+from edgecompile.coreml.package import load_package, weight_file_bytes
+from edgecompile.deploy.metadata import FUNCTIONS
 from edgecompile.coreml.swift import CONTRACT
 from edgecompile.export import CompressionOptions, ExportOptions, LatentPlan, PackageOptions, VerificationOptions, run_export, verify_every_function
 from edgecompile.model.checkpoint import load_checkpoint

@@ -9,7 +9,8 @@ from edgecompile.compress.calibration import default_calibration
 from edgecompile.compress.distill import DistillSettings, distill
 from edgecompile.compress.importance import _columns, as_matrix, from_matrix, measure_statistics
 from edgecompile.compress.kmeans import palette_from_lut, palettize
-from edgecompile.compress.palettize_model import PaletteCache, load_palettes, palettizable_layers, palettize_deploy, save_palettes, uniform_bits
+from edgecompile.compress.palettize_model import PaletteCache, palettizable_layers, palettize_deploy, uniform_bits
+from edgecompile.compress.sidecars import load_palettes, save_palettes
 from edgecompile.compress.rounding import output_aware_indices
 from edgecompile.compress.sensitivity import calibration_outputs, output_psnr, swapped_weights, sweep
 from edgecompile.deploy.rewrite import deploy_model

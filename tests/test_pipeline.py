@@ -110,7 +110,7 @@ def test_swift_resources_layout(ckpt, tmp_path):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--bits", "5"], "--bits 5 is not supported"),
+    (["--bits", "5"], "'5' is not one of '16', '8', '6', '4', 'mixed'"),
     (["--bits", "mixed", "--target-bits", "9"], "--target-bits 9 is outside"),
     (["--bits", "mixed", "--candidates", "4,5"], "--candidates 4,5"),
     (["--bits", "4", "--group-size", "4"], "need iOS18"),

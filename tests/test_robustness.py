@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -29,9 +30,14 @@ def tree(path: Path) -> dict[str, bytes]:
     return {str(p.relative_to(path)): p.read_bytes() for p in sorted(path.rglob("*")) if p.is_file()}
 
 
+PROGRESS_LINE = re.compile(r"^edgecompile: \[\d+:\d\d(:\d\d)?\] ")  # plain progress lines off a terminal (commands/progress.py)
+
+
 def one_line_exit_2(code, err, *needles):
+    """Exit 2 and one line saying what is wrong (after any progress lines of stages that had started)."""
     assert code == 2, err
-    assert len(err.strip().splitlines()) == 1, err
+    lines = [line for line in err.strip().splitlines() if not PROGRESS_LINE.match(line)]
+    assert len(lines) == 1, err
     assert "Traceback" not in err
     for n in needles:
         assert n in err, err
@@ -399,3 +405,309 @@ def test_an_interrupt_while_the_command_starts_is_one_line_and_130(tiny_checkpoi
     _, err = child.communicate(timeout=60)
     assert child.returncode == 130 and err.strip().splitlines() == ["edgecompile: interrupted; nothing was written"]
     assert not (tmp_path / "o").exists()
+
+
+# ---- 8. package metadata: every field checked when read; tampering that PSNR does not see ---------------------------
+def _edit_metadata(pkg: Path, **changes) -> None:
+    """Rewrite keys of a package's edgecompile metadata in place (None deletes the key)."""
+    from edgecompile.coremltools_loader import model_proto
+
+    spec = pkg / "Data" / "com.apple.CoreML" / "model.mlmodel"
+    model = model_proto().Model()
+    model.ParseFromString(spec.read_bytes())
+    meta = model.description.metadata.userDefined
+    for key, value in changes.items():
+        key = "edgecompile." + key
+        if value is None:
+            del meta[key]
+        else:
+            meta[key] = value
+    spec.write_bytes(model.SerializeToString())
+
+
+@pytest.fixture
+def palettized_package(tiny_checkpoint, tmp_path_factory):
+    out = tmp_path_factory.mktemp("pal")
+    from edgecompile.export import CompressionOptions, ExportOptions, VerificationOptions, run_export
+
+    [report] = run_export(load_checkpoint(tiny_checkpoint), ExportOptions(
+        output=out, widths=[0.5], compression=CompressionOptions(bits="4", distill=False), verification=VerificationOptions(verify=False)))
+    return Path(report.path)
+
+
+def _copy(pkg: Path, tmp_path: Path) -> Path:
+    dest = tmp_path / "w" / pkg.name
+    shutil.copytree(pkg.parent, dest.parent)
+    return dest
+
+
+@pytest.mark.parametrize("changes,needle", [
+    (dict(bits_per_layer="{not json"), "bits_per_layer is not JSON"),
+    (dict(bits_per_layer='{"middle.0.attn.q": 3}'), "not one of"),
+    (dict(bits_per_layer=None), "bits_per_layer is missing"),
+    (dict(width="half"), "not a number"),
+    (dict(width="0.7"), "not one of the config's widths"),
+    (dict(latent="8x"), "not HxW"),
+    (dict(latent="16x16"), "metadata was edited"),
+    (dict(bits="3"), "is not one of"),
+    (dict(group_size="-4"), "negative"),
+    (dict(config='{"name": "other"}'), "does not match its recorded SHA-256"),
+    (dict(checkpoint_sha256="abc"), "not a SHA-256"),
+    (dict(chunk="3/2", chunk_packages='["a.mlpackage"]'), "not k/N"),
+    (dict(weights_sha256='{"../x": "00"}'), "not an object of weight files"),
+])
+def test_package_metadata_is_checked_when_read(palettized_package, tiny_checkpoint, tmp_path, capsys, changes, needle):
+    pkg = _copy(palettized_package, tmp_path)
+    _edit_metadata(pkg, **changes)
+    for args in (["verify", str(pkg), "--checkpoint", str(tiny_checkpoint)], ["inspect", str(pkg)], ["bench", str(pkg), "--no-host"],
+                 ["sample", str(pkg), "--checkpoint", str(tiny_checkpoint), "-o", str(tmp_path / "s.png")]):
+        code, _, err = run_cli(args, capsys)
+        one_line_exit_2(code, err, needle)
+    assert not (tmp_path / "s.png").exists()
+
+
+def test_a_replaced_config_with_a_matching_digest_is_refused(palettized_package, tiny_checkpoint, tmp_path, capsys):
+    from edgecompile.digest import sha256_json
+
+    pkg = _copy(palettized_package, tmp_path)
+    config = {**load_checkpoint(tiny_checkpoint).config.to_dict(), "name": "renamed"}
+    _edit_metadata(pkg, config=json.dumps(config, sort_keys=True), config_sha256=sha256_json(config))
+    code, _, err = run_cli(["verify", str(pkg), "--checkpoint", str(tiny_checkpoint)], capsys)
+    one_line_exit_2(code, err, "records another model config")
+
+
+def test_one_flipped_sign_bit_fails_verification_naming_the_file(palettized_package, exported, tiny_checkpoint, tmp_path, capsys):
+    """Far below what PSNR sees: the recorded SHA-256 of each weight file catches it, in fp16 and palettized packages."""
+    for src in (Path(package_path(exported[0.5])), palettized_package):
+        pkg = _copy(src, tmp_path / src.stem)
+        blob = pkg / "Data" / "com.apple.CoreML" / "weights" / "weight.bin"
+        data = bytearray(blob.read_bytes())
+        data[-1] ^= 0x80  # the sign bit of the last fp16 value (or of the last index byte)
+        blob.write_bytes(bytes(data))
+        code, out, err = run_cli(["verify", str(pkg), "--checkpoint", str(tiny_checkpoint), "--json"], capsys)
+        data = json.loads(out)
+        assert code == 1 and not data["passed"] and data["changed_weight_files"] == [f"{pkg.name}/Data/com.apple.CoreML/weights/weight.bin "
+                                                                                     "differs from the exported one (SHA-256)"], err
+        assert "weight.bin" in err and len(err.strip().splitlines()) == 1
+
+
+def test_onnx_weights_are_digested_too(tiny_checkpoint, tmp_path, capsys):
+    import onnx
+
+    code, out, err = run_cli(["export", str(tiny_checkpoint), "--width", "0.5", "--format", "onnx", "--no-verify", "-o", str(tmp_path / "o"),
+                              "--json"], capsys)
+    assert code == 0, err
+    path = Path(json.loads(out)["packages"][0]["path"])
+    model = onnx.load(str(path))
+    init = max(model.graph.initializer, key=lambda i: len(i.raw_data))
+    raw = bytearray(init.raw_data)
+    raw[1] ^= 0x80
+    init.raw_data = bytes(raw)
+    onnx.save(model, str(path))
+    code, _, err = run_cli(["verify", str(path), "--checkpoint", str(tiny_checkpoint)], capsys)
+    assert code == 1 and "initializers differs" in err, err
+
+
+# ---- 9. full disks and other write errors of the libraries ----------------------------------------------------------
+@pytest.mark.parametrize("message", ["[MIL FileWriter]: Unknown error occured while writing data to the file.",
+                                     "Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: \"No space left\" })"])
+def test_a_library_write_error_is_the_os_error_it_stands_for(tmp_path, monkeypatch, message):
+    import errno as errnos
+
+    from edgecompile.atomic import as_os_error
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(1 << 30, 0, 1 << 30))  # 1 GiB free
+    mapped = as_os_error(RuntimeError(message), tmp_path)
+    assert mapped is not None and mapped.errno == (errnos.ENOSPC if "28" in message else errnos.EIO)
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 << 20, 10 << 20, 100))  # 100 bytes free
+    assert as_os_error(RuntimeError(message), tmp_path).errno == errnos.ENOSPC
+    assert as_os_error(RuntimeError("shapes do not match"), tmp_path) is None  # not a write error: left alone
+
+
+def test_export_and_import_onto_a_full_disk_are_one_line_and_leave_nothing(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    import safetensors
+
+    import edgecompile.commands.write as write
+    import edgecompile.model.checkpoint as checkpoint
+
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: shutil._ntuple_diskusage(10 << 20, 10 << 20, 100))
+
+    def mil_writer(*a, **k):
+        raise RuntimeError("[MIL FileWriter]: Unknown error occured while writing data to the file.")
+
+    monkeypatch.setattr(write, "convert_to_mlmodel", mil_writer)
+    code, _, err = run_cli(["export", str(tiny_checkpoint), "--width", "0.5", "-o", str(tmp_path / "out")], capsys)
+    one_line_exit_2(code, err, "no space left")
+    assert not (tmp_path / "out").exists()
+
+    def safetensors_full(*a, **k):
+        raise safetensors.SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })")
+
+    monkeypatch.setattr(checkpoint, "save_file", safetensors_full)
+    code, _, err = run_cli(["init", "toy", "-o", str(tmp_path / "ck")], capsys)
+    one_line_exit_2(code, err, "no space left")
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---- 10. imported configs and weights: every field and dtype checked -----------------------------------------------
+@pytest.fixture(scope="module")
+def pixart_folder(tmp_path_factory):
+    diffusers = pytest.importorskip("diffusers")
+    torch.manual_seed(0)
+    model = diffusers.PixArtTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8, num_layers=1,
+                                               cross_attention_dim=16, sample_size=8, patch_size=2, caption_channels=12)
+    root = tmp_path_factory.mktemp("pixart") / "pipe"
+    model.save_pretrained(root / "transformer")
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "PixArtSigmaPipeline"}))
+    (root / "scheduler").mkdir()
+    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps({"_class_name": "DPMSolverMultistepScheduler",
+                                                                          "num_train_timesteps": 1000}))
+    return root, model
+
+
+def _bad_pixart(root: Path, tmp_path: Path, model, case: str) -> Path:
+    bad = tmp_path / case
+    shutil.copytree(root, bad)
+    cfg_path, sched_path = bad / "transformer" / "config.json", bad / "scheduler" / "scheduler_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    edits = {"patch0": {"patch_size": 0}, "heads_two": {"num_attention_heads": "two"}, "heads0": {"num_attention_heads": 0},
+             "heads_half": {"num_attention_heads": 2.5}, "heads_str": {"num_attention_heads": "2"}, "interp": {"interpolation_scale": "big"},
+             "caption_null": {"caption_channels": None}, "layers_bool": {"num_layers": True}}
+    if case in edits:
+        cfg_path.write_text(json.dumps({**cfg, **edits[case]}))
+    elif case == "timesteps":
+        sched_path.write_text(json.dumps({"num_train_timesteps": "many"}))
+    elif case in ("map_ints", "map_outside"):
+        (bad / "transformer" / "diffusion_pytorch_model.safetensors").unlink()
+        model.save_pretrained(bad / "transformer", max_shard_size="20KB")
+        index = bad / "transformer" / "diffusion_pytorch_model.safetensors.index.json"
+        data = json.loads(index.read_text())
+        key = next(iter(data["weight_map"]))
+        data["weight_map"][key] = 3 if case == "map_ints" else "../x.safetensors"
+        index.write_text(json.dumps(data))
+    elif case == "int8":
+        from safetensors.torch import load_file, save_file
+
+        path = bad / "transformer" / "diffusion_pytorch_model.safetensors"
+        tensors = load_file(str(path))
+        key = next(k for k in tensors if k.endswith("to_q.weight"))
+        tensors[key] = (tensors[key] * 100).to(torch.int8)
+        save_file(tensors, str(path))
+    return bad
+
+
+@pytest.mark.parametrize("case,needle", [
+    ("patch0", "patch_size = 0"), ("heads_two", "num_attention_heads = 'two' is not a whole number"), ("heads0", "in 1.."),
+    ("heads_half", "2.5 is not a whole number"), ("heads_str", "'2' is not a whole number"), ("interp", "interpolation_scale = 'big'"),
+    ("caption_null", "caption_channels is None but the weights hold caption_projection"), ("layers_bool", "num_layers = True"),
+    ("timesteps", "num_train_timesteps = 'many'"), ("map_ints", "not a shard file name"), ("map_outside", "outside the model folder"),
+    ("int8", "is int8"),
+])
+def test_imported_configs_and_weights_are_checked(pixart_folder, tmp_path, capsys, case, needle):
+    root, model = pixart_folder
+    bad = _bad_pixart(root, tmp_path, model, case)
+    out = tmp_path / "ckpt"
+    code, _, err = run_cli(["import", str(bad), "-o", str(out)], capsys)
+    one_line_exit_2(code, err, needle)
+    assert not out.exists()
+
+
+# ---- 11. unbounded counts, stated up front -----------------------------------------------------------------------------
+@pytest.mark.parametrize("args,needle", [
+    (["--steps", "100000000"], "--steps"), (["--per-prompt", "100000000"], "--per-prompt"),
+    (["--per-prompt", "200"], "more than the 1024"), (["--seed", "99999999999999999999999"], "--seed"),
+])
+def test_sample_counts_are_bounded_before_any_work(exported, tiny_checkpoint, tmp_path, capsys, args, needle):
+    from safetensors.torch import save_file
+
+    c = load_checkpoint(tiny_checkpoint).config
+    save_file({"tokens": torch.zeros(10, c.text_len, c.text_dim), "null": torch.zeros(1, c.text_len, c.text_dim)}, str(tmp_path / "p.st"))
+    code, _, err = run_cli(["sample", package_path(exported[0.5]), "--checkpoint", str(tiny_checkpoint), "-o", str(tmp_path / "g.png"),
+                            "--prompts", str(tmp_path / "p.st"), *args], capsys)
+    one_line_exit_2(code, err, needle)
+    assert not (tmp_path / "g.png").exists()
+
+
+def test_init_seed_and_prompt_counts_are_bounded(tiny_checkpoint, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    code, _, err = run_cli(["init", "toy", "-o", str(tmp_path / "c"), "--seed", "99999999999999999999999"], capsys)
+    one_line_exit_2(code, err, "--seed")
+    c = load_checkpoint(tiny_checkpoint).config
+    save_file({"tokens": torch.zeros(2000, c.text_len, c.text_dim), "null": torch.zeros(1, c.text_len, c.text_dim)}, str(tmp_path / "p.st"))
+    code, _, err = run_cli(["calibrate", str(tiny_checkpoint), "--prompts", str(tmp_path / "p.st"), "-o", str(tmp_path / "c.st")], capsys)
+    one_line_exit_2(code, err, "at most 1024")
+
+
+# ---- 12. the remaining tracebacks and silent acceptances -------------------------------------------------------------
+@pytest.mark.parametrize("profile,needle", [("", "empty"), ("name: [unclosed", "cannot be read"), ("- 1\n- 2\n", "not a mapping"),
+                                            ("name: x\nmemory_gbps: fast\n", "memory_gbps")])
+def test_bad_device_profiles_are_one_line_errors(tmp_path, capsys, profile, needle):
+    (tmp_path / "p.yaml").write_text(profile)
+    code, _, err = run_cli(["bench", "--config", "toy", "--no-host", "--profile", str(tmp_path / "p.yaml")], capsys)
+    one_line_exit_2(code, err, needle)
+
+
+@pytest.mark.parametrize("median", ['"fast"', "NaN", "-1"])
+def test_merged_runs_need_a_positive_median(exported, tmp_path, capsys, median):
+    (tmp_path / "r.json").write_text('{"format": "edgecompile-run", "device": "iPhone", "package": "x", "median_ms": %s}' % median)
+    code, _, err = run_cli(["bench", package_path(exported[0.5]), "--no-host", "--runs", str(tmp_path / "r.json")], capsys)
+    one_line_exit_2(code, err, "median_ms")
+
+
+def test_a_null_embedding_of_another_length_and_a_symlink_loop_are_refused(exported, tiny_checkpoint, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    c = load_checkpoint(tiny_checkpoint).config
+    save_file({"tokens": torch.zeros(2, c.text_len, c.text_dim), "null": torch.zeros(1, c.text_len + 1, c.text_dim)}, str(tmp_path / "p.st"))
+    code, _, err = run_cli(["calibrate", str(tiny_checkpoint), "--prompts", str(tmp_path / "p.st"), "-o", str(tmp_path / "c.st")], capsys)
+    one_line_exit_2(code, err, "'null' is")
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    for args in (["bench", str(tmp_path / "a"), "--no-host"], ["sample", str(tmp_path / "a"), "-o", str(tmp_path / "g.png")]):
+        code, _, err = run_cli(args, capsys)
+        one_line_exit_2(code, err, "symbolic link")
+
+
+def test_calibrate_records_the_guidance_it_was_given_and_widths_are_named_once(tiny_checkpoint, tmp_path, capsys):
+    from edgecompile.compress.calibration import load_calibration
+
+    code, _, err = run_cli(["calibrate", str(tiny_checkpoint), "--width", "0.5", "--schedules", "2", "--cfg", "5", "-o", str(tmp_path / "c.st")],
+                           capsys)
+    assert code == 0, err
+    assert load_calibration(tmp_path / "c.st").meta["cfg_scale"] == 5.0
+    code, _, err = run_cli(["export", str(tiny_checkpoint), "--width", "0.5,0.5", "-o", str(tmp_path / "o")], capsys)
+    one_line_exit_2(code, err, "names a width twice")
+    code, _, err = run_cli(["export", str(tiny_checkpoint), "--bits", "mixed", "--candidates", "4,4,8", "-o", str(tmp_path / "o")], capsys)
+    one_line_exit_2(code, err, "names a value twice")
+
+
+def test_a_quoted_format_version_says_what_is_wrong(tiny_checkpoint, tmp_path, capsys):
+    ck = tmp_path / "ck"
+    shutil.copytree(tiny_checkpoint, ck)
+    meta = json.loads((ck / "checkpoint.json").read_text())
+    (ck / "checkpoint.json").write_text(json.dumps({**meta, "format_version": "1"}))
+    code, _, err = run_cli(["info", str(ck)], capsys)
+    one_line_exit_2(code, err, "not a whole number", "without quotes")
+
+
+# ---- 13. progress where stderr is not a terminal ----------------------------------------------------------------------
+def test_progress_is_plain_lines_with_stage_ends_and_an_eta_off_a_terminal():
+    import io
+
+    from edgecompile.commands.progress import LogProgress, stage_display
+
+    now = [0.0]
+    stream = io.StringIO()
+    with LogProgress(stream, every=10, clock=lambda: now[0]) as p:
+        p.on_stage("calibrate")
+        for done in range(1, 11):
+            now[0] += 3
+            p.update("trajectories", done, 10)
+        p.on_stage("convert")
+    lines = stream.getvalue().splitlines()
+    assert lines[0] == "edgecompile: [0:00] calibrate: started"
+    assert "calibrate: trajectories 4/10, eta 0:18" in lines[1]  # 12 s for 4 of 10: 18 s to go
+    assert lines[-3].endswith("calibrate: done in 0:30") and lines[-2].endswith("convert: started") and lines[-1].endswith("convert: done in 0:00")
+    assert len(lines) == 7  # at most one line per 10 s within a stage, and the stage's last step
+    assert isinstance(stage_display(None, io.StringIO()), LogProgress)  # not a terminal: plain lines

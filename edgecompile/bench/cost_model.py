@@ -62,10 +62,41 @@ class DeviceProfile:
         if not path.is_file():
             known = ", ".join(sorted(p.stem for p in DEVICES_DIR.glob("*.yaml")))
             raise EdgeCompileError(f"device profile {path} not found: use one of {known}")
-        data = yaml.safe_load(path.read_text())
-        return DeviceProfile(name=data["name"], key=path.stem, memory_gbps=float(data["memory_gbps"]),
-                             vector_ratio=float(data.get("vector_ratio", 0.125)), calibration_points=data.get("calibration_points", []),
-                             scaled_from=data.get("scaled_from"), notes=data.get("notes", ""))
+        try:
+            data = yaml.safe_load(path.read_text())
+        except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+            raise EdgeCompileError(f"device profile {path} cannot be read ({str(e).splitlines()[0]}): pass a YAML profile like "
+                                   f"{DEVICES_DIR / 'iphone12.yaml'}") from None
+        return DeviceProfile.from_dict(data, path)
+
+    @staticmethod
+    def from_dict(data, path: Path) -> DeviceProfile:
+        """A profile's fields checked: a mapping with a name, a positive memory bandwidth, calibration points that
+        name a config, a width and a latency (or a profile to scale from)."""
+        def bad(why: str) -> EdgeCompileError:
+            return EdgeCompileError(f"device profile {path}: {why}: see {DEVICES_DIR / 'iphone12.yaml'} for the format")
+
+        if not isinstance(data, dict):
+            raise bad(f"is {'empty' if data is None else 'a ' + type(data).__name__}, not a mapping of fields")
+        name = data.get("name")
+        if not isinstance(name, str) or not name:
+            raise bad("'name' must be text")
+
+        def number(key, default=None, positive=True):
+            v = data.get(key, default)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or (positive and v <= 0):
+                raise bad(f"'{key}' = {v!r} must be a positive number")
+            return float(v)
+
+        points = data.get("calibration_points", [])
+        if not isinstance(points, list) or not all(isinstance(p, dict) and isinstance(p.get("config"), str) and "width" in p for p in points):
+            raise bad("'calibration_points' must be a list of {config, width, ...} mappings")
+        scaled = data.get("scaled_from")
+        if scaled is not None and not isinstance(scaled, dict):
+            raise bad("'scaled_from' must be a mapping")
+        notes = data.get("notes", "")
+        return DeviceProfile(name=name, key=path.stem, memory_gbps=number("memory_gbps"), vector_ratio=number("vector_ratio", 0.125),
+                             calibration_points=points, scaled_from=scaled, notes=notes if isinstance(notes, str) else str(notes))
 
 
 def find_profile(name: str) -> DeviceProfile:

@@ -10,6 +10,7 @@ Runs made elsewhere (e.g. on an iPhone with Xcode's performance report) are merg
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import sys
 import time
@@ -132,5 +133,11 @@ def load_runs(paths: list[str]) -> list[dict]:
         for item in items:
             if not isinstance(item, dict) or item.get("format") != RUN_FORMAT or "median_ms" not in item or "device" not in item:
                 raise EdgeCompileError(f"run file {path} is not an {RUN_FORMAT} record (needs format, device, package, median_ms)")
+            for key in ("median_ms", "p10_ms", "p90_ms"):
+                v = item.get(key)
+                if key in item and (isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0):
+                    raise EdgeCompileError(f"run file {path}: {key} = {v!r} is not a positive number of milliseconds")
+            if not isinstance(item["device"], str):
+                raise EdgeCompileError(f"run file {path}: device = {item['device']!r} is not text")
             runs.append({**item, "source": str(path)})
     return runs

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edgecompile.atomic import atomic_path, check_output_path
-from edgecompile.bench.cost_model import calibrated, estimate_ms
+from edgecompile.bench.cost_model import find_profile, calibrated, estimate_ms
 from edgecompile.bench.latency import coreml_latency, load_runs, torch_latency
 from edgecompile.bench.static import OP_CLASSES, deploy_graph_stats
 from edgecompile.coreml.package import load_chain, load_package, weight_census
@@ -77,6 +77,16 @@ class BenchRow:
     estimates_ms: dict[str, float]  # per device profile: the cost model's estimate of one denoiser call
     host: dict | None = None  # measured torch latency on this host
     coreml: dict | None = None  # measured Core ML latency (macOS)
+    # one image: `steps` sampler steps, two denoiser calls each with guidance (a batch-1 package); the denoiser only
+    # (the text encoder and decoder are not part of the package yet)
+    per_image_ms: dict[str, float] = field(default_factory=dict)
+    calls_per_image: int = 0
+    device_memory_bytes: int = 0  # weights + the largest activation: what the device holds at the peak of one call
+
+    @property
+    def host_noisy(self) -> bool:
+        """Host timings too spread to trust (another process competed): p10..p90 wider than NOISY_SPREAD of the median."""
+        return bool(self.host) and (self.host["p90_ms"] - self.host["p10_ms"]) > NOISY_SPREAD * self.host["median_ms"]
 
     @property
     def total_macs(self) -> int:
@@ -89,7 +99,7 @@ class BenchRow:
     def to_dict(self) -> dict:
         d = {k: v for k, v in self.__dict__.items() if k not in ("host", "coreml")}
         if self.host is not None:
-            d["host"] = self.host
+            d["host"] = {**self.host, "noisy": self.host_noisy}
         if self.coreml is not None:
             d["coreml"] = self.coreml
         return d
@@ -121,8 +131,13 @@ class BenchReport:
         return {"items": [r.to_dict() for r in self.items], "cost_model": self.cost_model, "note": self.NOTE, "runs": self.runs}
 
 
+NOISY_SPREAD = 0.25
+DEFAULT_STEPS = 4  # the paper's app
+DEFAULT_CFG_SCALE = 2.0
+
+
 def analyse(items: list[BenchItem], devices=DEFAULT_DEVICES, host: bool = True, host_latent: tuple[int, int] | None = None,
-            repeats: int = 10, progress=None) -> BenchReport:
+            repeats: int = 10, progress=None, steps: int = DEFAULT_STEPS, cfg_scale: float = DEFAULT_CFG_SCALE) -> BenchReport:
     models = {d: calibrated(d) for d in devices}
     rows = []
     for i, item in enumerate(items):
@@ -135,6 +150,9 @@ def analyse(items: list[BenchItem], devices=DEFAULT_DEVICES, host: bool = True, 
                        weight_bytes=weight_bytes, static={k: v for k, v in stats.to_dict().items() if k != "params"},
                        estimates_ms={d: round(float(estimate_ms(stats, item.bits, m["coefficients"], m["profile"].memory_gbps)), 3)
                                      for d, m in models.items()})
+        row.calls_per_image = steps * (2 if cfg_scale != 1.0 else 1)
+        row.per_image_ms = {d: round(v * row.calls_per_image, 3) for d, v in row.estimates_ms.items()}
+        row.device_memory_bytes = int(weight_bytes + stats.largest_tensor_bytes)
         if host:
             hw = host_latent if host_latent and item.package is None else item.latent_hw
             row.host = {**torch_latency(item.config, item.width, tuple(hw), repeats=repeats), "latent": list(hw)}
@@ -170,7 +188,7 @@ def plots(data: dict, export_reports: list[ExportReport]) -> dict[str, bytes]:
 
     out = {}
     items = data["items"]
-    if items:
+    if len(items) > 1:  # one bar compares nothing
         fig, ax = plt.subplots(figsize=(7, 0.45 * len(items) + 1.5))
         devices = list(data["cost_model"]["devices"])
         for j, d in enumerate(devices):
@@ -195,8 +213,8 @@ def plots(data: dict, export_reports: list[ExportReport]) -> dict[str, bytes]:
         ax.legend(fontsize=8)
         out["estimate_vs_paper.png"] = _png(fig)
         plt.close(fig)
-    pts = [(r.size_bytes / 2**20, r.verify.psnr_vs_checkpoint_db, f"w{r.width:g} {r.bits}") for r in export_reports if r.verify]
-    if pts:
+    pts = [(r.size_bytes / 2**20, r.verify.psnr_vs_checkpoint_db, f"w{width_label(r.width)} {r.bits}") for r in export_reports if r.verify]
+    if len(pts) > 1:  # a trade-off needs two points
         fig, ax = plt.subplots(figsize=(5, 3.2))
         ax.scatter([p[0] for p in pts], [p[1] for p in pts])
         for sx, sy, lab in pts:
@@ -273,6 +291,8 @@ class BenchOptions:
     host: bool = True
     host_latent: tuple[int, int] | None = None
     repeats: int = 10
+    steps: int = DEFAULT_STEPS  # the per-image estimate: sampler steps
+    cfg_scale: float = DEFAULT_CFG_SCALE  # and guidance (two calls per step unless 1)
     output: Path | None = None
     force: bool = False
 
@@ -296,6 +316,8 @@ def resolve_bench(opts: BenchOptions) -> BenchInputs:
         raise EdgeCompileError("give one or more packages (PKG...) or --config files to benchmark")
     if opts.output:
         check_output_path(Path(opts.output), opts.force, inputs=opts.inputs)
+    for d in opts.devices:  # device profiles are inputs too: read and checked before any measurement
+        find_profile(d)
     items = [item for p in opts.packages for item in package_items(p)]
     for c in opts.configs:
         items += config_items(c, opts.config_widths, opts.latent, opts.config_bits)
@@ -307,7 +329,7 @@ def run_bench(opts: BenchOptions, inputs: BenchInputs | None = None, progress=No
     written when `output` is set. `inputs` from resolve_bench (called here when not given)."""
     inputs = inputs or resolve_bench(opts)
     data = analyse(inputs.items, tuple(opts.devices) or DEFAULT_DEVICES, host=opts.host, host_latent=opts.host_latent,
-                   repeats=opts.repeats, progress=progress)
+                   repeats=opts.repeats, progress=progress, steps=opts.steps, cfg_scale=opts.cfg_scale)
     data.runs = inputs.runs
     if opts.output:
         write_report(data, Path(opts.output), inputs.export_reports, force=opts.force, inputs=opts.inputs)

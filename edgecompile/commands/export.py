@@ -132,7 +132,8 @@ def export_width(ckpt: Checkpoint, width: float, run: ResolvedExport, out_dir: P
         with timer.stage("verify"):
             verification = verify_written(written, ckpt, compression, run, out_dir, progress)
     if pkg.swift_resources:
-        write_swift_resources(pkg_dir, written.paths, deploy, written.chunks, written.graphs if run.latents.more else None)
+        write_swift_resources(pkg_dir, written.paths, deploy, written.chunks, written.graphs if run.latents.more else None,
+                              unconditional=ckpt.prompts.null if ckpt.prompts is not None else None)
     relative = str(written.path.relative_to(out_dir))
     report = ExportReport(
         edgecompile=__version__, config=config.to_dict(), width=width, params=meta.params, latent=list(run.latents.package),
@@ -166,7 +167,7 @@ def run_export(ckpt: Checkpoint, opts: ExportOptions, on_stage: Callable[[str], 
             report = export_width(ckpt, w, run, out_dir, timer, progress)
             reports.append(report)
             if report.verify is not None and not report.verify.passed:
-                message = f"width {w:g}: verification failed: {report.verify.problem}"
+                message = f"width {width_label(w)}: verification failed: {report.verify.problem}"
                 if not opts.verification.keep_failed:
                     raise VerificationFailed(f"{message}; nothing was written (--keep-failed keeps the package for inspection)")
                 failed.append(message)

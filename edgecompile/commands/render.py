@@ -15,7 +15,7 @@ from edgecompile.coreml.package import PackageView
 from edgecompile.coreml.verify import GenerationSummary, VerifyResult
 from edgecompile.export_report import ExportReport
 from edgecompile.model.checkpoint import Checkpoint
-from edgecompile.model.config import ModelConfig
+from edgecompile.model.config import ModelConfig, width_label
 from edgecompile.model.summary import ModelSummary
 
 
@@ -67,7 +67,7 @@ def export_table(name: str, reports: list[ExportReport]) -> Table:
         psnr = f"{r.verify.psnr_vs_checkpoint_db:.1f} dB" if r.verify and math.isfinite(r.verify.psnr_vs_checkpoint_db) else "-"
         held = r.compression.heldout_psnr_db if r.compression else {}
         held_text = " -> ".join(f"{held[k]:.1f}" for k in ("palettized", "distilled") if k in held) + " dB" if held else "-"
-        table.add_row(f"{r.width:g}", f"{r.params / 1e6:.2f} M", f"{r.size_bytes / 2**20:.2f} MiB", f"{r.average_bits:.2f}", held_text, psnr)
+        table.add_row(width_label(r.width), f"{r.params / 1e6:.2f} M", f"{r.size_bytes / 2**20:.2f} MiB", f"{r.average_bits:.2f}", held_text, psnr)
     return table
 
 
@@ -75,7 +75,7 @@ def export_lines(reports: list[ExportReport]) -> list[str]:
     """Each width's package path and stage times, and how to read the PSNRs."""
     lines = []
     for r in reports:
-        lines.append(f"w{r.width:g}: {r.path}")
+        lines.append(f"w{width_label(r.width)}: {r.path}")
         lines.append("  " + ", ".join(f"{k} {sec:.1f}s" for k, sec in r.stage_seconds.items()))
         g = r.verify.generation if r.verify else None
         if g is not None:
@@ -90,7 +90,8 @@ READING_PSNR = ("reading the figures: the package is verified against edgecompil
 
 
 def sweep_table(recipe: Recipe, mode: str, width: float, candidates: tuple[int, ...], shown: int = 15) -> Table:
-    table = Table(title=f"{mode} sweep, width {width:g}: {recipe.average_bits:.3f} bits on average, predicted PSNR {recipe.predicted_psnr_db:.1f} dB")
+    table = Table(title=f"{mode} sweep, width {width_label(width)}: {recipe.average_bits:.3f} bits on average, "
+                        f"predicted PSNR {recipe.predicted_psnr_db:.1f} dB")
     for col in ("layer", "size", *(f"sens. {b}-bit" for b in candidates), "bits"):
         table.add_column(col, justify="left" if col == "layer" else "right", overflow="fold")
     order = sorted(recipe.bits, key=lambda n: -recipe.sensitivity[n][min(candidates)])
@@ -102,7 +103,7 @@ def sweep_table(recipe: Recipe, mode: str, width: float, candidates: tuple[int, 
 def inspect_lines(view: PackageView, census: dict) -> list[str]:
     """The package's head line, its functions and chunks, and its inputs and outputs, names whole."""
     meta = view.meta
-    head = (f"{view.path}  width {meta.width:g}, bits {meta.bits.value}" if meta else f"{view.path}  (no edgecompile metadata)")
+    head = (f"{view.path}  width {width_label(meta.width)}, bits {meta.bits.value}" if meta else f"{view.path}  (no edgecompile metadata)")
     head += (f", latent {'x'.join(map(str, view.latent_hw or ('?',)))}, {census['weight_bytes'] / 2**20:.2f} MiB of weights"
              + (f", {census['average_bits']:.2f} bits/weight palettized" if census["average_bits"] else ""))
     lines = [head]
@@ -136,7 +137,7 @@ def inspect_tables(view: PackageView, layout_ops: dict) -> list[Table]:
 
 
 def verify_line(package: str, result: VerifyResult, min_psnr: float) -> str:
-    return (f"{package}: width {result.width:g}, {result.runtime}: PSNR {db(result.psnr_db)} dB vs {result.reference}"
+    return (f"{package}: width {width_label(result.width)}, {result.runtime}: PSNR {db(result.psnr_db)} dB vs {result.reference}"
             + ("" if result.psnr_db == result.psnr_vs_checkpoint_db else f", {db(result.psnr_vs_checkpoint_db)} dB vs the unquantized checkpoint")
             + (f"; chunks alone: {', '.join(db(v) for v in result.chunk_psnr_db)} dB" if result.chunk_psnr_db else "")
             + (f"; passed (>= {min_psnr:g} dB)" if result.passed else ""))
@@ -153,18 +154,43 @@ def generation_line(g: GenerationSummary) -> str:
     return line
 
 
+RESOLUTION_MS = 0.1  # below this, the cost model (calibrated on compute-bound phone-scale models) resolves nothing
+
+
+def ms(v: float) -> str:
+    if v < RESOLUTION_MS:
+        return f"<{RESOLUTION_MS:g} ms"
+    return f"{v / 1e3:.2f} s" if v >= 1000 else f"{v:.1f} ms"
+
+
 def bench_table(report: BenchReport) -> Table:
+    """Per item: size, work, and per device the estimate of one denoiser call and of one image."""
     table = Table(title="edgecompile bench (estimates are cost-model estimates, not measurements)")
     devs = report.devices
-    for col in ("item", "params", "weights", "GMACs", "attention %", "ops", *(f"est. {d}" for d in devs), "host (measured)"):
+    for col in ("item", "params", "weights", "memory", "GMACs", *(f"{d}: step / image" for d in devs), "host"):
         table.add_column(col, justify="left" if col == "item" else "right", overflow="fold")
     for r in report.items:
-        host = f"{r.host['median_ms']:.1f} ms" if r.host else "-"
-        table.add_row(r.item, f"{r.params / 1e6:.1f} M", f"{r.weight_bytes / 2**20:.1f} MiB", f"{r.total_macs / 1e9:.2f}",
-                      f"{100 * r.attention_fraction:.0f}", str(r.static["ops"]), *(f"{r.estimates_ms[d]:.1f} ms" for d in devs), host)
+        host = f"{r.host['median_ms']:.1f} ms{' (noisy)' if r.host_noisy else ''}" if r.host else "-"
+        table.add_row(r.item, f"{r.params / 1e6:.1f} M", f"{r.weight_bytes / 2**20:.1f} MiB", f"{r.device_memory_bytes / 2**20:.1f} MiB",
+                      f"{r.total_macs / 1e9:.2f}", *(f"{ms(r.estimates_ms[d])} / {ms(r.per_image_ms[d])}" for d in devs), host)
     return table
 
 
 def bench_lines(report: BenchReport, output) -> list[str]:
-    return [f"cost model ({report.devices[0]}): worst calibration error {report.calibration_error_pct}%, worst validation error "
-            f"{report.validation_error_pct}% on the Fig. 3 ablations" + (f"; report in {output}" if output else "")]
+    err = report.validation_error_pct
+    accuracy = (f"estimates are good to about +-{err:g}% (the cost model's worst validation error on the paper's Fig. 3 ablations; "
+                f"worst calibration error {report.calibration_error_pct}%, {report.devices[0]})" if err is not None else
+                f"{report.devices[0]} is scaled from another profile, so its estimates have no validation of their own")
+    lines = [f"per image: {report.items[0].calls_per_image} denoiser calls (steps x 2 with guidance), the denoiser only; {accuracy}"
+             if report.items else "no items"]
+    lines.append("memory: on the device, the weights plus the largest activation of one call (fp16); host: torch on this machine, measured")
+    if any(v < RESOLUTION_MS for r in report.items for v in r.estimates_ms.values()):
+        lines.append(f"an estimate below {RESOLUTION_MS:g} ms is below the cost model's resolution: it was calibrated on "
+                     "compute-bound phone-scale models and cannot resolve per-op dispatch costs")
+    noisy = [r.item for r in report.items if r.host_noisy]
+    if noisy:
+        lines.append(f"warning: host timings of {', '.join(noisy)} are noisy (p10..p90 wider than 25% of the median): another "
+                     "process competed; rerun on an idle machine or with more --repeats")
+    if output:
+        lines.append(f"report in {output}")
+    return lines

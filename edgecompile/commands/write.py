@@ -20,7 +20,7 @@ from pathlib import Path
 from edgecompile.atomic import safe_name
 from edgecompile.choices import Bits, Format, Target
 from edgecompile.coreml.convert import combine_functions, convert_chunks, convert_to_mlmodel, set_metadata
-from edgecompile.coreml.package import function_name, weight_file_bytes
+from edgecompile.coreml.package import ONNX_INITIALIZERS, function_name, onnx_weights_digest, record_weight_digests, weight_file_bytes
 from edgecompile.coremltools_loader import import_coremltools
 from edgecompile.deploy.chunks import split_deploy
 from edgecompile.deploy.contract import example_inputs
@@ -112,7 +112,7 @@ def write_coreml(graph: DeployDiT, path: Path, spec: PackageSpec, meta: PackageM
 
 
 def write_onnx(graph: DeployDiT, path: Path, spec: PackageSpec, meta: PackageMetadata) -> None:
-    export_onnx(graph, path, metadata=meta.to_strings())
+    export_onnx(graph, path, metadata=meta.to_strings(), weights_digest=lambda w: {ONNX_INITIALIZERS: onnx_weights_digest(w)})
     return None
 
 
@@ -178,4 +178,8 @@ LAYOUT_WRITERS = {Layout.SINGLE: write_single, Layout.CHUNKED: write_chunked, La
 def write_package(deploy: DeployDiT, dense, spec: PackageSpec) -> WrittenPackage:
     """The package files of `deploy` (converted from the width's dense model `dense`) as `spec` says."""
     spec.folder.mkdir(exist_ok=True)
-    return LAYOUT_WRITERS[spec.layout](deploy, dense, spec)
+    written = LAYOUT_WRITERS[spec.layout](deploy, dense, spec)
+    for path in written.paths:
+        if path.suffix == ".mlpackage":  # an ONNX file records its digest as it is written
+            record_weight_digests(path)
+    return written

@@ -190,9 +190,11 @@ def build_calibration(model, width: float, tokens: torch.Tensor, null: torch.Ten
 
 def default_calibration(ckpt, width: float, latent_hw: tuple[int, int] | None = None, seed: int = 0,
                         schedules: tuple[int, ...] = DEFAULT_SCHEDULES, n_random_prompts: int = 4,
-                        device: torch.device | str = "cpu", progress: Callable[[str, int, int], None] | None = None) -> CalibrationSet:
+                        device: torch.device | str = "cpu", progress: Callable[[str, int, int], None] | None = None,
+                        cfg_scale: float | None = None) -> CalibrationSet:
     """The deterministic calibration set edgecompile builds when none is given: the checkpoint's own prompts
-    (random stand-ins when it ships none), seeded noise, both schedules, sampled by the width on `device`."""
+    (random stand-ins when it ships none), seeded noise, both schedules, sampled by the width on `device` with the
+    app's guidance `cfg_scale` (build_calibration's default when None)."""
     config = ckpt.config
     latent_hw = tuple(latent_hw or config.sample_size)
     if ckpt.prompts is not None:
@@ -200,13 +202,17 @@ def default_calibration(ckpt, width: float, latent_hw: tuple[int, int] | None = 
     else:
         tokens, null = random_prompts(config, n_random_prompts, seed)
         label = "random N(0,1) text embeddings"
+    guidance = {} if cfg_scale is None else {"cfg_scale": cfg_scale}
     return build_calibration(sampler_model(ckpt, width, device), width, tokens, null, latent_hw, schedules, seed, prompts_label=label,
-                             progress=progress)
+                             progress=progress, **guidance)
 
 
 def sampler_model(ckpt, width: float, device: torch.device | str = "cpu"):
     """The width, extracted (views of the checkpoint on the CPU, a copy on an accelerator), on `device`."""
     return extract_width(ckpt.model, width, share=True).to(device)
+
+
+MAX_PROMPTS = 1024  # prompts in one file (calibration and sample): each is sampled along whole trajectories
 
 
 def load_user_prompts(path: str | Path, config: ModelConfig) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -218,11 +224,18 @@ def load_user_prompts(path: str | Path, config: ModelConfig) -> tuple[torch.Tens
         with safe_open(str(path), framework="pt") as f:
             keys = set(f.keys())
             tokens = f.get_tensor("tokens").float()
-            null = f.get_tensor("null").float().reshape(1, *tokens.shape[1:]) if "null" in keys else None
+            null = f.get_tensor("null").float() if "null" in keys else None
     except (SafetensorError, OSError, RuntimeError, ValueError) as e:
         raise EdgeCompileError(f"prompts file {path} is corrupt or has no 'tokens' tensor ({str(e).splitlines()[0]})") from None
     if tokens.ndim != 3 or tokens.shape[1:] != (config.text_len, config.text_dim) or len(tokens) == 0:
         raise EdgeCompileError(f"prompts file {path}: tokens are {tuple(tokens.shape)}, expected (N >= 1, {config.text_len}, {config.text_dim})")
+    if len(tokens) > MAX_PROMPTS:
+        raise EdgeCompileError(f"prompts file {path} holds {len(tokens)} prompts; edgecompile takes at most {MAX_PROMPTS}: split the file")
+    if null is not None:
+        if null.numel() != tokens[0].numel() or null.ndim not in (2, 3) or tuple(null.shape[-2:]) != tuple(tokens.shape[1:]):
+            raise EdgeCompileError(f"prompts file {path}: 'null' is {tuple(null.shape)}, expected (1, {config.text_len}, {config.text_dim}) "
+                                   "like one prompt of 'tokens' (the empty prompt's embedding at the same text length)")
+        null = null.reshape(1, *tokens.shape[1:])
     for name, t in (("tokens", tokens), ("null", null)):
         if t is not None and not torch.isfinite(t).all():
             raise EdgeCompileError(f"prompts file {path}: tensor {name!r} holds NaN or infinite values")
@@ -246,7 +259,7 @@ def record_calibration(ckpt, width: float, output: str | Path, prompts: str | Pa
         calib = build_calibration(sampler_model(ckpt, width, torch_device), width, tokens, null, hw, schedules, seed, cfg_scale,
                                   prompts_label=str(prompts))
     else:
-        calib = default_calibration(ckpt, width, hw, seed, schedules, device=torch_device)
+        calib = default_calibration(ckpt, width, hw, seed, schedules, device=torch_device, cfg_scale=cfg_scale)
     check_finite(calib, "the recorded calibration set")
     calib.save(output, force=force, inputs=[ckpt.path, prompts])
     return calib

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import sys
+import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +25,7 @@ from edgecompile.coreml.verify import GenerationSummary, package_feeds, package_
 from edgecompile.deploy.contract import OUTPUT, text_to_package
 from edgecompile.errors import EdgeCompileError
 from edgecompile.metrics import psnr_db
+from edgecompile.model.config import width_label
 from edgecompile.model.checkpoint import Checkpoint, Prompts
 from edgecompile.model.elastic import extract_width
 from edgecompile.model.sampling import sample
@@ -198,7 +200,7 @@ def grid_title(result: GenerationResult, view: PackageView) -> str:
     s = result.settings
     bits = view.bits.value
     summary = result.summary()
-    title = (f"{Path(result.package).name}: width {view.width:g}, {'fp16' if bits == '16' else bits + '-bit'}, "
+    title = (f"{Path(result.package).name}: width {width_label(view.width)}, {'fp16' if bits == '16' else bits + '-bit'}, "
              f"{s.steps} steps, CFG {s.cfg_scale:g}, seed {s.seed}")
     if summary.psnr_db is not None:
         title += f"; package vs checkpoint {summary.psnr_db:.1f} dB"
@@ -215,7 +217,10 @@ def save_grid(rows: list[tuple[str, np.ndarray]], labels: list[str], path: Path,
     import matplotlib.pyplot as plt
 
     n = len(labels)
-    fig, axes = plt.subplots(len(rows), n, figsize=(max(4.0, 1.1 * n), 1.3 * len(rows) + 0.6), squeeze=False)
+    width_in = max(4.0, 1.1 * n)
+    # the title wrapped to the figure's width (about 12 characters an inch at 9 pt), never clipped
+    title_lines = textwrap.wrap(title, width=int(width_in * 12)) or [""]
+    fig, axes = plt.subplots(len(rows), n, figsize=(width_in, 1.3 * len(rows) + 0.25 + 0.18 * len(title_lines)), squeeze=False)
     for r, (name, samples) in enumerate(rows):
         for c in range(n):
             ax = axes[r][c]
@@ -227,7 +232,7 @@ def save_grid(rows: list[tuple[str, np.ndarray]], labels: list[str], path: Path,
                 ax.set_title(labels[c], fontsize=9)
             if c == 0:
                 ax.set_ylabel(name, fontsize=8)
-    fig.suptitle(title, fontsize=9)
+    fig.suptitle("\n".join(title_lines), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, format="png", dpi=110)
     plt.close(fig)

@@ -4,6 +4,8 @@ An ONNX export reads into the same view (metadata, I/O, op census, initializer b
 from __future__ import annotations
 
 import collections
+import hashlib
+import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,8 +14,10 @@ from typing import Any
 import numpy as np
 
 from edgecompile.choices import Bits
-from edgecompile.coremltools_loader import load_mil_program
-from edgecompile.deploy.metadata import PackageMetadata
+from edgecompile.coremltools_loader import load_mil_program, model_proto
+from edgecompile.deploy.contract import LATENT
+from edgecompile.deploy.metadata import WEIGHTS_SHA256, PackageMetadata
+from edgecompile.digest import sha256_file
 from edgecompile.errors import EdgeCompileError
 
 LAYOUT_OPS = ("transpose", "reshape")
@@ -27,6 +31,54 @@ def function_name(latent_hw: tuple[int, int]) -> str:
     """The documented name of a multifunction package's function for one latent size (Swift:
     MLModelConfiguration.functionName; Python: MLModel(path, function_name=...))."""
     return f"latent_{latent_hw[0]}x{latent_hw[1]}"
+
+
+SPEC_FILE = Path("Data") / "com.apple.CoreML" / "model.mlmodel"
+WEIGHTS_DIR = Path("Data") / "com.apple.CoreML" / "weights"
+ONNX_INITIALIZERS = "initializers"  # the one entry of an ONNX export's weight digests (its weights live in the file)
+
+
+def weight_digests(package: Path) -> dict[str, str]:
+    """SHA-256 of every weight file of a .mlpackage, by its path inside the package."""
+    package = Path(package)
+    return {f.relative_to(package).as_posix(): sha256_file(f) for f in sorted((package / WEIGHTS_DIR).rglob("*")) if f.is_file()}
+
+
+def onnx_weights_digest(weights: dict[str, np.ndarray]) -> str:
+    """One SHA-256 over an ONNX export's initializers (names, dtypes, shapes and values, in name order)."""
+    h = hashlib.sha256()
+    for name in sorted(weights):
+        w = np.ascontiguousarray(weights[name])
+        h.update(f"{name}|{w.dtype.str}|{w.shape}|".encode())
+        h.update(w.tobytes())
+    return h.hexdigest()
+
+
+def record_weight_digests(package: Path) -> dict[str, str]:
+    """Write the SHA-256 of each weight file into the package's own metadata (model.mlmodel, which is not a weight
+    file), so `verify` can tell a weight changed since export, however little. Returns the digests."""
+    digests = weight_digests(package)
+    spec_path = Path(package) / SPEC_FILE
+    model = model_proto().Model()
+    model.ParseFromString(spec_path.read_bytes())
+    model.description.metadata.userDefined[WEIGHTS_SHA256] = json.dumps(digests, sort_keys=True)
+    spec_path.write_bytes(model.SerializeToString())
+    return digests
+
+
+def changed_weight_files(view: PackageView) -> list[str]:
+    """Each weight file against the digest the package records: what changed, went missing or was added since
+    export, one line per file (empty when all are as exported, or for packages from before digests were recorded)."""
+    recorded = view.meta.weights_sha256 if view.meta else {}
+    if not recorded:
+        return []
+    have = {ONNX_INITIALIZERS: onnx_weights_digest(view.onnx_weights)} if view.is_onnx else weight_digests(view.path)
+    changed = []
+    for name in sorted(set(recorded) | set(have)):
+        if recorded.get(name) != have.get(name):
+            what = "is missing" if name not in have else "was added" if name not in recorded else "differs from the exported one (SHA-256)"
+            changed.append(f"{view.path.name}/{name} {what}")
+    return changed
 
 
 def weight_file_bytes(package: Path) -> int:
@@ -124,18 +176,22 @@ def _load_onnx(path: Path) -> PackageView:
     io_doc = record.io if record else {}
     init_names = {i.name for i in model.graph.initializer}
     ops = collections.Counter(n.op_type for n in model.graph.node)
-    return PackageView(
+    view = PackageView(
         path=path, spec=None, program=None, metadata=meta, meta=record,
         inputs=[feature(v, io_doc) for v in model.graph.input if v.name not in init_names],
         outputs=[feature(v, io_doc) for v in model.graph.output],
         ops=dict(sorted(ops.items(), key=lambda kv: -kv[1])),
         onnx_weights={i.name: numpy_helper.to_array(i) for i in model.graph.initializer},
     )
+    check_program_matches(view)
+    return view
 
 
 def load_package(path: str | Path, function: str | None = None) -> PackageView:
     """A package read back; `function` picks one function of a multifunction package (default: its default)."""
     path = Path(path)
+    if path.is_symlink() and not path.exists():
+        raise EdgeCompileError(f"package {path} is a symbolic link to nothing readable (missing, or a loop): pass the .mlpackage itself")
     if not path.exists():
         raise EdgeCompileError(f"package {path} not found: pass the .mlpackage written by `edgecompile export`")
     if path.suffix == ".onnx" and path.is_file():
@@ -164,7 +220,20 @@ def load_package(path: str | Path, function: str | None = None) -> PackageView:
         inputs=[_feature(f) for f in desc.input], outputs=[_feature(f) for f in desc.output],
     )
     view.ops = dict(sorted(collections.Counter(o.op_type for o in view.main.operations).items(), key=lambda kv: -kv[1]))
+    check_program_matches(view)
     return view
+
+
+def check_program_matches(view: PackageView) -> None:
+    """The metadata agrees with the program it describes: the latent input has the recorded channels and size."""
+    if view.meta is None:
+        return
+    for f in view.inputs:
+        if f["name"] == LATENT:
+            want = [view.meta.config.get("latent_channels"), *view.latent_hw]
+            if list(f["shape"][1:]) != want:
+                raise EdgeCompileError(f"package {view.path}: its program takes {LATENT} of shape {f['shape']}, but its metadata "
+                                       f"says {want} (channels, H, W): the metadata was edited; re-export the package")
 
 
 def load_chain(view: PackageView) -> list[PackageView]:

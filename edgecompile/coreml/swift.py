@@ -19,9 +19,42 @@ from edgecompile.deploy.contract import LATENT, OUTPUT, TEXT, TIMESTEP, io_doc
 
 COMPILE_SCRIPT = "compile_resources.sh"
 CONTRACT = "denoiser_contract.json"
+UNCONDITIONAL = "unconditional_text_embedding.bin"  # Float32, little-endian, in the TEXT input's shape
+DEFAULT_CFG_SCALE = 2.0  # the guidance the export's own samples use (coreml/generate.py SampleSettings)
 
 
-def denoiser_contract(deploy, chunks: list | None = None, functions: list | None = None) -> dict:
+def sampling_loop(c, unconditional: str | None) -> dict:
+    """What an app's loop needs beyond one call: the timesteps, the solver, the initial noise, guidance with a
+    batch-1 package, and how the text input is filled."""
+    if c.prediction == "epsilon":
+        ratio = "train_timesteps // steps"
+        timesteps = (f"diffusers' 'leading' spacing: t_k = (steps - 1 - k) * ({ratio}), k = 0..steps-1, as DDPM step numbers "
+                     f"({c.train_timesteps} training steps), fed to {TIMESTEP} as Float32")
+        solver = ("deterministic DDIM (eta = 0, set_alpha_to_one): alphas_cumprod from linear betas "
+                  f"{c.beta_start:g}..{c.beta_end:g}; x0 = (x - sqrt(1 - a_t) eps) / sqrt(a_t); x <- sqrt(a_prev) x0 + sqrt(1 - a_prev) eps, "
+                  "with a_prev = alphas_cumprod[t - ratio], or 1 after the last step")
+    else:
+        timesteps = "uniform flow times t_k = 1 - k / steps, k = 0..steps: the package takes t_k, for k = 0..steps-1"
+        solver = "Euler: x <- x + (t_{k+1} - t_k) * v, from t = 1 (noise) to t = 0 (data)"
+    loop = {
+        "steps": "4 in the paper's app (more steps: better images, linearly more time)",
+        "timesteps": timesteps,
+        "solver": solver,
+        "initial_noise": f"standard normal N(0, 1), shape [1, {c.latent_channels}, H, W] (no extra scaling: init_noise_sigma = 1)",
+        "guidance": (f"classifier-free guidance with this batch-1 package: two calls per step, one with the prompt's text embedding, "
+                     f"one with the unconditional embedding; out = uncond + scale * (cond - uncond); scale {DEFAULT_CFG_SCALE:g} is what "
+                     "edgecompile's own samples use (1 turns guidance off: one call per step)"),
+        "unconditional_embedding": (f"{UNCONDITIONAL} in this folder: Float32 little-endian, shape [1, {c.text_dim}, 1, {c.text_len}], "
+                                    f"the checkpoint's empty-prompt embedding, ready for {TEXT}" if unconditional else
+                                    f"the text encoder's output for the empty prompt \"\", in {TEXT}'s layout"),
+        "text": (f"{c.text_len} tokens x {c.text_dim} channels, channel-first [1, {c.text_dim}, 1, {c.text_len}]; the package "
+                 f"attends to all {c.text_len} tokens (no mask input): pad a shorter prompt as the text encoder pads it (T5: the pad "
+                 "token's encodings) and keep the pipeline's max_sequence_length"),
+    }
+    return loop
+
+
+def denoiser_contract(deploy, chunks: list | None = None, functions: list | None = None, unconditional: str | None = None) -> dict:
     """The denoiser's I/O for the app; with --chunks, the packages in run order and how their tensors bind; with
     several latent sizes, the functions of the multifunction package (`functions`: [(name, deploy graph)])."""
     c = deploy.config
@@ -44,6 +77,7 @@ def denoiser_contract(deploy, chunks: list | None = None, functions: list | None
         "outputs": {OUTPUT: {"shape": shapes[OUTPUT], "dtype": "Float32", "meaning": doc[OUTPUT]}},
         "differences_from_sd3": differences,
         "scheduler": scheduler,
+        "sampling_loop": sampling_loop(c, unconditional),
     }
     if functions:
         contract["functions"] = {
@@ -70,8 +104,15 @@ def denoiser_contract(deploy, chunks: list | None = None, functions: list | None
     return contract
 
 
-def write_swift_resources(resources: Path, packages: list[Path], deploy, chunks: list | None = None, functions: list | None = None) -> None:
-    (resources / CONTRACT).write_text(json.dumps(denoiser_contract(deploy, chunks, functions), indent=2) + "\n")
+def write_swift_resources(resources: Path, packages: list[Path], deploy, chunks: list | None = None, functions: list | None = None,
+                          unconditional=None) -> None:
+    """The Resources folder's contract and compile script; `unconditional` (the checkpoint's empty-prompt embedding,
+    (1, T, D)) is shipped for the app's guidance when the checkpoint has one."""
+    if unconditional is not None:
+        text = unconditional.detach().float().cpu().transpose(1, 2)[:, :, None].contiguous()  # (1, T, D) -> (1, D, 1, T)
+        (resources / UNCONDITIONAL).write_bytes(text.numpy().astype("<f4").tobytes())
+    contract = denoiser_contract(deploy, chunks, functions, UNCONDITIONAL if unconditional is not None else None)
+    (resources / CONTRACT).write_text(json.dumps(contract, indent=2) + "\n")
     script = resources / COMPILE_SCRIPT
     compile_lines = "".join(f"xcrun coremlcompiler compile {p.name} .\n" for p in packages)
     script.write_text(

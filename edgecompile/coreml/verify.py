@@ -18,7 +18,7 @@ import torch
 
 from edgecompile.compress.calibration import build_calibration
 from edgecompile.coreml.interpreter import MILInterpreter
-from edgecompile.coreml.package import PackageView, load_chain
+from edgecompile.coreml.package import PackageView, changed_weight_files, load_chain
 from edgecompile.coremltools_loader import import_coremltools
 from edgecompile.deploy.chunks import chunk_example, split_deploy
 from edgecompile.deploy.contract import LATENT, OUTPUT, TEXT, TIMESTEP, text_from_package, text_to_package
@@ -76,15 +76,19 @@ class VerifyResult:
     chunk_psnr_db: list[float] = field(default_factory=list)  # --chunks: each chunk alone, fed the reference's tensors
     generation: GenerationSummary | None = None  # --generate: the app's sampling loop through the package
     function: str | None = None  # the function verified, of a multifunction package
+    changed_weight_files: list[str] = field(default_factory=list)  # weight files whose SHA-256 differs from the recorded one
 
     @property
     def passed(self) -> bool:
-        return (self.non_finite_outputs == 0 and math.isfinite(self.psnr_db) and self.psnr_db >= self.min_psnr_db
+        return (not self.changed_weight_files and self.non_finite_outputs == 0 and math.isfinite(self.psnr_db) and self.psnr_db >= self.min_psnr_db
                 and all(math.isfinite(v) and v >= self.min_psnr_db for v in self.chunk_psnr_db)
                 and (self.generation is None or self.generation.non_finite_samples == 0))
 
     @property
     def problem(self) -> str | None:
+        if self.changed_weight_files:
+            return (f"the package was changed after export: {'; '.join(self.changed_weight_files)} (re-export it, or restore "
+                    "the original files)")
         if self.non_finite_outputs:
             return f"{self.non_finite_outputs} of {len(self.per_input_psnr_db)} outputs hold NaN or infinite values"
         if not (math.isfinite(self.psnr_db) and self.psnr_db >= self.min_psnr_db):
@@ -169,6 +173,9 @@ def checkpoint_for(view: PackageView, checkpoint: str | Path | None) -> Checkpoi
         if have != want:
             hint = "pass --checkpoint with the folder it was exported from" if checkpoint is None else "is this the checkpoint it was exported from?"
             raise EdgeCompileError(f"package {view.path} was exported from another checkpoint than {path} (weights hash differs): {hint}")
+    if view.config != ckpt.config.to_dict():
+        raise EdgeCompileError(f"package {view.path} records another model config than checkpoint {path} holds: "
+                               "its metadata was edited, or it comes from another checkpoint; re-export it")
     return ckpt
 
 
@@ -269,6 +276,7 @@ def verify_package(view: PackageView, ckpt: Checkpoint, simulated: DeployDiT | N
     each chunk alone (chunk_psnr_db). The result's `passed` says whether every PSNR reached `min_psnr_db` with
     finite outputs (see `check_passed`). The torch references run on `device` (`simulated` must live there too)."""
     check_verifiable(view, min_psnr_db)
+    changed = [line for part in load_chain(view) for line in changed_weight_files(part)]  # tampering PSNR may not see
     if simulated is None and view.bits.palettized:
         raise ValueError("a palettized package is verified against its compressed simulation: pass `simulated`")
     width = view.width
@@ -292,5 +300,5 @@ def verify_package(view: PackageView, ckpt: Checkpoint, simulated: DeployDiT | N
         package=str(view.path), runtime=label, function=view.function if view.functions else None, precision=precision, width=width,
         psnr_db=worst(per), psnr_vs_checkpoint_db=worst(per_ckpt), per_input_psnr_db=per, chunk_psnr_db=chunk_psnr,
         reference="edgecompile's compressed torch simulation" if simulated is not None else "fp32 torch reference of the checkpoint",
-        min_psnr_db=min_psnr_db, non_finite_outputs=sum(not np.isfinite(o).all() for o in outs),
+        min_psnr_db=min_psnr_db, non_finite_outputs=sum(not np.isfinite(o).all() for o in outs), changed_weight_files=changed,
     )

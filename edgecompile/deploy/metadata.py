@@ -210,12 +210,16 @@ class _Reader:
     def bad(self, key: str, why: str) -> EdgeCompileError:
         return EdgeCompileError(f"package {self.where}: metadata {key} {why}: re-export it with `edgecompile export`")
 
+    def _absent(self, key: str, default):
+        """What a key that is not there reads as: its default, or the error that it is missing."""
+        if default is self._MISSING:
+            raise self.bad(key, "is missing")
+        return default
+
     def text(self, key: str, default=_MISSING) -> str:
         value = self.meta.get(key)
         if value is None:
-            if default is self._MISSING:
-                raise self.bad(key, "is missing")
-            return default
+            return self._absent(key, default)
         if not isinstance(value, str):
             raise self.bad(key, "is not text")
         return value
@@ -223,9 +227,7 @@ class _Reader:
     def json(self, key: str, kind: type, default=_MISSING):
         raw = self.text(key, default=None)
         if raw is None:
-            if default is self._MISSING:
-                raise self.bad(key, "is missing")
-            return default
+            return self._absent(key, default)
         try:
             value = json.loads(raw)
         except (json.JSONDecodeError, RecursionError):
@@ -237,9 +239,7 @@ class _Reader:
     def number(self, key: str, kind: type, default=_MISSING):
         raw = self.text(key, default=None)
         if raw is None:
-            if default is self._MISSING:
-                raise self.bad(key, "is missing")
-            return default
+            return self._absent(key, default)
         try:
             value = kind(raw.strip()) if len(raw) <= 32 else None
         except ValueError:

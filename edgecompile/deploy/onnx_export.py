@@ -5,6 +5,7 @@ read it back."""
 from __future__ import annotations
 
 import contextlib
+import json
 import io
 import warnings
 from pathlib import Path
@@ -13,9 +14,12 @@ import torch
 
 from edgecompile.deploy.contract import LATENT, OUTPUT, TEXT, TIMESTEP, example_inputs
 from edgecompile.deploy.dit import DeployDiT
+from edgecompile.deploy.metadata import WEIGHTS_SHA256
 
 
-def export_onnx(deploy: DeployDiT, path: str | Path, opset: int = 17, metadata: dict[str, str] | None = None) -> Path:
+def export_onnx(deploy: DeployDiT, path: str | Path, opset: int = 17, metadata: dict[str, str] | None = None,
+                weights_digest=None) -> Path:
+    """`weights_digest(initializers) -> {name: sha256}`, when given, is recorded in the metadata (weights_sha256)."""
     import onnx
 
     path = Path(path)
@@ -26,9 +30,15 @@ def export_onnx(deploy: DeployDiT, path: str | Path, opset: int = 17, metadata: 
             deploy.eval(), example, str(path), input_names=[LATENT, TIMESTEP, TEXT], output_names=[OUTPUT],
             opset_version=opset, dynamo=False,
         )
-    if metadata:
+    if metadata or weights_digest:
+        from onnx import numpy_helper
+
         model = onnx.load(str(path))
-        for k, v in metadata.items():
+        meta = dict(metadata or {})
+        if weights_digest is not None:
+            digests = weights_digest({i.name: numpy_helper.to_array(i) for i in model.graph.initializer})
+            meta[WEIGHTS_SHA256] = json.dumps(digests, sort_keys=True)
+        for k, v in meta.items():
             model.metadata_props.add(key=k, value=v)
         onnx.save(model, str(path))
     return path

@@ -25,7 +25,7 @@ from safetensors.torch import save_file
 from edgecompile.atomic import atomic_path, check_output_path
 from edgecompile.errors import EdgeCompileError
 from edgecompile.model.budget import check_weights_fit
-from edgecompile.model.config import CONFIG_SUFFIXES, ModelConfig, shipped_config
+from edgecompile.model.config import CONFIG_SUFFIXES, ModelConfig, shipped_config, shipped_config_names
 from edgecompile.model.dit import EfficientDiT, randomize_untrained
 from edgecompile.model.elastic import count_params
 
@@ -91,8 +91,12 @@ def read_checkpoint_meta(path: Path) -> dict[str, Any]:
         raise EdgeCompileError(f"checkpoint {path}: checkpoint.json is corrupt ({str(e).splitlines()[0]})") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise EdgeCompileError(f"checkpoint {path}: checkpoint.json is not an {FORMAT} file (missing 'format': '{FORMAT}')")
-    if meta.get("format_version") != FORMAT_VERSION:
-        raise EdgeCompileError(f"checkpoint {path}: format_version {meta.get('format_version')} is not supported (this edgecompile reads {FORMAT_VERSION})")
+    version = meta.get("format_version")
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise EdgeCompileError(f"checkpoint {path}: format_version {version!r} is not a whole number (checkpoint.json must say "
+                               f"\"format_version\": {FORMAT_VERSION}, without quotes)")
+    if version != FORMAT_VERSION:
+        raise EdgeCompileError(f"checkpoint {path}: format_version {version} is not supported (this edgecompile reads {FORMAT_VERSION})")
     if meta.get("dtype", "float32") not in DTYPES:
         raise EdgeCompileError(f"checkpoint {path}: dtype {meta.get('dtype')!r} is not one of {', '.join(DTYPES)}")
     return meta
@@ -171,8 +175,11 @@ def load_config_or_checkpoint(path: str | Path | None) -> tuple[ModelConfig, Che
     """`info` and friends accept a YAML/JSON config or a checkpoint folder (default: the bundled checkpoint)."""
     if path is not None and Path(path).is_file() and Path(path).suffix in CONFIG_SUFFIXES:
         return ModelConfig.load(path), None
-    if path is not None and not Path(path).exists() and shipped_config(path) is not None:
-        return ModelConfig.load(path), None
+    if path is not None and not Path(path).exists():
+        if shipped_config(path) is not None:
+            return ModelConfig.load(path), None
+        raise EdgeCompileError(f"{path} not found: looked for a checkpoint folder, a YAML/JSON config file and a config shipped "
+                               f"with edgecompile of that name ({', '.join(shipped_config_names())})")
     ckpt = load_checkpoint(path)
     return ckpt.config, ckpt
 

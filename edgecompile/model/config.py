@@ -308,7 +308,9 @@ class ModelConfig:
             if not math.isfinite(w):
                 raise EdgeCompileError(f"{option} {text!r} is not a number, a comma list or 'all' (e.g. {option} 0.5)")
             self.dims(w)
-        return list(dict.fromkeys(widths))
+        if len(set(widths)) != len(widths):
+            raise EdgeCompileError(f"{option} {text!r} names a width twice: name each once")
+        return widths
 
     def valid_widths(self) -> list[float]:
         """Widths k/num_heads that divide every dimension (for error messages and `info`)."""

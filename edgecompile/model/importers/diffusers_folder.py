@@ -15,6 +15,7 @@ from edgecompile.errors import EdgeCompileError
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 INDEX = WEIGHTS + ".index.json"
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 PICKLED = ("diffusion_pytorch_model.bin", "diffusion_pytorch_model.bin.index.json")
 
 
@@ -65,7 +66,15 @@ def read(path: Path) -> DiffusersFolder:
         weight_map = index.get("weight_map")
         if not isinstance(weight_map, dict) or not weight_map:
             raise EdgeCompileError(f"{folder / INDEX} has no weight_map: re-save the model with save_pretrained")
+        odd = next(((k, v) for k, v in weight_map.items() if not isinstance(v, str) or not v), None)
+        if odd is not None:
+            raise EdgeCompileError(f"{folder / INDEX}: weight_map maps {odd[0]!r} to {odd[1]!r}, not a shard file name: "
+                                   "re-save the model with save_pretrained")
         shards = sorted(set(weight_map.values()))
+        outside = next((s for s in shards if Path(s).name != s or s in (".", "..")), None)
+        if outside is not None:
+            raise EdgeCompileError(f"{folder / INDEX} lists shard {outside!r}, a path outside the model folder: "
+                                   "shards are file names in the folder itself; re-save the model with save_pretrained")
     elif (folder / WEIGHTS).is_file():
         weight_map, shards = None, [WEIGHTS]
     elif any((folder / p).exists() for p in PICKLED):
@@ -76,7 +85,7 @@ def read(path: Path) -> DiffusersFolder:
     tensors: dict[str, torch.Tensor] = {}
     for shard in shards:
         file = folder / shard
-        if Path(shard).name != shard or not file.is_file():
+        if not file.is_file():
             raise EdgeCompileError(f"{folder / INDEX} lists shard {shard!r}, which is missing from {folder}: download every shard")
         try:
             with safe_open(str(file), framework="pt") as f:
@@ -88,5 +97,10 @@ def read(path: Path) -> DiffusersFolder:
         missing = sorted(set(weight_map) - set(tensors))
         if missing:
             raise EdgeCompileError(f"{folder}: {len(missing)} tensor(s) of the weight map are in no shard (e.g. {missing[0]}): download every shard")
+    odd = next(((k, t.dtype) for k, t in tensors.items() if t.dtype not in FLOAT_DTYPES), None)
+    if odd is not None:
+        raise EdgeCompileError(f"{folder}: tensor {odd[0]} is {str(odd[1]).removeprefix('torch.')}; edgecompile imports float32, "
+                               "float16 or bfloat16 weights (a quantized checkpoint would import as a garbage model): "
+                               "pass the unquantized checkpoint")
     dtypes = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values()})
     return DiffusersFolder(path=folder, class_name=class_name, config=config, tensors=tensors, scheduler=scheduler, dtypes=dtypes)

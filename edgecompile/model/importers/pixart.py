@@ -17,6 +17,7 @@ from edgecompile.errors import EdgeCompileError
 from edgecompile.model.config import ModelConfig, width_key
 from edgecompile.model.dit import EfficientDiT
 from edgecompile.model.importers.diffusers_folder import DiffusersFolder
+from edgecompile.model.importers.fields import Fields
 
 CLASS_NAMES = ("PixArtTransformer2DModel",)
 DEFAULT_TEXT_LEN = {True: 120, False: 300}  # the pipelines' max_sequence_length: PixArt-alpha (micro-conditions), Sigma
@@ -46,17 +47,22 @@ REQUIRED = {"norm_type": "ada_norm_single", "activation_fn": "gelu-approximate",
             "norm_eps": 1e-6, "attention_type": "default"}
 
 
-def _field(folder: DiffusersFolder, key: str, default=None):
-    return folder.config.get(key, default)
+def fields(folder: DiffusersFolder) -> Fields:
+    return Fields(folder.config, folder.path / "config.json")
+
+
+def scheduler_fields(folder: DiffusersFolder) -> Fields:
+    return Fields(folder.scheduler or {}, folder.path.parent / "scheduler" / "scheduler_config.json")
 
 
 def check_supported(folder: DiffusersFolder) -> None:
     where = folder.path / "config.json"
     for key, want in REQUIRED.items():
-        have = _field(folder, key, want)
-        if have != want and not (isinstance(want, float) and isinstance(have, (int, float)) and abs(have - want) < 1e-12):
+        have = folder.config.get(key, want)
+        if have != want and not (isinstance(want, float) and isinstance(have, (int, float)) and not isinstance(have, bool)
+                                 and abs(have - want) < 1e-12):
             raise EdgeCompileError(f"{where}: {key} = {have!r} is not supported (edgecompile imports PixArt's {want!r})")
-    if not isinstance(_field(folder, "sample_size"), int):
+    if isinstance(folder.config.get("sample_size"), bool) or not isinstance(folder.config.get("sample_size"), int):
         raise EdgeCompileError(f"{where}: sample_size must be one whole number (PixArt's square default latent)")
     if folder.scheduler is not None:
         s = folder.scheduler
@@ -67,35 +73,45 @@ def check_supported(folder: DiffusersFolder) -> None:
 
 def uses_micro_conditions(folder: DiffusersFolder) -> bool:
     """diffusers' rule: on when the config says so, else exactly for sample_size 128 (the 1024px alpha models)."""
-    flag = _field(folder, "use_additional_conditions")
-    return bool(flag) if flag is not None else _field(folder, "sample_size") == 128
+    flag = fields(folder).bool("use_additional_conditions", None)
+    return flag if flag is not None else folder.config.get("sample_size") == 128
 
 
 def to_config(folder: DiffusersFolder, text_len: int | None = None, name: str | None = None) -> ModelConfig:
+    """The reference-model config of the folder, every field read checked (type, range, consistency with the tensors)."""
     check_supported(folder)
-    heads, head_dim = int(_field(folder, "num_attention_heads", 16)), int(_field(folder, "attention_head_dim", 72))
+    f, s = fields(folder), scheduler_fields(folder)
+    heads, head_dim = f.int("num_attention_heads", 16, maximum=1024), f.int("attention_head_dim", 72, maximum=4096)
     hidden = heads * head_dim
-    patch, sample = int(_field(folder, "patch_size", 2)), int(_field(folder, "sample_size"))
-    caption = _field(folder, "caption_channels")
+    patch, sample = f.int("patch_size", 2, maximum=64), f.int("sample_size", maximum=4096)
+    if sample % patch:
+        raise EdgeCompileError(f"{folder.path / 'config.json'}: sample_size {sample} is not a multiple of patch_size {patch}")
+    caption = f.optional_int("caption_channels", maximum=65536)
+    has_caption_weights = any(k.startswith("caption_projection.") for k in folder.tensors)
+    if (caption is not None) != has_caption_weights:
+        raise EdgeCompileError(f"{folder.path / 'config.json'}: caption_channels is {caption!r} but the weights "
+                               f"{'hold' if has_caption_weights else 'lack'} caption_projection tensors: set caption_channels to "
+                               "the text encoder's width (4096 for T5-XXL) or use the weights saved with this config")
     micro = uses_micro_conditions(folder)
     fc1 = folder.tensors.get("transformer_blocks.0.ff.net.0.proj.weight")
     if fc1 is None:
         raise EdgeCompileError(f"{folder.path}: the weights hold no transformer_blocks.0.ff.net.0.proj.weight: is this a PixArt checkpoint?")
-    scheduler = folder.scheduler or {}
-    interpolation = _field(folder, "interpolation_scale")
+    interpolation = f.optional_float("interpolation_scale", minimum=0.0, maximum=1000.0, open_minimum=True)
+    train_timesteps = s.int("num_train_timesteps", 1000, minimum=2, maximum=100_000)
+    beta_start = s.float("beta_start", 0.0001, minimum=0.0, maximum=1.0, open_minimum=True)
+    beta_end = s.float("beta_end", 0.02, minimum=beta_start, maximum=1.0)
     return ModelConfig(
-        name=name or "pixart", latent_channels=int(_field(folder, "in_channels", 4)), patch_size=patch, sample_size=(sample, sample),
+        name=name or "pixart", latent_channels=f.int("in_channels", 4, maximum=1024), patch_size=patch, sample_size=(sample, sample),
         hidden_dim=hidden, head_dim=head_dim, num_heads=heads, num_kv_heads=heads,
-        text_dim=int(caption if caption is not None else _field(folder, "cross_attention_dim", hidden)),
+        text_dim=caption if caption is not None else f.int("cross_attention_dim", hidden, maximum=65536),
         text_len=int(text_len or DEFAULT_TEXT_LEN[micro]),
-        depth_down=0, depth_middle=int(_field(folder, "num_layers", 28)), depth_up=0,
+        depth_down=0, depth_middle=f.int("num_layers", 28, maximum=1000), depth_up=0,
         ffn_ratio=fc1.shape[0] / hidden, ffn_ratio_middle=fc1.shape[0] / hidden,
         down_up_attention="full", stage_downsample=False, middle_skips=False, widths=(1.0,),
-        prediction="epsilon", train_timesteps=int(scheduler.get("num_train_timesteps", 1000)),
-        beta_start=float(scheduler.get("beta_start", 0.0001)), beta_end=float(scheduler.get("beta_end", 0.02)),
+        prediction="epsilon", train_timesteps=train_timesteps, beta_start=beta_start, beta_end=beta_end,
         cross_attention_norm=False, caption_projection=caption is not None, micro_conditions=micro,
         position_table="pixart", position_base_size=sample // patch,
-        position_interpolation_scale=float(interpolation if interpolation is not None else max(sample // 64, 1)),
+        position_interpolation_scale=interpolation if interpolation is not None else float(max(sample // 64, 1)),
     )
 
 
@@ -103,7 +119,7 @@ def to_reference(folder: DiffusersFolder, text_len: int | None = None, name: str
     """The reference model holding the folder's weights (fp32)."""
     config = to_config(folder, text_len, name)
     src = folder.tensors
-    out_channels = int(_field(folder, "out_channels") or config.latent_channels)
+    out_channels = fields(folder).optional_int("out_channels", maximum=2048) or config.latent_channels
     if out_channels not in (config.latent_channels, 2 * config.latent_channels):
         raise EdgeCompileError(f"{folder.path / 'config.json'}: out_channels {out_channels} is neither in_channels nor twice it "
                                "(learned sigma)")
@@ -154,6 +170,8 @@ def drop_learned_sigma(t: torch.Tensor, patch: int, channels: int) -> torch.Tens
 
 def describe(folder: DiffusersFolder) -> dict:
     """What the import did, for the checkpoint's provenance."""
-    out_channels = int(_field(folder, "out_channels") or _field(folder, "in_channels", 4))
-    return {"learned_sigma_dropped": out_channels != int(_field(folder, "in_channels", 4)),
+    f = fields(folder)
+    in_channels = f.int("in_channels", 4, maximum=1024)
+    out_channels = f.optional_int("out_channels", maximum=2048) or in_channels
+    return {"learned_sigma_dropped": out_channels != in_channels,
             "micro_conditions": uses_micro_conditions(folder), "scheduler_config": folder.scheduler is not None}
