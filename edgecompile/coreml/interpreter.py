@@ -24,6 +24,7 @@ from edgecompile.coremltools_loader import mil_types, unpack_bits
 from edgecompile.errors import EdgeCompileError
 
 OPS: dict[str, Callable[..., Any]] = {}
+FP16_MAX = 65504.0  # the largest finite fp16 value
 OP_TYPE = "_op_type"  # passed to implementations that serve several op types and declare it
 
 
@@ -44,7 +45,9 @@ def handled_attributes(op_type: str) -> set[str]:
 # ---- elementwise --------------------------------------------------------------------------------------
 for _name, _fn in {
     "add": np.add, "sub": np.subtract, "mul": np.multiply, "real_div": np.divide, "maximum": np.maximum,
-    "minimum": np.minimum, "pow": np.power,
+    "minimum": np.minimum, "pow": np.power, "greater": np.greater, "greater_equal": np.greater_equal, "less": np.less,
+    "less_equal": np.less_equal, "equal": np.equal, "not_equal": np.not_equal, "logical_and": np.logical_and,
+    "logical_or": np.logical_or,
 }.items():
     OPS[_name] = (lambda f: lambda x, y: f(x, y))(_fn)
 
@@ -54,6 +57,49 @@ for _name, _fn in {
     "silu": lambda x: x / (1.0 + np.exp(-x)), "square": np.square, "identity": lambda x: x,
 }.items():
     OPS[_name] = (lambda f: lambda x: f(x))(_fn)
+
+
+@op("select")
+def _select(cond, a, b):
+    return np.where(np.asarray(cond).astype(bool), a, b)
+
+
+@op("gather")
+def _gather(x, indices, axis=0, batch_dims=0, validate_indices=False):
+    if batch_dims:
+        raise ValueError("gather with batch_dims is not implemented")
+    return np.take(x, np.asarray(indices).astype(np.int64), axis=int(axis))
+
+
+@op("gather_along_axis")
+def _gather_along_axis(x, indices, axis=0, validate_indices=False):
+    return np.take_along_axis(x, np.asarray(indices).astype(np.int64), axis=int(axis))
+
+
+@op("one_hot")
+def _one_hot(indices, one_hot_vector_size, axis=-1, on_value=1.0, off_value=0.0):
+    idx = np.asarray(indices).astype(np.int64)
+    out = np.where(np.arange(int(one_hot_vector_size)) == idx[..., None], on_value, off_value)
+    return np.moveaxis(out, -1, int(axis)) if int(axis) != -1 else out
+
+
+@op("reduce_argmax")
+def _reduce_argmax(x, axis=-1, keep_dims=False, output_dtype="int32"):
+    out = np.argmax(x, axis=int(axis))
+    return (np.expand_dims(out, int(axis)) if keep_dims else out).astype(np.int32)
+
+
+@op("upsample_nearest_neighbor")
+def _upsample_nearest(x, scale_factor_height=1, scale_factor_width=1):
+    sh, sw = float(scale_factor_height), float(scale_factor_width)
+    if sh != int(sh) or sw != int(sw):
+        raise ValueError("fractional nearest-neighbour scales are not implemented")
+    return np.repeat(np.repeat(x, int(sh), axis=-2), int(sw), axis=-1)
+
+
+@op("clip")
+def _clip(x, alpha, beta):
+    return np.clip(x, alpha, beta)
 
 
 @op("rsqrt")
@@ -319,6 +365,7 @@ class MILInterpreter:
             raise EdgeCompileError(f"the package has no function {function!r} (functions: {', '.join(program.functions)})")
         self.function = program.functions[function]
         self.precision = precision
+        self.overflows: list[str] | None = None  # fp16 mode: the ops whose fp16 result overflowed (find_overflows)
         ops = [o for o in self.function.operations if o.op_type != "const"]
         unknown = sorted({o.op_type for o in ops if o.op_type not in OPS})
         if unknown:
@@ -361,6 +408,18 @@ class MILInterpreter:
             return np.float32(np.float16(v)) if self.precision == "fp16" and name in self._fp16 else np.float32(v)
         return v
 
+    def find_overflows(self, inputs: dict[str, np.ndarray]) -> list[str]:
+        """The ops whose result, finite in fp32, overflows fp16 where the program stores it in fp16: where an fp16
+        package turns to inf on these inputs (fp16 mode only). In program order, each op once."""
+        if self.precision != "fp16":
+            raise ValueError("overflows are found in the fp16 emulation: MILInterpreter(program, precision='fp16')")
+        self.overflows = []
+        try:
+            self.run(inputs)
+            return list(dict.fromkeys(self.overflows))
+        finally:
+            self.overflows = None
+
     def run(self, inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         # Overflow to inf and NaN are what a broken package computes on device too: verification counts non-finite
         # outputs and fails them, so numpy's warnings would only repeat it on stderr.
@@ -398,7 +457,11 @@ class MILInterpreter:
                 raise EdgeCompileError(f"MIL interpreter failed on op {o.name} ({o.op_type}): {e}") from None
             results = result if isinstance(result, list) else [result]
             for var, val in zip(o.outputs, results):
-                env[var.name] = self._store(var.name, np.asarray(val))
+                val = np.asarray(val)
+                if self.overflows is not None and var.name in self._fp16 and val.dtype.kind == "f" and val.size \
+                        and np.isfinite(val).all() and float(np.abs(val).max()) > FP16_MAX:
+                    self.overflows.append(o.name)  # finite in fp32, infinite once stored in fp16
+                env[var.name] = self._store(var.name, val)
             for name in self._release_after.get(i, ()):
                 env.pop(name, None)
-        return {v.name: np.asarray(value(v), dtype=np.float32) for v in self.function.outputs}
+        return {v.name: np.asarray(value(v)).astype(np.float32) for v in self.function.outputs}

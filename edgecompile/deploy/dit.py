@@ -56,13 +56,15 @@ class LayerNormANE(nn.Module):
 
 
 def split_einsum_attention(q, k_t, v, heads: int, kv_heads: int, head_dim: int, query_chunk: int | None = None,
-                           q_scaled: bool = False):
+                           q_scaled: bool = False, bias: torch.Tensor | None = None):
     """Per-head attention in ANE layout.
 
     q (B, Hq*d, 1, Sq), k_t (B, Sk, 1, Hkv*d) (already transposed), v (B, Hkv*d, 1, Sk) -> (B, Hq*d, 1, Sq).
     Query head i reads key/value head i // (Hq / Hkv) (GQA: shared splits, no copies).
     `query_chunk` splits the query axis (Apple's SPLIT_EINSUM_V2);
-    `q_scaled` says q already carries the 1/sqrt(d) factor (a caller sharing q between branches scales it once).
+    `q_scaled` says q already carries the 1/sqrt(d) factor (a caller sharing q between branches scales it once);
+    `bias`, added to the scores before the softmax, is (B or 1, Hq or 1, Sk, Sq): a relative-position bias, a
+    causal mask, a padding mask (text encoders).
     """
     group = heads // kv_heads
     if not q_scaled:
@@ -83,6 +85,9 @@ def split_einsum_attention(q, k_t, v, heads: int, kv_heads: int, head_dim: int, 
             qc = q_h if len(chunks) == 1 else q_h[:, :, :, s0:s1]  # (B, d, 1, sq)
             # Principle: scores keep keys on axis 1, so softmax reduces over channels-first like every other op
             w = torch.einsum("bchq,bkhc->bkhq", qc, k_h)  # (B, Sk, 1, sq)
+            if bias is not None:
+                b = bias[:, i if bias.shape[1] > 1 else 0, :, s0:s1]  # (B or 1, Sk, sq)
+                w = w + b[:, :, None]  # (B, Sk, 1, sq): scores keep keys on axis 1
             w = w.softmax(dim=1)  # (B, Sk, 1, sq)
             pieces.append(torch.einsum("bkhq,bchk->bchq", w, v_h))  # (B, d, 1, sq)
         outs.append(pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=3))  # (B, d, 1, Sq)
