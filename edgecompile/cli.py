@@ -144,6 +144,8 @@ def import_(source: str, output: str, dtype: str, text_len: int | None, name: st
               help=f"Minutes of self-distillation per width (default {DEFAULT_BUDGET_SECONDS / 60:g}), evaluations included: the stage "
                    f"re-plans as it runs and stops at the budget (at most {MAX_BUDGET_STEPS} steps; early stop on plateau).")
 @click.option("--swift-resources", is_flag=True, help="Lay the output out as the Swift Core ML pipelines expect (Resources/).")
+@click.option("--pipeline", is_flag=True, help="Also compile the checkpoint's text encoder and VAE decoder, copy its tokenizer and write "
+                                               "pipeline.json, all in Resources/ (the checkpoint needs text_encoder/, tokenizer/, vae/).")
 @click.option("--query-chunk", type=POSITIVE_INT, help="Split attention queries into chunks of this many tokens (default: no split).")
 @click.option("--chunks", default=1, type=POSITIVE_INT,
               help="Cut the denoiser into this many packages at block boundaries (each weight file under the Neural Engine's 2 GiB).")
@@ -159,7 +161,7 @@ def import_(source: str, output: str, dtype: str, text_len: int | None, name: st
 @click.option("--force", is_flag=True, help="Replace existing output folders (default: refuse to overwrite).")
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 def export(checkpoint, width_text, bits, output, latent, target, fmt, recipe, target_bits, candidates, sweep_mode, palette_method, group_size,
-           calibration, no_distill, distill_steps, distill_budget, swift_resources, query_chunk, chunks, calibration_latent, device,
+           calibration, no_distill, distill_steps, distill_budget, swift_resources, pipeline, query_chunk, chunks, calibration_latent, device,
            batch_size, no_verify, no_generate, min_psnr, keep_failed, force, as_json):
     """Compile CHECKPOINT (default: the bundled one) into one verified package per width.
 
@@ -177,7 +179,8 @@ def export(checkpoint, width_text, bits, output, latent, target, fmt, recipe, ta
             sweep=SweepSettings(candidates=parse_int_list(candidates, "--candidates"), mode=SweepMode(sweep_mode), target_bits=target_bits),
             palettes=PaletteMethod(palette_method), group_size=group_size, calibration=Path(calibration) if calibration else None,
             distill=not no_distill, distill_steps=distill_steps, distill_budget_minutes=distill_budget, batch_size=batch_size, device=device),
-        package=PackageOptions(fmt=Format(fmt), target=Target(target), chunks=chunks, swift_resources=swift_resources, query_chunk=query_chunk),
+        package=PackageOptions(fmt=Format(fmt), target=Target(target), chunks=chunks, swift_resources=swift_resources, query_chunk=query_chunk,
+                               pipeline=pipeline),
         verification=VerificationOptions(verify=not no_verify, min_psnr_db=min_psnr, generate=not no_generate, keep_failed=keep_failed),
     )
     with stage_display(console) as display:

@@ -122,6 +122,7 @@ class ExportReport:
     chunks: list[ChunkReport] = field(default_factory=list)
     verify: VerifyResult | None = None  # of the default function when there are several
     functions: list[FunctionReport] = field(default_factory=list)  # a multifunction package's, each verified
+    components: list[dict] = field(default_factory=list)  # --pipeline: text encoder, decoder (commands/pipeline.py)
     stage_seconds: dict[str, float] = field(default_factory=dict)
     stage_peak_memory_gib: dict[str, dict[str, float]] = field(default_factory=dict)
     path: str = ""  # the committed package; not written to report.json
@@ -163,6 +164,8 @@ class ExportReport:
             # the package path as committed (relative), not the staging folder verification ran in
             d["functions"] = [{"name": f.name, "latent": f.latent, "verify": {**f.verify.to_dict(), "package": self.package} if f.verify else None}
                               for f in self.functions]
+        if self.components:
+            d["components"] = self.components
         d["stage_seconds"] = self.stage_seconds
         d["stage_peak_memory_gib"] = self.stage_peak_memory_gib
         return d
@@ -176,6 +179,7 @@ class ExportReport:
                    verify=VerifyResult.from_dict(data["verify"]) if data.get("verify") else None,
                    functions=[FunctionReport(name=f["name"], latent=f["latent"], verify=VerifyResult.from_dict(f["verify"]) if f["verify"] else None)
                               for f in data.get("functions", [])],
+                   components=data.get("components", []),
                    stage_seconds=data.get("stage_seconds", {}), stage_peak_memory_gib=data.get("stage_peak_memory_gib", {}),
                    path=path)
 

@@ -46,6 +46,7 @@ from edgecompile.model.elastic import count_params, extract_width
 
 from edgecompile.commands.compression import Progress, StageTimer, compress
 from edgecompile.commands.options import ExportOptions, ResolvedExport
+from edgecompile.commands.pipeline import CompiledComponent, compile_components, write_components
 from edgecompile.commands.write import SWIFT_DENOISER, PackageSpec, WrittenPackage, package_name, write_package
 
 SAMPLES_GRID = "samples.png"  # the package's samples beside the checkpoint's, in each width's folder
@@ -94,7 +95,7 @@ def warn_large_weight_files(written: WrittenPackage, width: float, chunks: int) 
 
 
 def export_width(ckpt: Checkpoint, width: float, run: ResolvedExport, out_dir: Path, timer: StageTimer,
-                 progress: Progress | None = None) -> ExportReport:
+                 progress: Progress | None = None, components: list[CompiledComponent] | None = None) -> ExportReport:
     """Build one width's output in `out_dir` (a staging folder); returns its report (also written as report.json)."""
     opts, config = run.options, ckpt.config
     pkg = opts.package
@@ -109,7 +110,7 @@ def export_width(ckpt: Checkpoint, width: float, run: ResolvedExport, out_dir: P
         compression = compress(ckpt, dense, deploy, width, opts.compression, run.compression, run.latents.compress,
                                pkg.query_chunk, timer, progress)
     # Swift resources: the Resources folder holds what the app loads; the verification-only sidecars stay beside it
-    pkg_dir = out_dir / SWIFT_RESOURCES if pkg.swift_resources else out_dir
+    pkg_dir = out_dir / SWIFT_RESOURCES if pkg.resources else out_dir
     pkg_dir.mkdir(exist_ok=True)
     sidecars = write_sidecars(out_dir, compression.palettes if compression else None,
                               trained_state(deploy) if compression and compression.distill else None)
@@ -120,10 +121,10 @@ def export_width(ckpt: Checkpoint, width: float, run: ResolvedExport, out_dir: P
                             bits=run.bits, bits_per_layer=compression.bits_per_layer if compression else None,
                             group_size=opts.compression.group_size if compression else None,
                             palettes_sha256=sidecars.palettes_sha256, distilled_sha256=sidecars.distilled_sha256)
-    name = f"{SWIFT_DENOISER}.mlpackage" if pkg.swift_resources else package_name(config.name, width, run.bits, run.fmt)
+    name = f"{SWIFT_DENOISER}.mlpackage" if pkg.resources else package_name(config.name, width, run.bits, run.fmt)
     spec = PackageSpec(folder=pkg_dir, name=name, fmt=run.fmt, target=pkg.target, meta=meta,
                        palettes=compression.palettes if compression else None, chunks=pkg.chunks, more_latents=run.latents.more,
-                       query_chunk=pkg.query_chunk, swift=pkg.swift_resources)
+                       query_chunk=pkg.query_chunk, swift=pkg.resources)
     with timer.stage("convert"):
         written = write_package(deploy, dense, spec)
     warn_large_weight_files(written, width, pkg.chunks)
@@ -131,16 +132,20 @@ def export_width(ckpt: Checkpoint, width: float, run: ResolvedExport, out_dir: P
     if opts.verification.verify:
         with timer.stage("verify"):
             verification = verify_written(written, ckpt, compression, run, out_dir, progress)
-    if pkg.swift_resources:
+    if pkg.resources:
         write_swift_resources(pkg_dir, written.paths, deploy, written.chunks, written.graphs if run.latents.more else None,
                               unconditional=ckpt.prompts.null if ckpt.prompts is not None else None)
+    component_reports = []
+    if components:  # --pipeline: the text encoder, decoder, tokenizer and manifest beside the denoiser
+        component_reports = write_components(components, pkg_dir, ckpt, ckpt_sha, written.path)
     relative = str(written.path.relative_to(out_dir))
     report = ExportReport(
         edgecompile=__version__, config=config.to_dict(), width=width, params=meta.params, latent=list(run.latents.package),
         bits=run.bits.value, format=run.fmt.value, target=str(pkg.target), checkpoint=str(ckpt.path) if ckpt.path else None,
         checkpoint_sha256=ckpt_sha, package=relative, torch_threads=torch.get_num_threads(), compression=compression,
         coremltools=written.converter, size_bytes=written.size_bytes, chunks=written.chunks, verify=verification.result,
-        functions=verification.functions, stage_seconds=dict(timer.seconds), stage_peak_memory_gib=dict(timer.peak_memory_gib),
+        functions=verification.functions, components=component_reports, stage_seconds=dict(timer.seconds),
+        stage_peak_memory_gib=dict(timer.peak_memory_gib),
     )
     (out_dir / REPORT_FILE).write_text(dumps(report.to_dict()) + "\n")
     report.path = str(opts.width_dir(width) / report.package)
@@ -159,12 +164,17 @@ def run_export(ckpt: Checkpoint, opts: ExportOptions, on_stage: Callable[[str], 
     if run.fmt is Format.COREML:
         import_coremltools()  # before the first interruptible stage: its import swallows Ctrl-C
     reports, failed = [], []
+    components = None
+    if opts.package.pipeline:  # the same for every width: converted and verified once
+        timer = StageTimer(on_stage=on_stage, device=run.compression.device)
+        with timer.stage("pipeline components"):
+            components = compile_components(ckpt, str(opts.package.target), run.latents.package, on_stage=on_stage)
     with atomic_outputs([opts.width_dir(w) for w in opts.widths], force=opts.force, inputs=opts.inputs(ckpt)) as stages:
         for w, out_dir in zip(opts.widths, stages):
             torch.manual_seed(0)  # per width: a width's output does not depend on which widths came before
             timer = StageTimer(on_stage=(lambda s, w=w: on_stage(f"w{width_label(w)}: {s}")) if on_stage else None,
                                device=run.compression.device)
-            report = export_width(ckpt, w, run, out_dir, timer, progress)
+            report = export_width(ckpt, w, run, out_dir, timer, progress, components)
             reports.append(report)
             if report.verify is not None and not report.verify.passed:
                 message = f"width {width_label(w)}: verification failed: {report.verify.problem}"

@@ -114,13 +114,23 @@ class PackageOptions:
     chunks: int = 1  # the denoiser cut into this many packages at block boundaries (deploy/chunks.py)
     swift_resources: bool = False
     query_chunk: int | None = None
+    pipeline: bool = False  # also the text encoder, VAE decoder, tokenizer and pipeline.json (commands/pipeline.py)
+
+    @property
+    def resources(self) -> bool:
+        """The Swift Resources/ layout: asked for, or implied by --pipeline."""
+        return self.swift_resources or self.pipeline
 
     def validate(self, config: ModelConfig, bits: Bits, latents: LatentPlan) -> None:
         fmt = Format.parse(self.fmt, "--format")
         target = Target.parse(self.target, "--target")
+        if self.pipeline and fmt is not Format.COREML:
+            raise EdgeCompileError("--pipeline writes Core ML packages for the Swift pipelines: drop --format onnx")
+        if self.pipeline and latents.more:
+            raise EdgeCompileError("--pipeline with several --latent sizes is not supported yet: export one size")
         if fmt is Format.ONNX and bits is not Bits.FP16:
             raise EdgeCompileError("--format onnx exports fp32/fp16 graphs only: drop --bits or use --format coreml")
-        if self.swift_resources and fmt is not Format.COREML:
+        if self.resources and fmt is not Format.COREML:
             raise EdgeCompileError("--swift-resources lays out Core ML packages: drop --format onnx")
         if latents.more:
             if fmt is not Format.COREML or target is not Target.IOS18:

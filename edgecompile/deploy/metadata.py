@@ -38,6 +38,8 @@ CHUNK_PACKAGES = PREFIX + "chunk_packages"  # JSON list: every chunk's file name
 # Multifunction packages (--latent A,B,...; iOS18): one function per latent size, weights stored once
 FUNCTIONS = PREFIX + "functions"  # JSON object: function name -> "HxW", the default function first
 WEIGHTS_SHA256 = PREFIX + "weights_sha256"  # JSON object: weight file (relative to the package) -> SHA-256
+COMPONENT = PREFIX + "component"  # the pipeline part a package is: text_encoder, decoder (a denoiser has none)
+COMPONENT_INFO = PREFIX + "component_info"  # JSON object: its source class, text length, latent scaling, ...
 
 NO_CHECKPOINT = "none"  # checkpoint_sha256 of a package whose checkpoint had no file (an in-memory model)
 MAX_LATENT_TEXT = 16  # "HxW" of two sides of at most 7 digits
@@ -114,8 +116,8 @@ class PackageMetadata:
     def from_strings(cls, meta: dict[str, str], where: str) -> PackageMetadata | None:
         """The record read back from a package's metadata map, every field checked; None when the package has no
         edgecompile metadata at all (not written by `edgecompile export`). `where` names the package in errors."""
-        if not any(k.startswith(PREFIX) for k in meta):
-            return None
+        if not any(k.startswith(PREFIX) for k in meta) or meta.get(COMPONENT, "denoiser") != "denoiser":
+            return None  # not edgecompile's, or another part of a pipeline (component_metadata)
         r = _Reader(meta, where)
         bits = r.choice(BITS, Bits)
         config = r.json(CONFIG, dict)
@@ -190,6 +192,12 @@ class PackageMetadata:
     def binding(self) -> tuple:
         """What every chunk of one export shares: a chunk whose binding differs belongs to another export."""
         return (self.checkpoint_sha256, self.config_sha256, self.width, self.latent_hw, self.bits, self.chunk_packages)
+
+
+def component_metadata(kind: str, checkpoint_sha256: str | None, info: dict) -> dict[str, str]:
+    """The metadata map of a pipeline component's package (text encoder, decoder): what it is and where it came from."""
+    return {VERSION: __version__, COMPONENT: kind, CHECKPOINT_SHA256: checkpoint_sha256 or NO_CHECKPOINT,
+            COMPONENT_INFO: json.dumps(info, sort_keys=True)}
 
 
 def parse_latent_text(text: str) -> tuple[int, int]:

@@ -25,6 +25,7 @@ from safetensors.torch import save_file
 from edgecompile.atomic import atomic_path, check_output_path
 from edgecompile.errors import EdgeCompileError
 from edgecompile.model.budget import check_weights_fit
+from edgecompile.model.components import check_folders, copy_folders
 from edgecompile.model.config import CONFIG_SUFFIXES, ModelConfig, shipped_config, shipped_config_names
 from edgecompile.model.dit import EfficientDiT, randomize_untrained
 from edgecompile.model.elastic import count_params
@@ -52,12 +53,15 @@ class Checkpoint:
     dtype: str = "float32"
     prompts: Prompts | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
+    # the pipeline's other parts kept beside the denoiser (model/components.py): kind -> folder
+    components: dict[str, Path] = field(default_factory=dict)
 
 
 def save_checkpoint(
     model: EfficientDiT, dest: str | Path, dtype: str = "float32", prompts: Prompts | None = None,
-    provenance: dict[str, Any] | None = None, force: bool = False, inputs=(),
+    provenance: dict[str, Any] | None = None, force: bool = False, inputs=(), components: dict[str, Path] | None = None,
 ) -> Path:
+    """Write a checkpoint folder; `components` (checked folders, model/components.py) are copied in beside it."""
     if dtype not in DTYPES:
         raise EdgeCompileError(f"checkpoint dtype {dtype!r} is not supported: use one of {', '.join(DTYPES)}")
     dest = Path(dest)
@@ -74,6 +78,8 @@ def save_checkpoint(
                 str(tmp / "prompts.safetensors"), metadata={"labels": json.dumps(prompts.labels)},
             )
         (tmp / "checkpoint.json").write_text(json.dumps(meta, indent=2) + "\n")
+        if components:
+            copy_folders(components, tmp)
     return dest
 
 
@@ -149,7 +155,8 @@ def load_checkpoint(path: str | Path | None = None) -> Checkpoint:
     model.load_state_dict({k: tensors.pop(k).float() for k in list(tensors)}, assign=True)
     model.eval()
     prompts = _load_prompts(path, config)
-    return Checkpoint(config=config, model=model, path=path, dtype=stored, prompts=prompts, provenance=meta.get("provenance", {}))
+    return Checkpoint(config=config, model=model, path=path, dtype=stored, prompts=prompts, provenance=meta.get("provenance", {}),
+                      components=check_folders(path))
 
 
 def _load_prompts(path: Path, config: ModelConfig) -> Prompts | None:

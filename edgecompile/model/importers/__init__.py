@@ -12,6 +12,7 @@ from pathlib import Path
 
 from edgecompile.errors import EdgeCompileError
 from edgecompile.model.checkpoint import save_checkpoint
+from edgecompile.model.components import check_folders
 from edgecompile.model.importers import diffusers_folder, pixart
 
 FAMILIES = {name: pixart for name in pixart.CLASS_NAMES}
@@ -28,7 +29,9 @@ def import_checkpoint(source: str | Path, output: str | Path, dtype: str = "floa
         raise EdgeCompileError(f"{folder.path}: _class_name {folder.class_name!r} is not a family edgecompile imports "
                                f"(it imports {known})")
     model = family.to_reference(folder, text_len=text_len, name=name)
+    # a pipeline folder's other parts (text encoder, tokenizer, VAE), each checked as data, are kept beside it
+    components = check_folders(Path(source)) if folder.path != Path(source) else {}
     provenance = {"import": {"source": str(Path(source).resolve()), "class_name": folder.class_name,
                              "diffusers_version": folder.config.get("_diffusers_version"), "source_dtypes": folder.dtypes,
-                             **family.describe(folder)}}
-    return save_checkpoint(model, output, dtype=dtype, provenance=provenance, force=force, inputs=[Path(source)])
+                             "components": sorted(components), **family.describe(folder)}}
+    return save_checkpoint(model, output, dtype=dtype, provenance=provenance, force=force, inputs=[Path(source)], components=components)

@@ -17,7 +17,7 @@ from edgecompile.errors import EdgeCompileError
 from edgecompile.model.config import ModelConfig, width_key
 from edgecompile.model.dit import EfficientDiT
 from edgecompile.model.importers.diffusers_folder import DiffusersFolder
-from edgecompile.model.importers.fields import Fields
+from edgecompile.model.fields import Fields
 
 CLASS_NAMES = ("PixArtTransformer2DModel",)
 DEFAULT_TEXT_LEN = {True: 120, False: 300}  # the pipelines' max_sequence_length: PixArt-alpha (micro-conditions), Sigma
@@ -174,4 +174,5 @@ def describe(folder: DiffusersFolder) -> dict:
     in_channels = f.int("in_channels", 4, maximum=1024)
     out_channels = f.optional_int("out_channels", maximum=2048) or in_channels
     return {"learned_sigma_dropped": out_channels != in_channels,
-            "micro_conditions": uses_micro_conditions(folder), "scheduler_config": folder.scheduler is not None}
+            "micro_conditions": uses_micro_conditions(folder), "scheduler_config": folder.scheduler is not None,
+            "scheduler": folder.scheduler}

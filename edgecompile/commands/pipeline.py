@@ -1,0 +1,157 @@
+"""`export --pipeline`: the rest of the text-to-image pipeline beside each width's denoiser, in the Resources layout
+the Swift pipelines load:
+
+    Resources/
+      TextEncoder.mlpackage                 input_ids [, attention_mask] -> token_level_text_embeddings (the denoiser's input)
+      MultiModalDiffusionTransformer.mlpackage   the denoiser (the export's own)
+      VAEDecoder.mlpackage                  z (the denoiser's final latent) -> image in [-1, 1], latent scaling inside
+      tokenizer.json                        the fast tokenizer (Hugging Face tokenizers format)
+      pipeline.json                         the manifest: components, their I/O, scheduler, steps, guidance, text length
+
+The text encoder and decoder do not depend on the width: they are converted and verified once per export
+(`compile_components`) and written into every width's folder (`write_components`). Each is verified against its
+fp32 torch graph in the fp16 emulation, with the fp16 overflow it was found to have and what fixed it
+(coreml/component.py); the text encoder's torch graph against transformers' module is checked by the tests.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from edgecompile.coreml.component import ComponentResult, convert_with_islands
+from edgecompile.coreml.package import record_weight_digests
+from edgecompile.deploy.contract import LATENT, OUTPUT, TEXT, TIMESTEP
+from edgecompile.deploy.metadata import component_metadata
+from edgecompile.deploy.text_encoder import ATTENTION_MASK, INPUT_IDS, T5EncoderANE, calibrate_scales, text_encoder_graph
+from edgecompile.deploy.vae import VAEDecoderGraph
+from edgecompile.errors import VerificationFailed
+from edgecompile.model.checkpoint import Checkpoint
+from edgecompile.model.components import load_parts
+
+TEXT_ENCODER_PACKAGE = "TextEncoder.mlpackage"
+DECODER_PACKAGE = "VAEDecoder.mlpackage"
+TOKENIZER_FILE = "tokenizer.json"
+MANIFEST = "pipeline.json"
+CALIBRATION_PROMPTS = ("", "a photo of a cat", "a handwritten seven", "a red fox in the snow, highly detailed, 4k",
+                       "an astronaut riding a horse on the moon")
+CALIBRATION_LATENTS = 3
+
+
+@dataclass
+class CompiledComponent:
+    kind: str  # text_encoder, decoder
+    package: str  # its file name in Resources/
+    model: object  # the in-memory Core ML model, saved into each width's folder
+    result: ComponentResult
+    source_class: str
+    inputs: dict[str, list[int]]
+    outputs: dict[str, list[int]]
+    info: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def report(self) -> dict:
+        return {"kind": self.kind, "package": self.package, "source_class": self.source_class, "inputs": self.inputs,
+                "outputs": self.outputs, **self.info, "seconds": round(self.seconds, 2), "verify": self.result.to_dict()}
+
+
+def token_ids(tokenizer: Path, texts, text_len: int, with_mask: bool) -> list[tuple[torch.Tensor, ...]]:
+    """The calibration prompts tokenized as the app tokenizes them: padded (or cut) to the text length."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer))
+    pad_id = tok.token_to_id("<pad>") or 0
+    out = []
+    for text in texts:
+        ids = tok.encode(text).ids[:text_len]
+        mask = [1] * len(ids) + [0] * (text_len - len(ids))
+        ids = ids + [pad_id] * (text_len - len(ids))
+        row = (torch.tensor([ids], dtype=torch.int32),)
+        out.append(row + (torch.tensor([mask], dtype=torch.int32),) if with_mask else row)
+    return out
+
+
+def compile_components(ckpt: Checkpoint, target: str, latent_hw: tuple[int, int], on_stage=None) -> list[CompiledComponent]:
+    """The checkpoint's text encoder and VAE decoder converted, fp16 overflow fixed, and verified (raises
+    VerificationFailed below the bar: nothing unverified ships)."""
+    parts = load_parts(ckpt.components, ckpt.config.text_dim, str(ckpt.path))
+    compiled = []
+    if on_stage:
+        on_stage("text encoder")
+    start = time.perf_counter()
+    encoder = text_encoder_graph(parts.text_encoder, ckpt.config.text_len)
+    t5 = isinstance(encoder, T5EncoderANE)
+    prompts = token_ids(parts.tokenizer, CALIBRATION_PROMPTS, ckpt.config.text_len, with_mask=t5)
+    scales = calibrate_scales(encoder, prompts) if t5 else {}
+    ml, result = convert_with_islands(encoder, "text_encoder", prompts, target)
+    ins = {INPUT_IDS: [1, ckpt.config.text_len], **({ATTENTION_MASK: [1, ckpt.config.text_len]} if t5 else {})}
+    outs = {n: s for n, s in ((TEXT, [1, ckpt.config.text_dim, 1, ckpt.config.text_len]),) if n in encoder.output_names}
+    compiled.append(CompiledComponent("text_encoder", TEXT_ENCODER_PACKAGE, ml, result, type(parts.text_encoder).__name__, ins, outs,
+                                      info={"rms_norm_scales": scales} if scales else {}, seconds=time.perf_counter() - start))
+    if on_stage:
+        on_stage("decoder")
+    start = time.perf_counter()
+    decoder = VAEDecoderGraph(parts.vae, latent_hw)
+    g = torch.Generator().manual_seed(7)
+    latents = [(torch.randn(1, decoder.channels, *latent_hw, generator=g),) for _ in range(CALIBRATION_LATENTS)]
+    ml, result = convert_with_islands(decoder, "decoder", latents, target)
+    with torch.no_grad():
+        image_hw = list(decoder(*latents[0]).shape[2:])
+    compiled.append(CompiledComponent("decoder", DECODER_PACKAGE, ml, result, type(parts.vae).__name__,
+                                      {"z": [1, decoder.channels, *latent_hw]}, {"image": [1, 3, *image_hw]},
+                                      info={"latent_scaling_factor": decoder.scale, "latent_shift_factor": decoder.shift,
+                                            "scaling": "inside the package: feed the denoiser's final latent as it is"},
+                                      seconds=time.perf_counter() - start))
+    for c in compiled:
+        if not c.result.passed:
+            raise VerificationFailed(f"{c.kind}: verification failed: {c.result.problem}; nothing was written")
+    return compiled
+
+
+def write_components(compiled: list[CompiledComponent], resources: Path, ckpt: Checkpoint, checkpoint_sha256: str | None,
+                     denoiser: Path, steps: int = 4, cfg_scale: float = 2.0) -> list[dict]:
+    """Save the components into `resources` beside the denoiser, copy the tokenizer, write pipeline.json; returns
+    the components' reports."""
+    for c in compiled:
+        path = resources / c.package
+        c.model.user_defined_metadata.update(component_metadata(c.kind, checkpoint_sha256, {"source_class": c.source_class, **c.info}))
+        c.model.save(str(path))
+        record_weight_digests(path)
+    shutil.copyfile(ckpt.components["tokenizer"] / TOKENIZER_FILE, resources / TOKENIZER_FILE)
+    (resources / MANIFEST).write_text(json.dumps(manifest(compiled, ckpt, denoiser, steps, cfg_scale), indent=2) + "\n")
+    return [c.report() for c in compiled]
+
+
+def manifest(compiled: list[CompiledComponent], ckpt: Checkpoint, denoiser: Path, steps: int, cfg_scale: float) -> dict:
+    c = ckpt.config
+    by_kind = {x.kind: x for x in compiled}
+    scheduler = (ckpt.provenance.get("import") or {}).get("scheduler")
+    if c.prediction == "epsilon":
+        sampler = {"class": "DDIMScheduler", "config": {"num_train_timesteps": c.train_timesteps, "beta_start": c.beta_start,
+                                                        "beta_end": c.beta_end, "beta_schedule": "linear", "prediction_type": "epsilon",
+                                                        "timestep_spacing": "leading", "clip_sample": False, "set_alpha_to_one": True}}
+    else:
+        sampler = {"class": "FlowMatchEulerDiscreteScheduler", "config": {"shift": 1.0, "num_train_timesteps": 1}}
+    te, dec = by_kind["text_encoder"], by_kind["decoder"]
+    return {
+        "format": "edgecompile-pipeline", "format_version": 1,
+        "components": {
+            "tokenizer": {"file": TOKENIZER_FILE, "pad_to": c.text_len},
+            "text_encoder": {"package": te.package, "class": te.source_class, "inputs": te.inputs, "outputs": te.outputs},
+            "denoiser": {"package": denoiser.name, "inputs": [LATENT, TIMESTEP, TEXT], "outputs": [OUTPUT]},
+            "decoder": {"package": dec.package, "class": dec.source_class, "inputs": dec.inputs, "outputs": dec.outputs,
+                        "image_range": [-1, 1], "latent_scaling_factor": dec.info["latent_scaling_factor"],
+                        "latent_shift_factor": dec.info["latent_shift_factor"], "scaling": dec.info["scaling"]},
+        },
+        "scheduler": sampler, "source_scheduler": scheduler,
+        "steps": steps, "guidance_scale": cfg_scale, "text_length": c.text_len,
+        "classifier_free_guidance": ("encode the empty prompt \"\" once with the text encoder: it is the unconditional text; each "
+                                     "step calls the denoiser with the prompt's and the empty prompt's encodings and combines "
+                                     "uncond + guidance_scale * (cond - uncond)"),
+        "loop": "tokenize -> text encoder (prompt and empty prompt) -> denoiser loop from N(0, 1) noise -> decoder -> image (x + 1) / 2",
+    }
