@@ -23,7 +23,7 @@ from edgecompile.commands import render
 from edgecompile.commands.export import run_export
 from edgecompile.commands.options import CompressionOptions, ExportOptions, LatentPlan, PackageOptions, SweepSettings, VerificationOptions
 from edgecompile.commands.progress import stage_display
-from edgecompile.commands.sample import SampleOptions, run_sample
+from edgecompile.commands.sample import SampleOptions, TextToImageOptions, is_pipeline_folder, run_sample, run_text_to_image
 from edgecompile.commands.sweep import SweepOptions, run_sweep
 from edgecompile.commands.verify import verify_every_function, verify_exported
 from edgecompile.compress.calibration import record_calibration
@@ -304,7 +304,8 @@ def verify(package, checkpoint, precision, runtime, min_psnr, device, function, 
 @click.argument("package", type=click.Path())
 @click.option("-o", "--output", required=True, type=click.Path(), help="The PNG grid to write.")
 @click.option("--checkpoint", type=click.Path(), help="The checkpoint it was exported from (default: the bundled one).")
-@click.option("--prompt", "labels", multiple=True, help="A prompt of the checkpoint by label (digits: 0..9); repeat it (default: all).")
+@click.option("--prompt", "labels", multiple=True, help="A prompt of the checkpoint by label (digits: 0..9), or the text to draw when PACKAGE "
+                                                       "is an `export --pipeline` Resources folder; repeat it (default: all labels).")
 @click.option("--prompts", "prompts_file", type=click.Path(), help="Your text embeddings instead: safetensors with 'tokens' (N, T, D) and 'null'.")
 @click.option("--steps", default=4, type=Number(int, min=1, max=SampleSettings.MAX_STEPS), help="Sampler steps (Euler for flow models, DDIM for epsilon).")
 @click.option("--cfg", "cfg_scale", default=2.0, type=Number(float, min=1), help="Classifier-free guidance scale (1: off).")
@@ -312,13 +313,34 @@ def verify(package, checkpoint, precision, runtime, min_psnr, device, function, 
 @click.option("--per-prompt", default=1, type=Number(int, min=1, max=SampleSettings.MAX_SAMPLES), help="Samples per prompt.")
 @click.option("--function", help="One function (latent size) of a multifunction package (default: its default function).")
 @click.option("--compare", is_flag=True, help="Add the checkpoint's own samples from the same noise (and their PSNR).")
+@click.option("--noise", type=click.Path(), help="Pipeline folders: the initial latents, safetensors 'noise' (N, C, H, W) (default: N(0, 1) from --seed).")
 @click.option("--runtime", default=Runtime.AUTO.value, type=choice(Runtime), help=RUNTIME_HELP + " The interpreter runs in fp16.")
 @click.option("--device", default=Device.AUTO.value, type=choice(Device), help="Where --compare's checkpoint runs.")
 @click.option("--force", is_flag=True, help="Replace an existing PNG (default: refuse to overwrite).")
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
-def sample(package, output, checkpoint, labels, prompts_file, steps, cfg_scale, seed, per_prompt, function, compare, runtime, device, force,
-           as_json):
-    """Run the app's sampling loop with PACKAGE as the denoiser and write the samples as a labelled PNG grid."""
+def sample(package, output, checkpoint, labels, prompts_file, steps, cfg_scale, seed, per_prompt, function, compare, noise, runtime, device,
+           force, as_json):
+    """Run the app's sampling loop with PACKAGE as the denoiser and write the samples as a labelled PNG grid.
+
+    With a Resources folder written by `export --pipeline`, draw pictures from text: tokenizer -> text encoder ->
+    denoiser loop -> decoder, all through the packages (-o NAME.png, or NAME.npy for the images as an array)."""
+    if is_pipeline_folder(package):
+        settings = SampleSettings(steps=steps, cfg_scale=cfg_scale, seed=seed, per_prompt=per_prompt)
+        with stage_display(console) as display:
+            display.on_stage("text to image")
+            summary = run_text_to_image(TextToImageOptions(resources=package, output=output, prompts=tuple(labels), checkpoint=checkpoint,
+                                                           settings=settings, noise=noise, compare=compare, runtime=Runtime(runtime),
+                                                           force=force))
+        if as_json:
+            emit_json(summary)
+        else:
+            psnr = summary["final_image_psnr_db"]
+            print_lines([f"{output}: {len(summary['prompts'])} images {summary['images'][1]}x{summary['images'][2]}, {steps} steps, "
+                         f"CFG {cfg_scale:g} ({summary['runtime']}, {summary['seconds']:.0f} s)"
+                         + (f"; final images {psnr} dB vs the torch pipeline from the same noise" if psnr is not None else "")])
+        return
+    if noise:
+        raise EdgeCompileError("--noise applies to pipeline folders (export --pipeline): drop it, or pass the Resources folder")
     job = SampleOptions(package=package, output=output, checkpoint=checkpoint, labels=list(labels) or None, prompts_file=prompts_file,
                         settings=SampleSettings(steps=steps, cfg_scale=cfg_scale, seed=seed, per_prompt=per_prompt), compare=compare,
                         runtime=Runtime(runtime), device=device, force=force, function=function).resolve()

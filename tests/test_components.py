@@ -262,3 +262,35 @@ def test_bad_pipeline_parts_are_refused_at_import(tmp_path, capsys):
         code, _, err = run_cli(["import", str(folder), "-o", str(tmp_path / f"out_{folder.name}")], capsys)
         one_line_exit_2(code, err, needle)
         assert not (tmp_path / f"out_{folder.name}").exists()
+
+
+def test_sample_draws_pictures_from_text_through_the_packages(pipeline_checkpoint, tmp_path, capsys):
+    """tokenizer -> TextEncoder -> denoiser loop (guidance with the empty prompt, masks carried) -> VAEDecoder, all
+    through the packages in fp16 emulation, against the torch pipeline of the checkpoint's own modules from the same noise."""
+    import json
+
+    import numpy as np
+    from safetensors.torch import save_file
+
+    from tests.test_coreml import run_cli
+
+    root, _ = pipeline_checkpoint
+    code, out, err = run_cli(["export", str(root / "ckpt"), "--pipeline", "-o", str(tmp_path / "o"), "--no-verify", "--json"], capsys)
+    assert code == 0, err
+    res = tmp_path / "o" / "w1.0" / "Resources"
+    code, out, err = run_cli(["sample", str(res), "--checkpoint", str(root / "ckpt"), "--prompt", "a red fox", "--prompt", "a photo of a cat",
+                              "--compare", "-o", str(tmp_path / "pics.npy"), "--json"], capsys)
+    assert code == 0, err
+    summary = json.loads(out)
+    images = np.load(tmp_path / "pics.npy")
+    assert images.shape == (2, 16, 16, 3) and images.dtype == np.float32 and 0 <= images.min() and images.max() <= 1
+    assert summary["final_image_psnr_db"] >= 35 and summary["non_finite_images"] == 0, summary
+    # the same noise from a file gives the same pictures; a PNG grid is written too
+    noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    save_file({"noise": noise}, str(tmp_path / "noise.safetensors"))
+    code, _, err = run_cli(["sample", str(res), "--checkpoint", str(root / "ckpt"), "--prompt", "a red fox", "--prompt", "a photo of a cat",
+                            "--noise", str(tmp_path / "noise.safetensors"), "-o", str(tmp_path / "grid.png")], capsys)
+    assert code == 0 and (tmp_path / "grid.png").read_bytes()[:4] == b"\x89PNG", err
+    code, _, err = run_cli(["sample", str(res), "--checkpoint", str(root / "ckpt"), "--prompt", "x", "--noise", str(tmp_path / "noise.safetensors"),
+                            "-o", str(tmp_path / "bad.png")], capsys)
+    assert code == 2 and "expected (1, 4, 8, 8)" in err and not (tmp_path / "bad.png").exists()

@@ -10,7 +10,7 @@ diffusers = pytest.importorskip("diffusers")
 
 from edgecompile.coreml.interpreter import MILInterpreter  # noqa: E402
 from edgecompile.coreml.package import load_package  # noqa: E402
-from edgecompile.deploy.contract import LATENT, OUTPUT, TEXT, TIMESTEP, text_to_package  # noqa: E402
+from edgecompile.deploy.contract import TEXT_MASK, LATENT, OUTPUT, TEXT, TIMESTEP, text_to_package  # noqa: E402
 from edgecompile.deploy.rewrite import deploy_model  # noqa: E402
 from edgecompile.export import CompressionOptions, ExportOptions, LatentPlan, PackageOptions, run_export  # noqa: E402
 from edgecompile.metrics import psnr_db  # noqa: E402
@@ -40,14 +40,15 @@ def tiny_pixart(family: str, seed: int = 0):
     return model
 
 
-def diffusers_forward(model, latent, t, text_btd):
+def diffusers_forward(model, latent, t, text_btd, mask=None):
     h, w = latent.shape[2:]
     cond = None
     if model.config.use_additional_conditions:
         b = latent.shape[0]
         cond = {"resolution": torch.tensor([[h * 8.0, w * 8.0]]).repeat(b, 1), "aspect_ratio": torch.tensor([[h / w]]).repeat(b, 1)}
     with torch.no_grad():
-        out = model(latent, encoder_hidden_states=text_btd, timestep=t, added_cond_kwargs=cond or {"resolution": None, "aspect_ratio": None})
+        out = model(latent, encoder_hidden_states=text_btd, timestep=t, added_cond_kwargs=cond or {"resolution": None, "aspect_ratio": None},
+                    encoder_attention_mask=mask)
     return out.sample[:, : model.config.in_channels]  # the noise prediction; the variance channels are dropped
 
 
@@ -67,16 +68,29 @@ def inputs(hw, batch=2, seed=0):
             torch.randn((batch, TEXT_LEN, 40), generator=g))
 
 
+def short_prompts(batch=2):
+    """Text masks of prompts shorter than the text length: 3 and 5 tokens of TEXT_LEN, the rest padding."""
+    mask = torch.zeros(batch, TEXT_LEN)
+    for i in range(batch):
+        mask[i, : 3 + 2 * i] = 1
+    return mask
+
+
 @pytest.mark.parametrize("hw", [(16, 16), (16, 24)])
-def test_reference_and_deploy_graph_equal_diffusers(imported, hw):
+@pytest.mark.parametrize("masked", [False, True])
+def test_reference_and_deploy_graph_equal_diffusers(imported, hw, masked):
+    """With the text attention mask, padding tokens are masked as diffusers masks them (encoder_attention_mask)."""
     family, model, ckpt, _ = imported
     latent, t, text = inputs(hw)
-    want = diffusers_forward(model, latent, t, text).numpy()
+    mask = short_prompts() if masked else None
+    want = diffusers_forward(model, latent, t, text, mask).numpy()
     with torch.no_grad():
-        ours = ckpt.model(latent, t, text).numpy()
-        deployed = deploy_model(ckpt.model, 1.0, latent_hw=hw)(latent, t, text_to_package(text)).numpy()
+        ours = ckpt.model(latent, t, text, text_mask=mask).numpy()
+        deployed = deploy_model(ckpt.model, 1.0, latent_hw=hw)(latent, t, text_to_package(text), mask).numpy()
     assert psnr_db(want, ours) >= 100, family
     assert psnr_db(want, deployed) >= 100, family
+    if masked:  # the mask changes the output: without it the package would not compute what diffusers computes
+        assert psnr_db(want, diffusers_forward(model, latent, t, text).numpy()) < 60
 
 
 def test_import_records_the_family_options(imported):
@@ -96,9 +110,10 @@ def test_exported_fp16_package_equals_diffusers(imported, hw, tmp_path):
     view = load_package(report.path)
     assert "DDPM" in view.metadata["edgecompile.io"]
     latent, t, text = inputs(hw, batch=1, seed=3)
+    mask = short_prompts(1)
     out = MILInterpreter(view.program, precision="fp16").run(
-        {LATENT: latent.numpy(), TIMESTEP: t.numpy(), TEXT: text_to_package(text).numpy()})[OUTPUT]
-    assert psnr_db(diffusers_forward(model, latent, t, text).numpy(), out) >= 60, family
+        {LATENT: latent.numpy(), TIMESTEP: t.numpy(), TEXT: text_to_package(text).numpy(), TEXT_MASK: mask.numpy()})[OUTPUT]
+    assert psnr_db(diffusers_forward(model, latent, t, text, mask).numpy(), out) >= 60, family
 
 
 def test_palettized_export_with_swift_resources_onnx_verify_and_inspect(imported, tmp_path, capsys):

@@ -138,6 +138,9 @@ class PackageOptions:
                                        "add --target iOS18 (and drop --format onnx)")
             if self.chunks != 1:
                 raise EdgeCompileError("--chunks with several --latent sizes is not supported: export each size on its own, or drop --chunks")
+        if self.chunks != 1 and config.text_mask:
+            raise EdgeCompileError("--chunks of a denoiser with a text attention mask (PixArt) is not supported yet: drop --chunks "
+                                   "(PixArt-Sigma XL's fp16 weights, 1.2 GiB, fit the Neural Engine's 2 GiB in one file)")
         if self.chunks != 1:
             if fmt is not Format.COREML:
                 raise EdgeCompileError("--chunks splits Core ML packages (for the Neural Engine's weight-file limit): drop --format onnx")

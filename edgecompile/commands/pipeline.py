@@ -26,7 +26,7 @@ import torch
 
 from edgecompile.coreml.component import ComponentResult, convert_with_islands
 from edgecompile.coreml.package import record_weight_digests
-from edgecompile.deploy.contract import LATENT, OUTPUT, TEXT, TIMESTEP
+from edgecompile.deploy.contract import OUTPUT, TEXT, input_names
 from edgecompile.deploy.metadata import component_metadata
 from edgecompile.deploy.text_encoder import ATTENTION_MASK, INPUT_IDS, T5EncoderANE, calibrate_scales, text_encoder_graph
 from edgecompile.deploy.vae import VAEDecoderGraph
@@ -143,7 +143,7 @@ def manifest(compiled: list[CompiledComponent], ckpt: Checkpoint, denoiser: Path
         "components": {
             "tokenizer": {"file": TOKENIZER_FILE, "pad_to": c.text_len},
             "text_encoder": {"package": te.package, "class": te.source_class, "inputs": te.inputs, "outputs": te.outputs},
-            "denoiser": {"package": denoiser.name, "inputs": [LATENT, TIMESTEP, TEXT], "outputs": [OUTPUT]},
+            "denoiser": {"package": denoiser.name, "inputs": input_names(c), "outputs": [OUTPUT]},
             "decoder": {"package": dec.package, "class": dec.source_class, "inputs": dec.inputs, "outputs": dec.outputs,
                         "image_range": [-1, 1], "latent_scaling_factor": dec.info["latent_scaling_factor"],
                         "latent_shift_factor": dec.info["latent_shift_factor"], "scaling": dec.info["scaling"]},

@@ -13,6 +13,8 @@ from edgecompile.choices import Runtime
 from edgecompile.compress.calibration import load_user_prompts
 from edgecompile.coreml.generate import SampleSettings, generate, grid_title, save_grid, select_prompts
 from edgecompile.coreml.package import PackageView, load_package
+from edgecompile.coreml.text_to_image import MANIFEST as TEXT_MANIFEST
+from edgecompile.coreml.text_to_image import load_pipeline, save_images, text_to_image
 from edgecompile.coreml.verify import GenerationSummary, checkpoint_for
 from edgecompile.errors import EdgeCompileError
 from edgecompile.model.checkpoint import Checkpoint, Prompts
@@ -82,3 +84,52 @@ def run_sample(job: SampleJob, progress: Progress | None = None) -> GenerationSu
     with atomic_path(job.output, force=o.force, is_dir=False, inputs=job.inputs) as target:
         save_grid(result.grid_rows(), result.labels, target, grid_title(result, job.view))
     return result.summary(grid=str(job.output))
+
+
+def is_pipeline_folder(path: str | Path) -> bool:
+    """A Resources folder written by `export --pipeline` (sample then runs prompt to picture)."""
+    return Path(path).is_dir() and (Path(path) / TEXT_MANIFEST).is_file()
+
+
+@dataclass(frozen=True)
+class TextToImageOptions:
+    """`edgecompile sample RESOURCES --prompt TEXT ...`: the whole pipeline through its packages."""
+
+    resources: str | Path
+    output: str | Path
+    prompts: tuple[str, ...]
+    checkpoint: str | Path | None = None
+    settings: SampleSettings = field(default_factory=SampleSettings)
+    noise: str | Path | None = None
+    compare: bool = False
+    runtime: Runtime = Runtime.AUTO
+    force: bool = False
+
+    def resolve(self):
+        self.settings.validate(prompts=len(self.prompts))
+        if self.settings.per_prompt != 1:
+            raise EdgeCompileError("--per-prompt applies to embedding prompts: repeat --prompt TEXT instead, or pass --noise with more rows")
+        output = Path(self.output)
+        if output.suffix.lower() not in (".png", ".npy"):
+            raise EdgeCompileError(f"-o {output}: give a .png (a picture grid) or a .npy ((N, H, W, 3) float32 in [0, 1]) path")
+        if not self.prompts:
+            raise EdgeCompileError("give the text to draw: --prompt \"a red fox\" (repeat it for several images)")
+        inputs = [self.resources, self.checkpoint, self.noise]
+        check_output_path(output, self.force, inputs=inputs)
+        pipe = load_pipeline(self.resources)
+        ckpt = checkpoint_for(pipe.denoiser, self.checkpoint)
+        return pipe, ckpt, output, inputs
+
+
+def run_text_to_image(opts: TextToImageOptions) -> dict:
+    pipe, ckpt, output, inputs = opts.resolve()
+    s = opts.settings
+    result = text_to_image(pipe, ckpt, list(opts.prompts), steps=s.steps, cfg_scale=s.cfg_scale, seed=s.seed,
+                           noise_file=Path(opts.noise) if opts.noise else None, compare=opts.compare, runtime=Runtime(opts.runtime).value)
+    summary = result.summary()
+    title = f"{pipe.resources}: {s.steps} steps, CFG {s.cfg_scale:g}, seed {s.seed}, {result.runtime}"
+    if result.reference is not None:
+        title += f"; vs the torch pipeline {summary['final_image_psnr_db']} dB"
+    with atomic_path(output, force=opts.force, is_dir=False, inputs=inputs) as target:
+        save_images(result.images, result.prompts, target, title)
+    return {**summary, "output": str(output)}

@@ -15,7 +15,7 @@ from edgecompile import __version__
 from edgecompile.choices import Target
 from edgecompile.coreml.palettize import PALETTIZE_PASS, check_palettized, palettization_config
 from edgecompile.coremltools_loader import import_coremltools, quiet_coremltools
-from edgecompile.deploy.contract import LATENT, OUTPUT, TEXT, TIMESTEP, example_inputs, io_doc
+from edgecompile.deploy.contract import OUTPUT, TIMESTEP, example_inputs, input_names, io_doc
 from edgecompile.deploy.metadata import PackageMetadata
 from edgecompile.deploy.chunks import ChunkIO, DeployChunk, carried_doc, chunk_example
 from edgecompile.deploy.dit import DeployDiT
@@ -31,7 +31,7 @@ def convert_to_mlmodel(deploy: DeployDiT, target: str = "iOS17", compute_precisi
     finished model instead reloads the program and runs the whole pipeline a second time; benchmarks/export_scale.py
     measures both.)
     `fp32_timestep_island=False` is the naive fp16 conversion, kept only to measure what the island buys."""
-    return convert_graph(deploy, example_inputs(deploy), [LATENT, TIMESTEP, TEXT], [OUTPUT], target, compute_precision,
+    return convert_graph(deploy, example_inputs(deploy), input_names(deploy.config), [OUTPUT], target, compute_precision,
                          palettes, fp32_timestep_island)
 
 

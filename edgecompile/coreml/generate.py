@@ -110,10 +110,14 @@ class PackageDenoiser:
         self.label = labels[0] + (f", a chain of {len(self.views)} chunks" if len(self.views) > 1 else "")
         self.calls = 0
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`text_mask` (B, T) for packages with a mask input; without one, every token is attended (prompt embeddings
+        carry no mask), which is what the reference sampler computes too."""
         outs = []
+        masked = bool(self.views[0].meta and self.views[0].meta.config.get("text_mask"))
         for i in range(x.shape[0]):
-            feeds = package_feeds(x[i : i + 1].float().cpu(), t[i : i + 1].float().cpu(), text_to_package(text[i : i + 1].float().cpu()))
+            mask = (text_mask[i : i + 1].float().cpu() if text_mask is not None else torch.ones(1, text.shape[1])) if masked else None
+            feeds = package_feeds(x[i : i + 1].float().cpu(), t[i : i + 1].float().cpu(), text_to_package(text[i : i + 1].float().cpu()), mask)
             outs.append(torch.from_numpy(run_chain(self.views, self.runners, feeds)[OUTPUT]))
             self.calls += 1
         return torch.cat(outs).to(x.device)

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 
 from edgecompile.deploy.chunks import CARRY_DOC
-from edgecompile.deploy.contract import LATENT, OUTPUT, TEXT, TIMESTEP, io_doc
+from edgecompile.deploy.contract import LATENT, OUTPUT, TEXT, TEXT_MASK, TIMESTEP, input_names, io_doc
 
 COMPILE_SCRIPT = "compile_resources.sh"
 CONTRACT = "denoiser_contract.json"
@@ -47,9 +47,11 @@ def sampling_loop(c, unconditional: str | None) -> dict:
         "unconditional_embedding": (f"{UNCONDITIONAL} in this folder: Float32 little-endian, shape [1, {c.text_dim}, 1, {c.text_len}], "
                                     f"the checkpoint's empty-prompt embedding, ready for {TEXT}" if unconditional else
                                     f"the text encoder's output for the empty prompt \"\", in {TEXT}'s layout"),
-        "text": (f"{c.text_len} tokens x {c.text_dim} channels, channel-first [1, {c.text_dim}, 1, {c.text_len}]; the package "
-                 f"attends to all {c.text_len} tokens (no mask input): pad a shorter prompt as the text encoder pads it (T5: the pad "
-                 "token's encodings) and keep the pipeline's max_sequence_length"),
+        "text": (f"{c.text_len} tokens x {c.text_dim} channels, channel-first [1, {c.text_dim}, 1, {c.text_len}]; "
+                 + (f"{TEXT_MASK} [1, {c.text_len}] marks the prompt's tokens 1 and the padding 0 (the tokenizer's attention mask), "
+                    "as diffusers masks them; the unconditional call uses the empty prompt's mask" if c.text_mask else
+                    f"the package attends to all {c.text_len} tokens (no mask input): pad a shorter prompt as the text encoder pads it "
+                    "and keep the pipeline's max_sequence_length")),
     }
     return loop
 
@@ -59,7 +61,7 @@ def denoiser_contract(deploy, chunks: list | None = None, functions: list | None
     several latent sizes, the functions of the multifunction package (`functions`: [(name, deploy graph)])."""
     c = deploy.config
     h, w = deploy.latent_hw
-    shapes = {LATENT: [1, c.latent_channels, h, w], TIMESTEP: [1], TEXT: [1, c.text_dim, 1, c.text_len],
+    shapes = {LATENT: [1, c.latent_channels, h, w], TIMESTEP: [1], TEXT: [1, c.text_dim, 1, c.text_len], TEXT_MASK: [1, c.text_len],
               OUTPUT: [1, c.latent_channels, h, w]}
     doc = io_doc(c)
     if c.prediction == "epsilon":
@@ -73,7 +75,7 @@ def denoiser_contract(deploy, chunks: list | None = None, functions: list | None
         scheduler = "rectified flow, Euler: x <- x + (t_next - t) * v, t from 1 to 0"
     contract = {
         "model": "MultiModalDiffusionTransformer",
-        "inputs": {n: {"shape": shapes[n], "dtype": "Float32", "meaning": doc[n]} for n in (LATENT, TIMESTEP, TEXT)},
+        "inputs": {n: {"shape": shapes[n], "dtype": "Float32", "meaning": doc[n]} for n in input_names(c)},
         "outputs": {OUTPUT: {"shape": shapes[OUTPUT], "dtype": "Float32", "meaning": doc[OUTPUT]}},
         "differences_from_sd3": differences,
         "scheduler": scheduler,

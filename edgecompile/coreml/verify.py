@@ -21,7 +21,7 @@ from edgecompile.coreml.interpreter import MILInterpreter
 from edgecompile.coreml.package import PackageView, changed_weight_files, load_chain
 from edgecompile.coremltools_loader import import_coremltools
 from edgecompile.deploy.chunks import chunk_example, split_deploy
-from edgecompile.deploy.contract import LATENT, OUTPUT, TEXT, TIMESTEP, text_from_package, text_to_package
+from edgecompile.deploy.contract import LATENT, OUTPUT, TEXT, TEXT_MASK, TIMESTEP, text_from_package, text_to_package
 from edgecompile.deploy.dit import DeployDiT
 from edgecompile.deploy.rewrite import deploy_model
 from edgecompile.digest import sha256_file
@@ -173,7 +173,7 @@ def checkpoint_for(view: PackageView, checkpoint: str | Path | None) -> Checkpoi
         if have != want:
             hint = "pass --checkpoint with the folder it was exported from" if checkpoint is None else "is this the checkpoint it was exported from?"
             raise EdgeCompileError(f"package {view.path} was exported from another checkpoint than {path} (weights hash differs): {hint}")
-    if view.config != ckpt.config.to_dict():
+    if ModelConfig.from_dict(view.config, source=f"package {view.path}").to_dict() != ckpt.config.to_dict():  # defaults filled
         raise EdgeCompileError(f"package {view.path} records another model config than checkpoint {path} holds: "
                                "its metadata was edited, or it comes from another checkpoint; re-export it")
     return ckpt
@@ -212,8 +212,25 @@ def package_runner(view: PackageView, precision: str = "fp32", runtime: str = "a
     return MILInterpreter(view.program, precision=precision, function=view.function).run, f"mil-interpreter ({precision})"
 
 
-def package_feeds(latent: torch.Tensor, t: torch.Tensor, text: torch.Tensor) -> dict[str, np.ndarray]:
-    return {LATENT: latent.numpy(), TIMESTEP: t.numpy(), TEXT: text.numpy()}
+def package_feeds(latent: torch.Tensor, t: torch.Tensor, text: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, np.ndarray]:
+    feeds = {LATENT: latent.numpy(), TIMESTEP: t.numpy(), TEXT: text.numpy()}
+    if mask is not None:
+        feeds[TEXT_MASK] = mask.float().numpy()
+    return feeds
+
+
+def verification_masks(config: ModelConfig, n: int) -> list[torch.Tensor | None]:
+    """The text masks of the verification inputs (configs with text_mask): the first attends to every token, the
+    others to the first half and the first third (prompts shorter than the text length, padded)."""
+    if not config.text_mask:
+        return [None] * n
+    masks = []
+    for i in range(n):
+        keep = config.text_len if i == 0 else max(1, config.text_len // (i + 1))
+        m = torch.zeros(1, config.text_len)
+        m[:, :keep] = 1
+        masks.append(m)
+    return masks
 
 
 def run_chain(views: list[PackageView], runners: list[Callable[[dict], dict]], feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -227,14 +244,14 @@ def run_chain(views: list[PackageView], runners: list[Callable[[dict], dict]], f
 
 
 def run_package(view: PackageView, inputs, precision: str = "fp32", runtime: str = "auto",
-                progress: Callable[[str, int, int], None] | None = None) -> tuple[list[np.ndarray], str]:
+                progress: Callable[[str, int, int], None] | None = None, masks: list | None = None) -> tuple[list[np.ndarray], str]:
     """The denoiser output of `view` for each (latent, t, text); a chunk runs with the chain it belongs to."""
     views = load_chain(view)
     runners, labels = zip(*(package_runner(v, precision, runtime) for v in views))
     label = labels[0] + (f", a chain of {len(views)} chunks" if len(views) > 1 else "")
     outs = []
-    for latent, t, text in inputs:
-        outs.append(run_chain(views, runners, package_feeds(latent, t, text))[OUTPUT])
+    for (latent, t, text), mask in zip(inputs, masks or [None] * len(inputs)):
+        outs.append(run_chain(views, runners, package_feeds(latent, t, text, mask))[OUTPUT])
         if progress:
             progress(f"running the package ({label})", len(outs), len(inputs))
     return outs, label
@@ -281,14 +298,16 @@ def verify_package(view: PackageView, ckpt: Checkpoint, simulated: DeployDiT | N
         raise ValueError("a palettized package is verified against its compressed simulation: pass `simulated`")
     width = view.width
     inputs = verification_inputs(ckpt.config, view.latent_hw, ckpt=ckpt, width=width)
-    outs, label = run_package(view, inputs, precision=precision, runtime=runtime, progress=progress)
+    masks = verification_masks(ckpt.config, len(inputs))
+    outs, label = run_package(view, inputs, precision=precision, runtime=runtime, progress=progress, masks=masks)
     reference = extract_width(ckpt.model, width, share=True).to(device)  # on the CPU: views, bit-identical to the supernetwork
     per, per_ckpt = [], []
     with torch.no_grad():
-        for (latent, t, text), out in zip(inputs, outs):
+        for (latent, t, text), mask, out in zip(inputs, masks, outs):
             latent, t, text = latent.to(device), t.to(device), text.to(device)
-            ref = reference(latent, t, text_from_package(text)).cpu().numpy()
-            sim = ref if simulated is None else simulated(latent, t, text).cpu().numpy()
+            mask = None if mask is None else mask.to(device)
+            ref = reference(latent, t, text_from_package(text), text_mask=mask).cpu().numpy()
+            sim = ref if simulated is None else simulated(latent, t, text, mask).cpu().numpy()
             per.append(psnr_db(sim, out))
             per_ckpt.append(psnr_db(ref, out))
     chunk_psnr = []

@@ -16,6 +16,12 @@ LATENT = "latent_image_embeddings"  # (B, C, H, W)
 TIMESTEP = "timestep"  # (B,): flow time t in [0, 1] (1 = pure noise), or DDPM steps for epsilon models
 TEXT = "token_level_text_embeddings"  # (B, text_dim, 1, T)
 OUTPUT = "denoiser_output"  # (B, C, H, W): velocity v = eps - x0, or the noise eps
+TEXT_MASK = "text_attention_mask"  # (B, T): 1 for a token, 0 for padding (configs with text_mask)
+
+
+def input_names(config) -> list[str]:
+    """The denoiser package's inputs, in the order the graph takes them."""
+    return [LATENT, TIMESTEP, TEXT, *([TEXT_MASK] if config.text_mask else [])]
 
 
 def io_doc(config) -> dict[str, str]:
@@ -23,9 +29,11 @@ def io_doc(config) -> dict[str, str]:
     text = "text token embeddings in channel-first layout, (B, text_dim, 1, T) float32"
     if config.caption_projection:
         text += " (the text encoder's raw output: the caption projection runs inside the package)"
+    mask = {TEXT_MASK: "text attention mask, (B, T) float32: 1 for a token, 0 for padding (padding gets -10000 added to its "
+                       "cross-attention scores, as diffusers' PixArt pipelines do)"} if config.text_mask else {}
     if config.prediction == "epsilon":
         last = config.train_timesteps - 1
-        return {
+        return {**mask,
             LATENT: "noisy latent x_t, (B, C, H, W) float32",
             TIMESTEP: f"DDPM timestep in 0..{last} (the scheduler's own units, {last} = noise), (B,) float32",
             TEXT: text,
@@ -33,6 +41,7 @@ def io_doc(config) -> dict[str, str]:
                      f"over {config.train_timesteps} steps): step with DDIM or DPM-Solver"),
         }
     return {
+        **mask,
         LATENT: "noisy latent x_t, (B, C, H, W) float32",
         TIMESTEP: "flow time t in [0, 1] (1 = noise), (B,) float32",
         TEXT: text,
@@ -56,15 +65,16 @@ def with_btd_text(deploy):
     return lambda latent, t, text_btd: deploy(latent, t, text_to_package(text_btd))
 
 
-def example_inputs(deploy, batch: int = 1, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Deterministic inputs of the package's shapes (used for tracing and for verification)."""
+def example_inputs(deploy, batch: int = 1, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Deterministic inputs of the package's shapes (used for tracing and for verification): latent, timestep, text
+    and, for configs with text_mask, a mask of all tokens."""
     c = deploy.config
     g = torch.Generator().manual_seed(seed)
     h, w = deploy.latent_hw
     latent = torch.randn((batch, c.latent_channels, h, w), generator=g)
     t = (torch.rand((batch,), generator=g) * 0.9 + 0.05) * c.max_timestep
     text = torch.randn((batch, c.text_dim, 1, c.text_len), generator=g)
-    return latent, t, text
+    return (latent, t, text, torch.ones(batch, c.text_len)) if c.text_mask else (latent, t, text)
 
 
 def package_metadata(deploy, width: float, params: int, config: dict, checkpoint_sha256: str | None, bits: Bits | str = Bits.FP16,

@@ -26,8 +26,8 @@ import torch.utils.checkpoint
 import torch.nn.functional as F
 from torch import nn
 
-from edgecompile.model.config import PlannedBlock, ModelConfig
-from edgecompile.model.dit import bna_partition, position_table, timestep_frequencies
+from edgecompile.model.config import ModelConfig, PlannedBlock
+from edgecompile.model.dit import bna_partition, position_table, timestep_frequencies, text_mask_bias
 
 NEG_INF = -1e4  # fp16-safe "minus infinity" for masks
 
@@ -86,7 +86,7 @@ def split_einsum_attention(q, k_t, v, heads: int, kv_heads: int, head_dim: int, 
             # Principle: scores keep keys on axis 1, so softmax reduces over channels-first like every other op
             w = torch.einsum("bchq,bkhc->bkhq", qc, k_h)  # (B, Sk, 1, sq)
             if bias is not None:
-                b = bias[:, i if bias.shape[1] > 1 else 0, :, s0:s1]  # (B or 1, Sk, sq)
+                b = bias[:, i if bias.shape[1] > 1 else 0, :, s0:s1] if bias.shape[3] > 1 else bias[:, 0]  # (B or 1, Sk, sq or 1)
                 w = w + b[:, :, None]  # (B, Sk, 1, sq): scores keep keys on axis 1
             w = w.softmax(dim=1)  # (B, Sk, 1, sq)
             pieces.append(torch.einsum("bkhq,bchk->bchq", w, v_h))  # (B, d, 1, sq)
@@ -234,12 +234,13 @@ class DeployCrossAttention(nn.Module):
         self.v = conv1x1(text_dim, d.kv_dim)
         self.out = conv1x1(d.attn_dim, d.hidden)
 
-    def forward(self, x: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, text: torch.Tensor, text_bias: torch.Tensor | None = None) -> torch.Tensor:
         d = self.d
         b, c, hh, ww = x.shape
         q = self.q(x).reshape(b, d.attn_dim, 1, hh * ww)  # (B, Hq*d, 1, S)
         k_t = self.k(text).transpose(1, 3)  # (B, text_dim, 1, T) -> (B, T, 1, Hkv*d): the layer's one key transpose
-        out = split_einsum_attention(q, k_t, self.v(text), d.heads, d.kv_heads, d.head_dim, query_chunk=self.query_chunk)
+        out = split_einsum_attention(q, k_t, self.v(text), d.heads, d.kv_heads, d.head_dim, query_chunk=self.query_chunk,
+                                     bias=text_bias)  # text_bias (B, 1, T, 1): the same for every head and query
         return self.out(out).reshape(b, c, hh, ww)
 
 
@@ -268,13 +269,13 @@ class DeployBlock(nn.Module):
         self.ffn = DeployFeedForward(d.hidden, inner)
         self.scale_shift_table = nn.Parameter(torch.zeros(1, 6 * d.hidden, 1, 1))
 
-    def forward(self, x, t0, text, skip=None):
+    def forward(self, x, t0, text, skip=None, text_bias=None):
         if self.skip_fuse is not None:
             x = self.skip_fuse(torch.cat([x, skip], dim=1))
         # Modulation broadcasts over (H, W) in channel layout: (B, D, 1, 1) chunks.
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (self.scale_shift_table + t0).chunk(6, dim=1)
         x = x + gate_sa * self.attn(self.norm1(x) * (1 + scale_sa) + shift_sa)
-        x = x + self.cross(self.norm_cross(x), text)
+        x = x + self.cross(self.norm_cross(x), text, text_bias)
         return x + gate_ff * self.ffn(self.norm2(x) * (1 + scale_ff) + shift_ff)
 
 
@@ -342,10 +343,10 @@ class DeployDiT(nn.Module):
         # pass, trading one more forward for the activation memory of all blocks but one.
         self.checkpoint_blocks = False
 
-    def _block(self, blk: DeployBlock, x, t0, text, skip=None):
+    def _block(self, blk: DeployBlock, x, t0, text, skip=None, text_bias=None):
         if self.checkpoint_blocks and torch.is_grad_enabled():
-            return torch.utils.checkpoint.checkpoint(blk, x, t0, text, skip, use_reentrant=False)
-        return blk(x, t0, text, skip)
+            return torch.utils.checkpoint.checkpoint(blk, x, t0, text, skip, text_bias, use_reentrant=False)
+        return blk(x, t0, text, skip, text_bias)
 
     def _to_layout(self, x):
         return self.layout.to_blocks(x) if self.layout is not None else x
@@ -353,8 +354,11 @@ class DeployDiT(nn.Module):
     def _from_layout(self, x):
         return self.layout.from_blocks(x) if self.layout is not None else x
 
-    def forward(self, latent: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        return self.head(self.run_blocks(self.embed(latent, timestep), self.project_text(text), 0, self.n_blocks))
+    def forward(self, latent: torch.Tensor, timestep: torch.Tensor, text: torch.Tensor, text_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`text_mask` (B, T), 1 for a token and 0 for padding: the package input of configs with text_mask."""
+        bias = text_mask_bias(text_mask)
+        bias = None if bias is None else bias[:, None, :, None]  # (B, T) -> (B, 1, T, 1): keys on axis 2 of the score bias
+        return self.head(self.run_blocks(self.embed(latent, timestep), self.project_text(text), 0, self.n_blocks, bias))
 
     # The forward in three parts, so that a chunk (deploy/chunks.py) runs a contiguous range of blocks with the same
     # code: embed -> blocks [start, end) -> head, the state between blocks held in a Carry.
@@ -386,7 +390,7 @@ class DeployDiT(nn.Module):
             return text
         return self.caption_proj2(F.gelu(self.caption_proj1(text), approximate="tanh"))
 
-    def run_blocks(self, carry: Carry, text: torch.Tensor, start: int, end: int) -> Carry:
+    def run_blocks(self, carry: Carry, text: torch.Tensor, start: int, end: int, text_bias: torch.Tensor | None = None) -> Carry:
         """Blocks [start, end) of the flat order, reading `text` as project_text returns it; the stage transitions at a position run before its block (and
         those at n_blocks with the last block), so every range ends between two blocks."""
         x, skips = carry.x, list(carry.skips)
@@ -403,7 +407,7 @@ class DeployDiT(nn.Module):
             if pos == self.n_blocks:
                 break
             b = self.plan.blocks[pos]
-            x = self._block(getattr(self, b.stage)[b.index], x, carry.t0, text, skips.pop() if b.reads_skip else None)
+            x = self._block(getattr(self, b.stage)[b.index], x, carry.t0, text, skips.pop() if b.reads_skip else None, text_bias)
             if b.writes_skip:
                 skips.append(x)
         return Carry(x=x, t0=carry.t0, temb=carry.temb, hi_res=hi_res, skips=skips)

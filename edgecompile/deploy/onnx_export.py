@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from edgecompile.deploy.contract import LATENT, OUTPUT, TEXT, TIMESTEP, example_inputs
+from edgecompile.deploy.contract import OUTPUT, example_inputs, input_names
 from edgecompile.deploy.dit import DeployDiT
 from edgecompile.deploy.metadata import WEIGHTS_SHA256
 
@@ -27,7 +27,7 @@ def export_onnx(deploy: DeployDiT, path: str | Path, opset: int = 17, metadata: 
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            deploy.eval(), example, str(path), input_names=[LATENT, TIMESTEP, TEXT], output_names=[OUTPUT],
+            deploy.eval(), example, str(path), input_names=input_names(deploy.config), output_names=[OUTPUT],
             opset_version=opset, dynamo=False,
         )
     if metadata or weights_digest:

@@ -148,6 +148,9 @@ class ModelConfig:
     cross_attention_norm: bool = True  # LayerNorm before cross-attention (PixArt has none)
     caption_projection: bool = False  # text_dim -> hidden MLP inside the denoiser (PixArt's caption_projection)
     micro_conditions: bool = False  # PixArt-alpha's resolution and aspect-ratio embeddings (fixed per latent size)
+    # a text attention-mask input: padding tokens get -10000 added to their cross-attention scores, as diffusers'
+    # PixArt pipelines mask them (the packages take a `text_attention_mask` input)
+    text_mask: bool = False
     vae_scale_factor: int = 8  # pixels per latent cell (the resolution micro-condition)
     position_table: str = "sincos"  # POSITION_TABLES
     position_base_size: int = 0  # "pixart": the grid side positions are scaled to (0: the token grid itself)

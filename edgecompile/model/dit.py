@@ -146,12 +146,14 @@ def per_width_table(config: ModelConfig, rows: int) -> nn.ParameterDict:
 # ---------------------------------------------------------------------------------------------------
 # Attention
 # ---------------------------------------------------------------------------------------------------
-def gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+def gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+                  bias: torch.Tensor | None = None) -> torch.Tensor:
     """q (B, Hq, Lq, d), k/v (B, Hkv, Lk, d): query head i reads key/value head i // (Hq / Hkv).
 
     Plain softmax(q k^T / sqrt(d)) v, broadcasting each key/value head over its query group: with this
     model's small heads it is faster on CPU than the fused kernels, and it is the formula the deploy
-    rewrite reproduces. `mask` (Lq, Lk) boolean: True = may attend.
+    rewrite reproduces. `mask` (Lq, Lk) boolean: True = may attend; `bias` (B, Lk) is added to every query's
+    scores of each key (a text padding mask).
     """
     b, hq, lq, d = q.shape
     hkv = k.shape[1]
@@ -159,7 +161,17 @@ def gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
     scores = (qg * d**-0.5) @ k[:, :, None].transpose(-1, -2)
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
+    if bias is not None:
+        scores = scores + bias[:, None, None, None, :]  # (B, 1, 1, 1, Lk) over (B, Hkv, group, Lq, Lk)
     return (scores.softmax(dim=-1) @ v[:, :, None]).view(b, hq, lq, d)
+
+
+TEXT_MASK_VALUE = -10000.0  # what diffusers adds to the scores of a masked text token (encoder_attention_mask)
+
+
+def text_mask_bias(text_mask: torch.Tensor | None) -> torch.Tensor | None:
+    """(B, T) 1/0 mask -> (B, T) additive score bias: 0 for a token, -10000 for padding (diffusers' convention)."""
+    return None if text_mask is None else (1.0 - text_mask.float()) * TEXT_MASK_VALUE
 
 
 def split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -306,11 +318,11 @@ class CrossAttention(nn.Module):
         self.v = ElasticLinear(self.text_dim, full.kv_dim)
         self.out = ElasticLinear(full.attn_dim, full.hidden)
 
-    def forward(self, x: torch.Tensor, text: torch.Tensor, d: WidthDims) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, text: torch.Tensor, d: WidthDims, text_bias: torch.Tensor | None = None) -> torch.Tensor:
         q = split_heads(self.q(x, d.hidden, d.attn_dim), d.heads)
         k = split_heads(self.k(text, self.text_dim, d.kv_dim), d.kv_heads)
         v = split_heads(self.v(text, self.text_dim, d.kv_dim), d.kv_heads)
-        return self.out(merge_heads(gqa_attention(q, k, v)), d.attn_dim, d.hidden)
+        return self.out(merge_heads(gqa_attention(q, k, v, bias=text_bias)), d.attn_dim, d.hidden)
 
 
 class FeedForward(nn.Module):
@@ -344,13 +356,13 @@ class DiTBlock(nn.Module):
         self.ffn = FeedForward(config, middle=stage == "middle")
         self.scale_shift_table = per_width_table(config, 6)
 
-    def forward(self, x, t0, text, d: WidthDims, grid, skip=None):
+    def forward(self, x, t0, text, d: WidthDims, grid, skip=None, text_bias=None):
         if self.skip_fuse is not None:
             x = self.skip_fuse(torch.cat([x, skip], dim=-1), 2 * d.hidden, d.hidden)
         mod = self.scale_shift_table[width_key(d.width)][None] + t0.view(t0.shape[0], 6, d.hidden)
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = (m[:, None] for m in mod.unbind(1))
         x = x + gate_sa * self.attn(modulate(self.norm1(x, d), shift_sa, scale_sa), d, grid)
-        x = x + self.cross(self.norm_cross(x, d) if self.norm_cross is not None else x, text, d)
+        x = x + self.cross(self.norm_cross(x, d) if self.norm_cross is not None else x, text, d, text_bias)
         x = x + gate_ff * self.ffn(modulate(self.norm2(x, d), shift_ff, scale_ff), d)
         return x
 
@@ -422,8 +434,11 @@ class EfficientDiT(nn.Module):
         c = self.config
         return self.caption_proj2(F.gelu(self.caption_proj1(text, c.text_dim, d.hidden), approximate="tanh"), d.hidden, d.hidden)
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, width: float = 1.0) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, width: float = 1.0,
+                text_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`text_mask` (B, T): 1 for a token, 0 for padding (configs with text_mask; None attends to every token)."""
         c = self.config
+        text_bias = text_mask_bias(text_mask)
         d = c.dims(width)
         bsz, lh, lw = x.shape[0], int(x.shape[2]), int(x.shape[3])  # plain ints: shapes are static per export
         c.check_latent_size(lh, lw)
@@ -456,7 +471,7 @@ class EfficientDiT(nn.Module):
             if pos == len(self.plan):
                 break
             b = self.plan.blocks[pos]
-            tok = getattr(self, b.stage)[b.index](tok, t0, text, d, grid, skip=skips.pop() if b.reads_skip else None)
+            tok = getattr(self, b.stage)[b.index](tok, t0, text, d, grid, skip=skips.pop() if b.reads_skip else None, text_bias=text_bias)
             if b.writes_skip:
                 skips.append(tok)
 

@@ -23,19 +23,23 @@ def timesteps(steps: int) -> torch.Tensor:
     return torch.linspace(1.0, 0.0, steps + 1)
 
 
-def guided(denoiser: Denoiser, x, t, text, cfg_scale: float, null_text: torch.Tensor | None) -> torch.Tensor:
-    out = denoiser(x, t, text)
+def guided(denoiser: Denoiser, x, t, text, cfg_scale: float, null_text: torch.Tensor | None, masks=None) -> torch.Tensor:
+    """One guided prediction; `masks` (text mask, null mask), each (B, T), go to a denoiser that takes a text mask
+    as a fourth argument (None: the denoiser takes three)."""
+    cond_mask, null_mask = masks if masks is not None else (None, None)
+    out = denoiser(x, t, text) if cond_mask is None else denoiser(x, t, text, cond_mask)
     if cfg_scale == 1.0:
         return out
     if null_text is None:
         raise ValueError("classifier-free guidance needs null_text")
-    uncond = denoiser(x, t, null_text.expand_as(text))
+    null = null_text.expand_as(text)
+    uncond = denoiser(x, t, null) if null_mask is None else denoiser(x, t, null, null_mask.expand_as(cond_mask))
     return uncond + cfg_scale * (out - uncond)
 
 
 @torch.no_grad()
 def euler_sample(denoiser: Denoiser, noise: torch.Tensor, text: torch.Tensor, steps: int = 20, cfg_scale: float = 1.0,
-                 null_text: torch.Tensor | None = None, on_step: OnStep | None = None) -> torch.Tensor:
+                 null_text: torch.Tensor | None = None, on_step: OnStep | None = None, masks=None) -> torch.Tensor:
     """Integrate dx/dt = v from t=1 to 0."""
     x = noise
     ts = timesteps(steps)
@@ -43,7 +47,7 @@ def euler_sample(denoiser: Denoiser, noise: torch.Tensor, text: torch.Tensor, st
         t = ts[i].expand(x.shape[0])
         if on_step is not None:
             on_step(x, t, text)
-        x = x + (ts[i + 1] - ts[i]) * guided(denoiser, x, t, text, cfg_scale, null_text)
+        x = x + (ts[i + 1] - ts[i]) * guided(denoiser, x, t, text, cfg_scale, null_text, masks)
     return x
 
 
@@ -62,7 +66,7 @@ def ddim_timesteps(steps: int, train_timesteps: int) -> torch.Tensor:
 @torch.no_grad()
 def ddim_sample(denoiser: Denoiser, noise: torch.Tensor, text: torch.Tensor, steps: int, train_timesteps: int = 1000,
                 beta_start: float = 0.0001, beta_end: float = 0.02, cfg_scale: float = 1.0,
-                null_text: torch.Tensor | None = None, on_step: OnStep | None = None) -> torch.Tensor:
+                null_text: torch.Tensor | None = None, on_step: OnStep | None = None, masks=None) -> torch.Tensor:
     """Deterministic DDIM with an epsilon-predicting denoiser; timesteps passed as floats in DDPM steps."""
     acp = alphas_cumprod(train_timesteps, beta_start, beta_end).to(noise.device)
     ts = ddim_timesteps(steps, train_timesteps)
@@ -72,7 +76,7 @@ def ddim_sample(denoiser: Denoiser, noise: torch.Tensor, text: torch.Tensor, ste
         tt = torch.full((x.shape[0],), float(t), device=x.device)
         if on_step is not None:
             on_step(x, tt, text)
-        eps = guided(denoiser, x, tt, text, cfg_scale, null_text)
+        eps = guided(denoiser, x, tt, text, cfg_scale, null_text, masks)
         a_t = acp[t]
         a_prev = acp[t - ratio] if t - ratio >= 0 else torch.ones((), device=x.device)  # set_alpha_to_one
         x0 = (x - (1 - a_t).sqrt() * eps) / a_t.sqrt()
@@ -81,9 +85,9 @@ def ddim_sample(denoiser: Denoiser, noise: torch.Tensor, text: torch.Tensor, ste
 
 
 def sample(config, denoiser: Denoiser, noise: torch.Tensor, text: torch.Tensor, steps: int, cfg_scale: float = 1.0,
-           null_text: torch.Tensor | None = None, on_step: OnStep | None = None) -> torch.Tensor:
-    """The sampler of `config.prediction`."""
+           null_text: torch.Tensor | None = None, on_step: OnStep | None = None, masks=None) -> torch.Tensor:
+    """The sampler of `config.prediction`; `masks` = (text mask (B, T), null mask (1, T)) for masked denoisers."""
     if config.prediction == "epsilon":
         return ddim_sample(denoiser, noise, text, steps, config.train_timesteps, config.beta_start, config.beta_end, cfg_scale,
-                           null_text, on_step)
-    return euler_sample(denoiser, noise, text, steps, cfg_scale, null_text, on_step)
+                           null_text, on_step, masks)
+    return euler_sample(denoiser, noise, text, steps, cfg_scale, null_text, on_step, masks)

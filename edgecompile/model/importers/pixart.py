@@ -109,7 +109,7 @@ def to_config(folder: DiffusersFolder, text_len: int | None = None, name: str | 
         ffn_ratio=fc1.shape[0] / hidden, ffn_ratio_middle=fc1.shape[0] / hidden,
         down_up_attention="full", stage_downsample=False, middle_skips=False, widths=(1.0,),
         prediction="epsilon", train_timesteps=train_timesteps, beta_start=beta_start, beta_end=beta_end,
-        cross_attention_norm=False, caption_projection=caption is not None, micro_conditions=micro,
+        cross_attention_norm=False, caption_projection=caption is not None, micro_conditions=micro, text_mask=True,
         position_table="pixart", position_base_size=sample // patch,
         position_interpolation_scale=interpolation if interpolation is not None else float(max(sample // 64, 1)),
     )
