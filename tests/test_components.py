@@ -294,3 +294,25 @@ def test_sample_draws_pictures_from_text_through_the_packages(pipeline_checkpoin
     code, _, err = run_cli(["sample", str(res), "--checkpoint", str(root / "ckpt"), "--prompt", "x", "--noise", str(tmp_path / "noise.safetensors"),
                             "-o", str(tmp_path / "bad.png")], capsys)
     assert code == 2 and "expected (1, 4, 8, 8)" in err and not (tmp_path / "bad.png").exists()
+
+
+def test_text_encoder_ships_with_8_bit_palettes_verified_against_their_simulation(tmp_path):
+    """The text encoder's default: 8-bit LUTs (plain k-means) on every layer large enough, written as LUT ops, verified
+    against the simulation (decoded weights) at the 60 dB bar and reported against the unquantized encoder."""
+    import copy
+
+    from edgecompile.compress.palettize_model import palettize_deploy, uniform_bits
+    from edgecompile.commands.pipeline import unquantized_psnr
+
+    torch.manual_seed(0)
+    model = transformers.T5EncoderModel(transformers.T5Config(vocab_size=100, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+                                                              feed_forward_proj="gated-gelu")).eval()
+    graph = text_encoder_graph(model, T)
+    simulation = copy.deepcopy(graph)
+    palettes = palettize_deploy(simulation, uniform_bits(simulation, 8))
+    assert palettes and all(p.nbits == 8 for p in palettes.values())
+    ml, result = convert_with_islands(simulation, "text_encoder", prompts(), palettes=palettes)
+    luts = [o for o in ml._mil_program.functions["main"].operations if o.op_type == "constexpr_lut_to_dense"]
+    assert len(luts) == len(palettes)
+    assert result.passed and result.psnr_db >= 60
+    assert 30 < unquantized_psnr(graph, simulation, prompts()) < 100  # 8 bits change the output, a little

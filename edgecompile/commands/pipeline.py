@@ -16,6 +16,7 @@ fp32 torch graph in the fp16 emulation, with the fp16 overflow it was found to h
 
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 import time
@@ -24,6 +25,7 @@ from pathlib import Path
 
 import torch
 
+from edgecompile.compress.palettize_model import palettize_deploy, uniform_bits
 from edgecompile.coreml.component import ComponentResult, convert_with_islands
 from edgecompile.coreml.package import record_weight_digests
 from edgecompile.deploy.contract import OUTPUT, TEXT, input_names
@@ -31,6 +33,7 @@ from edgecompile.deploy.metadata import component_metadata
 from edgecompile.deploy.text_encoder import ATTENTION_MASK, INPUT_IDS, T5EncoderANE, calibrate_scales, text_encoder_graph
 from edgecompile.deploy.vae import VAEDecoderGraph
 from edgecompile.errors import VerificationFailed
+from edgecompile.metrics import psnr_db
 from edgecompile.model.checkpoint import Checkpoint
 from edgecompile.model.components import load_parts
 
@@ -41,6 +44,7 @@ MANIFEST = "pipeline.json"
 CALIBRATION_PROMPTS = ("", "a photo of a cat", "a handwritten seven", "a red fox in the snow, highly detailed, 4k",
                        "an astronaut riding a horse on the moon")
 CALIBRATION_LATENTS = 3
+DEFAULT_TEXT_ENCODER_BITS = 8
 
 
 @dataclass
@@ -76,7 +80,19 @@ def token_ids(tokenizer: Path, texts, text_len: int, with_mask: bool) -> list[tu
     return out
 
 
-def compile_components(ckpt: Checkpoint, target: str, latent_hw: tuple[int, int], on_stage=None) -> list[CompiledComponent]:
+def unquantized_psnr(reference: torch.nn.Module, simulation: torch.nn.Module, inputs) -> float:
+    """The worst PSNR of the palettized simulation's first output against the unquantized graph's."""
+    worst = float("inf")
+    with torch.no_grad():
+        for args in inputs:
+            want, got = reference(*args), simulation(*args)
+            want, got = (want[0], got[0]) if isinstance(want, tuple) else (want, got)
+            worst = min(worst, psnr_db(want.numpy(), got.numpy()))
+    return worst
+
+
+def compile_components(ckpt: Checkpoint, target: str, latent_hw: tuple[int, int], on_stage=None,
+                       text_encoder_bits: int = DEFAULT_TEXT_ENCODER_BITS) -> list[CompiledComponent]:
     """The checkpoint's text encoder and VAE decoder converted, fp16 overflow fixed, and verified (raises
     VerificationFailed below the bar: nothing unverified ships)."""
     parts = load_parts(ckpt.components, ckpt.config.text_dim, str(ckpt.path))
@@ -88,7 +104,15 @@ def compile_components(ckpt: Checkpoint, target: str, latent_hw: tuple[int, int]
     t5 = isinstance(encoder, T5EncoderANE)
     prompts = token_ids(parts.tokenizer, CALIBRATION_PROMPTS, ckpt.config.text_len, with_mask=t5)
     scales = calibrate_scales(encoder, prompts) if t5 else {}
-    ml, result = convert_with_islands(encoder, "text_encoder", prompts, target)
+    palettes, simulation = None, encoder
+    if text_encoder_bits != 16:  # 8-bit LUTs by default: a text encoder runs twice per image, its weights dominate a small app
+        simulation = copy.deepcopy(encoder)
+        palettes = palettize_deploy(simulation, uniform_bits(simulation, text_encoder_bits)) or None  # none: every layer too small
+        simulation = simulation if palettes else encoder
+    ml, result = convert_with_islands(simulation, "text_encoder", prompts, target, palettes=palettes)
+    if palettes:
+        result.bits = text_encoder_bits
+        result.psnr_vs_unquantized_db = unquantized_psnr(encoder, simulation, prompts)
     ins = {INPUT_IDS: [1, ckpt.config.text_len], **({ATTENTION_MASK: [1, ckpt.config.text_len]} if t5 else {})}
     outs = {n: s for n, s in ((TEXT, [1, ckpt.config.text_dim, 1, ckpt.config.text_len]),) if n in encoder.output_names}
     compiled.append(CompiledComponent("text_encoder", TEXT_ENCODER_PACKAGE, ml, result, type(parts.text_encoder).__name__, ins, outs,

@@ -103,7 +103,8 @@ def sweep_table(recipe: Recipe, mode: str, width: float, candidates: tuple[int, 
 def inspect_lines(view: PackageView, census: dict) -> list[str]:
     """The package's head line, its functions and chunks, and its inputs and outputs, names whole."""
     meta = view.meta
-    head = (f"{view.path}  width {width_label(meta.width)}, bits {meta.bits.value}" if meta else f"{view.path}  (no edgecompile metadata)")
+    head = (f"{view.path}  width {width_label(meta.width)}, bits {meta.bits.value}" if meta else
+            f"{view.path}  the pipeline's {view.component}" if view.component else f"{view.path}  (no edgecompile metadata)")
     head += (f", latent {'x'.join(map(str, view.latent_hw or ('?',)))}, {census['weight_bytes'] / 2**20:.2f} MiB of weights"
              + (f", {census['average_bits']:.2f} bits/weight palettized" if census["average_bits"] else ""))
     lines = [head]

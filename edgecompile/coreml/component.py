@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from edgecompile.coreml.interpreter import MILInterpreter
+from edgecompile.coreml.palettize import PALETTIZE_PASS, check_palettized, palettization_config
 from edgecompile.coremltools_loader import import_coremltools, quiet_coremltools
 from edgecompile.errors import EdgeCompileError
 from edgecompile.jsonutil import finite_or_none
@@ -30,9 +31,11 @@ def _feeds(args: tuple[torch.Tensor, ...], names) -> dict[str, np.ndarray]:
     return {n: (a.numpy().astype(np.int32) if not a.is_floating_point() else a.numpy().astype(np.float32)) for n, a in zip(names, args)}
 
 
-def convert_component(graph: torch.nn.Module, target: str = "iOS17", fp32_ops: frozenset[str] = frozenset(), fp32_everywhere: bool = False):
+def convert_component(graph: torch.nn.Module, target: str = "iOS17", fp32_ops: frozenset[str] = frozenset(), fp32_everywhere: bool = False,
+                      palettes: dict | None = None):
     """Trace `graph` (with `input_names`, `output_names` and `example()`) and convert it; returns the in-memory model.
-    Ops named in `fp32_ops` stay fp32 (islands); the rest compute in fp16."""
+    Ops named in `fp32_ops` stay fp32 (islands); the rest compute in fp16. `palettes` (layer -> Palette, the
+    weights of `graph` already decoded from them) are written as LUTs, as for the denoiser (coreml/palettize.py)."""
     ct = import_coremltools()
     example = graph.example()
     with torch.no_grad():
@@ -43,12 +46,20 @@ def convert_component(graph: torch.nn.Module, target: str = "iOS17", fp32_ops: f
         precision = ct.transform.FP16ComputePrecision(op_selector=lambda op: op.name not in fp32_ops)
     inputs = [ct.TensorType(name=n, shape=tuple(x.shape), dtype=np.float32 if x.is_floating_point() else np.int32)
               for n, x in zip(graph.input_names, example)]
+    pipeline = ct.PassPipeline.DEFAULT
+    if palettes:
+        pipeline.append_pass(PALETTIZE_PASS)
+        pipeline.set_options(PALETTIZE_PASS, {"config": palettization_config(ct, palettes)})
     with quiet_coremltools():
         try:
-            return ct.convert(traced, inputs=inputs, outputs=[ct.TensorType(name=n, dtype=np.float32) for n in graph.output_names],
-                              convert_to="mlprogram", minimum_deployment_target=getattr(ct.target, target), compute_precision=precision)
+            ml = ct.convert(traced, inputs=inputs, outputs=[ct.TensorType(name=n, dtype=np.float32) for n in graph.output_names],
+                            convert_to="mlprogram", minimum_deployment_target=getattr(ct.target, target), compute_precision=precision,
+                            pass_pipeline=pipeline)
         except NotImplementedError as e:
             raise EdgeCompileError(f"{type(graph).__name__} does not convert to Core ML ({str(e).splitlines()[0]})") from None
+    if palettes:
+        check_palettized(ml, palettes)
+    return ml
 
 
 def overflowing_ops(ml, inputs: list[tuple[torch.Tensor, ...]], names) -> list[str]:
@@ -87,6 +98,8 @@ class ComponentResult:
     overflowing_ops_without_islands: list[str] = field(default_factory=list)
     psnr_without_islands_db: float | None = None  # the same verification of the plain fp16 conversion
     non_finite_without_islands: int = 0
+    bits: int = 16  # palette bits of every palettized layer (16: fp16 weights)
+    psnr_vs_unquantized_db: float | None = None  # the palettized simulation against the fp32 unquantized graph
     runtime: str = "mil-interpreter (fp16)"
 
     @property
@@ -132,10 +145,11 @@ def worst(values: list[float]) -> float:
 
 
 def convert_with_islands(graph: torch.nn.Module, kind: str, inputs: list[tuple[torch.Tensor, ...]], target: str = "iOS17",
-                         min_psnr_db: float = DEFAULT_MIN_PSNR_DB):
+                         min_psnr_db: float = DEFAULT_MIN_PSNR_DB, palettes: dict | None = None):
     """(model, ComponentResult): the fp16 conversion, its overflowing ops found on `inputs` and kept in fp32 until
-    none overflows; verified against the fp32 torch graph before and after."""
-    ml = convert_component(graph, target)
+    none overflows; verified against the fp32 torch graph before and after (for a palettized graph: its simulation,
+    the graph with the palettes' decoded weights)."""
+    ml = convert_component(graph, target, palettes=palettes)
     first = overflowing_ops(ml, inputs, graph.input_names)
     per0, bad0 = verify_component_model(ml, graph, inputs)
     islands: set[str] = set()
@@ -144,7 +158,7 @@ def convert_with_islands(graph: torch.nn.Module, kind: str, inputs: list[tuple[t
         if not found:
             break
         islands.update(found)
-        ml = convert_component(graph, target, frozenset(islands))
+        ml = convert_component(graph, target, frozenset(islands), palettes=palettes)
         found = overflowing_ops(ml, inputs, graph.input_names)
     else:
         if found:  # names that do not map back through the converter's passes: the whole component in fp32

@@ -16,7 +16,7 @@ import numpy as np
 from edgecompile.choices import Bits
 from edgecompile.coremltools_loader import load_mil_program, model_proto
 from edgecompile.deploy.contract import LATENT
-from edgecompile.deploy.metadata import WEIGHTS_SHA256, PackageMetadata
+from edgecompile.deploy.metadata import COMPONENT, WEIGHTS_SHA256, PackageMetadata
 from edgecompile.digest import sha256_file
 from edgecompile.errors import EdgeCompileError
 
@@ -134,8 +134,16 @@ class PackageView:
         """(k, N) for chunk k of a denoiser exported with --chunks N; None for a whole one."""
         return self.meta.chunk if self.meta else None
 
+    @property
+    def component(self) -> str | None:
+        """The pipeline part a package is (text_encoder, decoder), for `export --pipeline`'s other packages."""
+        return self.metadata.get(COMPONENT)
+
     def require_meta(self, command: str) -> PackageMetadata:
         """The metadata record, or the one-line error for a package edgecompile did not write."""
+        if self.meta is None and self.component:
+            raise EdgeCompileError(f"package {self.path} is the pipeline's {self.component}: `export --pipeline` verified it (report.json "
+                                   f"'components'), and `sample` runs it from its Resources folder; {command} takes the denoiser")
         if self.meta is None:
             raise EdgeCompileError(f"package {self.path} has no edgecompile metadata: {command} works on packages written by `edgecompile export`")
         return self.meta
