@@ -118,7 +118,7 @@ def full_disk(ckpt: Path, work: Path) -> list[dict]:
              ("init onto a 64 KiB tmpfs", "64k", lambda mnt: cli("init", work / "tiny.json", "-o", mnt / "ck")),
              ("calibrate onto a 16 KiB tmpfs", "16k", lambda mnt: cli("calibrate", ckpt, "--width", "1.0", "-o", mnt / "c.safetensors"))]
     if pixart is not None:
-        cases.append(("import onto a 64 KiB tmpfs", "64k", lambda mnt: cli("import", pixart, "-o", mnt / "ck")))
+        cases.append(("import onto an 8 KiB tmpfs", "8k", lambda mnt: cli("import", pixart, "-o", mnt / "ck")))
     rows = []
     for label, size, args in cases:
         mnt = work / f"small_disk_{len(rows)}"

@@ -266,10 +266,11 @@ def scratch_tempdir(folder: Path) -> Iterator[Path]:
 
 
 # How libraries that write files report a failed write in their own exception types: coremltools' MIL FileWriter
-# (a RuntimeError that names no cause), safetensors (SafetensorError wrapping the OS error), PIL and others
+# (a RuntimeError that names no cause) and its package copy ("filesystem error: cannot copy"), safetensors (SafetensorError wrapping the OS error), PIL and others
 # (messages naming errno 28). Each stands for an OSError.
 _DISK_FULL_TEXT = ("no space left", "storagefull", "os error 28", "errno 28", "disk quota")
-_WRITE_FAILED_TEXT = ("filewriter", "ioerror", "i/o error", "error while serializing", "failed to write", "could not write")
+_WRITE_FAILED_TEXT = ("filewriter", "ioerror", "i/o error", "input/output error", "error while serializing", "failed to write",
+                      "could not write", "filesystem error", "cannot copy")  # the last two: coremltools' C++ (std::filesystem)
 MIN_FREE_BYTES = 1 << 20  # a write that failed with less than this free on the device is taken for a full disk
 
 

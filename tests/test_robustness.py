@@ -510,6 +510,7 @@ def test_onnx_weights_are_digested_too(tiny_checkpoint, tmp_path, capsys):
 
 # ---- 9. full disks and other write errors of the libraries ----------------------------------------------------------
 @pytest.mark.parametrize("message", ["[MIL FileWriter]: Unknown error occured while writing data to the file.",
+                                     "filesystem error: cannot copy: Input/output error [/x/weights] [/y/weights]",
                                      "Error while serializing: IoError(Os { code: 28, kind: StorageFull, message: \"No space left\" })"])
 def test_a_library_write_error_is_the_os_error_it_stands_for(tmp_path, monkeypatch, message):
     import errno as errnos

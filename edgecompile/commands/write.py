@@ -182,4 +182,6 @@ def write_package(deploy: DeployDiT, dense, spec: PackageSpec) -> WrittenPackage
     for path in written.paths:
         if path.suffix == ".mlpackage":  # an ONNX file records its digest as it is written
             record_weight_digests(path)
+    for chunk, path in zip(written.chunks, written.paths):
+        chunk.size_bytes = size_on_disk(path)  # with the digests now in its model.mlmodel
     return written
