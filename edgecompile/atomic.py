@@ -266,7 +266,8 @@ def scratch_tempdir(folder: Path) -> Iterator[Path]:
 
 
 # How libraries that write files report a failed write in their own exception types: coremltools' MIL FileWriter
-# (a RuntimeError that names no cause) and its package copy ("filesystem error: cannot copy"), safetensors (SafetensorError wrapping the OS error), PIL and others
+# (a RuntimeError that names no cause) and its package copy ("filesystem error: cannot copy"), safetensors
+# (SafetensorError wrapping the OS error), PIL and others
 # (messages naming errno 28). Each stands for an OSError.
 _DISK_FULL_TEXT = ("no space left", "storagefull", "os error 28", "errno 28", "disk quota")
 _WRITE_FAILED_TEXT = ("filewriter", "ioerror", "i/o error", "input/output error", "error while serializing", "failed to write",
