@@ -57,7 +57,7 @@ def test_bench_cli_report(exported, tmp_path, capsys):
     pkg = exported[0.5].path
     run = {"format": "edgecompile-bench-run", "device": "iPhone 16 Pro Max", "package": "x", "median_ms": 3.2}
     (tmp_path / "run.json").write_text(json.dumps(run))
-    main(["bench", pkg, "--repeats", "2", "--runs", str(tmp_path / "run.json"), "-o", str(tmp_path / "rep"), "--json"])
+    main(["bench", pkg, exported[1.0].path, "--repeats", "2", "--runs", str(tmp_path / "run.json"), "-o", str(tmp_path / "rep"), "--json"])
     data = json.loads(capsys.readouterr().out)
     item = data["items"][0]
     assert item["host"]["median_ms"] > 0 and item["static"]["total_macs"] > 0 and item["estimates_ms"]["iphone16promax"] > 0
@@ -65,6 +65,11 @@ def test_bench_cli_report(exported, tmp_path, capsys):
     assert data["runs"][0]["median_ms"] == 3.2
     files = {p.name for p in (tmp_path / "rep").iterdir()}
     assert {"report.md", "report.html", "bench.json", "latency_per_item.png", "estimate_vs_paper.png"} <= files
+    assert item["per_image_ms"]["iphone16promax"] == pytest.approx(item["estimates_ms"]["iphone16promax"] * 8, rel=1e-3)  # 4 steps x 2
+    assert item["device_memory_bytes"] > item["weight_bytes"]
+    main(["bench", pkg, "--no-host", "-o", str(tmp_path / "one"), "--json"])
+    capsys.readouterr()
+    assert "latency_per_item.png" not in {p.name for p in (tmp_path / "one").iterdir()}  # one bar compares nothing
     assert "estimate" in (tmp_path / "rep" / "report.md").read_text()
 
 

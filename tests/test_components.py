@@ -316,3 +316,22 @@ def test_text_encoder_ships_with_8_bit_palettes_verified_against_their_simulatio
     assert len(luts) == len(palettes)
     assert result.passed and result.psnr_db >= 60
     assert 30 < unquantized_psnr(graph, simulation, prompts()) < 100  # 8 bits change the output, a little
+
+
+def test_bench_estimates_each_component_and_the_whole_generation(pipeline_checkpoint, tmp_path, capsys):
+    import json
+
+    from tests.test_coreml import run_cli
+
+    root, _ = pipeline_checkpoint
+    code, _, err = run_cli(["export", str(root / "ckpt"), "--pipeline", "--no-verify", "-o", str(tmp_path / "o")], capsys)
+    assert code == 0, err
+    code, out, err = run_cli(["bench", str(tmp_path / "o" / "w1.0" / "Resources"), "--no-host", "--steps", "4", "--json"], capsys)
+    assert code == 0, err
+    data = json.loads(out)
+    kinds = {r["kind"]: r for r in data["items"]}
+    assert set(kinds) == {"text_encoder", "denoiser", "decoder"}
+    assert (kinds["denoiser"]["calls_per_image"], kinds["text_encoder"]["calls_per_image"], kinds["decoder"]["calls_per_image"]) == (8, 2, 1)
+    assert all(r["static"]["total_macs"] > 0 for r in data["items"])  # the components' work, read off their programs
+    for device, total in data["generation_ms"].items():
+        assert total == pytest.approx(sum(r["per_image_ms"][device] for r in data["items"]), rel=1e-6)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import base64
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -9,7 +11,7 @@ from pathlib import Path
 from edgecompile.atomic import atomic_path, check_output_path
 from edgecompile.bench.cost_model import find_profile, calibrated, estimate_ms
 from edgecompile.bench.latency import coreml_latency, load_runs, torch_latency
-from edgecompile.bench.static import OP_CLASSES, deploy_graph_stats
+from edgecompile.bench.static import GraphStats, program_stats, OP_CLASSES, deploy_graph_stats
 from edgecompile.coreml.package import load_chain, load_package, weight_census
 from edgecompile.errors import EdgeCompileError
 from edgecompile.export_report import ExportReport
@@ -30,11 +32,32 @@ class BenchItem:
     weight_bytes: int | None = None
     package: Path | None = None
     function: str | None = None  # one function of a multifunction package
+    kind: str = "denoiser"  # or the pipeline's text_encoder / decoder (export --pipeline)
+    stats: GraphStats | None = None  # read off the package's program when there is no deploy graph to rebuild
+
+
+def component_item(path: str, view) -> BenchItem:
+    """A pipeline component's package (text encoder, decoder): analysed from its own MIL program."""
+    census = weight_census(view)
+    return BenchItem(label=f"{Path(path).name} ({view.component})", config=None, width=1.0, latent_hw=(0, 0),
+                     bits=census["average_bits"] or 16.0, weight_bytes=census["weight_bytes"], package=Path(path), kind=view.component,
+                     stats=program_stats(view))
+
+
+def pipeline_items(folder: str) -> list[BenchItem]:
+    """The packages of an `export --pipeline` Resources folder, in the order an image runs them."""
+    manifest = json.loads((Path(folder) / "pipeline.json").read_text())
+    names = [manifest["components"][k]["package"] for k in ("text_encoder", "denoiser", "decoder")]
+    return [item for name in names for item in package_items(str(Path(folder) / name))]
 
 
 def package_items(path: str) -> list[BenchItem]:
     """One item per package, or per function of a multifunction package (one latent size each)."""
+    if Path(path).is_dir() and (Path(path) / "pipeline.json").is_file():
+        return pipeline_items(path)
     view = load_package(path)
+    if view.meta is None and view.component:
+        return [component_item(path, view)]
     view.require_meta("bench")
     views = [view] if not view.functions else [view.with_function(name) for name in view.functions]
     items = []
@@ -67,7 +90,7 @@ class BenchRow:
 
     item: str
     package: str | None
-    config: str
+    config: str  # the model's name, or the component's kind
     width: float
     latent: list[int]
     bits: float
@@ -75,6 +98,7 @@ class BenchRow:
     weight_bytes: int
     static: dict  # the deploy graph's census (bench/static.py): macs per op class, ops, layout ops, largest tensor
     estimates_ms: dict[str, float]  # per device profile: the cost model's estimate of one denoiser call
+    kind: str = "denoiser"
     host: dict | None = None  # measured torch latency on this host
     coreml: dict | None = None  # measured Core ML latency (macOS)
     # one image: `steps` sampler steps, two denoiser calls each with guidance (a batch-1 package); the denoiser only
@@ -120,6 +144,16 @@ class BenchReport:
         return list(self.cost_model["devices"])
 
     @property
+    def generation_ms(self) -> dict[str, float] | None:
+        """One image through a whole pipeline (its three packages benched together): per device, the sum of each
+        component's calls per image."""
+        kinds = {r.kind for r in self.items}
+        if not {"text_encoder", "denoiser", "decoder"} <= kinds:
+            return None
+        return {d: round(sum(r.per_image_ms[d] for r in self.items if r.kind in ("text_encoder", "denoiser", "decoder")), 3)
+                for d in self.devices}
+
+    @property
     def calibration_error_pct(self) -> float:
         return self.cost_model["calibration_error_pct"]
 
@@ -128,7 +162,10 @@ class BenchReport:
         return self.cost_model["validation_error_pct"]
 
     def to_dict(self) -> dict:
-        return {"items": [r.to_dict() for r in self.items], "cost_model": self.cost_model, "note": self.NOTE, "runs": self.runs}
+        d = {"items": [r.to_dict() for r in self.items], "cost_model": self.cost_model, "note": self.NOTE, "runs": self.runs}
+        if self.generation_ms is not None:
+            d["generation_ms"] = self.generation_ms
+        return d
 
 
 NOISY_SPREAD = 0.25
@@ -143,17 +180,21 @@ def analyse(items: list[BenchItem], devices=DEFAULT_DEVICES, host: bool = True, 
     for i, item in enumerate(items):
         if progress:
             progress(f"analysing {item.label}", i, len(items))
-        stats = deploy_graph_stats(item.config, item.width, item.latent_hw)
+        stats = item.stats or deploy_graph_stats(item.config, item.width, item.latent_hw)
         weight_bytes = item.weight_bytes if item.weight_bytes is not None else int(stats.params * item.bits / 8)
-        row = BenchRow(item=item.label, package=str(item.package) if item.package else None, config=item.config.name,
+        row = BenchRow(item=item.label, package=str(item.package) if item.package else None,
+                       config=item.config.name if item.config else item.kind, kind=item.kind,
                        width=item.width, latent=list(item.latent_hw), bits=round(item.bits, 3), params=stats.params,
                        weight_bytes=weight_bytes, static={k: v for k, v in stats.to_dict().items() if k != "params"},
                        estimates_ms={d: round(float(estimate_ms(stats, item.bits, m["coefficients"], m["profile"].memory_gbps)), 3)
                                      for d, m in models.items()})
-        row.calls_per_image = steps * (2 if cfg_scale != 1.0 else 1)
+        guided = 2 if cfg_scale != 1.0 else 1
+        # per image: the denoiser every step (twice with guidance), the text encoder once per prompt (and once for the
+        # empty prompt with guidance), the decoder once
+        row.calls_per_image = {"denoiser": steps * guided, "text_encoder": guided}.get(item.kind, 1)
         row.per_image_ms = {d: round(v * row.calls_per_image, 3) for d, v in row.estimates_ms.items()}
         row.device_memory_bytes = int(weight_bytes + stats.largest_tensor_bytes)
-        if host:
+        if host and item.config is not None:
             hw = host_latent if host_latent and item.package is None else item.latent_hw
             row.host = {**torch_latency(item.config, item.width, tuple(hw), repeats=repeats), "latent": list(hw)}
         if item.package is not None:

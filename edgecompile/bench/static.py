@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch.overrides import TorchFunctionMode
 
@@ -101,4 +102,67 @@ def deploy_graph_stats(config: ModelConfig, width: float = 1.0, latent_hw: tuple
     text = torch.empty((1, dense.text_dim, 1, dense.text_len), device="meta")
     with torch.no_grad(), _Recorder(stats, dense.text_len, block_len):
         model(latent, t, text)
+    return stats
+
+
+def _shape(var) -> tuple[int, ...] | None:
+    shape = getattr(var, "shape", None)
+    return tuple(int(d) for d in shape) if shape is not None and all(isinstance(d, (int, np.integer)) for d in shape) else None
+
+
+def program_stats(view) -> GraphStats:
+    """The same analysis read off a package's own MIL program (static shapes), for packages with no edgecompile
+    deploy graph to rebuild: the pipeline's text encoder and decoder. MACs of convs, linears, matmuls and einsums from
+    their operand shapes; every other compute op counts its output elements."""
+    stats = GraphStats()
+    weights = {}
+    for o in view.main.operations:
+        if o.op_type == "const" or o.op_type.startswith("constexpr"):
+            out = o.outputs[0]
+            shape = _shape(out)
+            if shape is not None and len(shape) >= 2:
+                weights[out.name] = int(np.prod(shape))
+    stats.params = sum(weights.values())
+    for o in view.main.operations:
+        if o.op_type == "const" or o.op_type.startswith("constexpr"):
+            continue
+        out_shape = _shape(o.outputs[0]) if o.outputs else None
+        if out_shape is None:
+            continue
+        numel = int(np.prod(out_shape)) if out_shape else 1
+        if o.op_type in ("reshape", "transpose"):
+            stats.layout_ops += 1
+            continue
+        stats.ops += 1
+        nbytes = numel * ACT_BYTES
+        stats.activation_bytes += nbytes
+        stats.largest_tensor_bytes = max(stats.largest_tensor_bytes, nbytes)
+        weight_elems, cls, macs = 0, "other", numel
+        if o.op_type in ("conv", "conv_transpose", "linear"):
+            w = o.inputs["weight"]
+            wshape = _shape(w) or ()
+            weight_elems = weights.get(w.name, int(np.prod(wshape)) if wshape else 0)
+            if o.op_type == "linear":
+                cls, macs = "conv1x1", numel * wshape[1]
+            elif o.op_type == "conv":
+                groups = int(o.inputs["groups"].val) if "groups" in o.inputs else 1
+                cls = "conv1x1" if wshape[2:] == (1, 1) and groups == 1 else "conv_other"
+                macs = numel * int(np.prod(wshape[1:]))
+            else:
+                x = _shape(o.inputs["x"]) or (1,)
+                cls, macs = "conv_other", int(np.prod(x)) * int(np.prod(wshape[1:]))
+        elif o.op_type == "einsum":
+            shapes = [_shape(v) for v in o.inputs["values"]]
+            if all(shapes):  # every index of the equation, once: the MACs of a two-operand contraction
+                sizes = {}
+                for term, shape in zip(o.inputs["equation"].val.split("->")[0].split(","), shapes):
+                    sizes.update(zip(term, shape))
+                cls, macs = "attn_global", int(np.prod(list(sizes.values())))
+        elif o.op_type == "matmul":
+            x = _shape(o.inputs["x"])
+            if x:
+                transposed = "transpose_x" in o.inputs and bool(o.inputs["transpose_x"].val)
+                cls, macs = "attn_global", numel * x[-2 if transposed else -1]
+        stats.macs[cls] += macs
+        stats.records.append((cls, macs, weight_elems, numel))
     return stats

@@ -182,8 +182,13 @@ def bench_lines(report: BenchReport, output) -> list[str]:
     accuracy = (f"estimates are good to about +-{err:g}% (the cost model's worst validation error on the paper's Fig. 3 ablations; "
                 f"worst calibration error {report.calibration_error_pct}%, {report.devices[0]})" if err is not None else
                 f"{report.devices[0]} is scaled from another profile, so its estimates have no validation of their own")
-    lines = [f"per image: {report.items[0].calls_per_image} denoiser calls (steps x 2 with guidance), the denoiser only; {accuracy}"
-             if report.items else "no items"]
+    calls = ", ".join(f"{r.kind} x{r.calls_per_image}" for r in report.items if r.kind != "denoiser")
+    denoiser = next((r for r in report.items if r.kind == "denoiser"), None)
+    lines = [f"per image: {'denoiser x' + str(denoiser.calls_per_image) + ' (steps x 2 with guidance)' if denoiser else ''}"
+             f"{', ' + calls if calls else ', the denoiser only'}; {accuracy}" if report.items else "no items"]
+    if report.generation_ms is not None:
+        lines.append("one image through the whole pipeline (text encoder, denoiser loop, decoder): "
+                     + ", ".join(f"{d} {ms(v)}" for d, v in report.generation_ms.items()))
     lines.append("memory: on the device, the weights plus the largest activation of one call (fp16); host: torch on this machine, measured")
     if any(v < RESOLUTION_MS for r in report.items for v in r.estimates_ms.values()):
         lines.append(f"an estimate below {RESOLUTION_MS:g} ms is below the cost model's resolution: it was calibrated on "
