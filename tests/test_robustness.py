@@ -106,8 +106,11 @@ def test_multi_output_commit_is_all_or_nothing_and_leaves_no_empty_folder(tmp_pa
         pass
 
 
-def test_duplicate_widths_are_exported_once():
-    assert ModelConfig().parse_widths("0.5,0.5,1.0") == [0.5, 1.0]
+def test_duplicate_widths_are_refused_not_merged():
+    """The README promises duplicates are refused: merging them silently hid a typo."""
+    assert ModelConfig().parse_widths("0.5,1.0") == [0.5, 1.0]
+    with pytest.raises(EdgeCompileError, match="names a width twice"):
+        ModelConfig().parse_widths("0.5,0.5,1.0")
 
 
 def test_a_second_writer_is_refused_while_the_first_holds_the_lock(tmp_path):
