@@ -1,5 +1,6 @@
-"""The MIL interpreter's heavy ops on torch kernels against the numpy implementations they replaced, side by side in
-one run on the same inputs: time of each (median of repeats) and the largest difference of their results.
+"""The MIL interpreter's heavy ops now (torch kernels for convolutions and einsum, numpy's BLAS for matrix products)
+against the numpy implementations they replaced, side by side in one run on the same inputs: time of each (median of
+repeats) and the largest difference of their results.
 
 Shapes are those of the paper-scale model at 1024² (latent 128x128, tokens 64x64), width 0.375 (hidden 720):
 the stage downsample (2x2 stride-2 conv, 720 -> 720), the KV compression (depthwise 2x2 stride 2), a 1x1 conv of the
@@ -70,9 +71,9 @@ def main() -> None:
         t_new, out_new = timed(new, args.repeats)
         diff = float(np.abs(out_old - out_new).max())
         scale = float(np.abs(out_old).max())
-        rows.append({"op": name, "numpy_ms": round(t_old * 1e3, 2), "torch_ms": round(t_new * 1e3, 2),
+        rows.append({"op": name, "before_ms": round(t_old * 1e3, 2), "now_ms": round(t_new * 1e3, 2),
                      "speedup": round(t_old / t_new, 1), "max_abs_difference": diff, "relative_difference": diff / scale})
-        print(f"{name}: numpy {t_old * 1e3:,.1f} ms, torch {t_new * 1e3:,.1f} ms: {t_old / t_new:,.1f}x; max |difference| "
+        print(f"{name}: before {t_old * 1e3:,.1f} ms, now {t_new * 1e3:,.1f} ms: {t_old / t_new:,.1f}x; max |difference| "
               f"{diff:.2e} ({diff / scale:.1e} of the largest value)", flush=True)
     write_result("interpreter_kernels", {"torch_threads": torch.get_num_threads(), "repeats": args.repeats, "ops": rows}, args.output)
 

@@ -247,9 +247,10 @@ def _cast(x, dtype):
     return np.asarray(x).astype({"int32": np.int32, "bool": bool, "int16": np.int16, "int8": np.int8, "uint8": np.uint8}[dtype])
 
 
-# ---- linear algebra: torch's CPU kernels, in float32 like every other op -----------------------------------------
-# numpy has no fast convolution (a 2x2 stride-2 conv of 720 channels took 10.6 s against torch's 7.7 ms), and its
-# einsum and matmul are slower on the shapes split-einsum attention makes; torch computes the same float32 values.
+# ---- linear algebra, in float32 like every other op -------------------------------------------------------------
+# numpy has no fast convolution (a 2x2 stride-2 conv of 720 channels took 8.3 s against torch's 34 ms) and its
+# einsum is slow on split-einsum attention's shapes: those run on torch's CPU kernels. Matrix products (linear,
+# matmul, 1x1 convs) stay on numpy's BLAS, which was faster there (benchmarks/interpreter_kernels.py).
 def _t(x) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
 
@@ -262,19 +263,17 @@ def _einsum(values, equation):
 
 @op("matmul")
 def _matmul(x, y, transpose_x=False, transpose_y=False):
-    x, y = _t(x), _t(y)
     if transpose_x:
-        x = x.transpose(-1, -2)
+        x = np.swapaxes(x, -1, -2)
     if transpose_y:
-        y = y.transpose(-1, -2)
-    with torch.no_grad():
-        return torch.matmul(x, y).numpy()
+        y = np.swapaxes(y, -1, -2)
+    return np.matmul(x, y)
 
 
 @op("linear")
 def _linear(x, weight, bias=None):
-    with torch.no_grad():
-        return torch.nn.functional.linear(_t(x), _t(weight), None if bias is None else _t(bias)).numpy()
+    out = x @ weight.T
+    return out if bias is None else out + bias
 
 
 def _pads(pad_type, pad, kernel, strides, dilations, in_hw):
@@ -301,6 +300,10 @@ def _conv(x, weight, bias=None, strides=(1, 1), pad_type="valid", pad=(0, 0, 0, 
     sh, sw = (int(s) for s in strides)
     dh, dw = (int(d) for d in dilations)
     t, b, l, r = _pads(pad_type, pad, (kh, kw), (sh, sw), (dh, dw), x.shape[2:])
+    if kh == kw == 1 and groups == 1 and sh == sw == 1 and not (t or b or l or r):  # a matrix product: numpy's BLAS
+        n, cin, h, w = x.shape
+        out = np.matmul(weight[:, :, 0, 0], x.reshape(n, cin, h * w)).reshape(n, cout, h, w)
+        return out if bias is None else out + bias.reshape(1, -1, 1, 1)
     xt = _t(x)
     if t or b or l or r:
         xt = torch.nn.functional.pad(xt, (l, r, t, b))
