@@ -296,7 +296,8 @@ def test_sample_draws_pictures_from_text_through_the_packages(pipeline_checkpoin
     assert code == 2 and "expected (1, 4, 8, 8)" in err and not (tmp_path / "bad.png").exists()
 
 
-def test_text_encoder_ships_with_8_bit_palettes_verified_against_their_simulation(tmp_path):
+@pytest.mark.parametrize("family", ["t5", "clip"])
+def test_text_encoder_ships_with_8_bit_palettes_verified_against_their_simulation(tmp_path, family):
     """The text encoder's default: 8-bit LUTs (plain k-means) on every layer large enough, written as LUT ops, verified
     against the simulation (decoded weights) at the 60 dB bar and reported against the unquantized encoder."""
     import copy
@@ -305,17 +306,23 @@ def test_text_encoder_ships_with_8_bit_palettes_verified_against_their_simulatio
     from edgecompile.commands.pipeline import unquantized_psnr
 
     torch.manual_seed(0)
-    model = transformers.T5EncoderModel(transformers.T5Config(vocab_size=100, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
-                                                              feed_forward_proj="gated-gelu")).eval()
+    if family == "t5":
+        model = transformers.T5EncoderModel(transformers.T5Config(vocab_size=100, d_model=64, d_kv=16, d_ff=128, num_layers=2, num_heads=4,
+                                                                  feed_forward_proj="gated-gelu")).eval()
+    else:  # every projection above the palettization threshold, q's 1/sqrt(d) included
+        model = transformers.CLIPTextModelWithProjection(transformers.CLIPTextConfig(
+            vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=16,
+            projection_dim=64, bos_token_id=0, eos_token_id=2, pad_token_id=1)).eval()
     graph = text_encoder_graph(model, T)
+    inputs = prompts(mask=family == "t5")
     simulation = copy.deepcopy(graph)
     palettes = palettize_deploy(simulation, uniform_bits(simulation, 8))
     assert palettes and all(p.nbits == 8 for p in palettes.values())
-    ml, result = convert_with_islands(simulation, "text_encoder", prompts(), palettes=palettes)
+    ml, result = convert_with_islands(simulation, "text_encoder", inputs, palettes=palettes)
     luts = [o for o in ml._mil_program.functions["main"].operations if o.op_type == "constexpr_lut_to_dense"]
     assert len(luts) == len(palettes)
     assert result.passed and result.psnr_db >= 60
-    assert 30 < unquantized_psnr(graph, simulation, prompts()) < 100  # 8 bits change the output, a little
+    assert 30 < unquantized_psnr(graph, simulation, inputs) < 100  # 8 bits change the output, a little
 
 
 def test_bench_estimates_each_component_and_the_whole_generation(pipeline_checkpoint, tmp_path, capsys):

@@ -165,6 +165,11 @@ class CLIPLayerANE(nn.Module):
         self.heads, self.head_dim = config.num_attention_heads, config.hidden_size // config.num_attention_heads
         self.norm1 = layernorm_ane(layer.layer_norm1)
         self.q, self.k, self.v, self.out = (conv_from_linear(m) for m in (a.q_proj, a.k_proj, a.v_proj, a.out_proj))
+        # 1/sqrt(d) folded into q's weights here: left as a multiply after the conv, the converter folds it into the
+        # weight const itself, under a new name that the palette config (coreml/palettize.py) would not find
+        with torch.no_grad():
+            self.q.weight.mul_(self.head_dim**-0.5)
+            self.q.bias.mul_(self.head_dim**-0.5)
         self.norm2 = layernorm_ane(layer.layer_norm2)
         self.fc1, self.fc2 = conv_from_linear(layer.mlp.fc1), conv_from_linear(layer.mlp.fc2)
         self.act = config.hidden_act
@@ -179,7 +184,7 @@ class CLIPLayerANE(nn.Module):
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         h = self.norm1(x)
         k_t = self.k(h).permute(0, 3, 2, 1)  # (B, S, 1, H*d)
-        x = x + self.out(split_einsum_attention(self.q(h), k_t, self.v(h), self.heads, self.heads, self.head_dim, bias=bias))
+        x = x + self.out(split_einsum_attention(self.q(h), k_t, self.v(h), self.heads, self.heads, self.head_dim, q_scaled=True, bias=bias))
         return x + self.fc2(self.activation(self.fc1(self.norm2(x))))
 
 
