@@ -10,13 +10,12 @@ local folder alone.
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 from edgecompile.errors import EdgeCompileError
-from edgecompile.model.fields import Fields
+from edgecompile.model.fields import Fields, read_json_object
 
 TEXT_ENCODER, TOKENIZER, VAE = "text_encoder", "tokenizer", "vae"
 FOLDERS = (TEXT_ENCODER, TOKENIZER, VAE)
@@ -28,13 +27,7 @@ KEPT_SUFFIXES = (".json", ".safetensors", ".txt", ".model")  # configs, weights,
 
 
 def _json(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise EdgeCompileError(f"{path} cannot be read ({str(e).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise EdgeCompileError(f"{path} is not a JSON object")
-    return data
+    return read_json_object(path, "config")
 
 
 def _refuse_pickles(folder: Path) -> None:

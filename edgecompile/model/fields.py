@@ -4,12 +4,24 @@ where a value is needed) is a one-line error naming the file, the key and what i
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
 from edgecompile.errors import EdgeCompileError
 
 _MISSING = object()
+
+
+def read_json_object(path: Path, what: str = "file") -> dict:
+    """A JSON file that must hold one object (a config, an index, a manifest), or the one-line error saying why not."""
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise EdgeCompileError(f"{path}: the {what} cannot be read ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise EdgeCompileError(f"{path}: the {what} is not a JSON object")
+    return data
 
 
 class Fields:

@@ -3,7 +3,6 @@ an .index.json weight map). Pickled weights (.bin) are refused: loading them wou
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,6 +11,7 @@ from safetensors import SafetensorError
 from safetensors.torch import safe_open
 
 from edgecompile.errors import EdgeCompileError
+from edgecompile.model.fields import read_json_object
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"
 INDEX = WEIGHTS + ".index.json"
@@ -29,14 +29,7 @@ class DiffusersFolder:
     dtypes: list[str] = field(default_factory=list)
 
 
-def _json(path: Path, what: str) -> dict:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise EdgeCompileError(f"{path}: the {what} cannot be read ({str(e).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise EdgeCompileError(f"{path}: the {what} is not a JSON object")
-    return data
+_json = read_json_object
 
 
 def _model_folder(path: Path) -> tuple[Path, dict | None]:
