@@ -17,12 +17,18 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-# The command users run: sweep -> palettize (4.3 bits on average) -> self-distil -> convert -> verify.
+# The command users run: sweep -> palettize (4.3 bits on average) -> self-distil -> convert -> verify, with the
+# rest of the pipeline (tokenizer, text encoder, VAE decoder, pipeline.json) beside the denoiser; then pictures
+# drawn from text through the packages, against the torch pipeline from the same noise.
+DEMO_RES := $(OUT)/demo/w0.5/Resources
 demo: setup
 	$(BIN)/edgecompile info
-	$(BIN)/edgecompile export --width 0.5 --bits mixed -o $(OUT)/demo --force
-	$(BIN)/edgecompile inspect $(OUT)/demo/w0.5/toy_w0.5_mixedbit.mlpackage
-	$(BIN)/edgecompile verify $(OUT)/demo/w0.5/toy_w0.5_mixedbit.mlpackage --precision fp16
+	$(BIN)/edgecompile export --width 0.5 --bits mixed --pipeline -o $(OUT)/demo --force
+	$(BIN)/edgecompile inspect $(DEMO_RES)/MultiModalDiffusionTransformer.mlpackage
+	$(BIN)/edgecompile verify $(DEMO_RES)/MultiModalDiffusionTransformer.mlpackage --precision fp16
+	$(BIN)/edgecompile sample $(DEMO_RES) -o $(OUT)/demo/digits.png --force --compare \
+		--prompt "zero" --prompt "a handwritten 1" --prompt "the digit two" --prompt "3" --prompt "a four" \
+		--prompt "number five" --prompt "a handwritten six" --prompt "7" --prompt "the number eight" --prompt "a nine"
 
 test: setup
 	$(BIN)/python -m pytest -q tests

@@ -87,10 +87,11 @@ class Format(Choice):
 
     COREML = "coreml"
     ONNX = "onnx"
+    AIMODEL = "aimodel"  # Core AI (2026): coreai-torch's asset, run by coreai-core's runtime on Linux and macOS
 
     @property
     def suffix(self) -> str:
-        return {"coreml": ".mlpackage", "onnx": ".onnx"}[self.value]
+        return {"coreml": ".mlpackage", "onnx": ".onnx", "aimodel": ".aimodel"}[self.value]
 
 
 class Target(Choice):
@@ -103,9 +104,10 @@ class Target(Choice):
 class Runtime(Choice):
     """`--runtime`: what executes a package in verify and sample."""
 
-    AUTO = "auto"  # Core ML on macOS, else the MIL interpreter
+    AUTO = "auto"  # Core ML on macOS, else the MIL interpreter; an .aimodel: Core AI's runtime
     COREML = "coreml"
     INTERPRETER = "interpreter"
+    COREAI = "coreai"  # Core AI's own runtime (coreai-core), for .aimodel assets
 
 
 class Precision(Choice):

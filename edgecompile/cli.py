@@ -128,7 +128,8 @@ def import_(source: str, output: str, dtype: str, text_len: int | None, name: st
                                "make one multifunction package per width (iOS18), one function per size, the first the default.")
 @click.option("--target", default=Target.IOS17.value, type=choice(Target),
               help="Core ML deployment target (iOS18: grouped LUTs, multifunction packages).")
-@click.option("--format", "fmt", default=Format.COREML.value, type=choice(Format), help="Package format: Core ML (.mlpackage) or ONNX (fp32).")
+@click.option("--format", "fmt", default=Format.COREML.value, type=choice(Format), help="Package format: Core ML (.mlpackage), ONNX (fp32) or Core AI "
+              "(.aimodel; pip install 'edgecompile[coreai]').")
 @click.option("--recipe", type=click.Path(), help="Mixed-bit recipe from `edgecompile sweep` (skips the sweep).")
 @click.option("--target-bits", default=DEFAULT_TARGET_BITS, type=FINITE, help="Average bits for --bits mixed.")
 @click.option("--candidates", default="4,8", help="Bit-widths --bits mixed chooses from.")

@@ -18,6 +18,7 @@ LAYERS = [
     {"model"},
     {"deploy"},  # with the package's I/O contract and the text-layout helpers
     {"compress"},
+    {"coreai"},  # the Core AI target: conversion to .aimodel and Apple's runtime (read by coreml's package views)
     {"coreml"},  # the targets: conversion, package I/O, verification
     {"export_report"},
     {"bench"},

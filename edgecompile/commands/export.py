@@ -29,6 +29,7 @@ from edgecompile.atomic import atomic_outputs
 from edgecompile.choices import Format
 from edgecompile.compress.distill import trained_state
 from edgecompile.compress.sidecars import SWIFT_RESOURCES, write_sidecars
+from edgecompile.coreai.convert import import_coreai
 from edgecompile.coreml.generate import generate, grid_title, save_grid
 from edgecompile.coreml.package import ANE_MAX_WEIGHT_FILE_BYTES, load_package
 from edgecompile.coreml.swift import write_swift_resources
@@ -71,7 +72,7 @@ def verify_written(written: WrittenPackage, ckpt: Checkpoint, compression: Compr
     for function, graph in written.graphs:
         view = load_package(written.path, function=function)
         result = verify_package(view, ckpt, graph if compression else None, min_psnr_db=gate.min_psnr_db, progress=progress)
-        if gate.generate and ckpt.prompts is not None and run.fmt is Format.COREML:
+        if gate.generate and ckpt.prompts is not None and run.fmt is not Format.ONNX:
             grid = SAMPLES_GRID if function is None else f"samples_{function}.png"
             samples = generate(view, ckpt, ckpt.prompts, progress=progress)
             save_grid(samples.grid_rows(), samples.labels, out_dir / grid, grid_title(samples, view))
@@ -163,6 +164,8 @@ def run_export(ckpt: Checkpoint, opts: ExportOptions, on_stage: Callable[[str], 
     run = opts.resolve(ckpt)
     if run.fmt is Format.COREML:
         import_coremltools()  # before the first interruptible stage: its import swallows Ctrl-C
+    if run.fmt is Format.AIMODEL:
+        import_coreai()  # not installed: the one-line error now, before any work
     reports, failed = [], []
     components = None
     if opts.package.pipeline:  # the same for every width: converted and verified once

@@ -125,15 +125,18 @@ class PackageOptions:
         fmt = Format.parse(self.fmt, "--format")
         target = Target.parse(self.target, "--target")
         if self.pipeline and fmt is not Format.COREML:
-            raise EdgeCompileError("--pipeline writes Core ML packages for the Swift pipelines: drop --format onnx")
+            raise EdgeCompileError(f"--pipeline writes Core ML packages for the Swift pipelines: drop --format {fmt.value}")
         if self.pipeline and latents.more:
             raise EdgeCompileError("--pipeline with several --latent sizes is not supported yet: export one size")
         if fmt is Format.ONNX and bits is not Bits.FP16:
             raise EdgeCompileError("--format onnx exports fp32/fp16 graphs only: drop --bits or use --format coreml")
         if self.resources and fmt is not Format.COREML:
-            raise EdgeCompileError("--swift-resources lays out Core ML packages: drop --format onnx")
-        if latents.more:
-            if fmt is not Format.COREML or target is not Target.IOS18:
+            raise EdgeCompileError(f"--swift-resources lays out Core ML packages: drop --format {fmt.value}")
+        if latents.more and fmt is Format.ONNX:
+            raise EdgeCompileError("several --latent sizes make one multifunction package (Core ML, iOS18) or one Core AI asset "
+                                   "with an entrypoint per size: use --format coreml --target iOS18 or --format aimodel")
+        if latents.more and fmt is Format.COREML:
+            if target is not Target.IOS18:
                 raise EdgeCompileError("several --latent sizes make one multifunction Core ML package, which needs iOS18: "
                                        "add --target iOS18 (and drop --format onnx)")
             if self.chunks != 1:
@@ -143,7 +146,7 @@ class PackageOptions:
                                    "(PixArt-Sigma XL's fp16 weights, 1.2 GiB, fit the Neural Engine's 2 GiB in one file)")
         if self.chunks != 1:
             if fmt is not Format.COREML:
-                raise EdgeCompileError("--chunks splits Core ML packages (for the Neural Engine's weight-file limit): drop --format onnx")
+                raise EdgeCompileError(f"--chunks splits Core ML packages (for the Neural Engine's weight-file limit): drop --format {fmt.value}")
             check_chunks(config, self.chunks)
         if self.query_chunk is not None and self.query_chunk < 1:
             raise EdgeCompileError(f"--query-chunk {self.query_chunk} must be a positive number of tokens (e.g. 512)")
@@ -193,7 +196,7 @@ class CompressionOptions:
         return DistillSettings(steps=self.distill_steps, budget_seconds=budget, batch_size=batch_size, eval_batch_size=eval_batch_size)
 
     def resolve(self, ckpt: Checkpoint, widths: list[float], latents: ResolvedLatents, target: Target,
-                calibration_latent_given: bool) -> ResolvedCompression:
+                calibration_latent_given: bool, fmt: Format = Format.COREML) -> ResolvedCompression:
         device = resolve_device(self.device)
         bits = Bits.parse(self.bits, "--bits")
         if calibration_latent_given and not bits.palettized:
@@ -215,7 +218,7 @@ class CompressionOptions:
         if self.group_size is not None:
             if self.group_size < 1:
                 raise EdgeCompileError(f"--group-size {self.group_size} must be a positive number of output channels (e.g. 16)")
-            if target is not Target.IOS18:
+            if target is not Target.IOS18 and fmt is Format.COREML:  # Core AI's LUT constants take groups on any axis
                 raise EdgeCompileError("--group-size needs per-grouped-channel LUTs, which need iOS18: add --target iOS18")
             if not bits.palettized:
                 raise EdgeCompileError("--group-size applies to palettized weights: add --bits 4, 6, 8 or mixed")
@@ -282,7 +285,8 @@ class ExportOptions:
         latents = self.latents.resolve(ckpt.config, self.widths)
         self.verification.validate()
         compression = self.compression.resolve(ckpt, self.widths, latents, Target(self.package.target),
-                                               calibration_latent_given=self.latents.calibration is not None)
+                                               calibration_latent_given=self.latents.calibration is not None,
+                                               fmt=Format.parse(self.package.fmt, "--format"))
         for w in self.widths:
             check_output_path(self.width_dir(w), self.force, self.inputs(ckpt))
         return ResolvedExport(options=self, latents=latents, compression=compression)

@@ -1,10 +1,10 @@
 """Writing a width's packages: one entry point, `write_package`, over the layouts and the formats.
 
     layout          files                                         made by
-    single          one package                                   write_single  (Core ML or ONNX: FORMAT_WRITERS)
+    single          one package                                   write_single  (Core ML, ONNX or Core AI: FORMAT_WRITERS)
     chunked         --chunks N: N packages run one after another   write_chunked (deploy/chunks.py)
-    multifunction   --latent A,B,...: one package, a function      write_multifunction (iOS18)
-                    per latent size, weights stored once
+    multifunction   --latent A,B,...: one package, a function      write_multifunction (Core ML iOS18; Core AI:
+                    per latent size, weights stored once          one asset, an entrypoint per size)
 
 A new layout is one more function here and one more `Layout` member; a new format (target runtime) one more
 entry of FORMAT_WRITERS. Every package gets its metadata record (deploy/metadata.py) from the same base.
@@ -23,7 +23,7 @@ from edgecompile.coreml.convert import combine_functions, convert_chunks, conver
 from edgecompile.coreml.package import ONNX_INITIALIZERS, function_name, onnx_weights_digest, record_weight_digests, weight_file_bytes
 from edgecompile.coremltools_loader import import_coremltools
 from edgecompile.deploy.chunks import split_deploy
-from edgecompile.deploy.contract import example_inputs
+from edgecompile.deploy.contract import OUTPUT, example_inputs, input_names
 from edgecompile.deploy.dit import DeployDiT
 from edgecompile.deploy.metadata import PackageMetadata
 from edgecompile.deploy.onnx_export import export_onnx
@@ -42,9 +42,9 @@ class Layout(str, Enum):
 
 def package_name(config_name: str, width: float, bits: Bits | str, fmt: Format | str) -> str:
     """The package's file name. The model name comes from data, so it is made a safe name, never a path.
-    ONNX exports hold fp32 weights and are named so."""
+    ONNX exports and unpalettized Core AI assets hold fp32 weights and are named so."""
     fmt = Format(fmt)
-    tag = "fp32" if fmt is Format.ONNX else Bits(bits).tag
+    tag = "fp32" if fmt is Format.ONNX or (fmt is Format.AIMODEL and not Bits(bits).palettized) else Bits(bits).tag
     return f"{safe_name(config_name)}_w{width_label(width)}_{tag}{fmt.suffix}"
 
 
@@ -116,8 +116,17 @@ def write_onnx(graph: DeployDiT, path: Path, spec: PackageSpec, meta: PackageMet
     return None
 
 
+def write_aimodel(graph: DeployDiT, path: Path, spec: PackageSpec, meta: PackageMetadata,
+                  entrypoints: list[tuple[str, DeployDiT]] | None = None) -> str:
+    from edgecompile.coreai.convert import convert_to_aimodel
+
+    functions = [(name, g, example_inputs(g)) for name, g in entrypoints] if entrypoints else None
+    return convert_to_aimodel(graph, example_inputs(graph), input_names(graph.config), [OUTPUT], path, meta.to_strings(),
+                              palettes=spec.palettes, entrypoints=functions)
+
+
 # a target runtime's format: (graph, path, spec, metadata) -> the converter's version (or None)
-FORMAT_WRITERS = {Format.COREML: write_coreml, Format.ONNX: write_onnx}
+FORMAT_WRITERS = {Format.COREML: write_coreml, Format.ONNX: write_onnx, Format.AIMODEL: write_aimodel}
 
 
 def write_single(deploy: DeployDiT, dense, spec: PackageSpec) -> WrittenPackage:
@@ -161,13 +170,16 @@ def write_multifunction(deploy: DeployDiT, dense, spec: PackageSpec) -> WrittenP
     """Each latent size converted on its own, then combined into one multifunction package."""
     path = spec.folder / spec.name
     graphs = function_graphs(dense, deploy, spec.more_latents, spec.query_chunk)
+    functions = {name: "{}x{}".format(*graph.latent_hw) for name, graph in graphs}
+    if spec.fmt is Format.AIMODEL:  # one Core AI program with an entrypoint per size
+        version = write_aimodel(deploy, path, spec, spec.meta.with_(latent_hw=tuple(deploy.latent_hw), functions=functions), graphs)
+        return WrittenPackage(paths=[path], graphs=graphs, converter=version)
     with tempfile.TemporaryDirectory(prefix="functions-") as scratch:  # inside the staging folder (scratch_tempdir)
         parts = []
         for function, graph in graphs:
             part = Path(scratch) / f"{function}.mlpackage"
             version = write_coreml(graph, part, spec, spec.meta.with_(latent_hw=tuple(graph.latent_hw)))
             parts.append((function, str(part)))
-        functions = {name: "{}x{}".format(*graph.latent_hw) for name, graph in graphs}
         combine_functions(parts, str(path), spec.meta.with_(latent_hw=tuple(deploy.latent_hw), functions=functions))
     return WrittenPackage(paths=[path], graphs=graphs, converter=version)
 

@@ -7,6 +7,7 @@ matches, so Swift pipelines can bind them: all Float32 at the boundary (Swift fe
 from __future__ import annotations
 
 import shutil
+import warnings
 
 import numpy as np
 import torch
@@ -48,7 +49,8 @@ def convert_graph(graph: torch.nn.Module, example: tuple, input_names: list[str]
                   compute_precision: str = "float16", palettes: dict | None = None, fp32_timestep_island: bool = True):
     ct = import_coremltools()
     target = Target.parse(target, "--target").value
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # static shapes are the contract: shape checks become constants
         traced = torch.jit.trace(graph.eval(), example, check_trace=False)
     if compute_precision == "float16":
         precision = ct.transform.FP16ComputePrecision(op_selector=lambda op: not (fp32_timestep_island and timestep_feature_op(op)))

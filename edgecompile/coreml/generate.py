@@ -103,7 +103,7 @@ class PackageDenoiser:
     def __init__(self, view: PackageView, precision: str = "auto", runtime: str = "auto"):
         if precision == "auto":  # what the device computes: Core ML where it runs, else the interpreter in fp16
             coreml = sys.platform == "darwin" and runtime != "interpreter"
-            precision = "fp32" if coreml or view.is_onnx else "fp16"  # Core ML and onnxruntime compute as they do
+            precision = "fp32" if coreml or view.is_onnx or view.is_aimodel else "fp16"  # Core ML, onnxruntime, Core AI compute as they do
         self.views = load_chain(view)
         runners, labels = zip(*(package_runner(v, precision, runtime) for v in self.views))
         self.runners = list(runners)

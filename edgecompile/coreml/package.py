@@ -1,5 +1,6 @@
 """Reading a saved .mlpackage back (on Linux too): its MIL program with weights, I/O, metadata, op census.
-An ONNX export reads into the same view (metadata, I/O, op census, initializer bytes; no MIL program)."""
+An ONNX export reads into the same view (metadata, I/O, op census, initializer bytes; no MIL program), and so
+does a Core AI `.aimodel` asset (its functions' I/O, op census and metadata.json; coreai/runtime.py)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from edgecompile.choices import Bits
+from edgecompile.choices import Bits, Format
 from edgecompile.coremltools_loader import load_mil_program, model_proto
 from edgecompile.deploy.contract import LATENT
 from edgecompile.deploy.metadata import COMPONENT, WEIGHTS_SHA256, PackageMetadata
@@ -72,7 +73,14 @@ def changed_weight_files(view: PackageView) -> list[str]:
     recorded = view.meta.weights_sha256 if view.meta else {}
     if not recorded:
         return []
-    have = {ONNX_INITIALIZERS: onnx_weights_digest(view.onnx_weights)} if view.is_onnx else weight_digests(view.path)
+    if view.is_onnx:
+        have = {ONNX_INITIALIZERS: onnx_weights_digest(view.onnx_weights)}
+    elif view.is_aimodel:
+        from edgecompile.coreai.convert import program_digests
+
+        have = program_digests(view.path)
+    else:
+        have = weight_digests(view.path)
     changed = []
     for name in sorted(set(recorded) | set(have)):
         if recorded.get(name) != have.get(name):
@@ -99,10 +107,15 @@ class PackageView:
     onnx_weights: dict[str, np.ndarray] | None = None  # ONNX initializers; None for a Core ML package
     function: str = "main"  # the program function this view reads (a multifunction package has several)
     meta: PackageMetadata | None = None  # edgecompile's metadata, checked when read; None for a foreign package
+    format: Format = Format.COREML
 
     @property
     def is_onnx(self) -> bool:
-        return self.onnx_weights is not None
+        return self.format is Format.ONNX
+
+    @property
+    def is_aimodel(self) -> bool:
+        return self.format is Format.AIMODEL
 
     @property
     def config(self) -> dict | None:
@@ -185,12 +198,29 @@ def _load_onnx(path: Path) -> PackageView:
     init_names = {i.name for i in model.graph.initializer}
     ops = collections.Counter(n.op_type for n in model.graph.node)
     view = PackageView(
-        path=path, spec=None, program=None, metadata=meta, meta=record,
+        path=path, spec=None, program=None, metadata=meta, meta=record, format=Format.ONNX,
         inputs=[feature(v, io_doc) for v in model.graph.input if v.name not in init_names],
         outputs=[feature(v, io_doc) for v in model.graph.output],
         ops=dict(sorted(ops.items(), key=lambda kv: -kv[1])),
         onnx_weights={i.name: numpy_helper.to_array(i) for i in model.graph.initializer},
     )
+    check_program_matches(view)
+    return view
+
+
+def _load_aimodel(path: Path, function: str | None) -> PackageView:
+    from edgecompile.coreai.runtime import feature, op_counts, read_asset
+
+    _, summary, meta = read_asset(path)
+    record = PackageMetadata.from_strings(meta, str(path))
+    names = list(summary.function_names)
+    chosen = function or (next(iter(record.functions)) if record and record.functions else names[0])
+    if chosen not in names:
+        raise EdgeCompileError(f"Core AI asset {path} has no function {chosen!r}: use one of {', '.join(names)}")
+    io_doc = record.io if record else {}
+    view = PackageView(path=path, spec=None, program=None, metadata=meta, meta=record, function=chosen, format=Format.AIMODEL,
+                       inputs=[feature(n, d, io_doc) for n, d in summary.function_inputs(chosen)],
+                       outputs=[feature(n, d, io_doc) for n, d in summary.function_outputs(chosen)], ops=op_counts(summary))
     check_program_matches(view)
     return view
 
@@ -204,6 +234,8 @@ def load_package(path: str | Path, function: str | None = None) -> PackageView:
         raise EdgeCompileError(f"package {path} not found: pass the .mlpackage written by `edgecompile export`")
     if path.suffix == ".onnx" and path.is_file():
         return _load_onnx(path)
+    if path.suffix == Format.AIMODEL.suffix:
+        return _load_aimodel(path, function)
     if not (path / "Manifest.json").is_file():
         raise EdgeCompileError(f"{path} is not an .mlpackage (no Manifest.json)")
     try:
@@ -291,6 +323,8 @@ def block_of_ops(view: PackageView) -> dict[str, str]:
 def layout_ops_per_block(view: PackageView) -> dict[str, dict[str, int]]:
     if view.is_onnx:
         return {"all": {k: view.ops.get(k.capitalize(), 0) for k in LAYOUT_OPS}}
+    if view.is_aimodel:  # Core AI's program keeps no per-layer op names: the whole program's counts
+        return {"all": {k: view.ops.get(k, 0) for k in LAYOUT_OPS}}
     owner = block_of_ops(view)
     per: dict[str, dict[str, int]] = collections.defaultdict(lambda: {k: 0 for k in LAYOUT_OPS})
     for o in view.main.operations:
@@ -301,6 +335,10 @@ def layout_ops_per_block(view: PackageView) -> dict[str, dict[str, int]]:
 
 def weight_census(view: PackageView) -> dict[str, Any]:
     """Bytes of weights as stored: dense consts at their dtype, palettized ones as indices + LUT."""
+    if view.is_aimodel:
+        from edgecompile.coreai.runtime import read_asset, weight_census as asset_census
+
+        return asset_census(view.path, read_asset(view.path)[1])
     if view.is_onnx:
         floats = [w for w in view.onnx_weights.values() if w.dtype.kind == "f" and w.size >= 16]
         dtypes = sorted({str(w.dtype) for w in floats})

@@ -200,6 +200,14 @@ def onnx_runner(view: PackageView) -> Callable:
 
 def package_runner(view: PackageView, precision: str = "fp32", runtime: str = "auto") -> tuple[Callable[[dict], dict], str]:
     """A callable feeds -> outputs (by name) for one package, and what runs it."""
+    if view.is_aimodel:
+        if runtime not in ("auto", "coreai") or precision != "fp32":
+            raise EdgeCompileError("an .aimodel runs in Core AI's runtime at its own precision: drop --runtime and --precision fp16")
+        from edgecompile.coreai.runtime import AIModelRunner
+
+        return AIModelRunner(view.path, view.function), "coreai-runtime"
+    if runtime == "coreai":
+        raise EdgeCompileError("--runtime coreai runs .aimodel assets: pass the .aimodel (export --format aimodel), or drop --runtime coreai")
     if view.is_onnx:
         if runtime == "coreml" or precision != "fp32":
             raise EdgeCompileError("an ONNX export runs in onnxruntime at its own precision: drop --runtime coreml and --precision fp16")
@@ -297,6 +305,9 @@ def verify_package(view: PackageView, ckpt: Checkpoint, simulated: DeployDiT | N
     if simulated is None and view.bits.palettized:
         raise ValueError("a palettized package is verified against its compressed simulation: pass `simulated`")
     width = view.width
+    if changed and view.is_aimodel:  # Core AI's runtime aborts the process on a corrupted program: never load one
+        return VerifyResult(package=str(view.path), runtime="not run (the program changed)", precision=precision, width=width,
+                            psnr_db=math.nan, psnr_vs_checkpoint_db=math.nan, min_psnr_db=min_psnr_db, changed_weight_files=changed)
     inputs = verification_inputs(ckpt.config, view.latent_hw, ckpt=ckpt, width=width)
     masks = verification_masks(ckpt.config, len(inputs))
     outs, label = run_package(view, inputs, precision=precision, runtime=runtime, progress=progress, masks=masks)

@@ -142,6 +142,10 @@ def load_parts(components: dict[str, Path], text_dim: int, where: str) -> Pipeli
     import diffusers
     import transformers
 
+    transformers.logging.set_verbosity_error()  # their loading bars and "install accelerate" notes are not ours to print
+    transformers.logging.disable_progress_bar()
+    diffusers.logging.set_verbosity_error()
+    diffusers.utils.logging.disable_progress_bar()
     name = text_encoder_class(components[TEXT_ENCODER])
     encoder = getattr(transformers, name).from_pretrained(str(components[TEXT_ENCODER]), local_files_only=True, use_safetensors=True).eval()
     encoder = encoder.float()

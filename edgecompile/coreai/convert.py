@@ -1,0 +1,188 @@
+"""A deploy graph -> an `.aimodel` asset, through coreai-torch (torch.export -> Core AI program -> asset).
+
+The graph is the very one the Core ML writer converts (deploy/dit.py, the text encoder and decoder graphs), so
+both targets share the I/O contract's names, the layout rewrites and the compression. What differs:
+- palettized layers carry edgecompile's LUTs and indices as `coreai::lut_to_dense(indices, lut, axis)`, which
+  coreai-torch lowers to a LUT constant (indices narrowed to uint<nbits>): the same LUT values, bit for bit, as in
+  the Core ML package and palettes.safetensors (`LutConv` below, checked by the tests);
+- coreai-torch takes an ExportedProgram decomposed with its own table (it refuses aten.conv2d and the like
+  undecomposed); an op it cannot lower is a one-line error naming the op and the layer it came from;
+- the asset's metadata.json holds edgecompile's record as custom entries, and the SHA-256 of its program file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import os
+import re
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from edgecompile.compress.kmeans import Palette
+from edgecompile.digest import sha256_file
+from edgecompile.errors import EdgeCompileError
+
+PROGRAM_FILES = ("main.mlirb",)  # the asset's program (ops and weights): what the recorded digest covers
+
+
+@contextlib.contextmanager
+def quiet_coreai():
+    """Keep the converter's and the runtime's own lines ("converting 1 program(s)", "Loading function 'main'") out of
+    our output, --json's included: Python-level prints and the native library's writes to fds 1 and 2."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 1)
+        os.dup2(devnull, 2)
+        with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        os.dup2(saved[0], 1)
+        os.dup2(saved[1], 2)
+        for fd in (*saved, devnull):
+            os.close(fd)
+
+
+def import_coreai():
+    """(coreai_torch, coreai.authoring.asset) or the one-line error saying how to install them."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "validated with torch <= 2.13.0", said of 2.13.0 itself
+            import coreai_torch
+            import coreai_torch._compression.custom_layers  # noqa: F401  registers coreai::lut_to_dense
+            from coreai.authoring import asset
+    except ImportError as e:
+        raise EdgeCompileError(f"--format aimodel needs Apple's coreai-torch and coreai-core ({e.name} is not installed): "
+                               "pip install 'edgecompile[coreai]'") from None
+    return coreai_torch, asset
+
+
+class LutConv(nn.Module):
+    """A palettized convolution: its weight is `coreai::lut_to_dense(indices, lut)`, which the converter keeps as a
+    LUT constant rather than a dense one. lut (G, 2^n) fp16 per group of output channels (axis 0) -> the op's
+    (G, 1, 1, 1, 2^n, 1) layout: rank = the indices' rank + 2, each leading dimension dividing the weight's."""
+
+    def __init__(self, conv: nn.Conv2d | nn.ConvTranspose2d, palette: Palette):
+        super().__init__()
+        self.transpose = isinstance(conv, nn.ConvTranspose2d)
+        self.stride, self.padding, self.dilation, self.groups = conv.stride, conv.padding, conv.dilation, conv.groups
+        self.output_padding = getattr(conv, "output_padding", 0)
+        indices = torch.from_numpy(palette.indices.astype("uint8"))
+        if tuple(indices.shape) != tuple(conv.weight.shape):
+            raise EdgeCompileError(f"internal: a palette of shape {tuple(indices.shape)} for a weight of shape {tuple(conv.weight.shape)}")
+        lut = torch.from_numpy(palette.lut.astype("float16"))
+        self.register_buffer("indices", indices)
+        self.register_buffer("lut", lut.reshape(lut.shape[0], *([1] * (indices.dim() - 1)), lut.shape[1], 1))
+        self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
+
+    def weight(self) -> torch.Tensor:
+        return torch.ops.coreai.lut_to_dense(self.indices, self.lut, 0).float()  # the fp16 LUT's values, exactly
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.transpose:
+            return F.conv_transpose2d(x, self.weight(), self.bias, self.stride, self.padding, self.output_padding, self.groups,
+                                      self.dilation)
+        return F.conv2d(x, self.weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+def with_luts(graph: nn.Module, palettes: dict[str, Palette] | None) -> nn.Module:
+    """A copy of `graph` whose palettized layers read their LUTs and indices (the caller's graph is untouched: it
+    stays the simulation that verification compares against)."""
+    if not palettes:
+        return graph
+    graph = copy.deepcopy(graph)
+    for name, palette in palettes.items():
+        parent, _, leaf = name.rpartition(".")
+        owner = graph.get_submodule(parent) if parent else graph
+        setattr(owner, leaf, LutConv(getattr(owner, leaf), palette))
+    return graph
+
+
+_ATEN_OP = re.compile(r"(aten[.:]+[A-Za-z0-9_]+(?:\.[A-Za-z0-9_]+)?)")
+
+
+def unsupported_op_error(ep, error: Exception) -> EdgeCompileError:
+    """The converter's refusal as one line: the op, and the layer of the graph it came from."""
+    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    match = _ATEN_OP.search(str(error))
+    op = match.group(1).replace("::", ".") if match else None
+    layer = None
+    if op is not None:
+        short = op.split(".")[1]
+        for node in ep.graph.nodes:
+            if node.op == "call_function" and short in str(node.target):
+                stack = [path for path, _ in (node.meta.get("nn_module_stack") or {}).values() if path]
+                layer = stack[-1] if stack else "the model's own forward"
+                break
+    where = f" in layer {layer}" if layer else ""
+    return EdgeCompileError(f"Core AI cannot convert {op or 'an op'}{where} ({text[:160]}): export this model with --format coreml, "
+                            "or report the op")
+
+
+def exported_program(graph: nn.Module, example: tuple):
+    """torch.export of the graph, decomposed with coreai-torch's table (what its converter takes)."""
+    coreai_torch, _ = import_coreai()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torch.export's deprecation notes about its own pytree specs
+        ep = torch.export.export(graph.eval(), tuple(example), strict=False)
+        return ep.run_decompositions(coreai_torch.get_decomp_table())
+
+
+def convert_to_aimodel(graph: nn.Module, example: tuple, input_names: list[str], output_names: list[str], path: Path,
+                       metadata: dict[str, str], palettes: dict[str, Palette] | None = None,
+                       entrypoints: list[tuple[str, nn.Module, tuple]] | None = None) -> str:
+    """Convert and save `graph` as the asset `path` (a staging path: the caller renames it into place). Several
+    `entrypoints` (name, graph, example) become functions of one asset (several latent sizes). Returns the
+    converter's version."""
+    coreai_torch, asset_mod = import_coreai()
+    converter = coreai_torch.TorchConverter(mode=coreai_torch.TorchConverter.Mode.RELEASE)  # DEBUG records far more, 2-3x slower
+    functions = entrypoints or [("main", graph, example)]
+    for name, g, args in functions:
+        ep = exported_program(with_luts(g, palettes), args)
+        try:
+            with quiet_coreai():
+                converter.add_exported_program(ep, input_names=list(input_names), output_names=list(output_names), entrypoint_name=name)
+        except (NotImplementedError, KeyError, ValueError, RuntimeError, TypeError, AssertionError) as e:
+            raise unsupported_op_error(ep, e) from None
+    try:
+        with quiet_coreai():
+            program = converter.to_coreai(entrypoints=[name for name, _, _ in functions])
+            program.save_asset(Path(path))
+    except (NotImplementedError, KeyError, ValueError, RuntimeError, TypeError, AssertionError) as e:
+        raise EdgeCompileError(f"Core AI could not build the program ({str(e).splitlines()[0][:200]}): export with --format coreml") from None
+    if metadata:  # edgecompile's record; a bare conversion (the interpreter's oracle in the tests) carries none
+        write_metadata(path, metadata)
+    import importlib.metadata
+
+    return importlib.metadata.version("coreai-torch")
+
+
+def program_digests(path: Path) -> dict[str, str]:
+    return {name: sha256_file(Path(path) / name) for name in PROGRAM_FILES if (Path(path) / name).is_file()}
+
+
+def write_metadata(path: Path, strings: dict[str, str]) -> None:
+    """edgecompile's record into the asset's metadata.json (custom entries), with its program's SHA-256."""
+    from edgecompile.deploy.metadata import WEIGHTS_SHA256
+    import json
+
+    _, asset_mod = import_coreai()
+    asset = asset_mod.AIModelAsset.load(Path(path))
+    entries = {**strings, WEIGHTS_SHA256: json.dumps(program_digests(path), sort_keys=True)}
+
+    def update(m):
+        m.author = "edgecompile"
+        for key, value in entries.items():
+            m.set_custom(key, value)
+
+    asset.update_metadata(update)

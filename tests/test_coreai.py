@@ -1,0 +1,143 @@
+"""The Core AI target (issue 27): `--format aimodel` from the same deploy graph, edgecompile's LUTs inside bit for
+bit, verified by Apple's own runtime on Linux, and that runtime as the oracle for the MIL interpreter. Tiny
+configs; each conversion is done once per module."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("coreai_torch")
+pytest.importorskip("coreai.runtime")
+
+from edgecompile.coreai.convert import convert_to_aimodel  # noqa: E402
+from edgecompile.coreai.runtime import AIModelRunner, asset_luts  # noqa: E402
+from edgecompile.coreml.package import load_package  # noqa: E402
+from edgecompile.deploy.contract import OUTPUT, example_inputs, input_names  # noqa: E402
+from edgecompile.errors import EdgeCompileError  # noqa: E402
+from edgecompile.metrics import psnr_db  # noqa: E402
+from tests.conftest import TINY, trained_like  # noqa: E402
+from tests.test_coreml import run_cli  # noqa: E402
+from tests.test_robustness import one_line_exit_2  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def exports(tiny_checkpoint, tmp_path_factory):
+    """The tiny checkpoint at 4 bits, as a Core AI asset and as a Core ML package (the same palettes)."""
+    from edgecompile.export import ExportOptions, run_export
+    from edgecompile.commands.options import CompressionOptions, PackageOptions
+    from edgecompile.model.checkpoint import load_checkpoint
+
+    out = tmp_path_factory.mktemp("coreai")
+    ckpt = load_checkpoint(tiny_checkpoint)
+    reports = {}
+    for fmt in ("aimodel", "coreml"):
+        opts = ExportOptions(output=out / fmt, widths=[1.0], compression=CompressionOptions(bits="4", distill_steps=4),
+                             package=PackageOptions(fmt=fmt))
+        reports[fmt] = run_export(ckpt, opts)[0]
+    return out, reports, str(tiny_checkpoint)
+
+
+def test_aimodel_export_is_verified_by_core_ais_runtime(exports, capsys):
+    out, reports, ckpt = exports
+    report = reports["aimodel"]
+    asset = out / "aimodel" / "w1.0" / "tiny_w1.0_4bit.aimodel"
+    assert asset.is_dir() and not any(p.name.endswith(".mlpackage") for p in asset.parent.iterdir())
+    assert report.verify.passed and report.verify.runtime == "coreai-runtime" and report.verify.psnr_db >= 60
+    view = load_package(asset)
+    assert view.is_aimodel and view.meta.width == 1.0 and view.bits.value == "4"
+    assert [f["name"] for f in view.inputs] == input_names(TINY) and [f["name"] for f in view.outputs] == [OUTPUT]
+    assert view.ops.get("lut_to_dense", 0) >= 1  # palettized weights stay LUTs in the program
+    code, stdout, err = run_cli(["verify", str(asset), "--checkpoint", ckpt, "--json"], capsys)
+    assert code == 0, err
+    result = json.loads(stdout)
+    assert result["passed"] and result["runtime"] == "coreai-runtime" and result["psnr_db"] >= 60
+    code, stdout, err = run_cli(["inspect", str(asset)], capsys)
+    assert code == 0, err
+    assert "latent_image_embeddings" in stdout and OUTPUT in stdout
+
+
+def test_the_assets_luts_are_edgecompiles_palettes_bit_for_bit(exports):
+    from edgecompile.compress.sidecars import load_palettes
+
+    out, _, _ = exports
+    palettes = load_palettes(out / "aimodel" / "w1.0" / "palettes.safetensors")
+    luts = asset_luts(out / "aimodel" / "w1.0" / "tiny_w1.0_4bit.aimodel")
+    assert len(luts) == len(palettes) >= 1
+    unmatched = dict(palettes)
+    for lut, indices in luts:
+        hit = next(name for name, p in unmatched.items() if p.lut.shape == lut.shape and np.array_equal(p.lut.view(np.uint16), lut.view(np.uint16))
+                   and np.array_equal(p.indices, indices))
+        unmatched.pop(hit)
+    assert not unmatched
+    # and the Core ML package of the same export holds the same palettes
+    same = load_palettes(out / "coreml" / "w1.0" / "palettes.safetensors")
+    assert all(np.array_equal(same[n].indices, p.indices) and np.array_equal(same[n].lut, p.lut) for n, p in palettes.items())
+
+
+def test_core_ais_runtime_is_the_interpreters_oracle(tmp_path):
+    """The same graph and weights (fp16 values, as a Core ML package stores them) as an fp32 Core ML program run by
+    the MIL interpreter and as an .aimodel run by Apple's runtime: the two agree far past the verification bar."""
+    from edgecompile.coreml.convert import convert_graph
+    from edgecompile.coreml.interpreter import MILInterpreter
+    from edgecompile.coreml.verify import package_feeds, verification_inputs
+    from edgecompile.deploy.rewrite import deploy_model
+
+    graph = deploy_model(trained_like(TINY), 1.0).eval()
+    with torch.no_grad():
+        for t in [*graph.parameters(), *graph.buffers()]:
+            if t.is_floating_point():
+                t.copy_(t.half().float())
+    example = example_inputs(graph)
+    convert_graph(graph, example, input_names(TINY), [OUTPUT], compute_precision="float32").save(str(tmp_path / "g.mlpackage"))
+    convert_to_aimodel(graph, example, input_names(TINY), [OUTPUT], tmp_path / "g.aimodel", {})
+    interpreter = MILInterpreter(load_package(tmp_path / "g.mlpackage").program, precision="fp32").run
+    runtime = AIModelRunner(tmp_path / "g.aimodel")
+    for inputs in verification_inputs(TINY, (8, 8)):
+        feeds = package_feeds(*inputs)
+        assert psnr_db(runtime(feeds)[OUTPUT], interpreter(feeds)[OUTPUT]) > 110
+
+
+def test_a_changed_asset_fails_verification_naming_the_file(exports, tmp_path, capsys):
+    out, _, ckpt = exports
+    copy = tmp_path / "w1.0"
+    shutil.copytree(out / "aimodel" / "w1.0", copy)
+    program = copy / "tiny_w1.0_4bit.aimodel" / "main.mlirb"
+    data = bytearray(program.read_bytes())
+    data[-100] ^= 0x01
+    program.write_bytes(bytes(data))
+    code, _, err = run_cli(["verify", str(copy / "tiny_w1.0_4bit.aimodel"), "--checkpoint", ckpt], capsys)
+    assert code == 1 and "main.mlirb" in err, err
+
+
+class _Spectral(torch.nn.Module):
+    def forward(self, x):
+        return torch.fft.rfft2(x).abs()
+
+
+class _WithSpectral(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.spectrum = _Spectral()
+
+    def forward(self, x):
+        return self.spectrum(x)
+
+
+def test_bad_assets_and_unconvertible_ops_are_one_line(tmp_path, capsys):
+    with pytest.raises(EdgeCompileError, match=r"Core AI cannot convert aten\._fft_r2c.* in layer spectrum"):
+        convert_to_aimodel(_WithSpectral(), (torch.randn(1, 2, 4, 4),), ["x"], ["y"], tmp_path / "odd.aimodel", {})
+    assert not (tmp_path / "odd.aimodel").exists()
+    foreign = tmp_path / "foreign.aimodel"
+    convert_to_aimodel(torch.nn.Conv2d(2, 2, 1), (torch.randn(1, 2, 4, 4),), ["x"], ["y"], foreign, {})
+    code, _, err = run_cli(["verify", str(foreign)], capsys)
+    one_line_exit_2(code, err, "has no edgecompile metadata")
+    fake = tmp_path / "fake.aimodel"
+    fake.mkdir()
+    (fake / "metadata.json").write_text("{}")
+    code, _, err = run_cli(["inspect", str(fake)], capsys)
+    one_line_exit_2(code, err, "is not a Core AI asset")
