@@ -58,7 +58,7 @@ def main() -> None:
         out = work / f"w{width}"
         step = _common.run_child(EDGECOMPILE + ["export", "--width", width, "--bits", args.bits, "--pipeline", "-o", str(out), "--force",
                                                 "--no-generate"])
-        row = _common.export_summary(step, out, width)
+        row = {"width": float(width), **_common.export_summary(step, out, width)}
         if step["rc"] == 0:
             import json
 

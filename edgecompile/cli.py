@@ -147,6 +147,9 @@ def import_(source: str, output: str, dtype: str, text_len: int | None, name: st
 @click.option("--swift-resources", is_flag=True, help="Lay the output out as the Swift Core ML pipelines expect (Resources/).")
 @click.option("--pipeline", is_flag=True, help="Also compile the checkpoint's text encoder and VAE decoder, copy its tokenizer and write "
                                                "pipeline.json, all in Resources/ (the checkpoint needs text_encoder/, tokenizer/, vae/).")
+@click.option("--text-encoder-chunks", type=Number(int, min=1, max=64), help="With --pipeline: cut the text encoder into this many "
+              "packages (default: as many as keep each weight file under the Neural Engine's 2 GiB; T5-XXL needs 3 at 8 bits).")
+@click.option("--img2img", is_flag=True, help="With --pipeline: also compile the VAE encoder (VAEEncoder.mlpackage), for image-to-image.")
 @click.option("--query-chunk", type=POSITIVE_INT, help="Split attention queries into chunks of this many tokens (default: no split).")
 @click.option("--chunks", default=1, type=POSITIVE_INT,
               help="Cut the denoiser into this many packages at block boundaries (each weight file under the Neural Engine's 2 GiB).")
@@ -162,7 +165,8 @@ def import_(source: str, output: str, dtype: str, text_len: int | None, name: st
 @click.option("--force", is_flag=True, help="Replace existing output folders (default: refuse to overwrite).")
 @click.option("--json", "as_json", is_flag=True, help=JSON_HELP)
 def export(checkpoint, width_text, bits, output, latent, target, fmt, recipe, target_bits, candidates, sweep_mode, palette_method, group_size,
-           calibration, no_distill, distill_steps, distill_budget, swift_resources, pipeline, query_chunk, chunks, calibration_latent, device,
+           calibration, no_distill, distill_steps, distill_budget, swift_resources, pipeline, text_encoder_chunks, img2img, query_chunk, chunks,
+           calibration_latent, device,
            batch_size, no_verify, no_generate, min_psnr, keep_failed, force, as_json):
     """Compile CHECKPOINT (default: the bundled one) into one verified package per width.
 
@@ -181,7 +185,7 @@ def export(checkpoint, width_text, bits, output, latent, target, fmt, recipe, ta
             palettes=PaletteMethod(palette_method), group_size=group_size, calibration=Path(calibration) if calibration else None,
             distill=not no_distill, distill_steps=distill_steps, distill_budget_minutes=distill_budget, batch_size=batch_size, device=device),
         package=PackageOptions(fmt=Format(fmt), target=Target(target), chunks=chunks, swift_resources=swift_resources, query_chunk=query_chunk,
-                               pipeline=pipeline),
+                               pipeline=pipeline, img2img=img2img, text_encoder_chunks=text_encoder_chunks),
         verification=VerificationOptions(verify=not no_verify, min_psnr_db=min_psnr, generate=not no_generate, keep_failed=keep_failed),
     )
     with stage_display(console) as display:
@@ -338,7 +342,7 @@ def sample(package, output, checkpoint, labels, prompts_file, steps, cfg_scale, 
             psnr = summary["final_image_psnr_db"]
             print_lines([f"{output}: {len(summary['prompts'])} images {summary['images'][1]}x{summary['images'][2]}, {steps} steps, "
                          f"CFG {cfg_scale:g} ({summary['runtime']}, {summary['seconds']:.0f} s)"
-                         + (f"; final images {psnr} dB vs the torch pipeline from the same noise" if psnr is not None else "")])
+                         + (f"; final images {psnr} dB vs {summary['reference']} from the same noise" if psnr is not None else "")])
         return
     if noise:
         raise EdgeCompileError("--noise applies to pipeline folders (export --pipeline): drop it, or pass the Resources folder")

@@ -200,18 +200,19 @@ def test_export_pipeline_writes_every_component_verified_with_a_manifest(pipelin
     from tests.test_coreml import run_cli
 
     root, encoder = pipeline_checkpoint
-    code, out, err = run_cli(["export", str(root / "ckpt"), "--pipeline", "-o", str(tmp_path / "o"), "--json"], capsys)
+    code, out, err = run_cli(["export", str(root / "ckpt"), "--pipeline", "--img2img", "-o", str(tmp_path / "o"), "--json"], capsys)
     assert code == 0, err
     report = json.loads(out)["packages"][0]
     res = tmp_path / "o" / "w1.0" / "Resources"
     assert {p.name for p in res.iterdir()} >= {"MultiModalDiffusionTransformer.mlpackage", "TextEncoder.mlpackage", "VAEDecoder.mlpackage",
-                                              "tokenizer.json", "pipeline.json", "denoiser_contract.json"}
-    assert [c["kind"] for c in report["components"]] == ["text_encoder", "decoder"]
+                                              "tokenizer.json", "pipeline.json", "denoiser_contract.json", "VAEEncoder.mlpackage"}
+    assert [c["kind"] for c in report["components"]] == ["text_encoder", "decoder", "encoder"]
     assert all(c["verify"]["passed"] and c["verify"]["psnr_db"] >= 60 for c in report["components"])
     manifest = json.loads((res / "pipeline.json").read_text())
     assert manifest["components"]["text_encoder"]["inputs"] == {"input_ids": [1, T], "attention_mask": [1, T]}
     assert manifest["components"]["decoder"]["latent_scaling_factor"] == pytest.approx(0.13025)
     assert manifest["scheduler"]["class"] == "DDIMScheduler" and manifest["text_length"] == T
+    assert manifest["components"]["encoder"]["outputs"] == {"z": [1, 4, 8, 8]}  # --img2img: image -> the denoiser's latent
     # the text encoder package computes what transformers' module computes for a tokenized, padded prompt
     view = load_package(res / "TextEncoder.mlpackage")
     ids = np.array([[3, 4, 5, 6, 1, 0, 0, 0]], np.int32)
@@ -285,6 +286,17 @@ def test_sample_draws_pictures_from_text_through_the_packages(pipeline_checkpoin
     images = np.load(tmp_path / "pics.npy")
     assert images.shape == (2, 16, 16, 3) and images.dtype == np.float32 and 0 <= images.min() and images.max() <= 1
     assert summary["final_image_psnr_db"] >= 35 and summary["non_finite_images"] == 0, summary
+    assert summary["reference"] == "diffusers' PixArtSigmaPipeline"  # diffusers' own pipeline on the same components
+    # edgecompile's torch loop (the sampler the packages run) computes what diffusers' pipeline computes
+    from edgecompile.coreml.text_to_image import diffusers_pipeline, load_pipeline, noise_for, tokenize, torch_pipeline
+    from edgecompile.model.checkpoint import load_checkpoint
+
+    ckpt, pipe = load_checkpoint(root / "ckpt"), load_pipeline(res)
+    texts = ["a red fox", "a photo of a cat"]
+    ids, masks = tokenize(pipe.tokenizer, [*texts, ""], T)
+    noise = noise_for(ckpt.config, 2, (8, 8), 0, None)
+    ours = torch_pipeline(ckpt, pipe, ids, masks, noise, 4, 2.0)
+    assert psnr_db(diffusers_pipeline(ckpt, pipe, texts, noise, 4, 2.0), ours) > 90
     # the same noise from a file gives the same pictures; a PNG grid is written too
     noise = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     save_file({"noise": noise}, str(tmp_path / "noise.safetensors"))
@@ -342,3 +354,30 @@ def test_bench_estimates_each_component_and_the_whole_generation(pipeline_checkp
     assert all(r["static"]["total_macs"] > 0 for r in data["items"])  # the components' work, read off their programs
     for device, total in data["generation_ms"].items():
         assert total == pytest.approx(sum(r["per_image_ms"][device] for r in data["items"]), rel=1e-6)
+
+
+def test_a_text_encoder_in_chunks_runs_as_a_chain(pipeline_checkpoint, tmp_path, capsys):
+    """--text-encoder-chunks 2 (what T5-XXL's 4.7B parameters need at 3): the T5 encoder in two packages, each
+    verified on the hidden states handed over, named in pipeline.json, and run as a chain by sample."""
+    import json
+
+    from tests.test_coreml import run_cli
+
+    root, _ = pipeline_checkpoint
+    code, out, err = run_cli(["export", str(root / "ckpt"), "--pipeline", "--text-encoder-chunks", "2", "--no-generate", "-o", str(tmp_path / "o"),
+                              "--json"], capsys)
+    assert code == 0, err
+    report = json.loads(out)["packages"][0]
+    chunks = [c for c in report["components"] if c["kind"] == "text_encoder"]
+    assert [c["package"] for c in chunks] == ["TextEncoderChunk1.mlpackage", "TextEncoderChunk2.mlpackage"]
+    assert all(c["verify"]["passed"] for c in chunks) and chunks[1]["inputs"] == {"text_encoder_hidden_states": [1, 32, 1, T],
+                                                                                   "attention_mask": [1, T]}
+    res = tmp_path / "o" / "w1.0" / "Resources"
+    manifest = json.loads((res / "pipeline.json").read_text())
+    assert manifest["components"]["text_encoder"]["chunks"] == ["TextEncoderChunk1.mlpackage", "TextEncoderChunk2.mlpackage"]
+    code, out, err = run_cli(["sample", str(res), "--checkpoint", str(root / "ckpt"), "--prompt", "a red fox", "--compare",
+                              "-o", str(tmp_path / "fox.npy"), "--json"], capsys)
+    assert code == 0, err
+    assert json.loads(out)["final_image_psnr_db"] >= 35
+    code, _, err = run_cli(["export", str(root / "ckpt"), "--pipeline", "--text-encoder-chunks", "3", "-o", str(tmp_path / "bad")], capsys)
+    assert code == 2 and "has 2 blocks: give 1..2" in err and not (tmp_path / "bad").exists()

@@ -27,16 +27,18 @@ from tests.test_robustness import one_line_exit_2  # noqa: E402
 
 @pytest.fixture(scope="module")
 def exports(tiny_checkpoint, tmp_path_factory):
-    """The tiny checkpoint at 4 bits, as a Core AI asset and as a Core ML package (the same palettes)."""
+    """The tiny checkpoint at 4 bits, as a Core AI asset (8x8 and 8x12 as two entrypoints) and as a Core ML package
+    (the same palettes)."""
+    from edgecompile.commands.options import CompressionOptions, LatentPlan, PackageOptions
     from edgecompile.export import ExportOptions, run_export
-    from edgecompile.commands.options import CompressionOptions, PackageOptions
     from edgecompile.model.checkpoint import load_checkpoint
 
     out = tmp_path_factory.mktemp("coreai")
     ckpt = load_checkpoint(tiny_checkpoint)
     reports = {}
     for fmt in ("aimodel", "coreml"):
-        opts = ExportOptions(output=out / fmt, widths=[1.0], compression=CompressionOptions(bits="4", distill_steps=4),
+        latents = LatentPlan(package=(8, 8), more=((8, 12),)) if fmt == "aimodel" else LatentPlan()
+        opts = ExportOptions(output=out / fmt, widths=[1.0], latents=latents, compression=CompressionOptions(bits="4", distill_steps=4),
                              package=PackageOptions(fmt=fmt))
         reports[fmt] = run_export(ckpt, opts)[0]
     return out, reports, str(tiny_checkpoint)
@@ -48,17 +50,24 @@ def test_aimodel_export_is_verified_by_core_ais_runtime(exports, capsys):
     asset = out / "aimodel" / "w1.0" / "tiny_w1.0_4bit.aimodel"
     assert asset.is_dir() and not any(p.name.endswith(".mlpackage") for p in asset.parent.iterdir())
     assert report.verify.passed and report.verify.runtime == "coreai-runtime" and report.verify.psnr_db >= 60
+    assert [(f.name, f.latent, f.verify.passed) for f in report.functions] == [("latent_8x8", [8, 8], True), ("latent_8x12", [8, 12], True)]
+    assert load_package(asset, function="latent_8x12").inputs[0]["shape"] == [1, 1, 8, 12]  # one asset, an entrypoint per size
     view = load_package(asset)
     assert view.is_aimodel and view.meta.width == 1.0 and view.bits.value == "4"
     assert [f["name"] for f in view.inputs] == input_names(TINY) and [f["name"] for f in view.outputs] == [OUTPUT]
     assert view.ops.get("lut_to_dense", 0) >= 1  # palettized weights stay LUTs in the program
     code, stdout, err = run_cli(["verify", str(asset), "--checkpoint", ckpt, "--json"], capsys)
     assert code == 0, err
-    result = json.loads(stdout)
-    assert result["passed"] and result["runtime"] == "coreai-runtime" and result["psnr_db"] >= 60
+    results = json.loads(stdout)["functions"]  # one result per entrypoint
+    assert [r["function"] for r in results] == ["latent_8x8", "latent_8x12"]
+    assert all(r["passed"] and r["runtime"] == "coreai-runtime" and r["psnr_db"] >= 60 for r in results)
     code, stdout, err = run_cli(["inspect", str(asset)], capsys)
     assert code == 0, err
     assert "latent_image_embeddings" in stdout and OUTPUT in stdout
+    code, stdout, err = run_cli(["bench", str(asset), "--repeats", "1", "--json"], capsys)
+    assert code == 0, err
+    rows = json.loads(stdout)["items"]
+    assert [r["latent"] for r in rows] == [[8, 8], [8, 12]] and all(r["coreai"]["median_ms"] > 0 for r in rows)
 
 
 def test_the_assets_luts_are_edgecompiles_palettes_bit_for_bit(exports):
@@ -67,12 +76,12 @@ def test_the_assets_luts_are_edgecompiles_palettes_bit_for_bit(exports):
     out, _, _ = exports
     palettes = load_palettes(out / "aimodel" / "w1.0" / "palettes.safetensors")
     luts = asset_luts(out / "aimodel" / "w1.0" / "tiny_w1.0_4bit.aimodel")
-    assert len(luts) == len(palettes) >= 1
-    unmatched = dict(palettes)
-    for lut, indices in luts:
-        hit = next(name for name, p in unmatched.items() if p.lut.shape == lut.shape and np.array_equal(p.lut.view(np.uint16), lut.view(np.uint16))
+    assert len(palettes) >= 1 and len(luts) % len(palettes) == 0  # each entrypoint (latent size) holds every LUT
+    unmatched = set(palettes)
+    for lut, indices in luts:  # each LUT of the program is one of the palettes, LUT bits and indices equal
+        hit = next(name for name, p in palettes.items() if p.lut.shape == lut.shape and np.array_equal(p.lut.view(np.uint16), lut.view(np.uint16))
                    and np.array_equal(p.indices, indices))
-        unmatched.pop(hit)
+        unmatched.discard(hit)
     assert not unmatched
     # and the Core ML package of the same export holds the same palettes
     same = load_palettes(out / "coreml" / "w1.0" / "palettes.safetensors")
@@ -141,3 +150,29 @@ def test_bad_assets_and_unconvertible_ops_are_one_line(tmp_path, capsys):
     (fake / "metadata.json").write_text("{}")
     code, _, err = run_cli(["inspect", str(fake)], capsys)
     one_line_exit_2(code, err, "is not a Core AI asset")
+
+
+def test_the_whole_pipeline_as_core_ai_assets_draws_from_text(tmp_path, capsys):
+    """--pipeline --format aimodel: text encoder, denoiser and decoder as .aimodel assets, each verified by Core AI's
+    runtime, and prompt -> picture through them all, against diffusers' own PixArt pipeline from the same noise."""
+    from tests.test_components import T, tiny_pipeline
+
+    from edgecompile.model.importers import import_checkpoint
+
+    tiny_pipeline(tmp_path / "src")
+    import_checkpoint(tmp_path / "src", tmp_path / "ckpt", text_len=T)
+    capsys.readouterr()
+    code, stdout, err = run_cli(["export", str(tmp_path / "ckpt"), "--pipeline", "--format", "aimodel", "-o", str(tmp_path / "o"), "--json"],
+                                capsys)
+    assert code == 0, err
+    report = json.loads(stdout)["packages"][0]
+    res = tmp_path / "o" / "w1.0" / "Resources"
+    assert {p.name for p in res.iterdir()} >= {"TextEncoder.aimodel", "MultiModalDiffusionTransformer.aimodel", "VAEDecoder.aimodel",
+                                              "tokenizer.json", "pipeline.json"}
+    assert all(c["verify"]["passed"] and c["verify"]["runtime"] == "coreai-runtime (fp32)" for c in report["components"])
+    code, stdout, err = run_cli(["sample", str(res), "--checkpoint", str(tmp_path / "ckpt"), "--prompt", "a red fox", "--compare",
+                                 "-o", str(tmp_path / "fox.npy"), "--json"], capsys)
+    assert code == 0, err
+    summary = json.loads(stdout)
+    assert summary["runtime"] == "coreai-runtime" and summary["reference"] == "diffusers' PixArtSigmaPipeline"
+    assert summary["final_image_psnr_db"] >= 60, summary  # fp32 assets: what diffusers computes

@@ -76,6 +76,30 @@ def torch_latency(config, width: float, latent_hw: tuple[int, int], repeats: int
     return {"runtime": f"torch {torch.__version__} {device} ({str(dtype).removeprefix('torch.')})", **summarise(samples)}
 
 
+def coreai_latency(package: Path, repeats: int = 10, function: str | None = None) -> dict:
+    """Core AI load and call latency of an `.aimodel`, measured through Core AI's runtime on this host (the local
+    runtime's CPU on Linux, the OS framework on macOS 27+); inputs as the asset declares them."""
+    import numpy as np
+
+    from edgecompile.coreai.runtime import AIModelRunner
+
+    view = load_package(package, function=function)
+    rng = np.random.default_rng(0)
+    feeds = {f["name"]: (rng.standard_normal(f["shape"]).astype(np.float32) if f["dtype"].startswith("float")
+                         else np.zeros(f["shape"], np.int32)) for f in view.inputs}
+    start = time.perf_counter()
+    runner = AIModelRunner(Path(package), view.function)
+    load_s = time.perf_counter() - start
+    runner(feeds)
+    samples = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        runner(feeds)
+        samples.append(time.perf_counter() - start)
+    runner.close()
+    return {"runtime": "coreai-runtime", "load_s": round(load_s, 3), **summarise(samples)}
+
+
 def coreml_latency(package: Path, repeats: int = 10, function: str | None = None) -> dict:
     """Core ML load and predict latency per compute-unit setting (macOS only). A chunk (--chunks) is timed as
     the chain it belongs to: one sample is one denoiser call through every chunk; `function` picks one function

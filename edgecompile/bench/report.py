@@ -10,7 +10,7 @@ from pathlib import Path
 
 from edgecompile.atomic import atomic_path, check_output_path
 from edgecompile.bench.cost_model import find_profile, calibrated, estimate_ms
-from edgecompile.bench.latency import coreml_latency, load_runs, torch_latency
+from edgecompile.bench.latency import coreai_latency, coreml_latency, load_runs, torch_latency
 from edgecompile.bench.static import GraphStats, program_stats, OP_CLASSES, deploy_graph_stats
 from edgecompile.coreml.package import load_chain, load_package, weight_census
 from edgecompile.errors import EdgeCompileError
@@ -38,6 +38,9 @@ class BenchItem:
 
 def component_item(path: str, view) -> BenchItem:
     """A pipeline component's package (text encoder, decoder): analysed from its own MIL program."""
+    if view.is_aimodel:
+        raise EdgeCompileError(f"{path}: bench analyses a pipeline component from its MIL program, which a Core AI asset does not "
+                               "hold: bench the Core ML export of the pipeline (export --pipeline), or the .aimodel denoiser alone")
     census = weight_census(view)
     return BenchItem(label=f"{Path(path).name} ({view.component})", config=None, width=1.0, latent_hw=(0, 0),
                      bits=census["average_bits"] or 16.0, weight_bytes=census["weight_bytes"], package=Path(path), kind=view.component,
@@ -47,7 +50,8 @@ def component_item(path: str, view) -> BenchItem:
 def pipeline_items(folder: str) -> list[BenchItem]:
     """The packages of an `export --pipeline` Resources folder, in the order an image runs them."""
     manifest = json.loads((Path(folder) / "pipeline.json").read_text())
-    names = [manifest["components"][k]["package"] for k in ("text_encoder", "denoiser", "decoder")]
+    comps = manifest["components"]
+    names = [*(comps["text_encoder"].get("chunks") or [comps["text_encoder"]["package"]]), comps["denoiser"]["package"], comps["decoder"]["package"]]
     return [item for name in names for item in package_items(str(Path(folder) / name))]
 
 
@@ -101,6 +105,7 @@ class BenchRow:
     kind: str = "denoiser"
     host: dict | None = None  # measured torch latency on this host
     coreml: dict | None = None  # measured Core ML latency (macOS)
+    coreai: dict | None = None  # measured Core AI runtime latency (an .aimodel, on this host)
     # one image: `steps` sampler steps, two denoiser calls each with guidance (a batch-1 package); the denoiser only
     # (the text encoder and decoder are not part of the package yet)
     per_image_ms: dict[str, float] = field(default_factory=dict)
@@ -121,7 +126,9 @@ class BenchRow:
         return sum(v for k, v in self.static["macs"].items() if k.startswith("attn")) / max(self.total_macs, 1)
 
     def to_dict(self) -> dict:
-        d = {k: v for k, v in self.__dict__.items() if k not in ("host", "coreml")}
+        d = {k: v for k, v in self.__dict__.items() if k not in ("host", "coreml", "coreai")}
+        if self.coreai is not None:
+            d["coreai"] = self.coreai
         if self.host is not None:
             d["host"] = {**self.host, "noisy": self.host_noisy}
         if self.coreml is not None:
@@ -197,7 +204,9 @@ def analyse(items: list[BenchItem], devices=DEFAULT_DEVICES, host: bool = True, 
         if host and item.config is not None:
             hw = host_latent if host_latent and item.package is None else item.latent_hw
             row.host = {**torch_latency(item.config, item.width, tuple(hw), repeats=repeats), "latent": list(hw)}
-        if item.package is not None:
+        if item.package is not None and item.package.suffix == ".aimodel":
+            row.coreai = coreai_latency(item.package, repeats, function=item.function)
+        elif item.package is not None:
             row.coreml = coreml_latency(item.package, repeats, function=item.function)
         rows.append(row)
     cost = {}

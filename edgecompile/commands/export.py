@@ -122,7 +122,7 @@ def export_width(ckpt: Checkpoint, width: float, run: ResolvedExport, out_dir: P
                             bits=run.bits, bits_per_layer=compression.bits_per_layer if compression else None,
                             group_size=opts.compression.group_size if compression else None,
                             palettes_sha256=sidecars.palettes_sha256, distilled_sha256=sidecars.distilled_sha256)
-    name = f"{SWIFT_DENOISER}.mlpackage" if pkg.resources else package_name(config.name, width, run.bits, run.fmt)
+    name = f"{SWIFT_DENOISER}{run.fmt.suffix}" if pkg.resources else package_name(config.name, width, run.bits, run.fmt)
     spec = PackageSpec(folder=pkg_dir, name=name, fmt=run.fmt, target=pkg.target, meta=meta,
                        palettes=compression.palettes if compression else None, chunks=pkg.chunks, more_latents=run.latents.more,
                        query_chunk=pkg.query_chunk, swift=pkg.resources)
@@ -171,7 +171,8 @@ def run_export(ckpt: Checkpoint, opts: ExportOptions, on_stage: Callable[[str], 
     if opts.package.pipeline:  # the same for every width: converted and verified once
         timer = StageTimer(on_stage=on_stage, device=run.compression.device)
         with timer.stage("pipeline components"):
-            components = compile_components(ckpt, str(opts.package.target), run.latents.package, on_stage=on_stage)
+            components = compile_components(ckpt, str(opts.package.target), run.latents.package, on_stage=on_stage,
+                                            img2img=opts.package.img2img, fmt=run.fmt, text_encoder_chunks=opts.package.text_encoder_chunks)
     with atomic_outputs([opts.width_dir(w) for w in opts.widths], force=opts.force, inputs=opts.inputs(ckpt)) as stages:
         for w, out_dir in zip(opts.widths, stages):
             torch.manual_seed(0)  # per width: a width's output does not depend on which widths came before

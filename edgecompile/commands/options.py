@@ -115,6 +115,8 @@ class PackageOptions:
     swift_resources: bool = False
     query_chunk: int | None = None
     pipeline: bool = False  # also the text encoder, VAE decoder, tokenizer and pipeline.json (commands/pipeline.py)
+    img2img: bool = False  # --pipeline: the VAE encoder too (image-to-image)
+    text_encoder_chunks: int | None = None  # --pipeline: the text encoder in N packages (default: as the 2 GiB limit needs)
 
     @property
     def resources(self) -> bool:
@@ -124,14 +126,18 @@ class PackageOptions:
     def validate(self, config: ModelConfig, bits: Bits, latents: LatentPlan) -> None:
         fmt = Format.parse(self.fmt, "--format")
         target = Target.parse(self.target, "--target")
-        if self.pipeline and fmt is not Format.COREML:
-            raise EdgeCompileError(f"--pipeline writes Core ML packages for the Swift pipelines: drop --format {fmt.value}")
+        if self.pipeline and fmt is Format.ONNX:
+            raise EdgeCompileError("--pipeline writes Core ML packages (or Core AI assets) for the Swift pipelines: drop --format onnx")
+        if self.text_encoder_chunks is not None and (not self.pipeline or self.text_encoder_chunks < 1):
+            raise EdgeCompileError("--text-encoder-chunks N (N >= 1) cuts the pipeline's text encoder into N packages: add --pipeline")
+        if self.img2img and not self.pipeline:
+            raise EdgeCompileError("--img2img adds the VAE encoder to the pipeline's packages: add --pipeline")
         if self.pipeline and latents.more:
             raise EdgeCompileError("--pipeline with several --latent sizes is not supported yet: export one size")
         if fmt is Format.ONNX and bits is not Bits.FP16:
             raise EdgeCompileError("--format onnx exports fp32/fp16 graphs only: drop --bits or use --format coreml")
-        if self.resources and fmt is not Format.COREML:
-            raise EdgeCompileError(f"--swift-resources lays out Core ML packages: drop --format {fmt.value}")
+        if self.resources and fmt is Format.ONNX:
+            raise EdgeCompileError("--swift-resources lays out Core ML packages (or Core AI assets): drop --format onnx")
         if latents.more and fmt is Format.ONNX:
             raise EdgeCompileError("several --latent sizes make one multifunction package (Core ML, iOS18) or one Core AI asset "
                                    "with an entrypoint per size: use --format coreml --target iOS18 or --format aimodel")

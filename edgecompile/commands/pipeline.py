@@ -5,6 +5,7 @@ the Swift pipelines load:
       TextEncoder.mlpackage                 input_ids [, attention_mask] -> token_level_text_embeddings (the denoiser's input)
       MultiModalDiffusionTransformer.mlpackage   the denoiser (the export's own)
       VAEDecoder.mlpackage                  z (the denoiser's final latent) -> image in [-1, 1], latent scaling inside
+      VAEEncoder.mlpackage                  (--img2img) image in [-1, 1] -> z as the denoiser takes it (the posterior mean)
       tokenizer.json                        the fast tokenizer (Hugging Face tokenizers format)
       pipeline.json                         the manifest: components, their I/O, scheduler, steps, guidance, text length
 
@@ -26,19 +27,20 @@ from pathlib import Path
 import torch
 
 from edgecompile.compress.palettize_model import palettize_deploy, uniform_bits
-from edgecompile.coreml.component import ComponentResult, convert_with_islands
+from edgecompile.choices import Format
+from edgecompile.coreml.component import ComponentResult, convert_for_core_ai, convert_with_islands
 from edgecompile.coreml.package import record_weight_digests
 from edgecompile.deploy.contract import OUTPUT, TEXT, input_names
 from edgecompile.deploy.metadata import component_metadata
-from edgecompile.deploy.text_encoder import ATTENTION_MASK, INPUT_IDS, T5EncoderANE, calibrate_scales, text_encoder_graph
-from edgecompile.deploy.vae import VAEDecoderGraph
+from edgecompile.deploy.text_encoder import (ATTENTION_MASK, HIDDEN, INPUT_IDS, T5EncoderANE, calibrate_scales, split_text_encoder,
+                                             text_encoder_chunk_count, text_encoder_graph)
+from edgecompile.deploy.vae import VAEDecoderGraph, VAEEncoderGraph
 from edgecompile.errors import VerificationFailed
 from edgecompile.metrics import psnr_db
 from edgecompile.model.checkpoint import Checkpoint
 from edgecompile.model.components import load_parts
 
-TEXT_ENCODER_PACKAGE = "TextEncoder.mlpackage"
-DECODER_PACKAGE = "VAEDecoder.mlpackage"
+TEXT_ENCODER, DECODER, ENCODER = "TextEncoder", "VAEDecoder", "VAEEncoder"  # apple/ml-stable-diffusion's resource names
 TOKENIZER_FILE = "tokenizer.json"
 MANIFEST = "pipeline.json"
 CALIBRATION_PROMPTS = ("", "a photo of a cat", "a handwritten seven", "a red fox in the snow, highly detailed, 4k",
@@ -49,7 +51,7 @@ DEFAULT_TEXT_ENCODER_BITS = 8
 
 @dataclass
 class CompiledComponent:
-    kind: str  # text_encoder, decoder
+    kind: str  # text_encoder, decoder, encoder
     package: str  # its file name in Resources/
     model: object  # the in-memory Core ML model, saved into each width's folder
     result: ComponentResult
@@ -92,9 +94,19 @@ def unquantized_psnr(reference: torch.nn.Module, simulation: torch.nn.Module, in
 
 
 def compile_components(ckpt: Checkpoint, target: str, latent_hw: tuple[int, int], on_stage=None,
-                       text_encoder_bits: int = DEFAULT_TEXT_ENCODER_BITS) -> list[CompiledComponent]:
-    """The checkpoint's text encoder and VAE decoder converted, fp16 overflow fixed, and verified (raises
-    VerificationFailed below the bar: nothing unverified ships)."""
+                       text_encoder_bits: int = DEFAULT_TEXT_ENCODER_BITS, img2img: bool = False,
+                       fmt: Format = Format.COREML, text_encoder_chunks: int | None = None) -> list[CompiledComponent]:
+    """The checkpoint's text encoder and VAE decoder (and with `img2img` its VAE encoder) converted, fp16 overflow
+    fixed, and verified (raises VerificationFailed below the bar: nothing unverified ships). Core AI assets
+    (`fmt` aimodel) compute in fp32 and are verified by Core AI's runtime. A text encoder whose weights pass the
+    Neural Engine's 2 GiB file limit at its bits (T5-XXL) is cut into chunks (`text_encoder_chunks`, default: as
+    many as the limit needs), each verified alone and the chain end to end."""
+
+    def convert(graph, kind, inputs, palettes=None):
+        if fmt is Format.AIMODEL:
+            return convert_for_core_ai(graph, kind, inputs, palettes=palettes)
+        return convert_with_islands(graph, kind, inputs, target, palettes=palettes)
+
     parts = load_parts(ckpt.components, ckpt.config.text_dim, str(ckpt.path))
     compiled = []
     if on_stage:
@@ -109,31 +121,79 @@ def compile_components(ckpt: Checkpoint, target: str, latent_hw: tuple[int, int]
         simulation = copy.deepcopy(encoder)
         palettes = palettize_deploy(simulation, uniform_bits(simulation, text_encoder_bits)) or None  # none: every layer too small
         simulation = simulation if palettes else encoder
-    ml, result = convert_with_islands(simulation, "text_encoder", prompts, target, palettes=palettes)
-    if palettes:
-        result.bits = text_encoder_bits
-        result.psnr_vs_unquantized_db = unquantized_psnr(encoder, simulation, prompts)
+    n_chunks = text_encoder_chunks or text_encoder_chunk_count(encoder, text_encoder_bits)
     ins = {INPUT_IDS: [1, ckpt.config.text_len], **({ATTENTION_MASK: [1, ckpt.config.text_len]} if t5 else {})}
     outs = {n: s for n, s in ((TEXT, [1, ckpt.config.text_dim, 1, ckpt.config.text_len]),) if n in encoder.output_names}
-    compiled.append(CompiledComponent("text_encoder", TEXT_ENCODER_PACKAGE, ml, result, type(parts.text_encoder).__name__, ins, outs,
-                                      info={"rms_norm_scales": scales} if scales else {}, seconds=time.perf_counter() - start))
+    info = {"rms_norm_scales": scales} if scales else {}
+    if n_chunks == 1:
+        ml, result = convert(simulation, "text_encoder", prompts, palettes=palettes)
+        if palettes:
+            result.bits = text_encoder_bits
+            result.psnr_vs_unquantized_db = unquantized_psnr(encoder, simulation, prompts)
+        compiled.append(CompiledComponent("text_encoder", TEXT_ENCODER + fmt.suffix, ml, result, type(parts.text_encoder).__name__, ins, outs,
+                                          info=info, seconds=time.perf_counter() - start))
+    else:
+        compiled += text_encoder_chunks_compiled(encoder, simulation, palettes, prompts, n_chunks, convert, fmt, ins, outs, info,
+                                                 type(parts.text_encoder).__name__, text_encoder_bits, start)
     if on_stage:
         on_stage("decoder")
     start = time.perf_counter()
     decoder = VAEDecoderGraph(parts.vae, latent_hw)
     g = torch.Generator().manual_seed(7)
     latents = [(torch.randn(1, decoder.channels, *latent_hw, generator=g),) for _ in range(CALIBRATION_LATENTS)]
-    ml, result = convert_with_islands(decoder, "decoder", latents, target)
+    ml, result = convert(decoder, "decoder", latents)
     with torch.no_grad():
         image_hw = list(decoder(*latents[0]).shape[2:])
-    compiled.append(CompiledComponent("decoder", DECODER_PACKAGE, ml, result, type(parts.vae).__name__,
+    compiled.append(CompiledComponent("decoder", DECODER + fmt.suffix, ml, result, type(parts.vae).__name__,
                                       {"z": [1, decoder.channels, *latent_hw]}, {"image": [1, 3, *image_hw]},
                                       info={"latent_scaling_factor": decoder.scale, "latent_shift_factor": decoder.shift,
                                             "scaling": "inside the package: feed the denoiser's final latent as it is"},
                                       seconds=time.perf_counter() - start))
+    if img2img:
+        if on_stage:
+            on_stage("encoder")
+        start = time.perf_counter()
+        encoder_graph = VAEEncoderGraph(parts.vae, tuple(image_hw))
+        images = [(torch.rand(1, 3, *image_hw, generator=g) * 2 - 1,) for _ in range(CALIBRATION_LATENTS)]
+        ml, result = convert(encoder_graph, "encoder", images)
+        compiled.append(CompiledComponent("encoder", ENCODER + fmt.suffix, ml, result, type(parts.vae).__name__,
+                                          {"image": [1, 3, *image_hw]}, {"z": [1, decoder.channels, *latent_hw]},
+                                          info={"latent_scaling_factor": encoder_graph.scale, "latent_shift_factor": encoder_graph.shift,
+                                                "scaling": "inside the package: z is what the denoiser takes (the posterior mean)"},
+                                          seconds=time.perf_counter() - start))
     for c in compiled:
         if not c.result.passed:
             raise VerificationFailed(f"{c.kind}: verification failed: {c.result.problem}; nothing was written")
+    return compiled
+
+
+def text_encoder_chunks_compiled(encoder, simulation, palettes, prompts, n: int, convert, fmt: Format, ins: dict, outs: dict, info: dict,
+                                 source_class: str, bits: int, start: float) -> list[CompiledComponent]:
+    """The text encoder as N chunk packages (TextEncoderChunk1, ...), each converted and verified on the hidden states
+    the torch chunks before it hand over; then the chain of packages end to end against the whole graph."""
+    chunks = split_text_encoder(simulation, n)
+    feeds: list[list[tuple]] = [[] for _ in chunks]
+    with torch.no_grad():
+        for ids, mask in prompts:
+            x = ids
+            for k, chunk in enumerate(chunks):
+                feeds[k].append((x, mask))
+                x = chunk(x, mask)
+    names = [f"{TEXT_ENCODER}Chunk{k}{fmt.suffix}" for k in range(1, n + 1)]
+    compiled = []
+    hidden = [1, simulation.blocks[0].q.in_channels, 1, ins[INPUT_IDS][1]]
+    for k, (chunk, name) in enumerate(zip(chunks, names), start=1):
+        own = {layer: p for layer, p in (palettes or {}).items() if chunk.owns(layer)} or None
+        ml, result = convert(chunk, f"text_encoder chunk {k}/{n}", feeds[k - 1], palettes=own)
+        if own:
+            result.bits = bits
+        chunk_ins = {chunk.input_names[0]: ins[INPUT_IDS] if chunk.first else hidden, ATTENTION_MASK: ins[ATTENTION_MASK]}
+        chunk_outs = outs if chunk.last else {HIDDEN: hidden}
+        compiled.append(CompiledComponent("text_encoder", name, ml, result, source_class, chunk_ins, chunk_outs,
+                                          info={**info, "chunk": [k, n], "chunk_packages": names, "blocks": list(chunk.index_range)},
+                                          seconds=time.perf_counter() - start))
+    if palettes:
+        compiled[0].result.psnr_vs_unquantized_db = unquantized_psnr(encoder, simulation, prompts)
     return compiled
 
 
@@ -145,7 +205,8 @@ def write_components(compiled: list[CompiledComponent], resources: Path, ckpt: C
         path = resources / c.package
         c.model.user_defined_metadata.update(component_metadata(c.kind, checkpoint_sha256, {"source_class": c.source_class, **c.info}))
         c.model.save(str(path))
-        record_weight_digests(path)
+        if path.suffix == Format.COREML.suffix:  # a Core AI asset records its program's digest as it is saved
+            record_weight_digests(path)
     shutil.copyfile(ckpt.components["tokenizer"] / TOKENIZER_FILE, resources / TOKENIZER_FILE)
     (resources / MANIFEST).write_text(json.dumps(manifest(compiled, ckpt, denoiser, steps, cfg_scale), indent=2) + "\n")
     return [c.report() for c in compiled]
@@ -161,16 +222,25 @@ def manifest(compiled: list[CompiledComponent], ckpt: Checkpoint, denoiser: Path
                                                         "timestep_spacing": "leading", "clip_sample": False, "set_alpha_to_one": True}}
     else:
         sampler = {"class": "FlowMatchEulerDiscreteScheduler", "config": {"shift": 1.0, "num_train_timesteps": 1}}
-    te, dec = by_kind["text_encoder"], by_kind["decoder"]
+    text_chunks = [x for x in compiled if x.kind == "text_encoder"]
+    te, dec = text_chunks[0], by_kind["decoder"]
     return {
         "format": "edgecompile-pipeline", "format_version": 1,
         "components": {
             "tokenizer": {"file": TOKENIZER_FILE, "pad_to": c.text_len},
-            "text_encoder": {"package": te.package, "class": te.source_class, "inputs": te.inputs, "outputs": te.outputs},
+            "text_encoder": {"package": te.package, "class": te.source_class, "inputs": te.inputs, "outputs": text_chunks[-1].outputs,
+                             **({"chunks": [x.package for x in text_chunks],
+                                 "chunk_io": "each chunk takes the attention_mask; chunk k > 1 takes the previous one's "
+                                             "text_encoder_hidden_states; the last returns token_level_text_embeddings"}
+                                if len(text_chunks) > 1 else {})},
             "denoiser": {"package": denoiser.name, "inputs": input_names(c), "outputs": [OUTPUT]},
             "decoder": {"package": dec.package, "class": dec.source_class, "inputs": dec.inputs, "outputs": dec.outputs,
                         "image_range": [-1, 1], "latent_scaling_factor": dec.info["latent_scaling_factor"],
                         "latent_shift_factor": dec.info["latent_shift_factor"], "scaling": dec.info["scaling"]},
+            **({"encoder": {"package": by_kind["encoder"].package, "class": by_kind["encoder"].source_class,
+                            "inputs": by_kind["encoder"].inputs, "outputs": by_kind["encoder"].outputs, "image_range": [-1, 1],
+                            "use": "image-to-image: encode, noise to the strength's timestep, denoise from there"}}
+               if "encoder" in by_kind else {}),
         },
         "scheduler": sampler, "source_scheduler": scheduler,
         "steps": steps, "guidance_scale": cfg_scale, "text_length": c.text_len,

@@ -129,7 +129,7 @@ def run_text_to_image(opts: TextToImageOptions) -> dict:
     summary = result.summary()
     title = f"{pipe.resources}: {s.steps} steps, CFG {s.cfg_scale:g}, seed {s.seed}, {result.runtime}"
     if result.reference is not None:
-        title += f"; vs the torch pipeline {summary['final_image_psnr_db']} dB"
+        title += f"; vs {result.reference_name} {summary['final_image_psnr_db']} dB"
     with atomic_path(output, force=opts.force, is_dir=False, inputs=inputs) as target:
         save_images(result.images, result.prompts, target, title)
     return {**summary, "output": str(output)}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import errno
 import io
 import os
 import re
@@ -144,8 +145,31 @@ def convert_to_aimodel(graph: nn.Module, example: tuple, input_names: list[str],
     """Convert and save `graph` as the asset `path` (a staging path: the caller renames it into place). Several
     `entrypoints` (name, graph, example) become functions of one asset (several latent sizes). Returns the
     converter's version."""
-    coreai_torch, asset_mod = import_coreai()
-    converter = coreai_torch.TorchConverter(mode=coreai_torch.TorchConverter.Mode.RELEASE)  # DEBUG records far more, 2-3x slower
+    program = build_program(graph, example, input_names, output_names, palettes, entrypoints)
+    save_program(program, path, metadata)
+    import importlib.metadata
+
+    return importlib.metadata.version("coreai-torch")
+
+
+def save_program(program, path: Path, metadata: dict[str, str]) -> None:
+    """The asset on disk, with edgecompile's record (a bare conversion, e.g. the interpreter's oracle, has none)."""
+    try:
+        with quiet_coreai():
+            program.save_asset(Path(path))
+    except RuntimeError as e:  # the native writer's errors: a full disk is the OSError the staged outputs map
+        if "space" in str(e).lower():
+            raise OSError(errno.ENOSPC, f"no space left on device writing {path}") from None
+        raise EdgeCompileError(f"Core AI could not save {path} ({str(e).splitlines()[0][:200]})") from None
+    if metadata:
+        write_metadata(path, metadata)
+
+
+def build_program(graph: nn.Module, example: tuple, input_names: list[str], output_names: list[str],
+                  palettes: dict[str, Palette] | None = None, entrypoints: list[tuple[str, nn.Module, tuple]] | None = None):
+    """The in-memory Core AI program of `graph` (or of several entrypoints), LUTs inside."""
+    coreai_torch, _ = import_coreai()
+    converter = coreai_torch.TorchConverter(mode=coreai_torch.TorchConverter.Mode.RELEASE)  # DEBUG, the default, keeps debug records
     functions = entrypoints or [("main", graph, example)]
     for name, g, args in functions:
         ep = exported_program(with_luts(g, palettes), args)
@@ -156,15 +180,9 @@ def convert_to_aimodel(graph: nn.Module, example: tuple, input_names: list[str],
             raise unsupported_op_error(ep, e) from None
     try:
         with quiet_coreai():
-            program = converter.to_coreai(entrypoints=[name for name, _, _ in functions])
-            program.save_asset(Path(path))
+            return converter.to_coreai(entrypoints=[name for name, _, _ in functions])
     except (NotImplementedError, KeyError, ValueError, RuntimeError, TypeError, AssertionError) as e:
         raise EdgeCompileError(f"Core AI could not build the program ({str(e).splitlines()[0][:200]}): export with --format coreml") from None
-    if metadata:  # edgecompile's record; a bare conversion (the interpreter's oracle in the tests) carries none
-        write_metadata(path, metadata)
-    import importlib.metadata
-
-    return importlib.metadata.version("coreai-torch")
 
 
 def program_digests(path: Path) -> dict[str, str]:
@@ -186,3 +204,21 @@ def write_metadata(path: Path, strings: dict[str, str]) -> None:
             m.set_custom(key, value)
 
     asset.update_metadata(update)
+
+
+class ComponentAsset:
+    """A pipeline component converted for Core AI, saved once per width folder (`save`), as a Core ML component's
+    in-memory model is: `user_defined_metadata` collects the record written with it."""
+
+    def __init__(self, program):
+        self.program = program
+        self.user_defined_metadata: dict[str, str] = {}
+
+    def save(self, path: str) -> None:
+        save_program(self.program, Path(path), dict(self.user_defined_metadata))
+
+
+def component_outputs(graph: nn.Module, args: tuple) -> list[torch.Tensor]:
+    with torch.no_grad():
+        out = graph(*args)
+    return list(out) if isinstance(out, tuple) else [out]

@@ -10,6 +10,8 @@ component in fp32). `ComponentResult` records the islands and the verification b
 from __future__ import annotations
 
 import math
+import warnings
+from pathlib import Path
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -38,7 +40,8 @@ def convert_component(graph: torch.nn.Module, target: str = "iOS17", fp32_ops: f
     weights of `graph` already decoded from them) are written as LUTs, as for the denoiser (coreml/palettize.py)."""
     ct = import_coremltools()
     example = graph.example()
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)  # static shapes are the contract
         traced = torch.jit.trace(graph.eval(), example, check_trace=False)
     if fp32_everywhere:
         precision = ct.precision.FLOAT32
@@ -169,3 +172,31 @@ def convert_with_islands(graph: torch.nn.Module, kind: str, inputs: list[tuple[t
                              fp32_islands=sorted(islands) if first else [], fp32_everywhere=everywhere,
                              overflowing_ops_without_islands=first, psnr_without_islands_db=worst(per0), non_finite_without_islands=bad0)
     return ml, result
+
+
+def convert_for_core_ai(graph: torch.nn.Module, kind: str, inputs: list[tuple[torch.Tensor, ...]],
+                        min_psnr_db: float = DEFAULT_MIN_PSNR_DB, palettes: dict | None = None):
+    """(asset, ComponentResult): the component as a Core AI program (fp32 compute, so no fp16 island to find),
+    saved to a scratch asset and executed by Core AI's runtime on `inputs` against the torch graph (for a
+    palettized graph: its simulation)."""
+    import tempfile
+
+    from edgecompile.coreai.convert import ComponentAsset, build_program, component_outputs, save_program
+    from edgecompile.coreai.runtime import AIModelRunner
+
+    program = build_program(graph, inputs[0], list(graph.input_names), list(graph.output_names), palettes=palettes)
+    per, bad = [], 0
+    with tempfile.TemporaryDirectory(prefix="component-") as scratch:
+        path = Path(scratch) / f"{kind}.aimodel"
+        save_program(program, path, {})
+        runner = AIModelRunner(path)
+        for args in inputs:
+            want = component_outputs(graph, args)
+            got = runner({n: a.numpy() for n, a in zip(graph.input_names, args)})
+            outs = [np.asarray(got[n], np.float32) for n in graph.output_names]
+            bad += sum(not np.isfinite(o).all() for o in outs)
+            per.append(min(psnr_db(w.numpy(), o) for w, o in zip(want, outs)))
+        runner.close()
+    result = ComponentResult(kind=kind, psnr_db=worst(per), per_input_psnr_db=per, non_finite_outputs=bad, min_psnr_db=min_psnr_db,
+                             runtime="coreai-runtime (fp32)")
+    return ComponentAsset(program), result

@@ -198,6 +198,19 @@ def _squeeze(x, axes=None):
     return np.squeeze(x, axis=None if axes is None else tuple(int(a) for a in np.atleast_1d(axes)))
 
 
+@op("pad")
+def _pad(x, pad, mode="constant", constant_val=0.0):
+    """MIL pad: `pad` holds (before, after) pairs for the last len(pad) / 2 axes (diffusers' Downsample2D pads (0, 1, 0, 1))."""
+    pairs = np.asarray(pad, dtype=np.int64).reshape(-1, 2)
+    widths = [(0, 0)] * (x.ndim - len(pairs)) + [tuple(int(v) for v in p) for p in pairs]
+    mode = str(mode)
+    if mode == "constant":
+        return np.pad(x, widths, mode="constant", constant_values=np.asarray(constant_val, dtype=x.dtype))
+    if mode in ("reflect", "replicate"):
+        return np.pad(x, widths, mode="reflect" if mode == "reflect" else "edge")
+    raise EdgeCompileError(f"the MIL interpreter does not support pad(mode={mode!r})")
+
+
 @op("concat")
 def _concat(values, axis, interleave=False):
     if interleave:

@@ -116,6 +116,9 @@ def write_swift_resources(resources: Path, packages: list[Path], deploy, chunks:
     contract = denoiser_contract(deploy, chunks, functions, UNCONDITIONAL if unconditional is not None else None)
     (resources / CONTRACT).write_text(json.dumps(contract, indent=2) + "\n")
     script = resources / COMPILE_SCRIPT
+    packages = [p for p in packages if p.suffix == ".mlpackage"]  # Core AI assets are loaded as they are: nothing to compile
+    if not packages:
+        return
     compile_lines = "".join(f"xcrun coremlcompiler compile {p.name} .\n" for p in packages)
     script.write_text(
         "#!/bin/sh\n# Compile the denoiser for the Swift pipeline (macOS, Xcode command line tools).\n"

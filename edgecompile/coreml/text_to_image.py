@@ -3,9 +3,11 @@
     tokenizer.json -> TextEncoder (the prompt and the empty prompt) -> the denoiser loop (classifier-free guidance
     with the empty prompt's encoding, the checkpoint's sampler) -> VAEDecoder -> RGB images in [0, 1]
 
-Core ML runs the packages on macOS, the MIL interpreter (fp16 emulation) elsewhere. The reference is the same loop
-in torch on the checkpoint's own modules (transformers' text encoder, the reference denoiser, diffusers' VAE), from
-the same noise: `compare` reports the final-image PSNR between the two.
+Core ML runs the packages on macOS, the MIL interpreter (fp16 emulation) elsewhere. `compare` reports the
+final-image PSNR against a reference from the same noise: for a checkpoint imported from a diffusers PixArt
+pipeline, diffusers' own pipeline class (PixArtAlphaPipeline / PixArtSigmaPipeline) on the same components, its
+scheduler the one pipeline.json names; otherwise the same loop in torch on the checkpoint's own modules
+(transformers' text encoder, the reference denoiser, diffusers' VAE).
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -36,10 +38,11 @@ MAX_PROMPTS = 64
 class PipelinePackages:
     resources: Path
     manifest: dict
-    text_encoder: PackageView
+    text_encoder: PackageView  # the first of text_encoder_chunks
     denoiser: PackageView
     decoder: PackageView
     tokenizer: Path
+    text_encoder_chunks: list[PackageView] = field(default_factory=list)  # the text encoder's packages in run order
 
 
 def load_pipeline(resources: str | Path) -> PipelinePackages:
@@ -61,7 +64,11 @@ def load_pipeline(resources: str | Path) -> PipelinePackages:
     for name, f in {**files, "tokenizer": tokenizer}.items():
         if f.name != Path(f.name).name or f.parent != resources or not f.exists():
             raise EdgeCompileError(f"{path}: the {name} ({f.name}) is missing beside it: keep the Resources folder whole")
-    return PipelinePackages(resources=resources, manifest=manifest, text_encoder=load_package(files["text_encoder"]),
+    chunk_names = comps["text_encoder"].get("chunks") or [files["text_encoder"].name]
+    if not isinstance(chunk_names, list) or not all(isinstance(n, str) and n == Path(n).name and (resources / n).exists() for n in chunk_names):
+        raise EdgeCompileError(f"{path}: the text encoder's chunks {chunk_names!r} are not all beside it: keep the Resources folder whole")
+    chunks = [load_package(resources / n) for n in chunk_names]
+    return PipelinePackages(resources=resources, manifest=manifest, text_encoder=chunks[0], text_encoder_chunks=chunks,
                             denoiser=load_package(files["denoiser"]), decoder=load_package(files["decoder"]), tokenizer=tokenizer)
 
 
@@ -82,12 +89,13 @@ def tokenize(tokenizer: Path, prompts: list[str], text_len: int) -> tuple[np.nda
 @dataclass
 class TextToImageResult:
     images: np.ndarray  # (N, H, W, 3) float32 in [0, 1]
-    reference: np.ndarray | None  # the torch pipeline's, from the same noise (compare)
+    reference: np.ndarray | None  # the reference pipeline's, from the same noise (compare)
     prompts: list[str]
     steps: int
     cfg_scale: float
     runtime: str
     seconds: float
+    reference_name: str | None = None  # what computed `reference`
 
     @property
     def psnr_db(self) -> float | None:
@@ -97,6 +105,7 @@ class TextToImageResult:
         p = self.psnr_db
         return {"prompts": self.prompts, "steps": self.steps, "cfg_scale": self.cfg_scale, "runtime": self.runtime,
                 "images": list(self.images.shape), "final_image_psnr_db": None if p is None or not math.isfinite(p) else round(p, 2),
+                "reference": self.reference_name,
                 "non_finite_images": int((~np.isfinite(self.images)).any(axis=(1, 2, 3)).sum()), "seconds": round(self.seconds, 2)}
 
 
@@ -124,15 +133,18 @@ def text_to_image(pipe: PipelinePackages, ckpt: Checkpoint, prompts: list[str], 
         raise EdgeCompileError(f"give 1..{MAX_PROMPTS} prompts (--prompt TEXT, repeated), not {len(prompts)}")
     config = ckpt.config
     start = time.perf_counter()
-    precision = "fp16"  # the interpreter's faithful emulation; Core ML computes as the device does
-    run_encoder, label = package_runner(pipe.text_encoder, precision, runtime)
-    run_decoder, _ = package_runner(pipe.decoder, precision, runtime)
+    # the interpreter's faithful fp16 emulation; Core ML computes as the device does, Core AI's assets in their own fp32
+    chain = pipe.text_encoder_chunks or [pipe.text_encoder]
+    encoders = [package_runner(v, "fp32" if v.is_aimodel else "fp16", runtime)[0] for v in chain]
+    run_decoder, label = package_runner(pipe.decoder, "fp32" if pipe.decoder.is_aimodel else "fp16", runtime)
     ids, masks = tokenize(pipe.tokenizer, [*prompts, ""], config.text_len)  # the empty prompt: the unconditional text
     wants_mask = any(f["name"] == "attention_mask" for f in pipe.text_encoder.inputs)
 
     def encode(i: int) -> np.ndarray:
-        feeds = {"input_ids": ids[i : i + 1], **({"attention_mask": masks[i : i + 1]} if wants_mask else {})}
-        return np.asarray(run_encoder(feeds)[TEXT], np.float32)  # (1, D, 1, T)
+        values = {"input_ids": ids[i : i + 1], **({"attention_mask": masks[i : i + 1]} if wants_mask else {})}
+        for view, run in zip(chain, encoders):  # one package, or the chunks in order, each fed by name
+            values.update(run({f["name"]: values[f["name"]] for f in view.inputs}))
+        return np.asarray(values[TEXT], np.float32)  # (1, D, 1, T)
 
     text = torch.cat([text_from_package(torch.from_numpy(encode(i))) for i in range(len(prompts) + 1)])  # (N + 1, T, D)
     cond, null = text[:-1], text[-1:]
@@ -143,9 +155,46 @@ def text_to_image(pipe: PipelinePackages, ckpt: Checkpoint, prompts: list[str], 
                      masks=(mask_t[:-1], mask_t[-1:]) if config.text_mask else None)
     images = np.concatenate([np.asarray(run_decoder({"z": latents[i : i + 1].numpy()})["image"], np.float32) for i in range(len(prompts))])
     images = np.clip((images + 1) / 2, 0, 1).transpose(0, 2, 3, 1)  # (N, 3, H, W) in [-1, 1] -> (N, H, W, 3) in [0, 1]
-    reference = torch_pipeline(ckpt, pipe, ids, masks, noise, steps, cfg_scale) if compare else None
+    reference, reference_name = None, None
+    if compare and (ckpt.provenance.get("import") or {}).get("pipeline_class"):
+        reference_name = f"diffusers' {ckpt.provenance['import']['pipeline_class']}"
+        reference = diffusers_pipeline(ckpt, pipe, prompts, noise, steps, cfg_scale)
+    elif compare:
+        reference_name = "the torch pipeline"
+        reference = torch_pipeline(ckpt, pipe, ids, masks, noise, steps, cfg_scale)
     return TextToImageResult(images=images, reference=reference, prompts=list(prompts), steps=steps, cfg_scale=cfg_scale,
-                             runtime=label, seconds=time.perf_counter() - start)
+                             runtime=label, seconds=time.perf_counter() - start, reference_name=reference_name)
+
+
+@torch.no_grad()
+def diffusers_pipeline(ckpt: Checkpoint, pipe: PipelinePackages, prompts: list[str], noise: torch.Tensor, steps: int,
+                       cfg_scale: float) -> np.ndarray:
+    """diffusers' own PixArt pipeline on the checkpoint's components (its transformer mapped back from the reference
+    model, model/importers/pixart.to_diffusers), its scheduler the one the packages' loop runs, from the same noise."""
+    import diffusers
+    import transformers
+
+    from edgecompile.model.components import load_parts
+    from edgecompile.model.importers.pixart import to_diffusers
+
+    imported = ckpt.provenance["import"]
+    cls = getattr(diffusers, str(imported["pipeline_class"]), None)
+    if cls is None or not str(imported["pipeline_class"]).startswith("PixArt") or "transformer_config" not in imported:
+        raise EdgeCompileError(f"--compare: {imported['pipeline_class']!r} is not a diffusers PixArt pipeline this edgecompile runs "
+                               "(re-import the checkpoint, or compare without it)")
+    scheduler = pipe.manifest["scheduler"]
+    if scheduler.get("class") != "DDIMScheduler":
+        raise EdgeCompileError(f"--compare: pipeline.json names {scheduler.get('class')}, which diffusers' PixArt pipelines do not run here")
+    parts = load_parts(ckpt.components, ckpt.config.text_dim, str(ckpt.path))
+    tokenizer = transformers.AutoTokenizer.from_pretrained(str(ckpt.components["tokenizer"]), local_files_only=True)
+    runner = cls(tokenizer=tokenizer, text_encoder=parts.text_encoder, vae=parts.vae, transformer=to_diffusers(ckpt.model, imported["transformer_config"]),
+                 scheduler=diffusers.DDIMScheduler(**scheduler["config"]))
+    runner.set_progress_bar_config(disable=True)
+    factor = 2 ** (len(parts.vae.config.block_out_channels) - 1)
+    out = runner(prompt=list(prompts), negative_prompt="", num_inference_steps=steps, guidance_scale=cfg_scale, latents=noise.clone(),
+                 height=noise.shape[-2] * factor, width=noise.shape[-1] * factor, output_type="np", clean_caption=False,
+                 use_resolution_binning=False, max_sequence_length=ckpt.config.text_len)
+    return np.asarray(out.images, np.float32)  # (N, H, W, 3) in [0, 1]
 
 
 @torch.no_grad()

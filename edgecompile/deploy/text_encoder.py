@@ -279,3 +279,63 @@ def calibrate_scales(graph: nn.Module, prompts: list[tuple[torch.Tensor, ...]], 
             m.rms_scale = float(2 ** max(0, math.ceil(math.log2(peak / headroom)))) if peak > headroom else 1.0
             scales[name] = m.rms_scale
     return scales
+
+
+# ---- chunks: a text encoder whose weights pass the Neural Engine's 2 GiB file limit (T5-XXL: 4.7B parameters) ----
+HIDDEN = "text_encoder_hidden_states"  # what crosses from one text-encoder chunk to the next, (1, D, 1, T)
+CHUNK_WEIGHT_BYTES = 1.5 * 2**30  # the weights one chunk may hold: margin under the 2 GiB limit for LUTs and biases
+
+
+class T5EncoderChunk(nn.Module):
+    """Blocks [start, end) of a T5EncoderANE as a package of its own: the first chunk embeds the ids, the last applies
+    the final norm, and each rebuilds the attention bias from the mask (its own copy of the (1, H, T, T) position
+    bias, one add), so only the hidden states and the mask cross packages. Module names are the whole graph's
+    (`blocks.<i>`), so the whole graph's palettes and RMS-norm scales apply as they are."""
+
+    def __init__(self, encoder: T5EncoderANE, start: int, end: int):
+        super().__init__()
+        self.index_range = (start, end)
+        self.first, self.last = start == 0, end == len(encoder.blocks)
+        self.embed = encoder.embed if self.first else None
+        self.register_buffer("position_bias", encoder.position_bias)
+        self.blocks = nn.ModuleDict({str(i): encoder.blocks[i] for i in range(start, end)})
+        self.final_norm = encoder.final_norm if self.last else None
+        self.input_names = (INPUT_IDS if self.first else HIDDEN, ATTENTION_MASK)
+        self.output_names = (TEXT if self.last else HIDDEN,)
+
+    def example(self) -> tuple[torch.Tensor, torch.Tensor]:
+        mask = torch.ones(1, self.position_bias.shape[-1], dtype=torch.int32)
+        if self.first:
+            return torch.zeros_like(mask), mask
+        return torch.zeros(1, next(iter(self.blocks.values())).q.in_channels, 1, mask.shape[1]), mask
+
+    def owns(self, layer: str) -> bool:
+        head = layer.split(".")[0]
+        return (head == "blocks" and layer.split(".")[1] in self.blocks) or (head == "embed" and self.first) or \
+            (head == "final_norm" and self.last)
+
+    def forward(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        if self.first:
+            x = self.embed(x.long()).transpose(1, 2)[:, :, None]  # (B, T) ids -> (B, D, 1, T)
+        bias = self.position_bias + (1.0 - attention_mask.float())[:, None, :, None] * MASK_VALUE  # (B, H, Sk, Sq)
+        for blk in self.blocks.values():
+            x = blk(x, bias)
+        return self.final_norm(x) if self.last else x  # (B, D, 1, T)
+
+
+def text_encoder_chunk_count(graph: nn.Module, bits: int) -> int:
+    """How many chunks keep every weight file of this encoder under CHUNK_WEIGHT_BYTES at `bits` per weight."""
+    weight_bytes = sum(p.numel() for p in graph.parameters()) * bits / 8
+    return max(1, math.ceil(weight_bytes / CHUNK_WEIGHT_BYTES))
+
+
+def split_text_encoder(graph: nn.Module, n: int) -> list[T5EncoderChunk]:
+    """N chunks of a T5 encoder graph at block boundaries, blocks shared evenly (T5's blocks are equal in size)."""
+    if not isinstance(graph, T5EncoderANE):
+        raise EdgeCompileError(f"text-encoder chunks are for T5 encoders (T5-XXL passes the 2 GiB weight-file limit); this "
+                               f"{type(graph).__name__} fits one package: drop --text-encoder-chunks")
+    blocks = len(graph.blocks)
+    if not 1 <= n <= blocks:
+        raise EdgeCompileError(f"--text-encoder-chunks {n}: this T5 encoder has {blocks} blocks: give 1..{blocks}")
+    bounds = [round(k * blocks / n) for k in range(n + 1)]
+    return [T5EncoderChunk(graph, a, b).eval() for a, b in zip(bounds, bounds[1:])]

@@ -13,6 +13,7 @@ from pathlib import Path
 from edgecompile.errors import EdgeCompileError
 from edgecompile.model.checkpoint import save_checkpoint
 from edgecompile.model.components import check_folders
+from edgecompile.model.fields import read_json_object
 from edgecompile.model.importers import diffusers_folder, pixart
 
 FAMILIES = {name: pixart for name in pixart.CLASS_NAMES}
@@ -31,7 +32,12 @@ def import_checkpoint(source: str | Path, output: str | Path, dtype: str = "floa
     model = family.to_reference(folder, text_len=text_len, name=name)
     # a pipeline folder's other parts (text encoder, tokenizer, VAE), each checked as data, are kept beside it
     components = check_folders(Path(source)) if folder.path != Path(source) else {}
+    pipeline_class = None
+    if components and (Path(source) / "model_index.json").is_file():  # the diffusers pipeline `sample --compare` runs
+        name = read_json_object(Path(source) / "model_index.json", "pipeline index").get("_class_name")
+        pipeline_class = name if isinstance(name, str) and len(name) < 100 else None
     provenance = {"import": {"source": str(Path(source).resolve()), "class_name": folder.class_name,
+                             "pipeline_class": pipeline_class, "transformer_config": folder.config,
                              "diffusers_version": folder.config.get("_diffusers_version"), "source_dtypes": folder.dtypes,
                              "components": sorted(components), **family.describe(folder)}}
     return save_checkpoint(model, output, dtype=dtype, provenance=provenance, force=force, inputs=[Path(source)], components=components)

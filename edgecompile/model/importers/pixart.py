@@ -115,15 +115,9 @@ def to_config(folder: DiffusersFolder, text_len: int | None = None, name: str | 
     )
 
 
-def to_reference(folder: DiffusersFolder, text_len: int | None = None, name: str | None = None) -> EfficientDiT:
-    """The reference model holding the folder's weights (fp32)."""
-    config = to_config(folder, text_len, name)
-    src = folder.tensors
-    out_channels = fields(folder).optional_int("out_channels", maximum=2048) or config.latent_channels
-    if out_channels not in (config.latent_channels, 2 * config.latent_channels):
-        raise EdgeCompileError(f"{folder.path / 'config.json'}: out_channels {out_channels} is neither in_channels nor twice it "
-                               "(learned sigma)")
-    names: dict[str, str] = {}  # reference name -> diffusers name
+def diffusers_names(config: ModelConfig) -> dict[str, str]:
+    """Reference-model tensor name -> diffusers tensor name, for every tensor of a PixArt model of `config`."""
+    names: dict[str, str] = {}
     for ours, theirs in TOP.items():
         for kind in ("weight", "bias"):
             names[f"{ours}.{kind}"] = f"{theirs}.{kind}"
@@ -133,7 +127,37 @@ def to_reference(folder: DiffusersFolder, text_len: int | None = None, name: str
             for kind in ("weight", "bias"):
                 names[f"middle.{i}.{ours}.{kind}"] = f"transformer_blocks.{i}.{theirs}.{kind}"
     names[f"final_table.{W}"] = "scale_shift_table"
+    return names
 
+
+def to_diffusers(model: EfficientDiT, transformer_config: dict):
+    """The reference model back as diffusers' PixArtTransformer2DModel (fp32, eval), the config it was imported
+    from (a learned-sigma model comes back without its dropped variance channels): the model diffusers' own PixArt
+    pipelines run, for comparing a package's pictures with diffusers' (`sample --compare`)."""
+    import diffusers
+
+    cfg = {k: v for k, v in transformer_config.items() if not k.startswith("_")}
+    cfg["out_channels"] = model.config.latent_channels  # the variance channels are not in the checkpoint
+    transformer = diffusers.PixArtTransformer2DModel.from_config(cfg)
+    ours = model.state_dict()
+    state = {theirs: ours[k].float() for k, theirs in diffusers_names(model.config).items() if k in ours}
+    wanted = transformer.state_dict()
+    missing = sorted(set(wanted) - set(state))
+    if missing:
+        raise EdgeCompileError(f"the checkpoint does not map back onto a PixArtTransformer2DModel of its import config (no {missing[0]})")
+    transformer.load_state_dict({k: state[k].reshape(v.shape) for k, v in wanted.items()}, strict=True)
+    return transformer.eval()
+
+
+def to_reference(folder: DiffusersFolder, text_len: int | None = None, name: str | None = None) -> EfficientDiT:
+    """The reference model holding the folder's weights (fp32)."""
+    config = to_config(folder, text_len, name)
+    src = folder.tensors
+    out_channels = fields(folder).optional_int("out_channels", maximum=2048) or config.latent_channels
+    if out_channels not in (config.latent_channels, 2 * config.latent_channels):
+        raise EdgeCompileError(f"{folder.path / 'config.json'}: out_channels {out_channels} is neither in_channels nor twice it "
+                               "(learned sigma)")
+    names = diffusers_names(config)
     with torch.device("meta"):
         model = EfficientDiT(config)
     expected = model.state_dict()
