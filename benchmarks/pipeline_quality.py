@@ -45,10 +45,12 @@ def main() -> None:
     ap.add_argument("--bits", default="mixed")
     ap.add_argument("--per-digit", type=int, default=5)
     ap.add_argument("--workdir")
+    ap.add_argument("--reuse", action="store_true", help="keep an export already in --workdir (one that verified) instead of redoing it")
     ap.add_argument("--output")
     args = ap.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="edgecompile-pipeline-"))
     output = Path(args.output) if args.output else _common.RESULTS
+    output.mkdir(parents=True, exist_ok=True)
     ckpt = load_checkpoint(DEFAULT_CHECKPOINT)
     clf = train_classifier(0)
     prompts = [held_out_phrasings(d)[i % 3] for d in range(N_CLASSES) for i in range(args.per_digit)]
@@ -56,8 +58,11 @@ def main() -> None:
     rows = []
     for width in args.widths.split(","):
         out = work / f"w{width}"
-        step = _common.run_child(EDGECOMPILE + ["export", "--width", width, "--bits", args.bits, "--pipeline", "-o", str(out), "--force",
-                                                "--no-generate"])
+        if args.reuse and (out / f"w{width}" / "Resources" / "pipeline.json").is_file():
+            step = {"cmd": "reused from --workdir", "rc": 0}
+        else:
+            step = _common.run_child(EDGECOMPILE + ["export", "--width", width, "--bits", args.bits, "--pipeline", "-o", str(out), "--force",
+                                                    "--no-generate"])
         row = {"width": float(width), **_common.export_summary(step, out, width)}
         if step["rc"] == 0:
             import json
