@@ -167,11 +167,12 @@ def test_existing_output_needs_force(tiny_checkpoint, tmp_path, capsys):
 
 
 def test_bundled_checkpoint_exports_and_verifies(tmp_path):
-    """The path `make demo` takes, on trained weights (they convert to ops random weights do not, e.g. batch_norm)."""
-    from edgecompile.export import ExportOptions, run_export
+    """The path `make demo` takes, on trained weights (they convert to ops random weights do not, e.g. batch_norm).
+    Sampling through the package is test_generate's: skipped here."""
+    from edgecompile.export import ExportOptions, VerificationOptions, run_export
     from edgecompile.model.checkpoint import load_checkpoint
 
-    report = run_export(load_checkpoint(), ExportOptions(output=tmp_path, widths=[0.375]))[0]
+    report = run_export(load_checkpoint(), ExportOptions(output=tmp_path, widths=[0.375], verification=VerificationOptions(generate=False)))[0]
     assert report.verify.psnr_db >= 60
     assert load_package(report.path).metadata["edgecompile.width"] == "0.375"
 

@@ -718,3 +718,15 @@ def test_progress_is_plain_lines_with_stage_ends_and_an_eta_off_a_terminal():
     assert lines[-3].endswith("calibrate: done in 0:30") and lines[-2].endswith("convert: started") and lines[-1].endswith("convert: done in 0:00")
     assert len(lines) == 7  # at most one line per 10 s within a stage, and the stage's last step
     assert isinstance(stage_display(None, io.StringIO()), LogProgress)  # not a terminal: plain lines
+
+
+def test_core_ai_formats_without_coreai_installed_are_one_line(tiny_checkpoint, tmp_path, capsys, monkeypatch):
+    """--format aimodel where coreai-torch / coreai-core are not installed: how to install them, before any work."""
+    from tests.test_coreml import run_cli
+
+    monkeypatch.setitem(sys.modules, "coreai_torch", None)  # what an import finds when the package is absent
+    code, _, err = run_cli(["export", str(tiny_checkpoint), "--format", "aimodel", "-o", str(tmp_path / "o")], capsys)
+    one_line_exit_2(code, err, "coreai_torch is not installed", "pip install 'edgecompile[coreai]'")
+    assert not (tmp_path / "o").exists()
+    code, _, err = run_cli(["export", str(tiny_checkpoint), "--pipeline", "--format", "onnx", "-o", str(tmp_path / "o")], capsys)
+    one_line_exit_2(code, err, "drop --format onnx")
