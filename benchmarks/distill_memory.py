@@ -37,7 +37,7 @@ def child(args: argparse.Namespace) -> None:
     torch.manual_seed(0)
     hw = tuple(int(v) for v in args.latent.split("x"))
     config = ModelConfig.load(args.config)
-    student = deploy_model(extract_width(EfficientDiT(config), float(args.width)), latent_hw=hw)
+    student = deploy_model(extract_width(EfficientDiT(config), float(args.width)), latent_hw=hw).fuse_attention()  # as distillation runs it
     student.checkpoint_blocks = args.mode == "checkpointed"
     params = detach_trainables(student)
     c = student.config

@@ -61,9 +61,10 @@ def calibration_for(ckpt: Checkpoint, width: float, given: CalibrationSet | None
 
 def graph_at_calibration_size(dense, calib: CalibrationSet, query_chunk: int | None = None,
                               device: torch.device | str = "cpu") -> DeployDiT:
-    """Sweep and distillation run on deploy graphs at the calibration latent size, on `device`; palettes and
-    distilled parameters carry over to the export graph (on the CPU, for conversion) by layer name."""
-    return deploy_model(dense, latent_hw=calib.latent_hw, query_chunk=query_chunk).to(device)
+    """Sweep and distillation run on deploy graphs at the calibration latent size, on `device`, with batched
+    attention (never converted); palettes and distilled parameters carry over to the export graph (on the CPU, for
+    conversion) by layer name."""
+    return deploy_model(dense, latent_hw=calib.latent_hw, query_chunk=query_chunk).fuse_attention().to(device)
 
 
 def palette_cache(teacher: DeployDiT, calib: CalibrationSet, method: PaletteMethod, group_size: int | None, sweep_mode: SweepMode | None,

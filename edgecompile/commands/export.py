@@ -71,7 +71,8 @@ def verify_written(written: WrittenPackage, ckpt: Checkpoint, compression: Compr
     done = Verification()
     for function, graph in written.graphs:
         view = load_package(written.path, function=function)
-        result = verify_package(view, ckpt, graph if compression else None, min_psnr_db=gate.min_psnr_db, progress=progress)
+        # the graph was converted already: from here on it is a torch-only reference, on batched attention
+        result = verify_package(view, ckpt, graph.fuse_attention() if compression else None, min_psnr_db=gate.min_psnr_db, progress=progress)
         if gate.generate and ckpt.prompts is not None and run.fmt is not Format.ONNX:
             grid = SAMPLES_GRID if function is None else f"samples_{function}.png"
             samples = generate(view, ckpt, ckpt.prompts, progress=progress)

@@ -10,7 +10,7 @@ from pathlib import Path
 from edgecompile.choices import Precision, Runtime
 from edgecompile.compress.simulate import simulated_model_for_package
 from edgecompile.coreml.generate import SampleSettings, generate
-from edgecompile.coreml.package import load_package
+from edgecompile.coreml.package import PackageView, load_package
 from edgecompile.coreml.verify import DEFAULT_MIN_PSNR_DB, VerifyResult, check_verifiable, checkpoint_for, verify_package
 from edgecompile.errors import EdgeCompileError
 from edgecompile.model.device import resolve_device
@@ -34,8 +34,12 @@ def verify_exported(package: str | Path, checkpoint: str | Path | None = None, p
     checkpoint's prompts (`verify --generate`)."""
     opts = VerifyOptions(checkpoint=checkpoint, precision=Precision.parse(precision, "--precision"),
                          runtime=Runtime.parse(runtime, "--runtime"), min_psnr_db=min_psnr_db, device=device, generate_with=generate_with)
+    return verify_view(load_package(package, function=function), opts)
+
+
+def verify_view(view: PackageView, opts: VerifyOptions) -> VerifyResult:
+    """`verify_exported` of a package already read back."""
     torch_device = resolve_device(opts.device)
-    view = load_package(package, function=function)
     check_verifiable(view, opts.min_psnr_db)
     ckpt = checkpoint_for(view, opts.checkpoint)
     if opts.generate_with is not None:
@@ -50,7 +54,13 @@ def verify_exported(package: str | Path, checkpoint: str | Path | None = None, p
     return result
 
 
-def verify_every_function(package: str | Path, **kwargs) -> list[VerifyResult]:
-    """`verify_exported` of every function of a multifunction package, the default first (one result otherwise)."""
-    names = list(load_package(package).functions) or [None]
-    return [verify_exported(package, function=name, **kwargs) for name in names]
+def verify_every_function(package: str | Path, checkpoint: str | Path | None = None, precision: str = "fp32", runtime: str = "auto",
+                          min_psnr_db: float = DEFAULT_MIN_PSNR_DB, device: str = "cpu",
+                          generate_with: SampleSettings | None = None) -> list[VerifyResult]:
+    """`verify_exported` of every function of a multifunction package, the default first (one result otherwise);
+    the package is read once."""
+    opts = VerifyOptions(checkpoint=checkpoint, precision=Precision.parse(precision, "--precision"),
+                         runtime=Runtime.parse(runtime, "--runtime"), min_psnr_db=min_psnr_db, device=device, generate_with=generate_with)
+    first = load_package(package)
+    views = [first] + [first.with_function(name) for name in list(first.functions)[1:]]
+    return [verify_view(view, opts) for view in views]

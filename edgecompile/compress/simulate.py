@@ -31,4 +31,4 @@ def simulated_model_for_package(view, ckpt, device: torch.device | str = "cpu"):
     state = read_distilled(view.path, meta)
     if state is not None:
         load_trained_state(deploy, state)
-    return deploy.to(device)
+    return deploy.fuse_attention().to(device)  # a torch-only reference: batched attention, the same sums

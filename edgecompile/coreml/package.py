@@ -139,7 +139,9 @@ class PackageView:
         return self.meta.bits if self.meta else Bits.FP16
 
     def with_function(self, name: str) -> PackageView:
-        """The same package read through another of its functions."""
+        """The same package read through another of its functions (a Core ML program is not parsed again)."""
+        if self.format is Format.COREML:
+            return _coreml_view(self.path, self.spec, self.program, name)
         return load_package(self.path, function=name)
 
     @property
@@ -244,6 +246,11 @@ def load_package(path: str | Path, function: str | None = None) -> PackageView:
         raise
     except Exception as e:
         raise EdgeCompileError(f"package {path} could not be read ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})") from None
+    return _coreml_view(path, spec, program, function)
+
+
+def _coreml_view(path: Path, spec, program, function: str | None) -> PackageView:
+    """One function of a parsed Core ML package (parsing is the expensive part: a view of another function reuses it)."""
     meta = dict(spec.description.metadata.userDefined)
     described = {f.name: f for f in spec.description.functions}
     if described:  # a multifunction package: each function describes its own inputs and outputs

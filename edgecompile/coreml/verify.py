@@ -252,9 +252,11 @@ def run_chain(views: list[PackageView], runners: list[Callable[[dict], dict]], f
 
 
 def run_package(view: PackageView, inputs, precision: str = "fp32", runtime: str = "auto",
-                progress: Callable[[str, int, int], None] | None = None, masks: list | None = None) -> tuple[list[np.ndarray], str]:
-    """The denoiser output of `view` for each (latent, t, text); a chunk runs with the chain it belongs to."""
-    views = load_chain(view)
+                progress: Callable[[str, int, int], None] | None = None, masks: list | None = None,
+                chain: list[PackageView] | None = None) -> tuple[list[np.ndarray], str]:
+    """The denoiser output of `view` for each (latent, t, text); a chunk runs with the chain it belongs to
+    (`chain`, when the caller has read it already)."""
+    views = chain or load_chain(view)
     runners, labels = zip(*(package_runner(v, precision, runtime) for v in views))
     label = labels[0] + (f", a chain of {len(views)} chunks" if len(views) > 1 else "")
     outs = []
@@ -301,7 +303,8 @@ def verify_package(view: PackageView, ckpt: Checkpoint, simulated: DeployDiT | N
     each chunk alone (chunk_psnr_db). The result's `passed` says whether every PSNR reached `min_psnr_db` with
     finite outputs (see `check_passed`). The torch references run on `device` (`simulated` must live there too)."""
     check_verifiable(view, min_psnr_db)
-    changed = [line for part in load_chain(view) for line in changed_weight_files(part)]  # tampering PSNR may not see
+    views = load_chain(view)  # read once: every package of a chain is parsed here and nowhere else below
+    changed = [line for part in views for line in changed_weight_files(part)]  # tampering PSNR may not see
     if simulated is None and view.bits.palettized:
         raise ValueError("a palettized package is verified against its compressed simulation: pass `simulated`")
     width = view.width
@@ -310,7 +313,7 @@ def verify_package(view: PackageView, ckpt: Checkpoint, simulated: DeployDiT | N
                             psnr_db=math.nan, psnr_vs_checkpoint_db=math.nan, min_psnr_db=min_psnr_db, changed_weight_files=changed)
     inputs = verification_inputs(ckpt.config, view.latent_hw, ckpt=ckpt, width=width)
     masks = verification_masks(ckpt.config, len(inputs))
-    outs, label = run_package(view, inputs, precision=precision, runtime=runtime, progress=progress, masks=masks)
+    outs, label = run_package(view, inputs, precision=precision, runtime=runtime, progress=progress, masks=masks, chain=views)
     reference = extract_width(ckpt.model, width, share=True).to(device)  # on the CPU: views, bit-identical to the supernetwork
     per, per_ckpt = [], []
     with torch.no_grad():
@@ -322,7 +325,6 @@ def verify_package(view: PackageView, ckpt: Checkpoint, simulated: DeployDiT | N
             per.append(psnr_db(sim, out))
             per_ckpt.append(psnr_db(ref, out))
     chunk_psnr = []
-    views = load_chain(view)
     if len(views) > 1:
         chunk_reference = simulated if simulated is not None else deploy_model(ckpt.model, width, latent_hw=view.latent_hw).to(device)
         chunk_psnr = verify_chunks(views, chunk_reference, inputs, precision, runtime, device)

@@ -4,7 +4,7 @@ Layout tricks, each justified where it is used:
 - Activations stay 4-D with channels at axis 1: (B, C, H, W) maps, or (B, C, 1, S) for a flat sequence
   (ml-ane-transformers: the ANE tiles the last axis; channels-third-from-last avoids layout copies).
 - Every nn.Linear is a 1x1 nn.Conv2d; LayerNorm reduces over axis 1.
-- Split-einsum attention: per head, q and v are channel slices; k is transposed once per attention layer
+- Split-einsum attention: per head, q and v are channel slices; k is transposed once per attention branch
   to (B, S, 1, C) so that scores are `einsum("bchq,bkhc->bkhq")` with softmax over axis 1.
 - Grid BNA: the token map is kept in *block-column layout* through the down/up stages: the bx column strips of
   the grid are stacked vertically, (B, C, bx*h, bw). Every BNA block (bh x bw tokens) is then a contiguous run of
@@ -12,8 +12,12 @@ Layout tricks, each justified where it is used:
   (KV compression, downsample, upsample) stays inside its strip when the strip width is even, so it computes
   exactly what it does on the plain grid (odd strips: those convolutions read the raster map). Entering and
   leaving this layout costs slices and one concat, no transpose.
-- BNA runs as an explicit Python loop over query blocks (unrolled in the traced graph) with slices and concats
-  only inside the loop.
+- BNA puts the blocks on the einsum's h axis, (B, C, n_blocks, nb), and a block's neighbourhood is its K shifts
+  of that axis (slices of one circularly padded tensor, concatenated on the key axis, the missing neighbours
+  masked): one einsum pair per head for the whole layer, where a loop over blocks took one per head and block
+  (issue 29: the bundled model's package has N fewer ops, see benchmarks/graph_census.py).
+- Graphs that only run in torch (the sweep's and distillation's teacher and student, verification's references)
+  compute the same attention with batched kernels (deploy/fused_attention.py, `DeployDiT.fuse_attention`).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import torch.utils.checkpoint
 import torch.nn.functional as F
 from torch import nn
 
+from edgecompile.deploy.fused_attention import fused_attention, fused_bna, neighbour_table
 from edgecompile.model.config import ModelConfig, PlannedBlock
 from edgecompile.model.dit import bna_partition, position_table, timestep_frequencies, text_mask_bias
 
@@ -56,15 +61,17 @@ class LayerNormANE(nn.Module):
 
 
 def split_einsum_attention(q, k_t, v, heads: int, kv_heads: int, head_dim: int, query_chunk: int | None = None,
-                           q_scaled: bool = False, bias: torch.Tensor | None = None):
+                           q_scaled: bool = False, bias: torch.Tensor | None = None, scores_bias: torch.Tensor | None = None):
     """Per-head attention in ANE layout.
 
-    q (B, Hq*d, 1, Sq), k_t (B, Sk, 1, Hkv*d) (already transposed), v (B, Hkv*d, 1, Sk) -> (B, Hq*d, 1, Sq).
+    q (B, Hq*d, G, Sq), k_t (B, Sk, G, Hkv*d) (already transposed), v (B, Hkv*d, G, Sk) -> (B, Hq*d, G, Sq): G
+    independent groups on axis 2 (1 for a plain sequence; the BNA blocks, each against its own neighbourhood).
     Query head i reads key/value head i // (Hq / Hkv) (GQA: shared splits, no copies).
     `query_chunk` splits the query axis (Apple's SPLIT_EINSUM_V2);
     `q_scaled` says q already carries the 1/sqrt(d) factor (a caller sharing q between branches scales it once);
     `bias`, added to the scores before the softmax, is (B or 1, Hq or 1, Sk, Sq): a relative-position bias, a
-    causal mask, a padding mask (text encoders).
+    causal mask, a padding mask (text encoders); `scores_bias`, the same for every head, is laid out like the scores
+    (B or 1, Sk, G or 1, Sq or 1) and added as it is (the BNA slots' mask).
     """
     group = heads // kv_heads
     if not q_scaled:
@@ -73,9 +80,9 @@ def split_einsum_attention(q, k_t, v, heads: int, kv_heads: int, head_dim: int, 
     chunks = [(0, sq)] if not query_chunk or query_chunk >= sq else [(s, min(s + query_chunk, sq)) for s in range(0, sq, query_chunk)]
     # Principle: split heads along the channel axis (one split op per tensor, as ml-ane-transformers does),
     # not by a (B, H, S, d) reshape + transpose; one split instead of a slice per head keeps the graph small
-    q_heads = q.split(head_dim, dim=1)  # Hq x (B, d, 1, Sq)
-    k_heads = k_t.split(head_dim, dim=3)  # Hkv x (B, Sk, 1, d)
-    v_heads = v.split(head_dim, dim=1)  # Hkv x (B, d, 1, Sk)
+    q_heads = q.split(head_dim, dim=1)  # Hq x (B, d, G, Sq)
+    k_heads = k_t.split(head_dim, dim=3)  # Hkv x (B, Sk, G, d)
+    v_heads = v.split(head_dim, dim=1)  # Hkv x (B, d, G, Sk)
     outs = []
     for i in range(heads):
         j = i // group  # GQA: query head i reads key/value head j (no repeat_kv copy)
@@ -84,14 +91,16 @@ def split_einsum_attention(q, k_t, v, heads: int, kv_heads: int, head_dim: int, 
         for s0, s1 in chunks:
             qc = q_h if len(chunks) == 1 else q_h[:, :, :, s0:s1]  # (B, d, 1, sq)
             # Principle: scores keep keys on axis 1, so softmax reduces over channels-first like every other op
-            w = torch.einsum("bchq,bkhc->bkhq", qc, k_h)  # (B, Sk, 1, sq)
+            w = torch.einsum("bchq,bkhc->bkhq", qc, k_h)  # (B, Sk, G, sq)
+            if scores_bias is not None:
+                w = w + scores_bias  # (B, Sk, G, sq)
             if bias is not None:
                 b = bias[:, i if bias.shape[1] > 1 else 0, :, s0:s1] if bias.shape[3] > 1 else bias[:, 0]  # (B or 1, Sk, sq or 1)
                 w = w + b[:, :, None]  # (B, Sk, 1, sq): scores keep keys on axis 1
-            w = w.softmax(dim=1)  # (B, Sk, 1, sq)
-            pieces.append(torch.einsum("bkhq,bchk->bchq", w, v_h))  # (B, d, 1, sq)
-        outs.append(pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=3))  # (B, d, 1, Sq)
-    return torch.cat(outs, dim=1)  # (B, Hq*d, 1, Sq): heads back on the channel axis
+            w = w.softmax(dim=1)  # (B, Sk, G, sq)
+            pieces.append(torch.einsum("bkhq,bchk->bchq", w, v_h))  # (B, d, G, sq)
+        outs.append(pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=3))  # (B, d, G, Sq)
+    return torch.cat(outs, dim=1)  # (B, Hq*d, G, Sq): heads back on the channel axis
 
 
 def separable_positions(pos: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -130,6 +139,17 @@ class BlockLayout:
         # per query block: (its deploy index, its neighbours' deploy indices, sorted: keys concatenate in sequence order)
         self.neighbour_blocks = [(self.deploy_index(b), sorted(self.deploy_index(int(n)) for n in neighbours[b] if n >= 0))
                                  for b in range(n_blocks)]
+        self.neighbour_index, self.neighbour_mask = neighbour_table(self.neighbour_blocks, self.block_len)  # fused BNA only
+        # Neighbourhoods as shifts of the block axis: slot o of block b holds block b + o (deploy order), masked where
+        # b + o is not a neighbour of b. Grid blocks sit column-major, so neighbour (di, dj) is the same shift
+        # dj * rows + di for every block: 9 slots for radius 1, 2r + 1 for sequence tiling.
+        pairs = {(b, n) for b, ns in self.neighbour_blocks for n in ns}
+        self.n_blocks = n_blocks
+        self.slot_offsets = sorted({n - b for b, n in pairs})
+        self.slot_pad = max(abs(o) for o in self.slot_offsets)  # < n_blocks
+        valid = torch.tensor([[(b, b + o) in pairs for b in range(n_blocks)] for o in self.slot_offsets])  # (K, n_blocks)
+        self.slot_bias = None if bool(valid.all()) else (
+            torch.where(valid, 0.0, NEG_INF).repeat_interleave(self.block_len, dim=0)[None, :, :, None])  # (1, K*nb, n_blocks, 1)
 
     def deploy_index(self, ref_block: int) -> int:
         """Block number in the deploy sequence of the reference model's block `ref_block` (row-major blocks)."""
@@ -137,6 +157,16 @@ class BlockLayout:
             return ref_block
         i, j = divmod(ref_block, self.cols)
         return j * self.rows + i  # column strips stacked: column-major block order
+
+    def neighbour_slots(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """x (B, *, n_blocks, *) -> one tensor per slot offset o, holding block b + o at position b of axis 2."""
+        p = self.slot_pad
+        if p == 0:
+            return [x]
+        # Principle: shifts of the block axis are slices of one circularly padded tensor (slices and a concat, no
+        # gather); the wrapped-around blocks are never neighbours and the slot mask removes them
+        padded = torch.cat([x[:, :, -p:], x, x[:, :, :p]], dim=2)  # (B, *, n_blocks + 2p, *)
+        return [padded[:, :, p + o : p + o + self.n_blocks] for o in self.slot_offsets]  # K x (B, *, n_blocks, *)
 
     def to_blocks(self, x: torch.Tensor) -> torch.Tensor:
         """(B, C, h, w) raster map -> (B, C, cols*h, bw) block-column layout (slices + one concat)."""
@@ -167,6 +197,7 @@ class DeploySelfAttention(nn.Module):
         super().__init__()
         d = config.dims(1.0)
         self.d, self.sparse, self.layout, self.query_chunk = d, sparse, layout, query_chunk
+        self.fused = False  # batched kernels for torch-only graphs (DeployDiT.fuse_attention); never converted
         self.q = conv1x1(d.hidden, d.attn_dim)
         self.k = conv1x1(d.hidden, d.kv_dim)
         self.v = conv1x1(d.hidden, d.kv_dim)
@@ -180,23 +211,24 @@ class DeploySelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         d = self.d
         b, c, hh, ww = x.shape
-        seq = hh * ww
         flat = lambda m: m.reshape(b, m.shape[1], 1, -1)  # noqa: E731  (B, C, H, W) -> (B, C, 1, S): one reshape per tensor
         # Principle: every linear is a 1x1 conv on the channel axis
         q, k, v = self.q(x), self.k(x), self.v(x)  # (B, Hq*d, H, W), (B, Hkv*d, H, W) x2
         if not self.sparse:
-            out = split_einsum_attention(flat(q), flat(k).transpose(1, 3), flat(v), d.heads, d.kv_heads, d.head_dim,
-                                         query_chunk=self.query_chunk)
+            if self.fused:
+                out = fused_attention(flat(q), flat(k).transpose(1, 3), flat(v), d.heads, d.kv_heads, d.head_dim)
+            else:
+                out = split_einsum_attention(flat(q), flat(k).transpose(1, 3), flat(v), d.heads, d.kv_heads, d.head_dim,
+                                             query_chunk=self.query_chunk)
             return self.out(out).reshape(b, c, hh, ww)
-        q_seq, v_seq = flat(q) * d.head_dim**-0.5, flat(v)  # (B, Hq*d, 1, S): q scaled once for both branches
-        # One key transpose for both branches: BNA keys and compressed global keys are concatenated along the
-        # sequence, transposed together, and sliced apart (slices are free; a transpose is a layout copy).
-        k_both_t = torch.cat([flat(k), flat(self.k_compress(self.layout.strided_input(k)))], dim=3).transpose(1, 3)  # (B, S + S/s^2, 1, Hkv*d)
-        k_seq_t, kc_t = k_both_t[:, :seq], k_both_t[:, seq:]  # (B, S, 1, Hkv*d), (B, S/s^2, 1, Hkv*d)
+        q_seq, k_seq, v_seq = flat(q) * d.head_dim**-0.5, flat(k), flat(v)  # (B, Hq*d, 1, S): q scaled once for both branches
+        kc_t = flat(self.k_compress(self.layout.strided_input(k))).transpose(1, 3)  # (B, S/s^2, 1, Hkv*d): the global branch's key transpose
         vc = flat(self.v_compress(self.layout.strided_input(v)))  # (B, Hkv*d, 1, S/s^2): KV compression is a strided depthwise conv
+        if self.fused:
+            return self.out(self.fused_branches(x, q_seq, k_seq.transpose(1, 3), v_seq, kc_t, vc)).reshape(b, c, hh, ww)
         global_out = split_einsum_attention(q_seq, kc_t, vc, d.heads, d.kv_heads, d.head_dim, query_chunk=self.query_chunk,
                                             q_scaled=True)  # (B, Hq*d, 1, S)
-        local_out = self.bna(q_seq, k_seq_t, v_seq)  # (B, Hq*d, 1, S)
+        local_out = self.bna(q_seq, k_seq, v_seq)  # (B, Hq*d, 1, S)
         g = torch.sigmoid(flat(self.gate(x)))  # (B, Hq, 1, S): per token, per head
         # Principle: per-head gating on channel splits of (B, Hq*d, 1, S), concatenated back on the channel axis
         locals_, globals_ = local_out.split(d.head_dim, dim=1), global_out.split(d.head_dim, dim=1)  # Hq x (B, d, 1, S)
@@ -204,23 +236,37 @@ class DeploySelfAttention(nn.Module):
         mixed = torch.cat([locals_[i] * keep_heads[i] + globals_[i] * g_heads[i] for i in range(d.heads)], dim=1)  # (B, Hq*d, 1, S)
         return self.out(mixed).reshape(b, c, hh, ww)
 
-    def bna(self, q_seq, k_seq_t, v_seq) -> torch.Tensor:
-        """Eq. 3 as a loop over query blocks: splits and concats only (the loop unrolls in the graph). q_seq is
-        already scaled."""
+    def fused_branches(self, x, q_seq, k_seq_t, v_seq, kc_t, vc) -> torch.Tensor:
+        """The gated mix of BNA and global attention with batched kernels (fused graphs only): (B, Hq*d, 1, S)."""
         d, lay = self.d, self.layout
-        nb = lay.block_len
-        # Principle: BNA as an explicit loop over blocks; the block-column layout makes every block a contiguous
-        # run of the sequence, so one split per tensor cuts all blocks (no gather, no transpose) and a
-        # neighbourhood is a concat of its blocks
-        q_blocks = q_seq.split(nb, dim=3)  # n_blocks x (B, Hq*d, 1, nb)
-        k_blocks = k_seq_t.split(nb, dim=1)  # n_blocks x (B, nb, 1, Hkv*d)
-        v_blocks = v_seq.split(nb, dim=3)  # n_blocks x (B, Hkv*d, 1, nb)
-        outs = [None] * len(q_blocks)
-        for block, neighbours in lay.neighbour_blocks:
-            k_b = torch.cat([k_blocks[n] for n in neighbours], dim=1) if len(neighbours) > 1 else k_blocks[neighbours[0]]  # (B, nk, 1, Hkv*d)
-            v_b = torch.cat([v_blocks[n] for n in neighbours], dim=3) if len(neighbours) > 1 else v_blocks[neighbours[0]]  # (B, Hkv*d, 1, nk)
-            outs[block] = split_einsum_attention(q_blocks[block], k_b, v_b, d.heads, d.kv_heads, d.head_dim, q_scaled=True)  # (B, Hq*d, 1, nb)
-        return torch.cat(outs, dim=3)  # (B, Hq*d, 1, S) in deploy block order
+        b, s = q_seq.shape[0], q_seq.shape[3]
+        global_out = fused_attention(q_seq, kc_t, vc, d.heads, d.kv_heads, d.head_dim, q_scaled=True)
+        local_out = fused_bna(q_seq, k_seq_t, v_seq, d.heads, d.kv_heads, d.head_dim, lay.neighbour_index, lay.neighbour_mask)
+        g = torch.sigmoid(self.gate(x)).reshape(b, d.heads, 1, s)  # (B, Hq, 1, S): per token, per head
+        heads = lambda m: m.reshape(b, d.heads, d.head_dim, s)  # noqa: E731  (B, Hq*d, 1, S) -> (B, Hq, d, S)
+        return (heads(local_out) * (1 - g) + heads(global_out) * g).reshape(b, d.heads * d.head_dim, 1, s)
+
+    def bna(self, q_seq, k_seq, v_seq) -> torch.Tensor:
+        """Eq. 3 with the blocks on axis 2: every block against its neighbourhood in one einsum pair per head. q_seq
+        (already scaled), k_seq and v_seq are (B, C, 1, S) in block-column order; returns (B, Hq*d, 1, S)."""
+        d, lay = self.d, self.layout
+        b, s = q_seq.shape[0], q_seq.shape[3]
+        nblk, nb = lay.n_blocks, lay.block_len
+        # Principle: BNA blocks are the einsum's h axis. The block-column layout makes every block a contiguous run of
+        # the sequence, so (B, C, 1, S) -> (B, C, n_blocks, nb) is a reshape; a block's neighbourhood is its K slots
+        # (shifts of the block axis) concatenated along the key axis, and the einsums treat the blocks as independent
+        # attentions: one einsum pair per head for the layer, not one per head and block
+        q = q_seq.reshape(b, q_seq.shape[1], nblk, nb)  # (B, Hq*d, n_blocks, nb)
+        k_t = k_seq.reshape(b, k_seq.shape[1], nblk, nb).transpose(1, 3)  # (B, nb, n_blocks, Hkv*d): the layer's BNA key transpose
+        v = v_seq.reshape(b, v_seq.shape[1], nblk, nb)  # (B, Hkv*d, n_blocks, nb)
+        keys = torch.cat(lay.neighbour_slots(k_t), dim=1)  # (B, K*nb, n_blocks, Hkv*d)
+        values = torch.cat(lay.neighbour_slots(v), dim=3)  # (B, Hkv*d, n_blocks, K*nb)
+        mask = lay.slot_bias
+        if mask is not None and mask.device != q.device:  # a constant of the layout, made on the CPU (static analysis runs on meta)
+            mask = mask.to(q.device)
+        out = split_einsum_attention(q, keys, values, d.heads, d.kv_heads, d.head_dim, q_scaled=True,
+                                     scores_bias=mask)  # (B, Hq*d, n_blocks, nb)
+        return out.reshape(b, out.shape[1], 1, s)  # (B, Hq*d, 1, S) in deploy block order
 
 
 class DeployCrossAttention(nn.Module):
@@ -228,6 +274,7 @@ class DeployCrossAttention(nn.Module):
         super().__init__()
         d = config.dims(1.0)
         self.d, self.query_chunk = d, query_chunk
+        self.fused = False  # see DeploySelfAttention
         self.q = conv1x1(d.hidden, d.attn_dim)
         text_dim = d.hidden if config.caption_projection else config.text_dim  # k and v read the projected text
         self.k = conv1x1(text_dim, d.kv_dim)
@@ -239,8 +286,11 @@ class DeployCrossAttention(nn.Module):
         b, c, hh, ww = x.shape
         q = self.q(x).reshape(b, d.attn_dim, 1, hh * ww)  # (B, Hq*d, 1, S)
         k_t = self.k(text).transpose(1, 3)  # (B, text_dim, 1, T) -> (B, T, 1, Hkv*d): the layer's one key transpose
-        out = split_einsum_attention(q, k_t, self.v(text), d.heads, d.kv_heads, d.head_dim, query_chunk=self.query_chunk,
-                                     bias=text_bias)  # text_bias (B, 1, T, 1): the same for every head and query
+        if self.fused:
+            out = fused_attention(q, k_t, self.v(text), d.heads, d.kv_heads, d.head_dim, bias=text_bias)
+        else:
+            out = split_einsum_attention(q, k_t, self.v(text), d.heads, d.kv_heads, d.head_dim, query_chunk=self.query_chunk,
+                                         bias=text_bias)  # text_bias (B, 1, T, 1): the same for every head and query
         return self.out(out).reshape(b, c, hh, ww)
 
 
@@ -342,6 +392,15 @@ class DeployDiT(nn.Module):
         # Training only (self-distillation): keep each block's input and recompute its internals in the backward
         # pass, trading one more forward for the activation memory of all blocks but one.
         self.checkpoint_blocks = False
+
+    def fuse_attention(self, fused: bool = True) -> DeployDiT:
+        """Attention on batched kernels (deploy/fused_attention.py) for a graph that only runs in torch: the same
+        parameters and sums, a few ops per layer instead of a few per head and BNA block. Converted graphs never
+        fuse: the ANE layout is the split-einsum one."""
+        for module in self.modules():
+            if isinstance(module, (DeploySelfAttention, DeployCrossAttention)):
+                module.fused = fused
+        return self
 
     def _block(self, blk: DeployBlock, x, t0, text, skip=None, text_bias=None):
         if self.checkpoint_blocks and torch.is_grad_enabled():

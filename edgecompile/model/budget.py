@@ -113,18 +113,24 @@ def batch_size_for(config: ModelConfig, width: float, latent_hw: tuple[int, int]
     return _batch_fitting(ACTIVATION_MARGIN * forward_activation_bytes(config, width, latent_hw, 1).bytes, free_bytes, cap)
 
 
+# On the CPU, checkpointing pays where the activations are large: allocating them costs more than recomputing
+# (benchmarks/distill_memory.py, toy width 1.0 at 32x32, batch 8, 4.7 GiB estimated: 0.66x the step time); on small
+# ones it only recomputes (the bundled model at 8x8, batch 16: 1.4x the distillation time, issue 29).
+CPU_CHECKPOINT_ABOVE_BYTES = 2**30
+
+
 def training_batch_for(config: ModelConfig, width: float, latent_hw: tuple[int, int], free_bytes: int | None,
                        cap: int, on_cpu: bool = False) -> tuple[int, bool]:
     """(training batch, activation checkpointing): the largest batch up to `cap` whose kept activations fit
-    MEMORY_SHARE of `free_bytes`; checkpointing where it pays: always on the CPU, where recomputing costs less than
-    allocating what it saves (benchmarks/distill_memory.py: 4.5x less memory, 0.55x the step time), elsewhere where
-    the batch would otherwise be smaller than the one it allows."""
+    MEMORY_SHARE of `free_bytes`; checkpointing where it pays: on the CPU when the batch's activations would pass
+    CPU_CHECKPOINT_ABOVE_BYTES, elsewhere where the batch would otherwise be smaller than the one it allows."""
     def fits(checkpointed: bool) -> int:
         return _batch_fitting(training_activation_bytes(config, width, latent_hw, 1, checkpointed), free_bytes, cap)
 
-    if on_cpu:
-        return fits(True), True
     plain, checkpointed = fits(False), fits(True)
+    if on_cpu:
+        small = training_activation_bytes(config, width, latent_hw, plain, False) <= CPU_CHECKPOINT_ABOVE_BYTES
+        return (plain, False) if small and plain >= checkpointed else (checkpointed, True)
     return (checkpointed, True) if checkpointed > plain else (plain, False)
 
 

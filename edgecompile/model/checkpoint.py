@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 
 from edgecompile.atomic import atomic_path, check_output_path
 from edgecompile.errors import EdgeCompileError
+from edgecompile.metrics import all_finite
 from edgecompile.model.budget import check_weights_fit
 from edgecompile.model.components import check_folders, copy_folders
 from edgecompile.model.config import CONFIG_SUFFIXES, ModelConfig, shipped_config, shipped_config_names
@@ -148,7 +149,7 @@ def load_checkpoint(path: str | Path | None = None) -> Checkpoint:
             f"checkpoint {path} does not match its config {config.name!r}: " + "; ".join(problems)
             + " (was it saved from a different config?)"
         )
-    bad = [k for k, v in tensors.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    bad = [k for k, v in tensors.items() if not all_finite(v)]
     if bad:
         raise EdgeCompileError(f"checkpoint {path}: tensor(s) {_summarise(bad)} hold NaN or infinite values: "
                                "fix or retrain the checkpoint (edgecompile will not compile non-finite weights)")
