@@ -37,6 +37,7 @@ test: setup
 bench: setup
 	$(BIN)/python benchmarks/kmeans_speed.py --output $(OUT)/bench
 	$(BIN)/python benchmarks/graph_census.py --output $(OUT)/bench
+	$(BIN)/python benchmarks/demo_speed.py --output $(OUT)/bench
 	$(BIN)/python benchmarks/quantization_quality.py --output $(OUT)/bench
 	$(BIN)/python benchmarks/sweep_scale.py --output $(OUT)/bench
 	$(BIN)/python benchmarks/export_scale.py --output $(OUT)/bench

@@ -97,3 +97,32 @@ def test_existing_output_is_not_overwritten_without_force(ckpt):
     with pytest.raises(EdgeCompileError, match="already exists"):
         save_checkpoint(trained_like(TINY, seed=1), ckpt)
     assert (ckpt / "model.safetensors").read_bytes() == before
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_all_finite_is_exact_at_every_extreme(dtype):
+    """The checkpoint loader's finiteness check is one sum per tensor: NaN and infinities anywhere are found, and the
+    largest finite values summed together never overflow into a false alarm."""
+    from edgecompile.metrics import all_finite
+
+    big = torch.full((4096,), torch.finfo(dtype).max, dtype=dtype)
+    assert all_finite(big) and all_finite(-big) and all_finite(torch.randn(100).to(dtype))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for where in (0, 2047, 4095):
+            t = big.clone()
+            t[where] = bad
+            assert not all_finite(t)
+    mixed = big.clone()
+    mixed[1], mixed[2] = float("inf"), -float("inf")  # sums to NaN: still found
+    assert not all_finite(mixed)
+    assert all_finite(torch.arange(10))  # integer tensors hold no NaN
+
+
+def test_non_finite_weights_are_refused_by_name(ckpt):
+    weights = load_file(str(ckpt / "model.safetensors"))
+    name = sorted(weights)[3]
+    weights[name] = weights[name].clone()
+    weights[name].view(-1)[-1] = float("nan")
+    save_file(weights, str(ckpt / "model.safetensors"))
+    with pytest.raises(EdgeCompileError, match=f"{name}.*NaN or infinite"):
+        load_checkpoint(ckpt)

@@ -37,6 +37,8 @@ def test_one_function_per_size_each_verified(multi):
     assert report.verify is report.functions[0].verify  # the default function's result leads the report
     view = load_package(report.path)
     assert view.function == "latent_8x8" and list(view.functions) == names  # the first size is the default
+    other = view.with_function("latent_16x8")
+    assert other.program is view.program and other.inputs[0]["shape"] == [1, 1, 16, 8]  # another function, not parsed again
     assert json.loads(view.metadata[FUNCTIONS]) == {"latent_8x8": "8x8", "latent_8x16": "8x16", "latent_16x8": "16x8"}
     assert view.metadata["edgecompile.width"] == "0.5"  # edgecompile's metadata restored after combining
     for name, size in zip(names, SIZES):

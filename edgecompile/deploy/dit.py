@@ -15,7 +15,7 @@ Layout tricks, each justified where it is used:
 - BNA puts the blocks on the einsum's h axis, (B, C, n_blocks, nb), and a block's neighbourhood is its K shifts
   of that axis (slices of one circularly padded tensor, concatenated on the key axis, the missing neighbours
   masked): one einsum pair per head for the whole layer, where a loop over blocks took one per head and block
-  (issue 29: the bundled model's package has N fewer ops, see benchmarks/graph_census.py).
+  (issue 29: the bundled model's width-0.5 program has 4.5x fewer ops, benchmarks/graph_census.py).
 - Graphs that only run in torch (the sweep's and distillation's teacher and student, verification's references)
   compute the same attention with batched kernels (deploy/fused_attention.py, `DeployDiT.fuse_attention`).
 """
