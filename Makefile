@@ -35,6 +35,7 @@ test: setup
 
 # Writes under $(OUT)/bench only; the README quotes the committed run in benchmarks/results.
 bench: setup
+	$(BIN)/python -m pip install -q -e ".[dev,bench]"
 	$(BIN)/python benchmarks/kmeans_speed.py --output $(OUT)/bench
 	$(BIN)/python benchmarks/graph_census.py --output $(OUT)/bench
 	$(BIN)/python benchmarks/demo_speed.py --output $(OUT)/bench

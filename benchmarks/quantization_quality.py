@@ -49,6 +49,7 @@ from edgecompile.metrics import psnr_db
 from edgecompile.model.checkpoint import load_checkpoint
 from edgecompile.model.digits import sample_accuracy, train_classifier
 
+COREAI_OPT_VERSION = "0.3.0"  # the version checked (pyproject's bench extra pins it)
 TARGET_BITS = 4.3
 CANDIDATES = [4, 8]
 E2E_INPUTS = 60  # the e2e sweep runs the whole model per layer and bit-width: a spread subset of the calibration set
@@ -81,6 +82,47 @@ def skm_weights(teacher, calib, nbits: int, seed: int = 0) -> tuple[dict[str, to
     return {n: layers[n].weight.detach().to(torch.float16).float() for n in palettizable_layers(teacher)}, seconds
 
 
+def coreai_opt_weights(teacher, calib, bits: dict[str, int], sensitive: bool, seed: int = 0) -> tuple[dict[str, torch.Tensor], float]:
+    """coreai-opt's `KMeansPalettizer` (Apple's Core AI optimisation library) on a copy of the deploy graph: per tensor,
+    edgecompile's layers only, each at its bits in `bits` (one run with a config per layer name, as a user of
+    coreai-opt would allocate mixed bits). `sensitive`: its Sensitive K-Means (`calibration_mode`), given the
+    calibration inputs one at a time with the same Rademacher-projected output as SKMPalettizer's loss. Returns the
+    palettized weights of those layers (fp16, as a package stores its LUT) and its wall time."""
+    import re
+
+    from coreai_opt.palettization import KMeansPalettizer, KMeansPalettizerConfig, ModuleKMeansPalettizerConfig, PalettizationSpec
+    from coreai_opt.palettization.config.palettization_config import OpKMeansPalettizerConfig
+    from coreai_opt.palettization.spec import PerTensorGranularity
+
+    def layer_config(nbits: int) -> ModuleKMeansPalettizerConfig:
+        spec = PalettizationSpec(n_bits=nbits, granularity=PerTensorGranularity())
+        return ModuleKMeansPalettizerConfig(op_input_spec=None, op_output_spec=None,
+                                            op_state_spec=dict.fromkeys(OpKMeansPalettizerConfig.get_default_state_spec(), spec))
+
+    config = KMeansPalettizerConfig(global_config=None,  # the layers edgecompile leaves in fp16 stay so here too
+                                    module_name_configs={f"^{re.escape(n)}$": layer_config(b) for n, b in bits.items()})
+    model = copy.deepcopy(teacher)
+    g = torch.Generator().manual_seed(seed + 104729)
+
+    def loss_fn(y, _target):  # the Rademacher projection of the output: E[grad^2] is the output's diagonal Fisher
+        return (y * (torch.randint(0, 2, y.shape, generator=g).float() * 2 - 1)).sum()
+
+    data = list(calib.batches(1))
+    start = time.perf_counter()
+    palettizer = KMeansPalettizer(model, config)
+    model = palettizer.prepare(tuple(data[0]))
+    if sensitive:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        with palettizer.calibration_mode(loss_fn=loss_fn) as skm:
+            for d in data:
+                skm.step(model(*d), None)
+    seconds = time.perf_counter() - start
+    with torch.no_grad():
+        layers = palettizable_layers(model)  # a parametrized module's .weight is its palettized weight
+        return {n: layers[n].weight.detach().to(torch.float16).float() for n in bits}, seconds
+
+
 def position_table(ckpt, width, teacher, evalset, ref_eval) -> dict:
     """The position table's size against the 4-bit weights, and the PSNR of the unquantized model with the table
     palettized to 4 bits (plain k-means per tensor, as coremltools would)."""
@@ -101,6 +143,9 @@ def main() -> None:
     ap.add_argument("--widths", default="0.375,0.5,1.0")
     ap.add_argument("--distill-steps", type=int, default=200, help="every setting's cap (comparable rows); the plateau schedule may stop earlier")
     ap.add_argument("--converge-steps", type=int, default=3000, help="the cap of the default pipeline's run to convergence")
+    ap.add_argument("--only", choices=["all", "coreai-opt"], default="all",
+                    help="coreai-opt: only its KMeans and SKM rows and edgecompile's default palettes beside them, no distillation; "
+                         "merged into the width's existing rows")
     ap.add_argument("--output")
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -148,34 +193,58 @@ def main() -> None:
         uniform4 = dict.fromkeys(sizes, 4)
         palettize(np.linspace(-1, 1, 4096).reshape(64, 64), 4)  # warm-up: the first k-means call loads coremltools' DP
         timings = {}
+        default = "mixed 4.3, output-aware, propagated sweep"  # what `export --bits mixed` does
+        if args.only == "coreai-opt":  # the peer against edgecompile's default palettes, re-measured in the same run
+            caches = {"output-aware": caches["output-aware"]}
         for method, cache in caches.items():
             start = time.perf_counter()
             for n in layers:
                 cache.palette(n, 4)
             timings[method] = round(time.perf_counter() - start + (stats.seconds if method != "plain" else 0.0), 2)
             measure(f"uniform 4-bit, {method}", palettized(uniform4, cache), uniform4, {"seconds": timings[method]})
+        sweeps = {"propagated": sweep(teacher, calib, CANDIDATES, "propagated", caches["output-aware"])}
+        mixed = {default: (greedy(sweeps["propagated"].sensitivity, sizes, CANDIDATES, TARGET_BITS)[0], caches["output-aware"])}
+        start = time.perf_counter()
+        for n in layers:
+            caches["output-aware"].palette(n, mixed[default][0][n])
+        measure(default, palettized(*mixed[default]), mixed[default][0],
+                {"seconds": round(timings["output-aware"] + sweeps["propagated"].seconds + time.perf_counter() - start, 2)})
+
+        peers = {}  # Apple's coreai-opt at the same bits per layer: uniform 4 and the default's mixed allocation
+        for label, bits in (("uniform 4-bit", uniform4), ("mixed 4.3", mixed[default][0])):
+            for method, sensitive in (("KMeans", False), ("SKM", True)):
+                weights, seconds = coreai_opt_weights(teacher, calib, bits, sensitive)
+                name = f"{label}, coreai-opt {method}"
+                peers[name] = (bits, weights)
+                timings[f"coreai-opt {method}, {label}"] = round(seconds, 2)
+                measure(name, palettized(bits, weights=weights), bits, {"seconds": round(seconds, 2)})
+        if args.only == "coreai-opt":
+            results[f"{width:g}"] = {"unquantized_sample_accuracy": ref_acc, "settings": rows, "palette_seconds": timings, "coreai_opt": COREAI_OPT_VERSION,
+                                     "coreai_opt_run": time.strftime("%Y-%m-%d")}
+            write(results, args.output)
+            continue
+
         skm, skm_seconds = skm_weights(teacher, calib, 4)
         timings["SKMPalettizer"] = round(skm_seconds, 2)
         measure("uniform 4-bit, coremltools SKMPalettizer", palettized(uniform4, weights=skm), uniform4, {"seconds": timings["SKMPalettizer"]})
 
-        sweeps = {
-            "local": sweep(teacher, calib, CANDIDATES, "local", caches["output-aware"]),
-            "e2e": sweep(teacher, calib.subset(E2E_INPUTS), CANDIDATES, "e2e", caches["output-aware"]),
-            "propagated": sweep(teacher, calib, CANDIDATES, "propagated", caches["output-aware"]),
-        }
+        sweeps["local"] = sweep(teacher, calib, CANDIDATES, "local", caches["output-aware"])
+        sweeps["e2e"] = sweep(teacher, calib.subset(E2E_INPUTS), CANDIDATES, "e2e", caches["output-aware"])
         before = sweep(teacher, calib, CANDIDATES, "local", caches["plain"])
-        mixed = {f"mixed 4.3, output-aware, {mode} sweep": (greedy(r.sensitivity, sizes, CANDIDATES, TARGET_BITS)[0], caches["output-aware"])
-                 for mode, r in sweeps.items()}
-        mixed["mixed 4.3, plain k-means, local sweep (before)"] = (greedy(before.sensitivity, sizes, CANDIDATES, TARGET_BITS)[0], caches["plain"])
-        for name, (bits, cache) in mixed.items():
+        others = {f"mixed 4.3, output-aware, {mode} sweep": (greedy(sweeps[mode].sensitivity, sizes, CANDIDATES, TARGET_BITS)[0], caches["output-aware"])
+                  for mode in ("local", "e2e")}
+        others["mixed 4.3, plain k-means, local sweep (before)"] = (greedy(before.sensitivity, sizes, CANDIDATES, TARGET_BITS)[0], caches["plain"])
+        for name, (bits, cache) in others.items():
             measure(name, palettized(bits, cache), bits)
+        mixed.update(others)
 
         with_distillation("uniform 4-bit, plain", uniform4, caches["plain"])
         with_distillation("uniform 4-bit, output-aware", uniform4, caches["output-aware"])
         with_distillation("uniform 4-bit, coremltools SKMPalettizer", uniform4, weights=skm)
+        for name, (bits, weights) in peers.items():
+            with_distillation(name, bits, weights=weights)
         for name, (bits, cache) in mixed.items():
             with_distillation(name, bits, cache)
-        default = "mixed 4.3, output-aware, propagated sweep"  # what `export --bits mixed` does
         with_distillation(default, *mixed[default], steps=args.converge_steps, label="self-distillation to convergence (the default export)")
 
         results[f"{width:g}"] = {
@@ -186,6 +255,7 @@ def main() -> None:
             "position_table": position_table(ckpt, width, teacher, evalset, ref_eval),
             "calibration_inputs": len(calib), "e2e_sweep_inputs": min(E2E_INPUTS, len(calib)), "evaluation_inputs": len(evalset),
             "distill_steps_cap": args.distill_steps, "converge_steps_cap": args.converge_steps, "seconds": round(time.perf_counter() - t0, 1),
+            "coreai_opt": COREAI_OPT_VERSION,
         }
         write(results, args.output)  # after every width: a long run keeps what it measured
     for width, r in results.items():
@@ -195,8 +265,11 @@ def main() -> None:
         for name, row in r["settings"].items():
             table.add_row(name, f"{row['average_bits']:.2f}", f"{row['heldout_psnr_db']:.1f}", f"{row['sample_psnr_db']:.1f}", f"{row['sample_accuracy']:.0%}")
         console.print(table)
-        console.print(f"palette seconds {r['palette_seconds']}; sweep cost in forward passes {r['sweep_cost_forward_passes']}; "
-                      f"position table {r['position_table']}")
+        if "position_table" in r:
+            console.print(f"palette seconds {r['palette_seconds']}; sweep cost in forward passes {r['sweep_cost_forward_passes']}; "
+                          f"position table {r['position_table']}")
+        else:
+            console.print(f"palette seconds {r['palette_seconds']}")
     print(f"wrote {write(results, args.output)}")
 
 
@@ -207,8 +280,12 @@ def write(results: dict, output: str | None) -> Path:
     widths = dict(results)
     if path.exists():
         old = json.loads(path.read_text())
-        if old.get("version") == 2:
-            widths = {**old.get("widths", {}), **results}
+        if old.get("version") == 2:  # a width measured again keeps the rows this run did not measure
+            widths = old.get("widths", {})
+            for width, new in results.items():
+                kept = widths.get(width, {})
+                widths[width] = {**kept, **new, "settings": {**kept.get("settings", {}), **new["settings"]},
+                                 "palette_seconds": {**kept.get("palette_seconds", {}), **new["palette_seconds"]}}
     result = {"version": 2, "checkpoint": "bundled default", "target_bits": TARGET_BITS, "sample_steps": SAMPLE_STEPS, "per_class": PER_CLASS,
               "widths": dict(sorted(widths.items(), key=lambda kv: float(kv[0])))}
     return _common.write_result("quantization_quality", result, out_dir)

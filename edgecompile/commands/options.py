@@ -151,8 +151,9 @@ class PackageOptions:
             raise EdgeCompileError("--chunks of a denoiser with a text attention mask (PixArt) is not supported yet: drop --chunks "
                                    "(PixArt-Sigma XL's fp16 weights, 1.2 GiB, fit the Neural Engine's 2 GiB in one file)")
         if self.chunks != 1:
-            if fmt is not Format.COREML:
-                raise EdgeCompileError(f"--chunks splits Core ML packages (for the Neural Engine's weight-file limit): drop --format {fmt.value}")
+            if fmt is Format.ONNX:
+                raise EdgeCompileError("--chunks splits Core ML packages and Core AI assets (for the Neural Engine's weight-file limit): "
+                                       "drop --format onnx")
             check_chunks(config, self.chunks)
         if self.query_chunk is not None and self.query_chunk < 1:
             raise EdgeCompileError(f"--query-chunk {self.query_chunk} must be a positive number of tokens (e.g. 512)")

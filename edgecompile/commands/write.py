@@ -13,7 +13,7 @@ entry of FORMAT_WRITERS. Every package gets its metadata record (deploy/metadata
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 
@@ -22,7 +22,7 @@ from edgecompile.choices import Bits, Format, Target
 from edgecompile.coreml.convert import combine_functions, convert_chunks, convert_to_mlmodel, set_metadata
 from edgecompile.coreml.package import ONNX_INITIALIZERS, function_name, onnx_weights_digest, record_weight_digests, weight_file_bytes
 from edgecompile.coremltools_loader import import_coremltools
-from edgecompile.deploy.chunks import split_deploy
+from edgecompile.deploy.chunks import chunk_example, split_deploy
 from edgecompile.deploy.contract import OUTPUT, example_inputs, input_names
 from edgecompile.deploy.dit import DeployDiT
 from edgecompile.deploy.metadata import PackageMetadata
@@ -42,17 +42,18 @@ class Layout(str, Enum):
 
 def package_name(config_name: str, width: float, bits: Bits | str, fmt: Format | str) -> str:
     """The package's file name. The model name comes from data, so it is made a safe name, never a path.
-    ONNX exports and unpalettized Core AI assets hold fp32 weights and are named so."""
+    ONNX exports hold fp32 weights and are named so."""
     fmt = Format(fmt)
-    tag = "fp32" if fmt is Format.ONNX or (fmt is Format.AIMODEL and not Bits(bits).palettized) else Bits(bits).tag
+    tag = "fp32" if fmt is Format.ONNX else Bits(bits).tag
     return f"{safe_name(config_name)}_w{width_label(width)}_{tag}{fmt.suffix}"
 
 
 def chunk_package_names(name: str, n: int, swift: bool) -> list[str]:
     """--chunks N: the package files in run order, named as apple/ml-stable-diffusion names its U-Net chunks
-    (UnetChunk1.mlpackage, ...): `<denoiser>Chunk<k>` in Swift resources, `<stem>_chunk<k>` otherwise."""
-    stem = name.removesuffix(".mlpackage")
-    return [f"{stem}{'Chunk' if swift else '_chunk'}{k}.mlpackage" for k in range(1, n + 1)]
+    (UnetChunk1.mlpackage, ...): `<denoiser>Chunk<k>` in Swift resources, `<stem>_chunk<k>` otherwise; the
+    package's own suffix (.mlpackage, .aimodel)."""
+    stem, suffix = Path(name).stem, Path(name).suffix
+    return [f"{stem}{'Chunk' if swift else '_chunk'}{k}{suffix}" for k in range(1, n + 1)]
 
 
 def size_on_disk(path: Path) -> int:
@@ -118,15 +119,18 @@ def write_onnx(graph: DeployDiT, path: Path, spec: PackageSpec, meta: PackageMet
 
 def write_aimodel(graph: DeployDiT, path: Path, spec: PackageSpec, meta: PackageMetadata,
                   entrypoints: list[tuple[str, DeployDiT]] | None = None) -> str:
-    from edgecompile.coreai.convert import convert_to_aimodel
+    from edgecompile.coreai.convert import DENOISER_FP16, convert_to_aimodel
 
     functions = [(name, g, example_inputs(g)) for name, g in entrypoints] if entrypoints else None
     return convert_to_aimodel(graph, example_inputs(graph), input_names(graph.config), [OUTPUT], path, meta.to_strings(),
-                              palettes=spec.palettes, entrypoints=functions)
+                              palettes=spec.palettes, entrypoints=functions, fp16=DENOISER_FP16)  # fp16 compute, as Core ML's
 
 
 # a target runtime's format: (graph, path, spec, metadata) -> the converter's version (or None)
 FORMAT_WRITERS = {Format.COREML: write_coreml, Format.ONNX: write_onnx, Format.AIMODEL: write_aimodel}
+# the precision each format's program computes in (recorded in its metadata; verification follows it): Core ML's
+# FP16ComputePrecision and Core AI's float16_compute keep the timestep's features in fp32; ONNX exports are fp32 graphs
+FORMAT_COMPUTE = {Format.COREML: "float16", Format.ONNX: "float32", Format.AIMODEL: "float16"}
 
 
 def write_single(deploy: DeployDiT, dense, spec: PackageSpec) -> WrittenPackage:
@@ -139,8 +143,10 @@ def write_chunked(deploy: DeployDiT, dense, spec: PackageSpec) -> WrittenPackage
     """--chunks N: each chunk converted and saved in turn, with the metadata that binds it to the others."""
     paths = [spec.folder / n for n in chunk_package_names(spec.name, spec.chunks, spec.swift)]
     example = example_inputs(deploy)
-    chunks, io = split_deploy(deploy, len(paths), example)
     base = spec.meta.with_(latent_hw=tuple(deploy.latent_hw), chunk_packages=tuple(p.name for p in paths))
+    if spec.fmt is Format.AIMODEL:
+        return write_aimodel_chunks(deploy, paths, example, base, spec)
+    chunks, io = split_deploy(deploy, len(paths), example)
     reports = []
     ct = import_coremltools()
     models = convert_chunks(chunks, io, example, target=spec.target, palettes=spec.palettes)
@@ -148,10 +154,32 @@ def write_chunked(deploy: DeployDiT, dense, spec: PackageSpec) -> WrittenPackage
         set_metadata(ml, base.with_(chunk=(chunk.index, chunk.count)), deploy)
         ml.save(str(path))
         del ml
-        reports.append(ChunkReport(package=path.name, blocks=[chunk.start, chunk.end],
-                                   inputs={n: names.shapes[n] for n in names.inputs}, outputs={n: names.shapes[n] for n in names.outputs},
-                                   size_bytes=size_on_disk(path), weight_file_bytes=weight_file_bytes(path)))
+        reports.append(chunk_report(chunk, names, path))
     return WrittenPackage(paths=paths, graphs=[(None, deploy)], converter=ct.__version__, chunks=reports)
+
+
+def write_aimodel_chunks(deploy: DeployDiT, paths: list[Path], example: tuple, base: PackageMetadata, spec: PackageSpec) -> WrittenPackage:
+    """Core AI chunks: the deploy graph with its LUTs, in fp16 but for the timestep island, split where Core ML's
+    chunks are (the same carried names), each chunk converted with Float32 at its boundary."""
+    from edgecompile.coreai.convert import DENOISER_FP16, Float16Boundary, convert_to_aimodel, fp16_graph, fp16_inputs, with_luts
+
+    graph = with_luts(deploy, spec.palettes)
+    graph = fp16_graph(graph, DENOISER_FP16.fp32_buffers, in_place=graph is not deploy)
+    inside = fp16_inputs(example, input_names(deploy.config), DENOISER_FP16)
+    chunks, io = split_deploy(graph, len(paths), inside)
+    reports, version = [], None
+    for chunk, names, path, args in zip(chunks, io, paths, chunk_example(chunks, io, inside)):
+        boundary = tuple(a.float() if a.is_floating_point() else a for a in args)  # the Float32 an app feeds
+        version = convert_to_aimodel(Float16Boundary(chunk, names.inputs, DENOISER_FP16.fp32_inputs), boundary, names.inputs, names.outputs,
+                                     path, base.with_(chunk=(chunk.index, chunk.count)).to_strings())
+        reports.append(chunk_report(chunk, names, path))
+    return WrittenPackage(paths=paths, graphs=[(None, deploy)], converter=version, chunks=reports)
+
+
+def chunk_report(chunk, names, path: Path) -> ChunkReport:
+    return ChunkReport(package=path.name, blocks=[chunk.start, chunk.end], inputs={n: names.shapes[n] for n in names.inputs},
+                       outputs={n: names.shapes[n] for n in names.outputs}, size_bytes=size_on_disk(path),
+                       weight_file_bytes=weight_file_bytes(path) if path.suffix == ".mlpackage" else size_on_disk(path))
 
 
 def function_graphs(dense, deploy: DeployDiT, more_latents, query_chunk: int | None) -> list[tuple[str, DeployDiT]]:
@@ -190,6 +218,7 @@ LAYOUT_WRITERS = {Layout.SINGLE: write_single, Layout.CHUNKED: write_chunked, La
 def write_package(deploy: DeployDiT, dense, spec: PackageSpec) -> WrittenPackage:
     """The package files of `deploy` (converted from the width's dense model `dense`) as `spec` says."""
     spec.folder.mkdir(exist_ok=True)
+    spec = replace(spec, meta=spec.meta.with_(compute=FORMAT_COMPUTE[spec.fmt]))
     written = LAYOUT_WRITERS[spec.layout](deploy, dense, spec)
     for path in written.paths:
         if path.suffix == ".mlpackage":  # an ONNX file records its digest as it is written

@@ -20,6 +20,7 @@ import os
 import re
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -27,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgecompile.compress.kmeans import Palette
+from edgecompile.deploy.contract import TIMESTEP
 from edgecompile.digest import sha256_file
 from edgecompile.errors import EdgeCompileError
 
@@ -86,14 +88,75 @@ class LutConv(nn.Module):
         self.register_buffer("lut", lut.reshape(lut.shape[0], *([1] * (indices.dim() - 1)), lut.shape[1], 1))
         self.bias = None if conv.bias is None else nn.Parameter(conv.bias.detach().clone(), requires_grad=False)
 
-    def weight(self) -> torch.Tensor:
-        return torch.ops.coreai.lut_to_dense(self.indices, self.lut, 0).float()  # the fp16 LUT's values, exactly
+    def weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return torch.ops.coreai.lut_to_dense(self.indices, self.lut, 0).to(dtype)  # the fp16 LUT's values, exactly
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.weight(x.dtype)  # an fp16 graph reads the LUT's values as they are
         if self.transpose:
-            return F.conv_transpose2d(x, self.weight(), self.bias, self.stride, self.padding, self.output_padding, self.groups,
-                                      self.dilation)
-        return F.conv2d(x, self.weight(), self.bias, self.stride, self.padding, self.dilation, self.groups)
+            return F.conv_transpose2d(x, weight, self.bias, self.stride, self.padding, self.output_padding, self.groups, self.dilation)
+        return F.conv2d(x, weight, self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+
+@dataclass(frozen=True)
+class Float16Plan:
+    """What an fp16 program keeps in fp32: inputs by name, and float buffers by their path in the graph."""
+
+    fp32_inputs: tuple[str, ...] = ()
+    fp32_buffers: tuple[str, ...] = ()
+
+
+# The denoiser's fp32 island in Core AI (coreml/convert.py's timestep_feature_op in Core ML): the timestep and the
+# frequencies it multiplies (DeployDiT.freqs) stay fp32, so the sinusoidal features do; DeployDiT.embed casts them
+# to the compute dtype before t_mlp1
+DENOISER_FP16 = Float16Plan(fp32_inputs=(TIMESTEP,), fp32_buffers=("freqs",))
+
+
+def fp16_graph(graph: nn.Module, fp32_buffers: tuple[str, ...] = (), in_place: bool = False) -> nn.Module:
+    """`graph` with its weights and float buffers in fp16 (a copy, or the graph itself when `in_place`: a copy the
+    caller made already), but for `fp32_buffers`, which keep their original fp32 values (not fp16-rounded ones)."""
+    def owner(module: nn.Module, name: str) -> tuple[nn.Module, str]:
+        parent, _, leaf = name.rpartition(".")
+        return (module.get_submodule(parent) if parent else module), leaf
+
+    kept = {name: getattr(*owner(graph, name)).detach().float().clone() for name in fp32_buffers
+            if getattr(*owner(graph, name), None) is not None}
+    half = (graph if in_place else copy.deepcopy(graph)).half()
+    for name, value in kept.items():
+        setattr(*owner(half, name), value)
+    return half
+
+
+class Float16Boundary(nn.Module):
+    """The I/O contract's Float32 at the boundary (what Swift feeds) of a graph that computes in fp16: each float
+    input cast to fp16 on entry, but those named in `fp32_inputs`, and the outputs cast back to fp32. The graph
+    itself is not copied (a chunk of an fp16 deploy graph is wrapped as it is)."""
+
+    def __init__(self, graph: nn.Module, input_names: list[str], fp32_inputs: tuple[str, ...] = ()):
+        super().__init__()
+        self.model = graph  # not `graph`: torch.export's GraphModule has a .graph of its own
+        self.keep = [name in fp32_inputs for name in input_names]
+
+    def forward(self, *inputs: torch.Tensor | None):
+        keep = self.keep + [False] * (len(inputs) - len(self.keep))
+        args = [x.half() if x is not None and x.is_floating_point() and not k else x for x, k in zip(inputs, keep)]
+        out = self.model(*args)
+        return tuple(o.float() for o in out) if isinstance(out, tuple) else out.float()
+
+
+def float16_compute(graph: nn.Module, input_names: list[str], fp32_inputs: tuple[str, ...] = (),
+                    fp32_buffers: tuple[str, ...] = (), in_place: bool = False) -> Float16Boundary:
+    """fp16 compute inside, Float32 at the boundary: Core AI's program takes its dtypes from the exported graph, so
+    this is how an asset computes in fp16 (as Core ML's FP16ComputePrecision does). `fp32_inputs` and
+    `fp32_buffers` stay fp32: for the denoiser the timestep and its frequencies, so that the sinusoidal features
+    are computed in fp32 (the timestep island: t * 1000 * f reaches 1000 rad, where fp16's spacing is 0.5 rad);
+    the graph casts them to fp16 before its first layer."""
+    return Float16Boundary(fp16_graph(graph, fp32_buffers, in_place), input_names, fp32_inputs)
+
+
+def fp16_inputs(inputs: tuple[torch.Tensor, ...], input_names: list[str], plan: Float16Plan) -> tuple[torch.Tensor, ...]:
+    """Package inputs as an fp16 graph takes them inside its boundary."""
+    return tuple(x.half() if x.is_floating_point() and n not in plan.fp32_inputs else x for x, n in zip(inputs, input_names))
 
 
 def with_luts(graph: nn.Module, palettes: dict[str, Palette] | None) -> nn.Module:
@@ -141,11 +204,11 @@ def exported_program(graph: nn.Module, example: tuple):
 
 def convert_to_aimodel(graph: nn.Module, example: tuple, input_names: list[str], output_names: list[str], path: Path,
                        metadata: dict[str, str], palettes: dict[str, Palette] | None = None,
-                       entrypoints: list[tuple[str, nn.Module, tuple]] | None = None) -> str:
+                       entrypoints: list[tuple[str, nn.Module, tuple]] | None = None, fp16: Float16Plan | None = None) -> str:
     """Convert and save `graph` as the asset `path` (a staging path: the caller renames it into place). Several
-    `entrypoints` (name, graph, example) become functions of one asset (several latent sizes). Returns the
-    converter's version."""
-    program = build_program(graph, example, input_names, output_names, palettes, entrypoints)
+    `entrypoints` (name, graph, example) become functions of one asset (several latent sizes). `fp16`: compute in
+    fp16 but for its fp32 island (None: fp32 compute). Returns the converter's version."""
+    program = build_program(graph, example, input_names, output_names, palettes, entrypoints, fp16)
     save_program(program, path, metadata)
     import importlib.metadata
 
@@ -166,13 +229,18 @@ def save_program(program, path: Path, metadata: dict[str, str]) -> None:
 
 
 def build_program(graph: nn.Module, example: tuple, input_names: list[str], output_names: list[str],
-                  palettes: dict[str, Palette] | None = None, entrypoints: list[tuple[str, nn.Module, tuple]] | None = None):
-    """The in-memory Core AI program of `graph` (or of several entrypoints), LUTs inside."""
+                  palettes: dict[str, Palette] | None = None, entrypoints: list[tuple[str, nn.Module, tuple]] | None = None,
+                  fp16: Float16Plan | None = None):
+    """The in-memory Core AI program of `graph` (or of several entrypoints), LUTs inside; fp16 compute with `fp16`."""
     coreai_torch, _ = import_coreai()
     converter = coreai_torch.TorchConverter(mode=coreai_torch.TorchConverter.Mode.RELEASE)  # DEBUG, the default, keeps debug records
     functions = entrypoints or [("main", graph, example)]
     for name, g, args in functions:
-        ep = exported_program(with_luts(g, palettes), args)
+        luts = with_luts(g, palettes)  # by the graph's own layer names, before any wrapper
+        if fp16 is not None:  # in place on with_luts' copy, where it made one (one copy of a paper-scale graph, not two)
+            luts = float16_compute(luts, input_names, fp16.fp32_inputs, fp16.fp32_buffers, in_place=luts is not g)
+        g = luts
+        ep = exported_program(g, args)
         try:
             with quiet_coreai():
                 converter.add_exported_program(ep, input_names=list(input_names), output_names=list(output_names), entrypoint_name=name)

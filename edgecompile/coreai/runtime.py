@@ -148,9 +148,11 @@ def weight_census(path: Path, summary) -> dict:
     LUT constants among them (indices at their bits, plus the LUTs)."""
     luts = asset_luts(path)
     total = 0.0
+    dtypes = set()
     for entry in summary.storage_types:  # "(Float32, 93267)" or (name, count)
         name, count = (entry.strip("()").split(",") if isinstance(entry, str) else entry)
         total += int(count) * _STORAGE_BITS.get(str(name).strip(), 32) / 8
+        dtypes.add(_DTYPES.get(str(name).strip(), str(name).strip().lower()))
     palettized, bits_per_layer, weighted = 0.0, {}, 0
     for k, (lut, indices) in enumerate(luts):
         nbits = int(round(np.log2(lut.shape[-1])))
@@ -160,4 +162,4 @@ def weight_census(path: Path, summary) -> dict:
     elements = sum(i.size for _, i in luts)
     return {"weight_bytes": int(total), "dense_bytes": int(total - palettized), "palettized_bytes": int(palettized),
             "dense_tensors": None, "palettized_tensors": len(luts), "average_bits": weighted / elements if elements else None,
-            "bits_per_layer": bits_per_layer}
+            "bits_per_layer": bits_per_layer, "weight_dtypes": sorted(dtypes)}

@@ -176,27 +176,47 @@ def convert_with_islands(graph: torch.nn.Module, kind: str, inputs: list[tuple[t
 
 def convert_for_core_ai(graph: torch.nn.Module, kind: str, inputs: list[tuple[torch.Tensor, ...]],
                         min_psnr_db: float = DEFAULT_MIN_PSNR_DB, palettes: dict | None = None):
-    """(asset, ComponentResult): the component as a Core AI program (fp32 compute, so no fp16 island to find),
-    saved to a scratch asset and executed by Core AI's runtime on `inputs` against the torch graph (for a
-    palettized graph: its simulation)."""
+    """(asset, ComponentResult): the component as a Core AI program, executed by Core AI's runtime on `inputs`
+    against the fp32 torch graph (for a palettized graph: its simulation), the gate Core ML's components pass in
+    fp16 emulation. fp16 compute first, as Core ML's; where the fp16 asset overflows or misses the gate, the whole
+    component computes in fp32 (a Core AI program takes its dtypes from the exported graph: its islands are
+    whole graphs), and the result keeps what fp16 measured."""
+    from edgecompile.coreai.convert import ComponentAsset, Float16Plan, build_program
+
+    fp16 = build_program(graph, inputs[0], list(graph.input_names), list(graph.output_names), palettes=palettes, fp16=Float16Plan())
+    per16, bad16 = run_component_asset(fp16, graph, kind, inputs)
+    if bad16 == 0 and math.isfinite(worst(per16)) and worst(per16) >= min_psnr_db:
+        result = ComponentResult(kind=kind, psnr_db=worst(per16), per_input_psnr_db=per16, non_finite_outputs=0, min_psnr_db=min_psnr_db,
+                                 runtime="coreai-runtime (fp16)")
+        return ComponentAsset(fp16), result
+    program = build_program(graph, inputs[0], list(graph.input_names), list(graph.output_names), palettes=palettes)
+    per, bad = run_component_asset(program, graph, kind, inputs)
+    result = ComponentResult(kind=kind, psnr_db=worst(per), per_input_psnr_db=per, non_finite_outputs=bad, min_psnr_db=min_psnr_db,
+                             fp32_everywhere=True, psnr_without_islands_db=worst(per16), non_finite_without_islands=bad16,
+                             runtime="coreai-runtime (fp32)")
+    return ComponentAsset(program), result
+
+
+def run_component_asset(program, graph: torch.nn.Module, kind: str, inputs: list[tuple[torch.Tensor, ...]]) -> tuple[list[float], int]:
+    """A component's program saved to a scratch asset and run by Core AI's runtime on `inputs`: the worst PSNR per
+    input against the fp32 torch graph, and how many outputs were not finite."""
     import tempfile
 
-    from edgecompile.coreai.convert import ComponentAsset, build_program, component_outputs, save_program
+    from edgecompile.coreai.convert import component_outputs, save_program
     from edgecompile.coreai.runtime import AIModelRunner
 
-    program = build_program(graph, inputs[0], list(graph.input_names), list(graph.output_names), palettes=palettes)
     per, bad = [], 0
     with tempfile.TemporaryDirectory(prefix="component-") as scratch:
         path = Path(scratch) / f"{kind}.aimodel"
         save_program(program, path, {})
         runner = AIModelRunner(path)
-        for args in inputs:
-            want = component_outputs(graph, args)
-            got = runner({n: a.numpy() for n, a in zip(graph.input_names, args)})
-            outs = [np.asarray(got[n], np.float32) for n in graph.output_names]
-            bad += sum(not np.isfinite(o).all() for o in outs)
-            per.append(min(psnr_db(w.numpy(), o) for w, o in zip(want, outs)))
-        runner.close()
-    result = ComponentResult(kind=kind, psnr_db=worst(per), per_input_psnr_db=per, non_finite_outputs=bad, min_psnr_db=min_psnr_db,
-                             runtime="coreai-runtime (fp32)")
-    return ComponentAsset(program), result
+        try:
+            for args in inputs:
+                want = component_outputs(graph, args)
+                got = runner({n: a.numpy() for n, a in zip(graph.input_names, args)})
+                outs = [np.asarray(got[n], np.float32) for n in graph.output_names]
+                bad += sum(not np.isfinite(o).all() for o in outs)
+                per.append(min(psnr_db(w.numpy(), o) for w, o in zip(want, outs)))
+        finally:
+            runner.close()
+    return per, bad

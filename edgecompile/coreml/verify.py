@@ -21,7 +21,7 @@ from edgecompile.coreml.interpreter import MILInterpreter
 from edgecompile.coreml.package import PackageView, changed_weight_files, load_chain
 from edgecompile.coremltools_loader import import_coremltools
 from edgecompile.deploy.chunks import chunk_example, split_deploy
-from edgecompile.deploy.contract import LATENT, OUTPUT, TEXT, TEXT_MASK, TIMESTEP, text_from_package, text_to_package
+from edgecompile.deploy.contract import LATENT, OUTPUT, TEXT, TEXT_MASK, TIMESTEP, input_names, text_from_package, text_to_package
 from edgecompile.deploy.dit import DeployDiT
 from edgecompile.deploy.rewrite import deploy_model
 from edgecompile.digest import sha256_file
@@ -268,10 +268,12 @@ def run_package(view: PackageView, inputs, precision: str = "fp32", runtime: str
 
 
 def verify_chunks(views: list[PackageView], reference: DeployDiT, inputs, precision: str, runtime: str,
-                  device: torch.device | str) -> list[float]:
+                  device: torch.device | str, inside: Callable[[tuple], tuple] | None = None) -> list[float]:
     """Each chunk alone: fed the torch reference's own carried tensors, its outputs against the reference's (the
-    worst output and input), so a chunk's error is measured without the error of the chunks before it."""
-    chunks, io = split_deploy(reference, len(views), tuple(x.to(device) for x in inputs[0]))
+    worst output and input), so a chunk's error is measured without the error of the chunks before it.
+    `inside`: the package inputs as `reference` takes them (an fp16 graph's casts at its boundary)."""
+    inside = inside or (lambda xs: xs)
+    chunks, io = split_deploy(reference, len(views), inside(tuple(x.to(device) for x in inputs[0])))
     for view, names in zip(views, io):
         have = ([f["name"] for f in view.inputs], [f["name"] for f in view.outputs])
         if have != (names.inputs, names.outputs):
@@ -280,15 +282,15 @@ def verify_chunks(views: list[PackageView], reference: DeployDiT, inputs, precis
     runners = [package_runner(v, precision, runtime)[0] for v in views]
     worst_per_chunk = [math.inf] * len(views)
     for latent, t, text in inputs:
-        ref_inputs = chunk_example(chunks, io, tuple(x.to(device) for x in (latent, t, text)))
+        ref_inputs = chunk_example(chunks, io, inside(tuple(x.to(device) for x in (latent, t, text))))
         for k, (chunk, names, args) in enumerate(zip(chunks, io, ref_inputs)):
             with torch.no_grad():
                 want = chunk(*args)
             want = want if isinstance(want, tuple) else (want,)
-            feeds = {n: a.cpu().numpy() for n, a in zip(names.inputs, args)}
+            feeds = {n: a.float().cpu().numpy() if a.is_floating_point() else a.cpu().numpy() for n, a in zip(names.inputs, args)}
             got = runners[k](feeds)
             for name, w in zip(names.outputs, want):
-                worst_per_chunk[k] = min(worst_per_chunk[k], psnr_db(w.cpu().numpy(), np.asarray(got[name], dtype=np.float32)))
+                worst_per_chunk[k] = min(worst_per_chunk[k], psnr_db(w.float().cpu().numpy(), np.asarray(got[name], dtype=np.float32)))
     return worst_per_chunk
 
 
@@ -314,6 +316,20 @@ def verify_package(view: PackageView, ckpt: Checkpoint, simulated: DeployDiT | N
     inputs = verification_inputs(ckpt.config, view.latent_hw, ckpt=ckpt, width=width)
     masks = verification_masks(ckpt.config, len(inputs))
     outs, label = run_package(view, inputs, precision=precision, runtime=runtime, progress=progress, masks=masks, chain=views)
+    reference_name = "edgecompile's compressed torch simulation" if simulated is not None else "fp32 torch reference of the checkpoint"
+    chunk_reference = simulated if simulated is not None else None
+    inside, computed_in = None, precision
+    if view.is_aimodel and view.meta is not None and view.meta.compute == "float16":
+        # Core AI's runtime computes an fp16 asset in fp16 only: its gate is against the same graph in torch's fp16,
+        # as a Core ML package's is against its fp32 run; psnr_vs_checkpoint_db still says what fp16 costs
+        from edgecompile.coreai.convert import DENOISER_FP16, Float16Boundary, fp16_graph, fp16_inputs
+
+        names = input_names(ckpt.config)
+        base = simulated if simulated is not None else deploy_model(ckpt.model, width, latent_hw=view.latent_hw).to(device)
+        chunk_reference = fp16_graph(base, DENOISER_FP16.fp32_buffers)
+        simulated = Float16Boundary(chunk_reference, names, DENOISER_FP16.fp32_inputs)
+        inside = lambda xs: fp16_inputs(xs, names, DENOISER_FP16)  # noqa: E731
+        computed_in, reference_name = "fp16", f"{reference_name.replace('fp32 torch reference', 'deploy graph')} in torch's fp16"
     reference = extract_width(ckpt.model, width, share=True).to(device)  # on the CPU: views, bit-identical to the supernetwork
     per, per_ckpt = [], []
     with torch.no_grad():
@@ -326,11 +342,12 @@ def verify_package(view: PackageView, ckpt: Checkpoint, simulated: DeployDiT | N
             per_ckpt.append(psnr_db(ref, out))
     chunk_psnr = []
     if len(views) > 1:
-        chunk_reference = simulated if simulated is not None else deploy_model(ckpt.model, width, latent_hw=view.latent_hw).to(device)
-        chunk_psnr = verify_chunks(views, chunk_reference, inputs, precision, runtime, device)
+        if chunk_reference is None:
+            chunk_reference = deploy_model(ckpt.model, width, latent_hw=view.latent_hw).to(device)
+        chunk_psnr = verify_chunks(views, chunk_reference, inputs, precision, runtime, device, inside)
     return VerifyResult(
-        package=str(view.path), runtime=label, function=view.function if view.functions else None, precision=precision, width=width,
+        package=str(view.path), runtime=label, function=view.function if view.functions else None, precision=computed_in, width=width,
         psnr_db=worst(per), psnr_vs_checkpoint_db=worst(per_ckpt), per_input_psnr_db=per, chunk_psnr_db=chunk_psnr,
-        reference="edgecompile's compressed torch simulation" if simulated is not None else "fp32 torch reference of the checkpoint",
+        reference=reference_name,
         min_psnr_db=min_psnr_db, non_finite_outputs=sum(not np.isfinite(o).all() for o in outs), changed_weight_files=changed,
     )

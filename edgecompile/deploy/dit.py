@@ -262,8 +262,8 @@ class DeploySelfAttention(nn.Module):
         keys = torch.cat(lay.neighbour_slots(k_t), dim=1)  # (B, K*nb, n_blocks, Hkv*d)
         values = torch.cat(lay.neighbour_slots(v), dim=3)  # (B, Hkv*d, n_blocks, K*nb)
         mask = lay.slot_bias
-        if mask is not None and mask.device != q.device:  # a constant of the layout, made on the CPU (static analysis runs on meta)
-            mask = mask.to(q.device)
+        if mask is not None and (mask.device, mask.dtype) != (q.device, q.dtype):  # a constant of the layout, made in fp32 on the
+            mask = mask.to(q.device, q.dtype)  # CPU (static analysis runs on meta; an fp16 graph adds it in fp16)
         out = split_einsum_attention(q, keys, values, d.heads, d.kv_heads, d.head_dim, q_scaled=True,
                                      scores_bias=mask)  # (B, Hq*d, n_blocks, nb)
         return out.reshape(b, out.shape[1], 1, s)  # (B, Hq*d, 1, S) in deploy block order
@@ -417,6 +417,8 @@ class DeployDiT(nn.Module):
         """`text_mask` (B, T), 1 for a token and 0 for padding: the package input of configs with text_mask."""
         bias = text_mask_bias(text_mask)
         bias = None if bias is None else bias[:, None, :, None]  # (B, T) -> (B, 1, T, 1): keys on axis 2 of the score bias
+        if bias is not None and bias.dtype != text.dtype:  # an fp16 graph adds it to fp16 scores
+            bias = bias.to(text.dtype)
         return self.head(self.run_blocks(self.embed(latent, timestep), self.project_text(text), 0, self.n_blocks, bias))
 
     # The forward in three parts, so that a chunk (deploy/chunks.py) runs a contiguous range of blocks with the same
@@ -438,6 +440,8 @@ class DeployDiT(nn.Module):
             x = self._to_layout(self.patch_embed(latent)) + self.pos
         args = timestep.view(-1, 1) * self.freqs
         tfeat = torch.cat([args.cos(), args.sin()], dim=1).view(-1, c.frequency_dim, 1, 1)
+        if tfeat.dtype != x.dtype:  # the timestep island: features in the timestep's fp32, the rest in the compute dtype
+            tfeat = tfeat.to(x.dtype)
         temb = self.t_mlp2(F.silu(self.t_mlp1(tfeat)))
         if c.micro_conditions:
             temb = temb + self.micro_condition

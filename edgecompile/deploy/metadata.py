@@ -38,6 +38,8 @@ CHUNK_PACKAGES = PREFIX + "chunk_packages"  # JSON list: every chunk's file name
 # Multifunction packages (--latent A,B,...; iOS18): one function per latent size, weights stored once
 FUNCTIONS = PREFIX + "functions"  # JSON object: function name -> "HxW", the default function first
 WEIGHTS_SHA256 = PREFIX + "weights_sha256"  # JSON object: weight file (relative to the package) -> SHA-256
+COMPUTE = PREFIX + "compute"  # the precision the program computes in: float16 (an fp32 timestep island kept) or float32
+COMPUTE_PRECISIONS = ("float16", "float32")
 COMPONENT = PREFIX + "component"  # the pipeline part a package is: text_encoder, decoder (a denoiser has none)
 COMPONENT_INFO = PREFIX + "component_info"  # JSON object: its source class, text length, latent scaling, ...
 
@@ -46,7 +48,7 @@ MAX_LATENT_TEXT = 16  # "HxW" of two sides of at most 7 digits
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _LATENT = re.compile(r"^([1-9][0-9]{0,6})x([1-9][0-9]{0,6})$")
 _CHUNK = re.compile(r"^([1-9][0-9]{0,3})/([1-9][0-9]{0,3})$")
-_SAFE_FILE = re.compile(r"^[A-Za-z0-9._-]+\.(mlpackage|onnx)$")
+_SAFE_FILE = re.compile(r"^[A-Za-z0-9._-]+\.(mlpackage|onnx|aimodel)$")
 
 
 def latent_text(hw: tuple[int, int]) -> str:
@@ -71,6 +73,7 @@ class PackageMetadata:
     chunk_packages: tuple[str, ...] = ()
     functions: dict[str, str] = field(default_factory=dict)  # function -> "HxW", the default first
     weights_sha256: dict[str, str] = field(default_factory=dict)
+    compute: str | None = None  # COMPUTE_PRECISIONS; None: a package from before it was recorded
 
     @property
     def config_sha256(self) -> str:
@@ -110,6 +113,8 @@ class PackageMetadata:
             d[FUNCTIONS] = json.dumps(self.functions)
         if self.weights_sha256:
             d[WEIGHTS_SHA256] = json.dumps(self.weights_sha256, sort_keys=True)
+        if self.compute is not None:
+            d[COMPUTE] = self.compute
         return d
 
     @classmethod
@@ -177,7 +182,10 @@ class PackageMetadata:
             if not all(isinstance(k, str) and ".." not in k.split("/") and not k.startswith("/") and isinstance(v, str) and _SHA256.match(v)
                        for k, v in weights.items()):
                 raise r.bad(WEIGHTS_SHA256, "is not an object of weight files and SHA-256 digests")
-        return cls(width=width, params=params, bits=bits, latent_hw=latent_hw, config=config,
+        compute = r.text(COMPUTE, default=None)
+        if compute is not None and compute not in COMPUTE_PRECISIONS:
+            raise r.bad(COMPUTE, f"{compute!r} is not one of {', '.join(COMPUTE_PRECISIONS)}")
+        return cls(width=width, params=params, bits=bits, latent_hw=latent_hw, config=config, compute=compute,
                    checkpoint_sha256=None if checkpoint == NO_CHECKPOINT else checkpoint, io=io,
                    version=r.text(VERSION, default="unknown"), bits_per_layer=bits_per_layer, group_size=group_size,
                    palettes_sha256=r.sha(PALETTES_SHA256) if PALETTES_SHA256 in meta else None,

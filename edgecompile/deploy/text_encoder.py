@@ -148,7 +148,7 @@ class T5EncoderANE(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         x = self.embed(input_ids.long()).transpose(1, 2)[:, :, None]  # (B, T, D) -> (B, D, 1, T)
         # padding keys get MASK_VALUE: (B, 1, Sk, 1) broadcast over heads and queries
-        pad = (1.0 - attention_mask.float())[:, None, :, None] * MASK_VALUE
+        pad = (1.0 - attention_mask.to(self.position_bias.dtype))[:, None, :, None] * MASK_VALUE  # in the compute dtype
         bias = self.position_bias + pad  # (B, H, Sk, Sq)
         for blk in self.blocks:
             x = blk(x, bias)
@@ -317,7 +317,7 @@ class T5EncoderChunk(nn.Module):
     def forward(self, x: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         if self.first:
             x = self.embed(x.long()).transpose(1, 2)[:, :, None]  # (B, T) ids -> (B, D, 1, T)
-        bias = self.position_bias + (1.0 - attention_mask.float())[:, None, :, None] * MASK_VALUE  # (B, H, Sk, Sq)
+        bias = self.position_bias + (1.0 - attention_mask.to(self.position_bias.dtype))[:, None, :, None] * MASK_VALUE  # (B, H, Sk, Sq)
         for blk in self.blocks.values():
             x = blk(x, bias)
         return self.final_norm(x) if self.last else x  # (B, D, 1, T)
