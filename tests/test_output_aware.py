@@ -26,9 +26,8 @@ def setup(tiny_checkpoint):
     return ckpt, calib, model, layers, measure_statistics(model, layers, calib, batch_size=16)
 
 
-def test_statistics_hold_each_layers_input_second_moments_and_the_reference(setup):
-    _, calib, model, layers, stats = setup
-    assert torch.allclose(stats.reference, calibration_outputs(model, calib))
+def layer_grams(model, layers, calib) -> dict[str, torch.Tensor]:
+    """Each layer's own H, summed in float64 from hooks on every call (the reference measure_statistics is held to)."""
     grams = {}
 
     def hook_for(name):
@@ -41,6 +40,13 @@ def test_statistics_hold_each_layers_input_second_moments_and_the_reference(setu
     calibration_outputs(model, calib)
     for h in handles:
         h.remove()
+    return grams
+
+
+def test_statistics_hold_each_layers_input_second_moments_and_the_reference(setup):
+    _, calib, model, layers, stats = setup
+    assert torch.allclose(stats.reference, calibration_outputs(model, calib))
+    grams = layer_grams(model, layers, calib)
     for name in layers:
         assert torch.allclose(stats.hessian[name], grams[name], rtol=1e-4, atol=1e-6), name
         assert stats.fisher[name].shape == as_matrix(layers[name], layers[name].weight).shape
@@ -48,6 +54,23 @@ def test_statistics_hold_each_layers_input_second_moments_and_the_reference(setu
     # the matrix view of a weight and back is the identity, for both layer kinds
     for mod in layers.values():
         assert torch.equal(from_matrix(mod, as_matrix(mod, mod.weight), tuple(mod.weight.shape)), mod.weight)
+
+
+def test_layers_that_read_one_input_share_one_statistics_tensor(setup):
+    """q, k and v (one normalised input), and the text K and V of every block (one text tensor), hold one H between
+    them, computed once per batch and summed once: equal to each layer's own sum over every batch."""
+    ckpt, calib, model, _, _ = setup
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}  # every conv, however small
+    stats = measure_statistics(model, layers, calib, batch_size=8)  # several batches: the shared sums accumulate
+    grams = layer_grams(model, layers, calib)
+    for name in layers:  # products in float32 (measure_statistics), summed in float64: equal to float32 rounding
+        assert float((stats.hessian[name] - grams[name]).norm() / grams[name].norm()) < 1e-5, name
+    block = next(n.rsplit(".", 1)[0] for n in layers if n.endswith(".attn.q"))
+    assert stats.hessian[f"{block}.q"] is stats.hessian[f"{block}.k"] is stats.hessian[f"{block}.v"]
+    text_kv = [n for n in layers if n.endswith(("cross.k", "cross.v"))]
+    assert len(text_kv) >= 4 and all(stats.hessian[n] is stats.hessian[text_kv[0]] for n in text_kv), text_kv
+    assert stats.hessian[f"{block}.q"] is not stats.hessian[f"{block}.out"]
+    assert len({id(h) for h in stats.hessian.values()}) < len(layers) - len(text_kv)
 
 
 def test_predicted_damage_tracks_the_measured_output_error(setup):
@@ -64,6 +87,44 @@ def test_predicted_damage_tracks_the_measured_output_error(setup):
     # a diagonal, random-sign estimate from 16 inputs: right in scale, not exact (the K-FAC split edgecompile
     # tried first was 30x low on the KV-compression conv below)
     assert 0.5 < np.median(ratios) < 2 and (ratios > 0.15).all() and (ratios < 7).all(), ratios
+
+
+def test_float32_scoring_equals_the_float64_formula(setup):
+    """predicted_mse scores in float32 (H scaled into range); the same formula in float64 agrees to 1e-4, so the sweep
+    ranks candidates as it did (the bundled model's allocations were unchanged at every width)."""
+    _, _, _, layers, stats = setup
+    g = torch.Generator().manual_seed(1)
+    for name, mod in layers.items():
+        delta = torch.randn(mod.weight.shape, generator=g) * mod.weight.detach().std() * 0.05
+        h = stats.hessian[name].double()
+        d = as_matrix(mod, delta.double())
+        damage = (stats.fisher[name].double() * d * d).sum(1)
+        d = d.reshape(len(h), -1, d.shape[1])
+        correlated = ((d @ h) * d).sum(2).reshape(-1)
+        independent = (d * d * torch.diagonal(h, dim1=1, dim2=2)[:, None, :]).sum(2).reshape(-1)
+        want = float((damage * torch.where(independent > 0, correlated / independent, torch.ones_like(correlated))).sum()) / stats.output_elements
+        assert stats.predicted_mse(mod, name, delta) == pytest.approx(want, rel=1e-4), name
+
+
+def test_rounding_the_layers_of_one_input_together_equals_rounding_each_alone(setup):
+    """PaletteCache.prepare stacks the rows of every layer and bit-width that share one H (their LUTs padded to the
+    largest with +inf): OPTQ's rows are independent, so the indices are each layer's own."""
+    _, calib, model, _, _ = setup
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d) and m.weight.numel() >= 256}
+    stats = measure_statistics(model, layers, calib, batch_size=16)
+    together = PaletteCache(model, None, "output-aware", stats)
+    together.layers = layers
+    together.prepare(list(layers), [2, 4])
+    alone = PaletteCache(model, None, "output-aware", stats)
+    alone.layers = layers
+    block = next(n.rsplit(".", 1)[0] for n in layers if n.endswith(".attn.q"))
+    assert stats.hessian[f"{block}.q"] is stats.hessian[f"{block}.k"]  # rows from two layers and two bit-widths per pass
+    for name in layers:
+        for bits in (2, 4):
+            alone.prepare([name], [bits])
+            a, b = together.palette(name, bits), alone.palette(name, bits)
+            assert np.array_equal(a.lut, b.lut) and a.indices.max() < 2 ** bits, name
+            assert (a.indices != b.indices).mean() < 1e-3, (name, bits)  # BLAS may sum a longer matrix in another order
 
 
 def test_weighted_kmeans_favours_the_heavy_elements_and_stays_exact_without_weights():

@@ -22,7 +22,9 @@ times how the row's errors cancel or add through its input correlations, (dW_r H
 """
 from __future__ import annotations
 
+import itertools
 import time
+import weakref
 from dataclasses import dataclass
 from typing import Callable
 
@@ -72,6 +74,13 @@ def _columns_per_input(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
     else:  # (B, I*kh*kw, positions), channel-major like the weight's (I/groups, kh, kw)
         cols = F.unfold(x, (kh, kw), dilation=mod.dilation, padding=mod.padding, stride=mod.stride)
     return cols.reshape(cols.shape[0], groups_of(mod), -1, cols.shape[-1])
+
+
+def column_layout(mod: nn.Module) -> tuple:
+    """What turns a layer's input into its matrix's columns: two layers with equal layouts reading one input tensor
+    have equal H."""
+    transpose = isinstance(mod, nn.ConvTranspose2d)
+    return (transpose, groups_of(mod)) if transpose else (tuple(mod.weight.shape[1:]), mod.stride, mod.padding, mod.dilation, mod.groups)
 
 
 def _columns(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -127,12 +136,16 @@ class LayerStatistics:
 
     def predicted_mse(self, mod: nn.Module, layer: str, delta: torch.Tensor) -> float:
         """The denoiser-output MSE that changing `layer`'s weight by `delta` alone is predicted to cause."""
-        h = self.hessian[layer].double()
-        d = as_matrix(mod, delta.to(h.device, torch.float64))
-        fisher_damage = (self.fisher[layer].to(h.device, torch.float64) * d * d).sum(1)  # per row
+        # Scored in float32 (the products dominate a paper-scale sweep's scoring; float64 doubled them): the ratio
+        # of two quadratic forms of one delta, each summed per row; the damages summed in float64
+        h = self.hessian[layer]
+        scale = float(torch.diagonal(h, dim1=1, dim2=2).abs().max()) or 1.0  # H / scale stays inside float32's range
+        h = (h / scale).float()
+        d = as_matrix(mod, delta.to(h.device, torch.float32))
+        fisher_damage = (self.fisher[layer].to(h.device, torch.float32) * d * d).sum(1).double()  # per row
         d = d.reshape(len(h), -1, d.shape[1])  # (groups, rows of the group, columns)
-        correlated = ((d @ h) * d).sum(2).reshape(-1)  # each row's own output error, tr(dW H dW^T) split by row
-        independent = (d * d * torch.diagonal(h, dim1=1, dim2=2)[:, None, :]).sum(2).reshape(-1)  # the same without correlations
+        correlated = ((d @ h) * d).sum(2).reshape(-1).double()  # each row's own output error, tr(dW H dW^T) split by row
+        independent = (d * d * torch.diagonal(h, dim1=1, dim2=2)[:, None, :]).sum(2).reshape(-1).double()  # without correlations
         ratio = torch.where(independent > 0, correlated / independent.clamp_min(1e-300), torch.ones_like(correlated))
         return float((fisher_damage * ratio).sum()) / self.output_elements
 
@@ -148,7 +161,10 @@ def measure_statistics(model: nn.Module, layers: dict[str, nn.Module], calib: Ca
     """A forward pass over every calibration input (hooks accumulate each layer's H; its outputs are the
     reference), then a forward and backward pass over a spread third of them (F).
 
-    H and F stay on the model's device (float64 sums on a CPU, float32 elsewhere: MPS has no float64)."""
+    H and F stay on the model's device. H is summed in float64 on a CPU (float32 elsewhere: MPS has no float64):
+    rounding.py factors it, and a Cholesky factor of a nearly singular sum needs the digits. F is a sum of squares,
+    kept in float32 everywhere: it only weights k-means and scales predicted damage, and it is as large as the
+    weights themselves (1.7 GB of float64 saved at the paper's width 0.5)."""
     device = device_of(model)
     acc = torch.float64 if device.type == "cpu" else torch.float32
     for mod in layers.values():
@@ -156,13 +172,48 @@ def measure_statistics(model: nn.Module, layers: dict[str, nn.Module], calib: Ca
     hessian: dict[str, torch.Tensor] = {}
     fisher: dict[str, torch.Tensor] = {}
     captured: list[tuple[str, torch.Tensor, torch.Tensor]] = []
+    # Layers that read one input tensor (q, k and v; the text K and V of every block; a gated FFN's two inputs)
+    # have one H: it is computed once per batch and held once, the layers' entries the same tensor.
+    grams: dict[tuple, tuple[weakref.ref, torch.Tensor, int]] = {}  # this batch's: (input, column layout) -> its gram
+    made: dict[int, weakref.ref] = {}  # this batch's grams by id, to tell a gram from an accumulator
+    added: set[tuple[int, int]] = set()  # (accumulator, gram) pairs summed this batch: a shared H takes each gram once
+    touched: dict[str, list[int]] = {}  # the grams each layer read this batch, checked equal across an H's layers
+    tokens = itertools.count()
 
     def gram_hook(name):
         def hook(mod, inputs, output):
-            cols = _columns(mod, inputs[0]).float()
-            gram = (cols @ cols.transpose(1, 2)).to(acc)  # products in float32 (2x the speed), sums across batches in `acc`
-            hessian[name] = hessian[name] + gram if name in hessian else gram
+            x = inputs[0]
+            key = (id(x), column_layout(mod))
+            hit = grams.get(key)
+            if hit is not None and hit[0]() is x:
+                _, gram, token = hit
+            else:
+                cols = _columns(mod, x).float()
+                gram, token = (cols @ cols.transpose(1, 2)).to(acc), next(tokens)  # products in float32 (2x the speed), sums in `acc`
+                grams[key] = (weakref.ref(x), gram, token)
+                made[id(gram)] = weakref.ref(gram)
+                weakref.finalize(x, grams.pop, key, None)  # held only while its input lives: one batch's H is not held twice
+            touched.setdefault(name, []).append(token)
+            h = hessian.get(name)
+            if h is None:
+                hessian[name] = gram  # by reference: every layer reading this input shares it
+            elif (ref := made.get(id(h))) is not None and ref() is h:  # h is a gram of this batch, which other layers
+                hessian[name] = h + gram  # may still read: a layer called again in its first batch (strips) sums anew
+            elif (id(h), token) not in added:
+                added.add((id(h), token))
+                h += gram
         return hook
+
+    def end_of_batch() -> None:
+        owners: dict[int, str] = {}
+        for name, h in hessian.items():
+            first = owners.setdefault(id(h), name)
+            if touched.get(first) != touched.get(name):
+                raise EdgeCompileError(f"internal: layers {first} and {name} share input statistics but read different inputs")
+        grams.clear()
+        made.clear()
+        added.clear()
+        touched.clear()
 
     def output_hook(name):
         def hook(mod, inputs, output):
@@ -181,6 +232,7 @@ def measure_statistics(model: nn.Module, layers: dict[str, nn.Module], calib: Ca
     with forward_hooks(layers, gram_hook), torch.no_grad():
         for x, t, c in calib.batches(batch_size, device):
             outputs.append(model(x, t, c).cpu())
+            end_of_batch()
             done += 1
             if progress:
                 progress("layer statistics (a forward pass, then a backward pass on a third)", done, n_batches)
@@ -205,7 +257,7 @@ def measure_statistics(model: nn.Module, layers: dict[str, nn.Module], calib: Ca
                         w_grad = per_input_weight_gradient(layers[name], xin.float(), grad.detach().float())
                         per_input[name] = per_input[name] + w_grad if name in per_input else w_grad
                     if last_call[name] == i and name in per_input:
-                        sq = per_input.pop(name).pow(2).sum(0).to(acc)
+                        sq = per_input.pop(name).pow(2).sum(0)  # float32: see the docstring
                         fisher[name] = fisher[name] + sq if name in fisher else sq
                 del grads
                 captured.clear()
@@ -225,7 +277,7 @@ def measure_statistics(model: nn.Module, layers: dict[str, nn.Module], calib: Ca
     reference = torch.cat(outputs)
     for name, mod in layers.items():
         rows, cols = as_matrix(mod, mod.weight).shape
-        fisher[name] = fisher[name] * (len(calib) / n_grad) if name in fisher else torch.zeros(rows, cols, dtype=acc, device=device)
+        fisher[name] = fisher[name] * (len(calib) / n_grad) if name in fisher else torch.zeros(rows, cols, device=device)
         if name not in hessian:  # a layer the forward never called
             hessian[name] = torch.zeros(groups_of(mod), cols, cols, dtype=acc, device=device)
     return LayerStatistics(hessian=hessian, fisher=fisher, output_elements=reference.numel(), reference=reference,

@@ -13,7 +13,9 @@ Three palette methods (`--palettes`):
 
 from __future__ import annotations
 
+import collections
 import time
+from typing import Callable
 
 import numpy as np
 import torch
@@ -21,13 +23,28 @@ from torch import nn
 
 from edgecompile.compress.importance import LayerStatistics, as_matrix, from_matrix
 from edgecompile.compress.kmeans import Palette, palettize
-from edgecompile.compress.rounding import output_aware_indices
+from edgecompile.compress.rounding import inverse_cholesky_upper, output_aware_indices
 from edgecompile.deploy.dit import DeployDiT
 from edgecompile.choices import KEEP_FP16, PaletteMethod
 from edgecompile.errors import EdgeCompileError
 from edgecompile.model.elastic import width_config
 
 MIN_ELEMENTS = 2048  # smaller weights stay fp16 (coremltools' own weight_threshold default)
+FACTORS_KEPT = 4  # inverse Cholesky factors cached by PaletteCache (a paper-scale FFN's is 118 MB in float64)
+ROUNDING_ROWS = 8192  # rows rounded together under one H: 8192 x 3840 float64 columns is 250 MB
+
+
+def _row_batches(keys: list, rows_of: Callable, limit: int) -> list[list]:
+    """`keys` in runs whose rows add up to at most `limit` (a key with more rows alone)."""
+    parts, part, total = [], [], 0
+    for key in keys:
+        rows = rows_of(key)
+        if part and total + rows > limit:
+            parts.append(part)
+            part, total = [], 0
+        part.append(key)
+        total += rows
+    return parts + ([part] if part else [])
 DEFAULT_PALETTE_METHOD = PaletteMethod.OUTPUT_AWARE
 
 
@@ -66,6 +83,9 @@ class PaletteCache:
         self.method = method
         self.statistics = statistics
         self._palettes: dict[tuple[str, int], Palette] = {}
+        # the last few H's inverse Cholesky factors: the sweep asks for a layer's bit-widths in turn, and layers that
+        # read one input (q, k, v; every block's text K and V) share one H (importance.measure_statistics)
+        self._factors: collections.OrderedDict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = collections.OrderedDict()
         self.kmeans_seconds = 0.0
         self.rounding_seconds = 0.0
 
@@ -74,36 +94,84 @@ class PaletteCache:
         return self.group_size if isinstance(self.layers[layer], nn.Conv2d) else None
 
     def palette(self, layer: str, nbits: int) -> Palette:
-        key = (layer, nbits)
-        if key not in self._palettes:
-            start = time.perf_counter()
-            mod = self.layers[layer]
-            weight = mod.weight.detach().cpu().numpy()
-            importance = self.statistics.element_weights(mod, layer) if self.method != "plain" else None
-            p = palettize(weight, nbits, self.group_for(layer), importance)
-            self.kmeans_seconds += time.perf_counter() - start
-            if self.method == "output-aware":
-                start = time.perf_counter()
-                p = self._output_aware(mod, layer, p)
-                self.rounding_seconds += time.perf_counter() - start
-            self._palettes[key] = p
-        return self._palettes[key]
+        if (layer, nbits) not in self._palettes:
+            self.prepare([layer], [nbits])
+        return self._palettes[(layer, nbits)]
 
-    def _output_aware(self, mod: nn.Module, layer: str, p: Palette) -> Palette:
-        """The same LUTs, indices chosen by error-compensating rounding (on the statistics' device)."""
-        hessian = self.statistics.hessian[layer]
-        weight = torch.from_numpy(np.ascontiguousarray(mod.weight.detach().cpu().numpy(), dtype=np.float16).astype(np.float32))
-        matrix = as_matrix(mod, weight)
-        luts = torch.from_numpy(p.lut.astype(np.float32))
-        # grouped LUTs are runs of output channels, the rows of a Conv2d's matrix (group_for: ConvTranspose2d has one)
-        row_luts = luts[torch.arange(matrix.shape[0]) // (matrix.shape[0] // len(luts))]
+    def prepare(self, layers: list[str], candidates: list[int], progress: Callable[[int, int], None] | None = None) -> None:
+        """The palettes of every layer at every candidate bit-width: k-means for each, then, for output-aware ones,
+        error-compensating indices for all the layers and bit-widths that share one H at once (their rows stacked
+        under one factor: one pass over the columns where there was one per layer and bit-width; q, k and v, and
+        every block's text K and V, share theirs). `progress(done, total)` counts layers."""
+        todo = [(n, b) for n in layers for b in candidates if (n, b) not in self._palettes]
+        plain: dict[tuple[str, int], Palette] = {}
+        for i, (name, nbits) in enumerate(todo):
+            start = time.perf_counter()
+            mod = self.layers[name]
+            importance = self.statistics.element_weights(mod, name) if self.method != "plain" else None
+            plain[(name, nbits)] = palettize(mod.weight.detach().cpu().numpy(), nbits, self.group_for(name), importance)
+            self.kmeans_seconds += time.perf_counter() - start
+            if self.method != "output-aware":
+                self._palettes[(name, nbits)] = plain[(name, nbits)]
+            if progress and (i + 1 == len(todo) or todo[i + 1][0] != name):
+                progress(layers.index(name) + 1, len(layers))
+        if self.method != "output-aware":
+            return
+        start = time.perf_counter()
+        by_hessian: dict[int, list[tuple[str, int]]] = {}
+        for key in todo:
+            by_hessian.setdefault(id(self.statistics.hessian[key[0]]), []).append(key)
+        for keys in by_hessian.values():
+            for part in _row_batches(keys, lambda k: as_matrix(self.layers[k[0]], self.layers[k[0]].weight).shape[0], ROUNDING_ROWS):
+                self._palettes.update(self._output_aware(part, plain))
+        self.rounding_seconds += time.perf_counter() - start
+
+    def _output_aware(self, keys: list[tuple[str, int]], plain: dict[tuple[str, int], Palette]) -> dict[tuple[str, int], Palette]:
+        """The LUTs k-means chose for `keys` (layers sharing one H), indices chosen by error-compensating rounding
+        on the statistics' device: the layers' rows stacked, each row with its own LUT (padded to the largest with
+        +inf, which no weight rounds to)."""
+        hessian = self.statistics.hessian[keys[0][0]]
+        matrices, luts = [], []
+        for name, nbits in keys:
+            mod, p = self.layers[name], plain[(name, nbits)]
+            weight = torch.from_numpy(np.ascontiguousarray(mod.weight.detach().cpu().numpy(), dtype=np.float16).astype(np.float32))
+            matrix = as_matrix(mod, weight)
+            lut = torch.from_numpy(p.lut.astype(np.float32))
+            # grouped LUTs are runs of output channels, the rows of a Conv2d's matrix (group_for: ConvTranspose2d has one)
+            matrices.append(matrix)
+            luts.append(lut[torch.arange(matrix.shape[0]) // (matrix.shape[0] // len(lut))])
+        width = max(lut.shape[1] for lut in luts)
+        luts = [torch.nn.functional.pad(lut, (0, width - lut.shape[1]), value=float("inf")) for lut in luts]
+        matrix, row_luts = torch.cat(matrices), torch.cat(luts)
         # a grouped conv's groups are independent blocks of rows and columns, each with its own H
         per_group = matrix.shape[0] // len(hessian)
         idx = torch.cat([output_aware_indices(matrix[g * per_group:(g + 1) * per_group].to(hessian.device), hessian[g],
-                                              row_luts[g * per_group:(g + 1) * per_group].to(hessian.device)).cpu()
-                         for g in range(len(hessian))])
-        indices = from_matrix(mod, idx, tuple(mod.weight.shape)).to(torch.uint8).numpy()
-        return Palette(lut=p.lut, indices=np.ascontiguousarray(indices), nbits=p.nbits, group_size=p.group_size)
+                                              row_luts[g * per_group:(g + 1) * per_group].to(hessian.device), self._factor(hessian, g)).cpu()
+                         for g in range(len(hessian))]) if len(keys) == 1 or len(hessian) == 1 else None
+        if idx is None:  # grouped convs sharing an H: one at a time (their rows are split by group, not by layer)
+            out = {}
+            for key in keys:
+                out.update(self._output_aware([key], plain))
+            return out
+        out, row = {}, 0
+        for (name, nbits), m in zip(keys, matrices):
+            p, mod = plain[(name, nbits)], self.layers[name]
+            indices = from_matrix(mod, idx[row:row + m.shape[0]], tuple(mod.weight.shape)).to(torch.uint8).numpy()
+            out[(name, nbits)] = Palette(lut=p.lut, indices=np.ascontiguousarray(indices), nbits=p.nbits, group_size=p.group_size)
+            row += m.shape[0]
+        return out
+
+    def _factor(self, hessian: torch.Tensor, group: int) -> torch.Tensor:
+        key = (id(hessian), group)
+        hit = self._factors.get(key)
+        if hit is not None and hit[0] is hessian:
+            self._factors.move_to_end(key)
+            return hit[1]
+        factor = inverse_cholesky_upper(hessian[group])
+        self._factors[key] = (hessian, factor)  # holds H too, so that its id is not reused while cached
+        while len(self._factors) > FACTORS_KEPT:
+            self._factors.popitem(last=False)
+        return factor
 
     def decoded(self, layer: str, nbits: int) -> torch.Tensor:
         """The decoded weight, on the layer's device (k-means itself runs on the CPU, where it is fast)."""
@@ -137,6 +205,8 @@ def palettize_deploy(model: nn.Module, bits: dict[str, int], group_size: int | N
     unknown = sorted(set(bits) - set(layers))
     if unknown:
         raise EdgeCompileError(f"recipe names layer(s) this model does not have or cannot palettize: {', '.join(unknown[:3])}")
+    for nbits in sorted({b for b in bits.values() if b < KEEP_FP16}):  # layers sharing an H rounded together
+        cache.prepare([n for n, b in bits.items() if b == nbits], [nbits])
     palettes = {name: cache.palette(name, nbits) for name, nbits in bits.items() if nbits < KEEP_FP16}
     apply_palettes(model, palettes)
     return palettes

@@ -16,16 +16,22 @@ BLOCK = 128
 DAMPING = 0.01  # of the mean of H's diagonal, added to it: H of a few inputs is singular
 
 
-def _inverse_cholesky_upper(h: torch.Tensor) -> torch.Tensor:
-    """U upper-triangular with U^T U = (H + damping)^-1; columns no input ever excited get H_cc = 1 (any value works)."""
+def inverse_cholesky_upper(h: torch.Tensor) -> torch.Tensor:
+    """U upper-triangular with U^T U = (H + damping)^-1; columns no input ever excited get H_cc = 1 (any value works).
+
+    With J the reversal of rows and columns, J H J = L L^T gives U = J L^-1 J: upper triangular, positive diagonal,
+    U^T U = J L^-T L^-1 J = (J (J H J) J)^-1 = H^-1, so it is the Cholesky factor OPTQ's recipe (Cholesky of H,
+    its inverse, Cholesky again) computes, in one factorisation and one triangular inverse: about half the work,
+    which dominated the paper-scale sweep's rounding (7 s of 11 s for a 3840-column layer)."""
     h = h.clone()
     dead = torch.diagonal(h) <= 0
     h[dead, dead] = 1.0
     h.diagonal().add_(DAMPING * float(torch.diagonal(h).mean()))
     for scale in (1, 10, 100):
         try:
-            inverse = torch.cholesky_inverse(torch.linalg.cholesky(h))
-            return torch.linalg.cholesky(inverse, upper=True)
+            lower = torch.linalg.cholesky(torch.flip(h, (0, 1)))
+            eye = torch.eye(len(h), dtype=h.dtype, device=h.device)
+            return torch.flip(torch.linalg.solve_triangular(lower, eye, upper=False), (0, 1))
         except RuntimeError:  # not positive definite in floating point: damp more
             h.diagonal().add_(DAMPING * scale * float(torch.diagonal(h).mean()))
     raise RuntimeError("the layer's input second-moment matrix is not positive definite even after damping")
@@ -38,15 +44,17 @@ def _nearest(w: torch.Tensor, sorted_luts: torch.Tensor, order: torch.Tensor, mi
 
 
 @torch.no_grad()
-def output_aware_indices(weight: torch.Tensor, hessian: torch.Tensor, row_luts: torch.Tensor) -> torch.Tensor:
+def output_aware_indices(weight: torch.Tensor, hessian: torch.Tensor, row_luts: torch.Tensor, factor: torch.Tensor | None = None) -> torch.Tensor:
     """Indices (rows, columns) into each row's LUT (rows, k) for `weight` (rows, columns), minimising the layer's
-    output error under `hessian` (columns, columns). Runs on the tensors' device."""
+    output error under `hessian` (columns, columns). `factor`: inverse_cholesky_upper(hessian), when the caller
+    has it (one H serves every bit-width of a layer, and every layer reading the same input). Runs on the tensors'
+    device."""
     dtype = hessian.dtype
     w = weight.to(dtype).clone()
     luts = row_luts.to(dtype)
     sorted_luts, order = torch.sort(luts, dim=1, stable=True)
     mids = (sorted_luts[:, :-1] + sorted_luts[:, 1:]) / 2
-    u = _inverse_cholesky_upper(hessian)
+    u = inverse_cholesky_upper(hessian) if factor is None else factor
     rows, columns = w.shape
     indices = torch.empty((rows, columns), dtype=torch.long, device=w.device)
     for b0 in range(0, columns, BLOCK):

@@ -104,11 +104,8 @@ def sweep(model: nn.Module, calib: CalibrationSet, candidates: list[int], mode: 
     stats = cache.statistics
     if mode == "propagated" and stats is None:
         stats = measure_statistics(model, layers, calib, batch_size, progress=progress)
-    for i, name in enumerate(layers):  # palettes first, timed apart from the measurement
-        for b in candidates:
-            cache.palette(name, b)
-        if progress:
-            progress("palettes", i + 1, len(layers))
+    # palettes first, timed apart from the measurement
+    cache.prepare(list(layers), list(candidates), (lambda done, total: progress("palettes", done, total)) if progress else None)
     kmeans_seconds = cache.kmeans_seconds + cache.rounding_seconds - kmeans_before
     if mode == "propagated":
         t_measure = time.perf_counter()
