@@ -166,3 +166,22 @@ def test_sampler_denoises_towards_data_with_an_oracle_velocity():
     # Along the straight path x_t = (1-t) x0 + t eps the exact velocity is eps - x0 = (x_t - x0) / t.
     oracle = lambda x, t, c: (x - x0) / t.view(-1, 1, 1, 1)  # noqa: E731
     torch.testing.assert_close(euler_sample(oracle, noise, torch.zeros(3, 1, 1), steps=4), x0, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("head_dim", [8, 64])
+def test_gqa_attention_is_the_plain_formula_for_small_and_large_heads(head_dim):
+    """From FUSED_ATTENTION_HEAD_DIM on, gqa_attention runs torch's fused kernel: the same sums, with GQA, a
+    neighbourhood mask and a text bias, as the plain softmax formula."""
+    g = torch.Generator().manual_seed(head_dim)
+    b, hq, hkv, lq, lk = 2, 4, 2, 12, 10
+    q, k, v = (torch.randn(b, h, n, head_dim, generator=g) for h, n in ((hq, lq), (hkv, lk), (hkv, lk)))
+    mask = torch.rand(lq, lk, generator=g) > 0.3
+    mask[:, 0] = True  # every query attends somewhere
+    bias = torch.where(torch.rand(b, lk, generator=g) > 0.2, 0.0, -10000.0)
+    rep = hq // hkv
+    scores = q @ k.repeat_interleave(rep, 1).transpose(-1, -2) / math.sqrt(head_dim)
+    scores = scores.masked_fill(~mask, float("-inf")) + bias[:, None, None, :]
+    want = scores.softmax(-1) @ v.repeat_interleave(rep, 1)
+    torch.testing.assert_close(gqa_attention(q, k, v, mask=mask, bias=bias), want, atol=1e-5, rtol=1e-5)
+    per_batch = mask.repeat(b, 1, 1)[:, None, None]  # (B, 1, 1, Lq, Lk): how blockwise_neighbourhood_attention passes it
+    torch.testing.assert_close(gqa_attention(q, k, v, mask=per_batch, bias=bias), want, atol=1e-5, rtol=1e-5)

@@ -146,17 +146,31 @@ def per_width_table(config: ModelConfig, rows: int) -> nn.ParameterDict:
 # ---------------------------------------------------------------------------------------------------
 # Attention
 # ---------------------------------------------------------------------------------------------------
+FUSED_ATTENTION_HEAD_DIM = 64  # from this head size on, gqa_attention uses torch's fused kernel (a paper-scale verify's
+# reference spent 20 s of 49 s in the plain formula's score tensors)
+
+
 def gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
                   bias: torch.Tensor | None = None) -> torch.Tensor:
     """q (B, Hq, Lq, d), k/v (B, Hkv, Lk, d): query head i reads key/value head i // (Hq / Hkv).
 
-    Plain softmax(q k^T / sqrt(d)) v, broadcasting each key/value head over its query group: with this
-    model's small heads it is faster on CPU than the fused kernels, and it is the formula the deploy
-    rewrite reproduces. `mask` (Lq, Lk) boolean: True = may attend; `bias` (B, Lk) is added to every query's
-    scores of each key (a text padding mask).
+    Plain softmax(q k^T / sqrt(d)) v, broadcasting each key/value head over its query group: with small heads
+    it is faster on CPU than the fused kernels, and it is the formula the deploy rewrite reproduces; from
+    FUSED_ATTENTION_HEAD_DIM on, torch's fused kernel computes the same sums. `mask` boolean, True = may attend:
+    (Lq, Lk), or (B, Hkv or 1, group or 1, Lq, Lk); `bias` (B, Lk) is added to every query's scores of each key
+    (a text padding mask).
     """
     b, hq, lq, d = q.shape
     hkv = k.shape[1]
+    if d >= FUSED_ATTENTION_HEAD_DIM:  # large heads (the paper config's 256): the fused kernel, no (Lq, Lk) scores held
+        extra = None
+        if mask is not None:
+            if mask.dim() == 5:  # (B, Hkv, group, Lq, Lk), the plain formula's layout -> (B, Hq, Lq, Lk): head kv * group + g
+                mask = mask.flatten(1, 2)
+            extra = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
+        if bias is not None:
+            extra = (0 if extra is None else extra) + bias[:, None, None, :].to(q.dtype)  # (B, 1, 1, Lk)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=extra, enable_gqa=hq != hkv)
     qg = q.view(b, hkv, hq // hkv, lq, d)
     scores = (qg * d**-0.5) @ k[:, :, None].transpose(-1, -2)
     if mask is not None:
