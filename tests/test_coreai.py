@@ -160,6 +160,30 @@ def test_an_fp16_graph_keeps_the_timestep_features_in_fp32():
     assert not torch.equal(seen["fp16"], seen["fp32"].half())
 
 
+def test_a_denoiser_whose_fp16_asset_misses_the_bar_is_converted_in_fp32(tmp_path):
+    """convert_denoiser keeps the fp16 asset where Core AI's runtime holds it to the bar against torch's fp16 run of
+    the graph, and converts again in fp32 (saying so in the metadata) where it does not: here a bar no fp16 reaches."""
+    from edgecompile.coreai.denoiser import convert_denoiser
+    from edgecompile.coreai.runtime import read_asset
+    from edgecompile.coreml.verify import verification_inputs
+    from edgecompile.deploy.metadata import COMPUTE
+    from edgecompile.deploy.rewrite import deploy_model
+
+    graph = deploy_model(trained_like(TINY), 1.0).eval()
+    checks = {"main": verification_inputs(TINY, tuple(graph.latent_hw))}
+    for bar, compute in ((60.0, "float16"), (200.0, "float32")):
+        path = tmp_path / f"bar{bar:g}.aimodel"
+        convert_denoiser(graph, example_inputs(graph), input_names(TINY), [OUTPUT], path, {"edgecompile.version": "test"}, None, None,
+                         checks, bar)
+        assert read_asset(path)[2][COMPUTE] == compute
+        runner = AIModelRunner(path)
+        feeds = {n: a.numpy() for n, a in zip(input_names(TINY), checks["main"][0])}
+        with torch.no_grad():
+            want = graph(*checks["main"][0]).numpy()
+        assert psnr_db(want, runner(feeds)[OUTPUT]) > (100 if compute == "float32" else 55)
+        runner.close()
+
+
 def test_a_changed_asset_fails_verification_naming_the_file(exports, tmp_path, capsys):
     out, _, ckpt = exports
     copy = tmp_path / "w1.0"

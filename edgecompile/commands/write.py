@@ -17,13 +17,16 @@ from dataclasses import dataclass, field, replace
 from enum import Enum
 from pathlib import Path
 
+import torch
+
 from edgecompile.atomic import safe_name
 from edgecompile.choices import Bits, Format, Target
 from edgecompile.coreml.convert import combine_functions, convert_chunks, convert_to_mlmodel, set_metadata
+from edgecompile.coreml.verify import DEFAULT_MIN_PSNR_DB, verification_inputs
 from edgecompile.coreml.package import ONNX_INITIALIZERS, function_name, onnx_weights_digest, record_weight_digests, weight_file_bytes
 from edgecompile.coremltools_loader import import_coremltools
 from edgecompile.deploy.chunks import chunk_example, split_deploy
-from edgecompile.deploy.contract import OUTPUT, example_inputs, input_names
+from edgecompile.deploy.contract import OUTPUT, TEXT_MASK, example_inputs, input_names
 from edgecompile.deploy.dit import DeployDiT
 from edgecompile.deploy.metadata import PackageMetadata
 from edgecompile.deploy.onnx_export import export_onnx
@@ -119,11 +122,18 @@ def write_onnx(graph: DeployDiT, path: Path, spec: PackageSpec, meta: PackageMet
 
 def write_aimodel(graph: DeployDiT, path: Path, spec: PackageSpec, meta: PackageMetadata,
                   entrypoints: list[tuple[str, DeployDiT]] | None = None) -> str:
-    from edgecompile.coreai.convert import DENOISER_FP16, convert_to_aimodel
+    from edgecompile.coreai.denoiser import convert_denoiser
 
+    names = input_names(graph.config)
     functions = [(name, g, example_inputs(g)) for name, g in entrypoints] if entrypoints else None
-    return convert_to_aimodel(graph, example_inputs(graph), input_names(graph.config), [OUTPUT], path, meta.to_strings(),
-                              palettes=spec.palettes, entrypoints=functions, fp16=DENOISER_FP16)  # fp16 compute, as Core ML's
+
+    def checks_for(g: DeployDiT) -> list[tuple]:  # the verification's random inputs (a text mask attends to every token)
+        extra = (torch.ones(1, g.config.text_len),) if TEXT_MASK in names else ()
+        return [(*inputs, *extra) for inputs in verification_inputs(g.config, tuple(g.latent_hw))]
+
+    checks = {name: checks_for(g) for name, g, _ in functions} if functions else {"main": checks_for(graph)}
+    return convert_denoiser(graph, example_inputs(graph), names, [OUTPUT], path, meta.to_strings(), spec.palettes, functions, checks,
+                            DEFAULT_MIN_PSNR_DB)
 
 
 # a target runtime's format: (graph, path, spec, metadata) -> the converter's version (or None)
