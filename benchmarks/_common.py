@@ -68,7 +68,7 @@ def export_summary(step: dict, out: Path, width: str | None = None) -> dict:
         "calibration": {k: r["calibration"].get(k) for k in ("latent", "inputs", "device", "batch_size", "distill_batch_size")}
         if "calibration" in r else None,
         "average_bits": r.get("average_bits"), "size_bytes": r["size_bytes"],
-        "distill": {k: (r.get("distill") or {}).get(k) for k in ("planned_steps", "steps_run", "best_step", "step_seconds",
+        "distill": {k: (r.get("distill") or {}).get(k) for k in ("planned_steps", "steps_run", "stopped", "step_seconds",
                                                                "holdout_psnr_before_db", "holdout_psnr_after_db")},
         "verify_psnr_db": verify.get("psnr_db"), "verify_psnr_vs_checkpoint_db": verify.get("psnr_vs_checkpoint_db"),
         "verified": bool(verify.get("passed")), "chunk_psnr_db": verify.get("chunk_psnr_db") or None,

@@ -108,13 +108,13 @@ def palettes_vs_skm() -> None:
     if not data:
         return
     header("width", "plain", "weighted", "output-aware", "SKMPalettizer", "output-aware - plain", "output-aware - SKM", "speed vs SKM",
-           "propagated vs e2e sweep (4.3 bits)", "default, converged")
+           "propagated vs e2e sweep (4.3 bits)", "default export, distilled")
     for w, r in data["widths"].items():
         s, t = r["settings"], r["palette_seconds"]
         u = {m: s[f"uniform 4-bit, {m}"]["heldout_psnr_db"] for m in ("plain", "weighted", "output-aware", "coremltools SKMPalettizer")}
         prop = s["mixed 4.3, output-aware, propagated sweep"]["heldout_psnr_db"]
         e2e = s["mixed 4.3, output-aware, e2e sweep"]["heldout_psnr_db"]
-        conv = next(v for k, v in s.items() if "to convergence" in k)
+        conv = next(v for k, v in s.items() if "the default export" in k)
         print(f"| {w} | {u['plain']:.1f} dB | {u['weighted']:.1f} dB | {u['output-aware']:.1f} dB | {u['coremltools SKMPalettizer']:.1f} dB | "
               f"{u['output-aware'] - u['plain']:+.1f} dB | {u['output-aware'] - u['coremltools SKMPalettizer']:+.1f} dB | "
               f"{t['SKMPalettizer'] / t['output-aware']:.1f}x | {prop:.1f} vs {e2e:.1f} dB | {conv['heldout_psnr_db']:.1f} dB |")

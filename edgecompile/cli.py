@@ -27,7 +27,7 @@ from edgecompile.commands.sample import SampleOptions, TextToImageOptions, is_pi
 from edgecompile.commands.sweep import SweepOptions, run_sweep
 from edgecompile.commands.verify import verify_every_function, verify_exported
 from edgecompile.compress.calibration import record_calibration
-from edgecompile.compress.distill import DEFAULT_BUDGET_SECONDS, MAX_BUDGET_STEPS
+from edgecompile.compress.distill import DEFAULT_BUDGET_SECONDS, DEFAULT_STEPS, MAX_BUDGET_STEPS
 from edgecompile.compress.palettize_model import DEFAULT_PALETTE_METHOD
 from edgecompile.compress.recipe import DEFAULT_TARGET_BITS
 from edgecompile.compress.sensitivity import DEFAULT_MODE as DEFAULT_SWEEP_MODE
@@ -140,10 +140,11 @@ def import_(source: str, output: str, dtype: str, text_len: int | None, name: st
 @click.option("--calibration", type=click.Path(), help="Calibration inputs from `edgecompile calibrate` (default: built from the checkpoint).")
 @click.option("--no-distill", is_flag=True, help="Skip self-distillation of biases and norms after palettization.")
 @click.option("--distill-steps", type=NON_NEGATIVE_INT,
-              help="A fixed, reproducible number of self-distillation steps (early stop on plateau); default: --distill-budget.")
+              help=f"A fixed, reproducible number of self-distillation steps (default {DEFAULT_STEPS}, fewer where they would not "
+                   f"fit {DEFAULT_BUDGET_SECONDS / 60:g} minutes).")
 @click.option("--distill-budget", type=Number(float, min=0, min_open=True),
-              help=f"Minutes of self-distillation per width (default {DEFAULT_BUDGET_SECONDS / 60:g}), evaluations included: the stage "
-                   f"re-plans as it runs and stops at the budget (at most {MAX_BUDGET_STEPS} steps; early stop on plateau).")
+              help="Minutes of self-distillation per width, evaluations included, instead of a step count: the stage re-plans as "
+                   f"it runs and stops at the budget (at most {MAX_BUDGET_STEPS} steps).")
 @click.option("--swift-resources", is_flag=True, help="Lay the output out as the Swift Core ML pipelines expect (Resources/).")
 @click.option("--pipeline", is_flag=True, help="Also compile the checkpoint's text encoder and VAE decoder, copy its tokenizer and write "
                                                "pipeline.json, all in Resources/ (the checkpoint needs text_encoder/, tokenizer/, vae/).")

@@ -27,6 +27,7 @@ def quiet_coremltools():
         yield
 
 
+@functools.cache  # helpers call this per op in the interpreter: the quiet context (logger levels) costs ~0.2 ms
 def import_coremltools():
     """coremltools, imported quietly and with Ctrl-C/SIGTERM held back until the import is done."""
     with interrupts_deferred(), quiet_coremltools():

@@ -165,7 +165,7 @@ def test_the_distillation_budget_holds_the_whole_stage_on_a_machine_that_slows_d
     teacher, student, calib = distill_pair(tiny_checkpoint)
     clock = WorkClock(lambda n: 0.01 if n < 60 else 0.03)
     clock.charge(teacher), clock.charge(student)
-    result = distill(student, teacher, calib, DistillSettings(budget_seconds=30.0, patience=10_000, eval_every=10), clock=clock)
+    result = distill(student, teacher, calib, DistillSettings(budget_seconds=30.0, eval_every=10), clock=clock)
     assert result.seconds <= 30.0 and clock.now <= 30.0  # the budget held, closing evaluation included
     assert result.stopped == "budget" and result.steps_run > 20
     fast_plan = int(30.0 / (0.01 * 16))  # what the first steps' rate alone would have planned
@@ -179,8 +179,8 @@ def test_the_distillation_budget_holds_the_whole_stage_on_a_machine_that_slows_d
     assert none.steps_run == 0 and none.stopped == "no-steps"
 
 
-def test_step_plan_and_plateau_schedule():
-    from edgecompile.compress.distill import DistillSettings, PlateauSchedule, StepPlan
+def test_step_plan_and_learning_rate():
+    from edgecompile.compress.distill import DEFAULT_BUDGET_SECONDS, DEFAULT_STEPS, DistillSettings, StepPlan, learning_rate
 
     now = [0.0]
     plan = StepPlan(DistillSettings(budget_seconds=10.0, eval_every=5), clock=lambda: now[0])
@@ -193,10 +193,19 @@ def test_step_plan_and_plateau_schedule():
     assert not plan.may_take(5) and plan.must_evaluate(4)  # the last step the budget holds is evaluated
     fixed = StepPlan(DistillSettings(steps=7), clock=lambda: 1e9)
     assert fixed.may_take(7) and not fixed.may_take(8) and fixed.projected(3) == 7  # a fixed count ignores the clock
-    schedule = PlateauSchedule(patience=2, lr_decay=0.3, max_decays=1, best_psnr=40.0)
-    assert [schedule.observe(s, p) for s, p in [(1, 41.0), (2, 40.5), (3, 40.9), (4, 40.0), (5, 40.0)]] == \
-        ["improved", "wait", "cut", "wait", "converged"]
-    assert schedule.best_step == 1 and schedule.cuts == [3]
+    # the default: DEFAULT_STEPS, unless the default budget runs out first
+    now[0] = 0.0
+    default = StepPlan(DistillSettings(), clock=lambda: now[0])
+    assert default.limit == DEFAULT_STEPS and default.budget == DEFAULT_BUDGET_SECONDS and default.projected(0) == DEFAULT_STEPS
+    default.record_step(DEFAULT_BUDGET_SECONDS / 40)  # a paper-scale step: the budget holds about 40
+    assert default.projected(1) == 1 + 40 and not default.may_take(DEFAULT_STEPS + 1)
+    # warmup to the peak, then a linear decay to peak / horizon at the last step
+    rates = [learning_rate(1.0, s, 120, 20) for s in range(1, 121)]
+    assert rates[0] == pytest.approx(1 / 20) and rates[19] == pytest.approx(101 / 120) and rates[-1] == pytest.approx(1 / 120)
+    assert all(a < b for a, b in zip(rates[:19], rates[1:20])) and all(a > b for a, b in zip(rates[19:], rates[20:]))
+    assert learning_rate(1.0, 1, 12, 20) == pytest.approx(1 / 2) and learning_rate(1.0, 3, 12, 20) == pytest.approx(10 / 12)  # warmup: a sixth
+    assert learning_rate(1.0, 50, 60, 20) > learning_rate(1.0, 50, 55, 20)  # a budget re-planned shorter decays faster
+    assert learning_rate(1.0, 70, 60, 20) > 0  # a step past a stale horizon still moves
 
 
 def test_distill_budget_and_steps_are_exclusive(tiny_checkpoint, tmp_path, capsys):

@@ -66,7 +66,7 @@ def test_mixed_export_writes_recipe_report_and_verifies(mixed, ckpt):
     compression_keys = [k for k in saved if k in ("heldout_psnr_db", "calibration", "calibration_psnr_db", "distill")]
     assert compression_keys[0] == "heldout_psnr_db" and set(saved["heldout_psnr_db"]) == {"palettized", "distilled"}
     assert saved["calibration"]["held_out"] > 0 and saved["palette_method"] == "output-aware"
-    assert saved["recipe"]["mode"] == "propagated" and saved["distill"]["stopped"] in ("converged", "steps")
+    assert saved["recipe"]["mode"] == "propagated" and saved["distill"]["stopped"] in ("steps", "no-gain")  # 30 steps from 61 dB: see test_output_aware
     assert {"calibrate", "statistics", "sweep", "palettize", "distill", "convert", "verify"} <= set(saved["stage_seconds"])
     assert 4.0 < saved["average_bits"] <= 5.0
     assert saved["verify"]["psnr_db"] >= 60  # the package equals the distilled, palettized simulation

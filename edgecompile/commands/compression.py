@@ -135,18 +135,15 @@ def compress(ckpt: Checkpoint, dense, deploy: DeployDiT, width: float, opts: Com
     sets = {"calibration": calib, "held_out": held_out if held_out is not None else calib}
     with torch.no_grad():
         references = {k: calibration_outputs(teacher, v, infer_batch) for k, v in sets.items()}
-
-        def psnr_now() -> dict[str, float]:
-            return {k: round(output_psnr(references[k], calibration_outputs(student, v, infer_batch)), 3) for k, v in sets.items()}
-
-        psnr = {"palettized": psnr_now()}
+        psnr = {"palettized": {k: round(output_psnr(references[k], calibration_outputs(student, v, infer_batch)), 3)
+                               for k, v in sets.items()}}
     distilled = None
     if opts.distill and opts.distill_steps != 0:
-        with timer.stage("distill"):
-            distilled = distill(student, teacher, calib, opts.distill_settings(train_batch, infer_batch), progress=progress)
+        with timer.stage("distill"):  # trains on every calibration input; the held-out ones are only measured
+            distilled = distill(student, teacher, calib, opts.distill_settings(train_batch, infer_batch), progress=progress,
+                                holdout=held_out, targets=(references["calibration"], references["held_out"]))
         load_trained_state(deploy, {n: v.cpu() for n, v in trained_state(student).items()})
-        with torch.no_grad():
-            psnr["distilled"] = psnr_now()
+        psnr["distilled"] = {"calibration": distilled.psnr_after_db, "held_out": distilled.holdout_psnr_after_db}
     return CompressionResult(
         calibration={**calib.meta, "latent": list(calib.latent_hw), "inputs": len(calib),
                      "held_out": len(held_out) if held_out is not None else 0, "device": resolved.device.type,
