@@ -57,6 +57,7 @@ def main() -> None:
         print(f"{mode} sweep ({method} palettes): {result.seconds:.1f} s ({result.kmeans_seconds:.1f} s palettes), "
               f"{result.cost_forward_passes:.2f} forward passes of {result.forward_seconds:.1f} s")
         del cache
+        stats = None  # the propagated sweep's statistics are not the local sweep's memory
     n_layers = len(result.sizes)
     out = {
         "config": args.config, "width": args.width, "latent": list(hw), "calibration_inputs": len(calib),

@@ -221,3 +221,18 @@ def test_a_weight_file_over_the_neural_engine_limit_is_reported(tiny_checkpoint,
     code, _, err = run_cli(["export", str(tiny_checkpoint), "--width", "0.5", "--no-verify", "-o", str(tmp_path / "o")], capsys)
     assert code == 0, err
     assert "over the Neural Engine's" in err and "--bits 4 or mixed" in err
+
+
+def test_freed_host_memory_is_released_where_glibc_is_and_skipped_elsewhere(monkeypatch):
+    """The helper the statistics and the rounding call between batches: it never fails, with or without glibc."""
+    import ctypes.util
+
+    monkeypatch.setattr(device_module, "_LIBC", None)
+    monkeypatch.setattr(ctypes.util, "find_library", lambda name: None)  # a C library ctypes cannot find
+    device_module.release_freed_host_memory()
+    assert device_module._LIBC is False
+    device_module.release_freed_host_memory()  # remembered: no second lookup
+    monkeypatch.undo()
+    monkeypatch.setattr(device_module, "_LIBC", None)
+    device_module.release_freed_host_memory()
+    assert device_module._LIBC is not None

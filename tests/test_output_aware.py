@@ -56,6 +56,39 @@ def test_statistics_hold_each_layers_input_second_moments_and_the_reference(setu
         assert torch.equal(from_matrix(mod, as_matrix(mod, mod.weight), tuple(mod.weight.shape)), mod.weight)
 
 
+def fisher_by_autograd(model, layers, calib, batch_size: int, seed: int = 0) -> dict[str, torch.Tensor]:
+    """F brute force: each gradient input's weight gradient from autograd on the weights, squared and summed, with
+    the same random signs (the reference the tensor hooks of measure_statistics are held to)."""
+    from edgecompile.compress.importance import GRADIENT_SHARE, MIN_GRADIENT_INPUTS
+
+    n_grad = min(len(calib), max(MIN_GRADIENT_INPUTS, len(calib) // GRADIENT_SHARE))
+    g = torch.Generator().manual_seed(seed + 104729)
+    weights = {n: m.weight for n, m in layers.items()}
+    for w in weights.values():
+        w.requires_grad_(True)
+    fisher = {n: torch.zeros_like(as_matrix(m, m.weight)) for n, m in layers.items()}
+    try:
+        for x, t, c in calib.subset(n_grad).batches(batch_size, "cpu"):
+            y = model(x, t, c)
+            v = torch.randint(0, 2, y.shape, generator=g).float() * 2 - 1
+            for b in range(len(x)):
+                grads = torch.autograd.grad((y[b] * v[b]).sum(), list(weights.values()), retain_graph=True, allow_unused=True)
+                for (n, m), gw in zip(layers.items(), grads):
+                    if gw is not None:
+                        fisher[n] += as_matrix(m, gw).pow(2)
+    finally:
+        for w in weights.values():
+            w.requires_grad_(False)
+    return {n: f * (len(calib) / n_grad) for n, f in fisher.items()}
+
+
+def test_fisher_from_backward_hooks_equals_autograd_on_the_weights(setup):
+    _, calib, model, layers, stats = setup
+    want = fisher_by_autograd(model, layers, calib, batch_size=16)
+    for name in layers:
+        assert torch.allclose(stats.fisher[name], want[name], rtol=1e-3, atol=1e-9 * float(want[name].abs().max())), name
+
+
 def test_layers_that_read_one_input_share_one_statistics_tensor(setup):
     """q, k and v (one normalised input), and the text K and V of every block (one text tensor), hold one H between
     them, computed once per batch and summed once: equal to each layer's own sum over every batch."""

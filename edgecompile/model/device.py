@@ -66,3 +66,28 @@ def peak_memory_gib(device: torch.device) -> dict[str, float]:
     if device.type == "cuda":
         peaks["cuda_allocated"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
     return peaks
+
+
+_LIBC = None  # glibc, loaded on first use (False where there is none)
+
+
+def release_freed_host_memory() -> None:
+    """Hand memory the process has freed back to the system (glibc's malloc_trim; nothing elsewhere).
+
+    glibc keeps freed blocks under its dynamic mmap threshold (up to 32 MB) in its heaps: after the layer
+    statistics' backward passes at the paper's width 0.5, 4.3 GiB of freed per-layer gradients stayed resident,
+    and the sweep's palettes were then allocated on top of them. Called between the stages' batches."""
+    global _LIBC
+    if _LIBC is None:
+        import ctypes
+        import ctypes.util
+
+        name = ctypes.util.find_library("c")
+        try:
+            _LIBC = ctypes.CDLL(name) if name else False
+        except OSError:
+            _LIBC = False
+    if _LIBC and hasattr(_LIBC, "malloc_trim"):
+        _LIBC.malloc_trim(0)
+
+
