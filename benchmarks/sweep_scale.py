@@ -24,6 +24,7 @@ from edgecompile.compress.sensitivity import sweep
 from edgecompile.deploy.rewrite import deploy_model
 from edgecompile.model.config import ModelConfig
 from edgecompile.model.dit import EfficientDiT, randomize_untrained
+from edgecompile.model.elastic import narrow_to_width
 
 
 def main() -> None:
@@ -39,6 +40,7 @@ def main() -> None:
     torch.manual_seed(0)
     t0 = time.perf_counter()
     model = randomize_untrained(EfficientDiT(config), 0).eval()
+    narrow_to_width(model, args.width)  # what `export --width W` holds of a checkpoint (load_checkpoint(path, width=W))
     init_s = time.perf_counter() - t0
     tokens, null = random_prompts(config, args.prompts, 0)
     t0 = time.perf_counter()

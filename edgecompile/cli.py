@@ -36,7 +36,7 @@ from edgecompile.coreml.package import layout_ops_per_block, load_package, weigh
 from edgecompile.coreml.verify import DEFAULT_MIN_PSNR_DB, check_passed
 from edgecompile.errors import EdgeCompileError
 from edgecompile.jsonutil import dumps
-from edgecompile.model.checkpoint import init_checkpoint, load_checkpoint, load_config_or_checkpoint
+from edgecompile.model.checkpoint import checkpoint_config, init_checkpoint, load_checkpoint, load_config_or_checkpoint
 from edgecompile.model.elastic import count_params
 from edgecompile.model.importers import import_checkpoint
 from edgecompile.model.summary import summarize
@@ -175,10 +175,12 @@ def export(checkpoint, width_text, bits, output, latent, target, fmt, recipe, ta
     -> sweep (or --recipe) -> palettize -> self-distill -> convert -> verify -> package. A package that verifies below
     --min-psnr is not written (exit 1).
     """
-    ckpt = load_checkpoint(checkpoint)
+    config = checkpoint_config(checkpoint)
+    widths = config.parse_widths(width_text or repr(config.default_width))
+    ckpt = load_checkpoint(checkpoint, width=max(widths))  # only what the exported widths read
     latents = parse_latents(latent)
     opts = ExportOptions(
-        output=Path(output), widths=ckpt.config.parse_widths(width_text or repr(ckpt.config.default_width)), force=force,
+        output=Path(output), widths=widths, force=force,
         latents=LatentPlan(package=latents[0], more=tuple(latents[1:]), calibration=parse_latent(calibration_latent, "--calibration-latent")),
         compression=CompressionOptions(
             bits=Bits(bits), recipe=Path(recipe) if recipe else None,
@@ -212,8 +214,8 @@ def export(checkpoint, width_text, bits, output, latent, target, fmt, recipe, ta
 def calibrate(checkpoint, width, output, prompts, schedules, latent, seed, cfg_scale, device, force):
     """Record calibration inputs along the unquantized model's own sampling trajectories."""
     steps = parse_int_list(schedules, "--schedules", minimum=1)
-    ckpt = load_checkpoint(checkpoint)
-    width = ckpt.config.default_width if width is None else width
+    width = checkpoint_config(checkpoint).default_width if width is None else width
+    ckpt = load_checkpoint(checkpoint, width=width)
     calib = record_calibration(ckpt, width, output, prompts, steps, parse_latent(latent), seed, cfg_scale, force, device)
     console.print(f"wrote {output}: {len(calib)} inputs (width {width:g}, schedules {list(steps)}, seed {seed})")
 
@@ -244,8 +246,8 @@ def sweep(checkpoint, width, bits_text, mode, palette_method, target_bits, targe
     candidates = parse_int_list(bits_text, "--candidates")
     settings = SweepSettings(candidates=candidates, mode=SweepMode(mode), target_bits=DEFAULT_TARGET_BITS if target_bits is None else target_bits,
                              target_psnr_db=target_psnr)
-    ckpt = load_checkpoint(checkpoint)
-    width = ckpt.config.default_width if width is None else width
+    width = checkpoint_config(checkpoint).default_width if width is None else width
+    ckpt = load_checkpoint(checkpoint, width=width)
     opts = SweepOptions(output=Path(output), width=width, settings=settings, palettes=PaletteMethod(palette_method), group_size=group_size,
                         calibration=Path(calibration) if calibration else None, latent_hw=parse_latent(latent, "--calibration-latent"),
                         device=device, force=force)

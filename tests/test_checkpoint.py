@@ -126,3 +126,41 @@ def test_non_finite_weights_are_refused_by_name(ckpt):
     save_file(weights, str(ckpt / "model.safetensors"))
     with pytest.raises(EdgeCompileError, match=f"{name}.*NaN or infinite"):
         load_checkpoint(ckpt)
+
+
+def test_a_checkpoint_loaded_for_a_width_runs_it_and_every_smaller_one_bit_for_bit_and_refuses_larger(tmp_path):
+    """load_checkpoint(path, width=W) keeps only what widths up to W read (sliced from the stored fp16 tensors, then
+    fp32): the outputs and the extracted widths equal the whole supernetwork's exactly; a larger width, and saving
+    the narrowed model as a checkpoint, are refused; NaN outside the width's slices does not stop it."""
+    from edgecompile.model.elastic import extract_width
+
+    width = 0.5  # TINY's widths: 0.5 and 1.0
+    save_checkpoint(trained_like(TINY), tmp_path / "h", dtype="float16")
+    whole, narrow = load_checkpoint(tmp_path / "h"), load_checkpoint(tmp_path / "h", width=width)
+    assert narrow.model.narrowed_to == width and whole.model.narrowed_to is None
+    assert sum(p.numel() for p in narrow.model.parameters()) < sum(p.numel() for p in whole.model.parameters()) / 2
+    assert all(p.dtype == torch.float32 and p.is_contiguous() for p in narrow.model.parameters())
+    x, t, c = torch.randn(2, 1, 8, 8), torch.tensor([0.3, 0.8]), torch.randn(2, TINY.text_len, TINY.text_dim)
+    for w in [v for v in TINY.widths if v <= width]:
+        with torch.no_grad():
+            assert torch.equal(narrow.model(x, t, c, width=w), whole.model(x, t, c, width=w)), w
+        a, b = extract_width(whole.model, w).state_dict(), extract_width(narrow.model, w).state_dict()
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), w
+    with pytest.raises(ValueError, match="holds widths up to"):
+        narrow.model(x, t, c, width=1.0)
+    with pytest.raises(ValueError, match="holds widths up to"):
+        extract_width(narrow.model, 1.0)
+    with pytest.raises(ValueError, match="holds widths up to"):
+        save_checkpoint(narrow.model, tmp_path / "again")
+    assert not (tmp_path / "again").exists()
+    assert load_checkpoint(tmp_path / "h", width=1.0).model.narrowed_to is None  # the whole width: nothing to cut
+    assert load_checkpoint(tmp_path / "h", width=0.375).model.narrowed_to is None  # not one of its widths: loaded whole
+
+    def poison_outside(tensors):  # the last output row of a full-width-only slice
+        name = "t_mlp2.weight"
+        tensors[name] = tensors[name].clone()
+        tensors[name][-1, -1] = float("nan")
+    edit_weights(tmp_path / "h", poison_outside)
+    assert load_checkpoint(tmp_path / "h", width=width).model.narrowed_to == width
+    with pytest.raises(EdgeCompileError, match="t_mlp2.weight.*NaN or infinite"):
+        load_checkpoint(tmp_path / "h")

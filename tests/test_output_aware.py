@@ -48,7 +48,7 @@ def test_statistics_hold_each_layers_input_second_moments_and_the_reference(setu
     assert torch.allclose(stats.reference, calibration_outputs(model, calib))
     grams = layer_grams(model, layers, calib)
     for name in layers:
-        assert torch.allclose(stats.hessian[name], grams[name], rtol=1e-4, atol=1e-6), name
+        assert torch.allclose(stats.hessian[name].matrix().double(), grams[name], rtol=1e-4, atol=1e-6), name
         assert stats.fisher[name].shape == as_matrix(layers[name], layers[name].weight).shape
         assert (stats.fisher[name] > 0).any(), name
     # the matrix view of a weight and back is the identity, for both layer kinds
@@ -96,8 +96,8 @@ def test_layers_that_read_one_input_share_one_statistics_tensor(setup):
     layers = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Conv2d)}  # every conv, however small
     stats = measure_statistics(model, layers, calib, batch_size=8)  # several batches: the shared sums accumulate
     grams = layer_grams(model, layers, calib)
-    for name in layers:  # products in float32 (measure_statistics), summed in float64: equal to float32 rounding
-        assert float((stats.hessian[name] - grams[name]).norm() / grams[name].norm()) < 1e-5, name
+    for name in layers:  # products and sums in float32 (measure_statistics): equal to float32 rounding
+        assert float((stats.hessian[name].matrix() - grams[name]).norm() / grams[name].norm()) < 1e-5, name
     block = next(n.rsplit(".", 1)[0] for n in layers if n.endswith(".attn.q"))
     assert stats.hessian[f"{block}.q"] is stats.hessian[f"{block}.k"] is stats.hessian[f"{block}.v"]
     text_kv = [n for n in layers if n.endswith(("cross.k", "cross.v"))]
@@ -123,13 +123,14 @@ def test_predicted_damage_tracks_the_measured_output_error(setup):
 
 
 def test_float32_scoring_equals_the_float64_formula(setup):
-    """predicted_mse scores in float32 (H scaled into range); the same formula in float64 agrees to 1e-4, so the sweep
-    ranks candidates as it did (the bundled model's allocations were unchanged at every width)."""
+    """predicted_mse scores in float32 (H summed in float32); the same formula in float64 agrees to 1e-4, so the sweep
+    ranks candidates as it did (the bundled model's allocations were unchanged at every width); predicted_mses
+    scores several deltas of a layer in one product, each as predicted_mse alone (grouped convs included)."""
     _, _, _, layers, stats = setup
     g = torch.Generator().manual_seed(1)
     for name, mod in layers.items():
         delta = torch.randn(mod.weight.shape, generator=g) * mod.weight.detach().std() * 0.05
-        h = stats.hessian[name].double()
+        h = stats.hessian[name].matrix().double()
         d = as_matrix(mod, delta.double())
         damage = (stats.fisher[name].double() * d * d).sum(1)
         d = d.reshape(len(h), -1, d.shape[1])
@@ -137,6 +138,10 @@ def test_float32_scoring_equals_the_float64_formula(setup):
         independent = (d * d * torch.diagonal(h, dim1=1, dim2=2)[:, None, :]).sum(2).reshape(-1)
         want = float((damage * torch.where(independent > 0, correlated / independent, torch.ones_like(correlated))).sum()) / stats.output_elements
         assert stats.predicted_mse(mod, name, delta) == pytest.approx(want, rel=1e-4), name
+        other = torch.randn(mod.weight.shape, generator=g) * mod.weight.detach().std() * 0.3
+        together = stats.predicted_mses(mod, name, [delta, other])
+        assert together == pytest.approx([stats.predicted_mse(mod, name, delta), stats.predicted_mse(mod, name, other)], rel=1e-5), name
+        assert together[1] > together[0], name
 
 
 def test_rounding_the_layers_of_one_input_together_equals_rounding_each_alone(setup):
@@ -258,7 +263,7 @@ def test_grouped_convs_get_one_statistics_block_per_group(tiny_checkpoint, monke
     assert layers
     stats = measure_statistics(model, layers, calib, batch_size=16)
     for name, mod in layers.items():
-        assert stats.hessian[name].shape == (mod.groups, 4, 4)
+        assert stats.hessian[name].matrix().shape == (mod.groups, 4, 4)
         cache = PaletteCache(model, None, "output-aware", stats)
         cache.layers = layers
         p = cache.palette(name, 2)
@@ -268,3 +273,44 @@ def test_grouped_convs_get_one_statistics_block_per_group(tiny_checkpoint, monke
             measured = float((calibration_outputs(model, calib) - stats.reference).double().pow(2).mean())
         # errors that add up across positions (attention averages the compressed values) count as at the output
         assert 0.15 < stats.predicted_mse(mod, name, delta) / measured < 7
+
+
+def test_second_moment_holds_the_columns_while_they_are_fewer_than_h_and_equals_h_either_way():
+    """H = X X^T kept as X while X has fewer columns than H (smaller, and cheaper to score with), as H after: its
+    matrix, diagonal and row quadratic forms equal float64's on the same batches, in place or not."""
+    from edgecompile.compress.importance import SecondMoment
+
+    g = torch.Generator().manual_seed(0)
+    batches = [torch.randn(2, 12, n, generator=g) for n in (3, 4, 2, 5)]  # 2 groups, 12 columns; 14 positions in all
+    total = SecondMoment.of(batches[0])
+    held = total
+    forms = []
+    for i, cols in enumerate(batches[1:], 1):
+        seen = torch.cat(batches[: i + 1], dim=2).double()
+        total.add_(SecondMoment.of(cols))
+        assert total is held
+        want = seen @ seen.transpose(1, 2)
+        assert (total.columns is not None) == (seen.shape[2] < 12) and (total.gram is None) == (total.columns is not None)
+        assert torch.allclose(total.matrix().double(), want, rtol=1e-5, atol=1e-5)
+        assert torch.allclose(total.matrix(1).double(), want[1], rtol=1e-5, atol=1e-5)
+        assert torch.allclose(total.diagonal().double(), torch.diagonal(want, dim1=1, dim2=2), rtol=1e-5)
+        d = torch.randn(2, 7, 12, generator=g)
+        assert torch.allclose(total.quadratic_rows(d).double(), ((d.double() @ want) * d.double()).sum(2), rtol=1e-4)
+        forms.append(total.columns is not None)
+    assert forms == [True, True, False]  # 7 and 9 positions held as columns, 14 as H
+    both = SecondMoment.of(batches[0]) + SecondMoment.of(batches[1])
+    assert both.columns is not None and torch.allclose(both.matrix(), torch.cat(batches[:2], 2) @ torch.cat(batches[:2], 2).transpose(1, 2), atol=1e-5)
+
+
+def test_statistics_of_few_inputs_hold_columns_and_equal_each_layers_h(tiny_checkpoint):
+    """With fewer positions than columns (a couple of inputs at a small latent), the statistics hold X, and
+    H = X X^T equals each layer's own sum."""
+    ckpt = load_checkpoint(tiny_checkpoint)
+    calib = default_calibration(ckpt, 1.0, n_random_prompts=2).subset(2)
+    model = deploy_model(ckpt.model, 1.0)
+    layers = palettizable_layers(model)
+    stats = measure_statistics(model, layers, calib, batch_size=1)
+    grams = layer_grams(model, layers, calib)
+    assert any(h.columns is not None for h in stats.hessian.values())
+    for name in layers:
+        assert torch.allclose(stats.hessian[name].matrix().double(), grams[name], rtol=1e-4, atol=1e-5), name

@@ -69,8 +69,9 @@ def graph_at_calibration_size(dense, calib: CalibrationSet, query_chunk: int | N
 
 def palette_cache(teacher: DeployDiT, calib: CalibrationSet, method: PaletteMethod, group_size: int | None, sweep_mode: SweepMode | None,
                   batch_size: int, progress: Progress | None = None) -> PaletteCache:
-    """The palettes of `teacher`'s layers; the layer statistics (one forward pass and a backward pass on a third of
-    the calibration inputs) are measured once when the palette method or the propagated sweep needs them."""
+    """The palettes of `teacher`'s layers; the layer statistics (a forward and backward pass on a third of the
+    calibration inputs, a forward pass on the rest) are measured once when the palette method or the propagated sweep
+    needs them."""
     stats = None
     if method != PaletteMethod.PLAIN or sweep_mode == SweepMode.PROPAGATED:
         stats = measure_statistics(teacher, palettizable_layers(teacher), calib, batch_size, progress=progress)

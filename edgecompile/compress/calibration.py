@@ -57,11 +57,18 @@ class CalibrationSet:
             e = s + batch_size
             yield (self.latent[s:e].to(device), self.timestep[s:e].to(device), text_to_package(self.text[s:e]).to(device))
 
-    def subset(self, n: int) -> CalibrationSet:
-        """n inputs spread evenly over the set (every timestep of the schedules stays represented)."""
+    def spread(self, n: int) -> torch.Tensor:
+        """The indices of n inputs spread evenly over the set (every timestep of the schedules stays represented)."""
         if n >= len(self):
-            return self
-        idx = torch.linspace(0, len(self) - 1, n).round().long()
+            return torch.arange(len(self))
+        return torch.linspace(0, len(self) - 1, n).round().long()
+
+    def subset(self, n: int) -> CalibrationSet:
+        """n inputs spread evenly over the set (`spread`)."""
+        return self if n >= len(self) else self.take(self.spread(n))
+
+    def take(self, idx: torch.Tensor) -> CalibrationSet:
+        """The inputs at `idx`, in that order."""
         return CalibrationSet(self.latent[idx], self.timestep[idx], self.text[idx], {**self.meta, "subset_of": len(self)})
 
     def split(self, fraction: float = 0.2, seed: int = 0) -> tuple[CalibrationSet, CalibrationSet | None]:

@@ -88,6 +88,72 @@ def _columns(mod: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return _columns_per_input(mod, x).permute(1, 2, 0, 3).flatten(2)
 
 
+class SecondMoment:
+    """H = sum of x x^T of one layer input, (groups, columns, columns): held as the columns themselves, X
+    (groups, columns, n) with H = X X^T, while they are fewer than H's columns, as H once they are not.
+
+    Why: at the paper's width 0.5 with 8 calibration inputs at 32x32, 146 of 268 layers see fewer positions than
+    they have columns (the middle stage's 3072-column layers see 512): X is then smaller than H, a row's quadratic
+    form d H d^T = |d X|^2 costs n / columns of the product with H (the sweep's scoring, 3.65 TFLOP with H, 1.65
+    with X), and H is formed only where rounding factors it."""
+
+    def __init__(self, columns: torch.Tensor | None = None, gram: torch.Tensor | None = None):
+        self.columns, self.gram = columns, gram  # exactly one is set; float32
+
+    @classmethod
+    def of(cls, cols: torch.Tensor) -> SecondMoment:
+        """One batch's moment from its (groups, columns, positions); kept columns are copied (they may be a view of
+        an activation the model goes on to use)."""
+        if cols.shape[2] >= cols.shape[1]:
+            return cls(gram=cols @ cols.transpose(1, 2))
+        return cls(columns=cols.clone(memory_format=torch.contiguous_format))
+
+    def compacted(self) -> SecondMoment:
+        if self.columns is not None and self.columns.shape[2] >= self.columns.shape[1]:
+            self.columns, self.gram = None, self.columns @ self.columns.transpose(1, 2)
+        return self
+
+    def __len__(self) -> int:
+        return len(self.columns if self.columns is not None else self.gram)
+
+    @property
+    def device(self) -> torch.device:
+        return (self.columns if self.columns is not None else self.gram).device
+
+    @property
+    def size(self) -> int:
+        """Columns of H."""
+        return (self.columns if self.columns is not None else self.gram).shape[1]
+
+    def __add__(self, other: SecondMoment) -> SecondMoment:
+        if self.columns is not None and other.columns is not None:
+            return SecondMoment(columns=torch.cat([self.columns, other.columns], dim=2)).compacted()
+        return SecondMoment(gram=self.matrix() + other.matrix())
+
+    def add_(self, other: SecondMoment) -> SecondMoment:
+        """In place (the object every layer reading this input holds)."""
+        total = self + other
+        self.columns, self.gram = total.columns, total.gram
+        return self
+
+    def matrix(self, group: int | None = None) -> torch.Tensor:
+        """H (groups, columns, columns), or one group's (columns, columns)."""
+        if self.gram is not None:
+            return self.gram if group is None else self.gram[group]
+        x = self.columns if group is None else self.columns[group]
+        return x @ x.transpose(-1, -2)
+
+    def diagonal(self) -> torch.Tensor:
+        """(groups, columns): H's diagonal."""
+        return torch.diagonal(self.gram, dim1=1, dim2=2) if self.gram is not None else self.columns.pow(2).sum(2)
+
+    def quadratic_rows(self, d: torch.Tensor) -> torch.Tensor:
+        """(groups, rows): d_r H d_r^T of each row of d (groups, rows, columns)."""
+        if self.gram is not None:
+            return ((d @ self.gram) * d).sum(2)
+        return (d @ self.columns).pow(2).sum(2)
+
+
 def _row_gradients_per_input(mod: nn.Module, g: torch.Tensor) -> torch.Tensor:
     """(inputs, rows, positions) of the output gradient, rows as in as_matrix."""
     if isinstance(mod, nn.ConvTranspose2d):
@@ -114,7 +180,7 @@ class LayerStatistics:
     conv) and `fisher` (rows x columns, summed over the inputs of the backward pass, scaled to all inputs);
     `output_elements` turns summed damage into a denoiser-output MSE."""
 
-    hessian: dict[str, torch.Tensor]
+    hessian: dict[str, SecondMoment]  # layers reading one input hold one object
     fisher: dict[str, torch.Tensor]
     output_elements: int
     reference: torch.Tensor  # the unquantized outputs on the calibration inputs (CPU)
@@ -136,18 +202,24 @@ class LayerStatistics:
 
     def predicted_mse(self, mod: nn.Module, layer: str, delta: torch.Tensor) -> float:
         """The denoiser-output MSE that changing `layer`'s weight by `delta` alone is predicted to cause."""
-        # Scored in float32 (the products dominate a paper-scale sweep's scoring; float64 doubled them): the ratio
-        # of two quadratic forms of one delta, each summed per row; the damages summed in float64
+        return self.predicted_mses(mod, layer, [delta])[0]
+
+    def predicted_mses(self, mod: nn.Module, layer: str, deltas: list[torch.Tensor]) -> list[float]:
+        """`predicted_mse` of each of `deltas` (a layer's candidate bit-widths), their rows scored in one product
+        with H: the products dominate a paper-scale sweep's scoring, and one taller product runs faster than several."""
+        # Scored in float32, as H is summed (float64 doubled the products' time): the ratio of two quadratic forms of
+        # one delta, each summed per row, does not depend on H's scale; the damages are summed in float64
         h = self.hessian[layer]
-        scale = float(torch.diagonal(h, dim1=1, dim2=2).abs().max()) or 1.0  # H / scale stays inside float32's range
-        h = (h / scale).float()
-        d = as_matrix(mod, delta.to(h.device, torch.float32))
-        fisher_damage = (self.fisher[layer].to(h.device, torch.float32) * d * d).sum(1).double()  # per row
-        d = d.reshape(len(h), -1, d.shape[1])  # (groups, rows of the group, columns)
-        correlated = ((d @ h) * d).sum(2).reshape(-1).double()  # each row's own output error, tr(dW H dW^T) split by row
-        independent = (d * d * torch.diagonal(h, dim1=1, dim2=2)[:, None, :]).sum(2).reshape(-1).double()  # without correlations
+        fisher = self.fisher[layer].to(h.device, torch.float32)
+        d = torch.stack([as_matrix(mod, delta.to(h.device, torch.float32)) for delta in deltas])  # (deltas, rows, columns)
+        fisher_damage = (fisher * d * d).sum(2).double()  # (deltas, rows)
+        n, rows, cols = d.shape
+        d = d.reshape(n, len(h), rows // len(h), cols).transpose(0, 1).reshape(len(h), -1, cols)  # (groups, deltas x rows of the group, columns)
+        correlated = h.quadratic_rows(d)  # each row's own output error, tr(dW H dW^T) split by row
+        independent = (d * d * h.diagonal()[:, None, :]).sum(2)  # without correlations
+        correlated, independent = (x.reshape(len(h), n, -1).transpose(0, 1).reshape(n, rows).double() for x in (correlated, independent))
         ratio = torch.where(independent > 0, correlated / independent.clamp_min(1e-300), torch.ones_like(correlated))
-        return float((fisher_damage * ratio).sum()) / self.output_elements
+        return [float(v) / self.output_elements for v in (fisher_damage * ratio).sum(1)]
 
 
 FLOOR = 1e-3
@@ -158,23 +230,22 @@ MIN_GRADIENT_INPUTS = 16
 
 def measure_statistics(model: nn.Module, layers: dict[str, nn.Module], calib: CalibrationSet, batch_size: int = 64,
                        seed: int = 0, progress: Callable[[str, int, int], None] | None = None) -> LayerStatistics:
-    """A forward pass over every calibration input (hooks accumulate each layer's H; its outputs are the
-    reference), then a forward and backward pass over a spread third of them (F).
+    """A forward and backward pass over a spread third of the calibration inputs (F, and H), and a forward pass over
+    the others (H): hooks accumulate each layer's H over every input, and the outputs are the reference.
 
-    H and F stay on the model's device. H is summed in float64 on a CPU (float32 elsewhere: MPS has no float64):
-    rounding.py factors it, and a Cholesky factor of a nearly singular sum needs the digits. F is a sum of squares,
-    kept in float32 everywhere: it only weights k-means and scales predicted damage, and it is as large as the
-    weights themselves (1.7 GB of float64 saved at the paper's width 0.5)."""
+    H and F stay on the model's device, in float32. H's terms are float32 products (2x the speed of float64's), so
+    summing a few batches of them in float64 added no digits that mattered; it cost 1.5 GiB and 5 s at the paper's
+    width 0.5. rounding.py factors H in float64 on a CPU, where a nearly singular sum needs the digits. F is a sum of
+    squares: it only weights k-means and scales predicted damage, and it is as large as the weights themselves."""
     device = device_of(model)
-    acc = torch.float64 if device.type == "cpu" else torch.float32
     for mod in layers.values():
         check_supported(mod)
-    hessian: dict[str, torch.Tensor] = {}
+    hessian: dict[str, SecondMoment] = {}
     fisher: dict[str, torch.Tensor] = {}
     captured: list[tuple[str, list[torch.Tensor], torch.Tensor]] = []  # (layer, [its input until used], output)
     # Layers that read one input tensor (q, k and v; the text K and V of every block; a gated FFN's two inputs)
     # have one H: it is computed once per batch and held once, the layers' entries the same tensor.
-    grams: dict[tuple, tuple[weakref.ref, torch.Tensor, int]] = {}  # this batch's: (input, column layout) -> its gram
+    grams: dict[tuple, tuple[weakref.ref, SecondMoment, int]] = {}  # this batch's: (input, column layout) -> its moment
     made: dict[int, weakref.ref] = {}  # this batch's grams by id, to tell a gram from an accumulator
     added: set[tuple[int, int]] = set()  # (accumulator, gram) pairs summed this batch: a shared H takes each gram once
     touched: dict[str, list[int]] = {}  # the grams each layer read this batch, checked equal across an H's layers
@@ -188,8 +259,8 @@ def measure_statistics(model: nn.Module, layers: dict[str, nn.Module], calib: Ca
             if hit is not None and hit[0]() is x:
                 _, gram, token = hit
             else:
-                cols = _columns(mod, x).float()
-                gram, token = (cols @ cols.transpose(1, 2)).to(acc), next(tokens)  # products in float32 (2x the speed), sums in `acc`
+                with torch.no_grad():  # in the backward pass's forward too: H is no part of the gradient
+                    gram, token = SecondMoment.of(_columns(mod, x.detach()).float()), next(tokens)
                 grams[key] = (weakref.ref(x), gram, token)
                 made[id(gram)] = weakref.ref(gram)
                 weakref.finalize(x, grams.pop, key, None)  # held only while its input lives: one batch's H is not held twice
@@ -201,7 +272,7 @@ def measure_statistics(model: nn.Module, layers: dict[str, nn.Module], calib: Ca
                 hessian[name] = h + gram  # may still read: a layer called again in its first batch (strips) sums anew
             elif (id(h), token) not in added:
                 added.add((id(h), token))
-                h += gram
+                h.add_(gram)
         return hook
 
     def end_of_batch() -> None:
@@ -222,7 +293,7 @@ def measure_statistics(model: nn.Module, layers: dict[str, nn.Module], calib: Ca
     per_input: dict[str, torch.Tensor] = {}  # a layer called more than once (strips) sums its calls before squaring
 
     def settle(name: str) -> None:
-        sq = per_input.pop(name).pow(2).sum(0)  # float32: see the docstring
+        sq = per_input.pop(name).square_().sum(0)  # in place: a fresh (inputs, rows, columns) buffer cost 4.4 s at paper scale
         fisher[name] = fisher[name] + sq if name in fisher else sq
 
     def output_hook(name):
@@ -245,29 +316,37 @@ def measure_statistics(model: nn.Module, layers: dict[str, nn.Module], calib: Ca
         return hook
 
     n_grad = min(len(calib), max(MIN_GRADIENT_INPUTS, len(calib) // GRADIENT_SHARE))
-    grad_set = calib.subset(n_grad)
-    n_batches = -(-len(calib) // batch_size) + -(-n_grad // batch_size)
+    in_grad = torch.zeros(len(calib), dtype=torch.bool)
+    in_grad[calib.spread(n_grad)] = True
+    # The backward pass's forward also sums H (a forward-only pass over the same inputs cost one pass of the
+    # calibration set when the backward saw them all): the forward-only pass covers the other inputs
+    grad_idx, rest_idx = in_grad.nonzero()[:, 0], (~in_grad).nonzero()[:, 0]
+    grad_set, rest = calib.take(grad_idx), calib.take(rest_idx)
+    n_batches = -(-len(rest) // batch_size) + -(-n_grad // batch_size)
+    what = "layer statistics (a forward and backward pass on a third, a forward pass on the rest)"
     done = 0
     start = time.perf_counter()
     outputs = []
     with forward_hooks(layers, gram_hook), torch.no_grad():
-        for x, t, c in calib.batches(batch_size, device):
+        for x, t, c in rest.batches(batch_size, device):
             outputs.append(model(x, t, c).cpu())
             end_of_batch()
             done += 1
             if progress:
-                progress("layer statistics (a forward pass, then a backward pass on a third)", done, n_batches)
+                progress(what, done, n_batches)
     g = torch.Generator().manual_seed(seed + 104729)
     frozen = [(p, p.requires_grad) for p in model.parameters()]
     for p, _ in frozen:
         p.requires_grad_(False)  # no weight gradients: only activation gradients flow
     try:
-        with forward_hooks(layers, output_hook):
+        with forward_hooks(layers, gram_hook), forward_hooks(layers, output_hook):
             for x, t, c in grad_set.batches(batch_size, device):
                 captured.clear()
                 calls.clear()
                 with torch.enable_grad():
                     y = model(x, t, c)
+                    outputs.append(y.detach().cpu())
+                    end_of_batch()
                     v = (torch.randint(0, 2, y.shape, generator=g).float() * 2 - 1).to(device)  # same signs on every device
                     leaves = [o for _, _, o in captured if o.is_leaf]  # the constant-fed layers' outputs start the graph
                     torch.autograd.backward((y.float() * v).sum(), inputs=leaves or None)
@@ -280,7 +359,7 @@ def measure_statistics(model: nn.Module, layers: dict[str, nn.Module], calib: Ca
                 release_freed_host_memory()
                 done += 1
                 if progress:
-                    progress("layer statistics (a forward pass, then a backward pass on a third)", done, n_batches)
+                    progress(what, done, n_batches)
     finally:
         for p, flag in frozen:
             p.requires_grad_(flag)
@@ -291,11 +370,12 @@ def measure_statistics(model: nn.Module, layers: dict[str, nn.Module], calib: Ca
         for x, t, c in calib.batches(batch_size, device):
             model(x, t, c)
     forward_seconds = time.perf_counter() - t0
-    reference = torch.cat(outputs)
+    reference = torch.empty((len(calib), *outputs[0].shape[1:]), dtype=outputs[0].dtype)
+    reference[torch.cat([rest_idx, grad_idx])] = torch.cat(outputs)  # back in calibration order
     for name, mod in layers.items():
         rows, cols = as_matrix(mod, mod.weight).shape
         fisher[name] = fisher[name] * (len(calib) / n_grad) if name in fisher else torch.zeros(rows, cols, device=device)
         if name not in hessian:  # a layer the forward never called
-            hessian[name] = torch.zeros(groups_of(mod), cols, cols, dtype=acc, device=device)
+            hessian[name] = SecondMoment(columns=torch.zeros(groups_of(mod), cols, 0, device=device))
     return LayerStatistics(hessian=hessian, fisher=fisher, output_elements=reference.numel(), reference=reference,
                            seconds=seconds, forward_seconds=forward_seconds)

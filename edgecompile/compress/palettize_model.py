@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from edgecompile.compress.importance import LayerStatistics, as_matrix, from_matrix
+from edgecompile.compress.importance import LayerStatistics, SecondMoment, as_matrix, from_matrix
 from edgecompile.compress.kmeans import Palette, palettize
-from edgecompile.compress.rounding import inverse_cholesky_upper, output_aware_indices
+from edgecompile.compress.rounding import inverse_cholesky_upper, output_aware_indices, rounding_dtype
 from edgecompile.deploy.dit import DeployDiT
 from edgecompile.choices import KEEP_FP16, PaletteMethod
 from edgecompile.errors import EdgeCompileError
@@ -147,7 +147,7 @@ class PaletteCache:
         matrix, row_luts = torch.cat(matrices), torch.cat(luts)
         # a grouped conv's groups are independent blocks of rows and columns, each with its own H
         per_group = matrix.shape[0] // len(hessian)
-        idx = torch.cat([output_aware_indices(matrix[g * per_group:(g + 1) * per_group].to(hessian.device), hessian[g],
+        idx = torch.cat([output_aware_indices(matrix[g * per_group:(g + 1) * per_group].to(hessian.device), None,
                                               row_luts[g * per_group:(g + 1) * per_group].to(hessian.device), self._factor(hessian, g)).cpu()
                          for g in range(len(hessian))]) if len(keys) == 1 or len(hessian) == 1 else None
         if idx is None:  # grouped convs sharing an H: one at a time (their rows are split by group, not by layer)
@@ -163,13 +163,13 @@ class PaletteCache:
             row += m.shape[0]
         return out
 
-    def _factor(self, hessian: torch.Tensor, group: int) -> torch.Tensor:
+    def _factor(self, hessian: SecondMoment, group: int) -> torch.Tensor:
         key = (id(hessian), group)
         hit = self._factors.get(key)
         if hit is not None and hit[0] is hessian:
             self._factors.move_to_end(key)
             return hit[1]
-        factor = inverse_cholesky_upper(hessian[group])
+        factor = inverse_cholesky_upper(hessian.matrix(group).to(rounding_dtype(hessian.device)))  # H formed here, once
         self._factors[key] = (hessian, factor)  # holds H too, so that its id is not reused while cached
         while len(self._factors) > FACTORS_KEPT:
             self._factors.popitem(last=False)

@@ -16,6 +16,12 @@ BLOCK = 128
 DAMPING = 0.01  # of the mean of H's diagonal, added to it: H of a few inputs is singular
 
 
+def rounding_dtype(device: torch.device) -> torch.dtype:
+    """float64 on a CPU, where a nearly singular H's factor needs the digits; float32 elsewhere (MPS has no float64).
+    H itself is summed in float32 (importance.py): its terms are float32 products, so float64 sums added nothing."""
+    return torch.float64 if device.type == "cpu" else torch.float32
+
+
 def inverse_cholesky_upper(h: torch.Tensor) -> torch.Tensor:
     """U upper-triangular with U^T U = (H + damping)^-1; columns no input ever excited get H_cc = 1 (any value works).
 
@@ -44,17 +50,18 @@ def _nearest(w: torch.Tensor, sorted_luts: torch.Tensor, order: torch.Tensor, mi
 
 
 @torch.no_grad()
-def output_aware_indices(weight: torch.Tensor, hessian: torch.Tensor, row_luts: torch.Tensor, factor: torch.Tensor | None = None) -> torch.Tensor:
+def output_aware_indices(weight: torch.Tensor, hessian: torch.Tensor | None, row_luts: torch.Tensor,
+                         factor: torch.Tensor | None = None) -> torch.Tensor:
     """Indices (rows, columns) into each row's LUT (rows, k) for `weight` (rows, columns), minimising the layer's
     output error under `hessian` (columns, columns). `factor`: inverse_cholesky_upper(hessian), when the caller
-    has it (one H serves every bit-width of a layer, and every layer reading the same input). Runs on the tensors'
-    device."""
-    dtype = hessian.dtype
+    has it (one H serves every bit-width of a layer, and every layer reading the same input; `hessian` may then be
+    None). Runs on the tensors' device."""
+    dtype = factor.dtype if factor is not None else rounding_dtype(hessian.device)
     w = weight.to(dtype).clone()
     luts = row_luts.to(dtype)
     sorted_luts, order = torch.sort(luts, dim=1, stable=True)
     mids = (sorted_luts[:, :-1] + sorted_luts[:, 1:]) / 2
-    u = inverse_cholesky_upper(hessian) if factor is None else factor
+    u = inverse_cholesky_upper(hessian.to(dtype)) if factor is None else factor
     rows, columns = w.shape
     indices = torch.empty((rows, columns), dtype=torch.long, device=w.device)
     for b0 in range(0, columns, BLOCK):

@@ -110,7 +110,7 @@ def sweep(model: nn.Module, calib: CalibrationSet, candidates: list[int], mode: 
     if mode == "propagated":
         t_measure = time.perf_counter()
         result = SweepResult(mode, list(candidates), {n: m.weight.numel() for n, m in layers.items()}, {}, reference=stats.reference)
-        result.sensitivity = {n: {b: stats.predicted_mse(m, n, cache.decoded(n, b) - m.weight.detach()) for b in candidates}
+        result.sensitivity = {n: dict(zip(candidates, stats.predicted_mses(m, n, [cache.decoded(n, b) - m.weight.detach() for b in candidates])))
                               for n, m in layers.items()}
         forward_seconds = stats.forward_seconds
         measure_seconds = stats.seconds + time.perf_counter() - t_measure  # the statistics pass is the sweep's cost

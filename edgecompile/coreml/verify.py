@@ -167,7 +167,7 @@ def checkpoint_for(view: PackageView, checkpoint: str | Path | None) -> Checkpoi
     """Load the checkpoint a package came from; refuse a different one (by content hash)."""
     path = Path(checkpoint) if checkpoint is not None else DEFAULT_CHECKPOINT
     want = view.require_meta("this command").checkpoint_sha256
-    ckpt = load_checkpoint(path)
+    ckpt = load_checkpoint(path, width=view.width)  # only what the package's width reads
     if want:
         have = sha256_file(path / "model.safetensors")
         if have != want:

@@ -29,7 +29,7 @@ from edgecompile.model.budget import check_weights_fit
 from edgecompile.model.components import check_folders, copy_folders
 from edgecompile.model.config import CONFIG_SUFFIXES, ModelConfig, shipped_config, shipped_config_names
 from edgecompile.model.dit import EfficientDiT, randomize_untrained
-from edgecompile.model.elastic import count_params
+from edgecompile.model.elastic import count_params, narrow_to_width
 
 FORMAT = "edgecompile-checkpoint"
 FORMAT_VERSION = 1
@@ -65,6 +65,8 @@ def save_checkpoint(
     """Write a checkpoint folder; `components` (checked folders, model/components.py) are copied in beside it."""
     if dtype not in DTYPES:
         raise EdgeCompileError(f"checkpoint dtype {dtype!r} is not supported: use one of {', '.join(DTYPES)}")
+    if model.narrowed_to is not None:
+        raise ValueError(f"this model holds widths up to {model.narrowed_to:g} only: save a checkpoint from one loaded whole")
     dest = Path(dest)
     with atomic_path(dest, force=force, inputs=inputs) as tmp:
         tensors = {k: v.detach().to(DTYPES[dtype]).contiguous() for k, v in model.state_dict().items()}
@@ -114,11 +116,22 @@ def _summarise(names: list[str], limit: int = 3) -> str:
     return ", ".join(names[:limit]) + more
 
 
-def load_checkpoint(path: str | Path | None = None) -> Checkpoint:
-    """Load and validate a checkpoint folder (the bundled default when `path` is None); weights become fp32."""
+def checkpoint_config(path: str | Path | None = None) -> ModelConfig:
+    """The model config a checkpoint folder declares (checkpoint.json only: no weights read)."""
+    path = Path(path) if path is not None else DEFAULT_CHECKPOINT
+    return ModelConfig.from_dict(read_checkpoint_meta(path).get("model"), source=f"checkpoint {path} (checkpoint.json 'model')")
+
+
+def load_checkpoint(path: str | Path | None = None, width: float | None = None) -> Checkpoint:
+    """Load and validate a checkpoint folder (the bundled default when `path` is None); weights become fp32.
+
+    `width`: the largest width the caller will run (an export's widths, a package's): only what widths up to it read
+    is converted, checked and kept (model/elastic.narrow_to_width), the model refusing larger widths. None, or the
+    supernetwork's own width, keeps the whole supernetwork."""
     path = Path(path) if path is not None else DEFAULT_CHECKPOINT
     meta = read_checkpoint_meta(path)
     config = ModelConfig.from_dict(meta.get("model"), source=f"checkpoint {path} (checkpoint.json 'model')")
+    narrow = width is not None and width in config.widths and width < max(config.widths)
     stored = meta.get("dtype", "float32")
     weights = path / "model.safetensors"
     if not weights.is_file():
@@ -149,11 +162,19 @@ def load_checkpoint(path: str | Path | None = None) -> Checkpoint:
             f"checkpoint {path} does not match its config {config.name!r}: " + "; ".join(problems)
             + " (was it saved from a different config?)"
         )
-    bad = [k for k, v in tensors.items() if not all_finite(v)]
+    if narrow:  # the stored tensors as they are, then the width's slices copied to fp32 and the rest let go
+        model.load_state_dict(tensors, assign=True)
+        tensors.clear()
+        narrow_to_width(model, width, torch.float32)
+        checked = dict(model.named_parameters())
+    else:
+        checked = tensors
+    bad = [k for k, v in checked.items() if not all_finite(v)]
     if bad:
         raise EdgeCompileError(f"checkpoint {path}: tensor(s) {_summarise(bad)} hold NaN or infinite values: "
                                "fix or retrain the checkpoint (edgecompile will not compile non-finite weights)")
-    model.load_state_dict({k: tensors.pop(k).float() for k in list(tensors)}, assign=True)
+    if not narrow:
+        model.load_state_dict({k: tensors.pop(k).float() for k in list(tensors)}, assign=True)
     model.eval()
     prompts = _load_prompts(path, config)
     return Checkpoint(config=config, model=model, path=path, dtype=stored, prompts=prompts, provenance=meta.get("provenance", {}),

@@ -170,7 +170,7 @@ def gqa_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch
             extra = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
         if bias is not None:
             extra = (0 if extra is None else extra) + bias[:, None, None, :].to(q.dtype)  # (B, 1, 1, Lk)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=extra, enable_gqa=hq != hkv)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=extra, enable_gqa=int(hq) != int(hkv))  # ints: traced shapes are tensors
     qg = q.view(b, hkv, hq // hkv, lq, d)
     scores = (qg * d**-0.5) @ k[:, :, None].transpose(-1, -2)
     if mask is not None:
@@ -243,6 +243,23 @@ def bna_mask(config: ModelConfig, h: int, w: int) -> torch.Tensor:
     return allowed[block_of[:, None], block_of[None, :]]
 
 
+@functools.lru_cache(maxsize=64)
+def bna_token_order(config: ModelConfig, h: int, w: int) -> torch.Tensor:
+    """(L,) the inverse of bna_partition's `order`: position of each token in the block-major sequence."""
+    order, _ = bna_partition(config, h, w)
+    with torch.device("cpu"):
+        return torch.argsort(order)
+
+
+@functools.lru_cache(maxsize=64)
+def bna_valid_keys(config: ModelConfig, h: int, w: int) -> torch.Tensor:
+    """(n_blocks, 1, K*Nb) boolean: which of each block's concatenated neighbour keys are real (not padding).
+    A cached constant, so that a trace holds it as one (coremltools cannot convert the repeat_interleave)."""
+    _, neighbours = bna_partition(config, h, w)
+    with torch.device("cpu"):
+        return (neighbours >= 0).repeat_interleave(h * w // neighbours.shape[0], dim=1)[:, None, :]
+
+
 def blockwise_neighbourhood_attention(config: ModelConfig, q, k, v, h: int, w: int) -> torch.Tensor:
     """Eq. 3: each query block attends to the concatenated key/value blocks of its neighbourhood.
 
@@ -260,14 +277,12 @@ def blockwise_neighbourhood_attention(config: ModelConfig, q, k, v, h: int, w: i
     idx = neighbours.clamp(min=0)
     kn = kb[:, :, idx].reshape(bsz, k.shape[1], n_blocks, kmax * nb, d)  # neighbour keys, concatenated
     vn = vb[:, :, idx].reshape(bsz, v.shape[1], n_blocks, kmax * nb, d)
-    valid = (neighbours >= 0).repeat_interleave(nb, dim=1)[:, None, :]  # (n_blocks, 1, K*Nb)
+    valid = bna_valid_keys(config, h, w)  # (n_blocks, 1, K*Nb)
     # Fold the blocks into the batch axis so each block is one independent attention.
     fold = lambda x: x.transpose(1, 2).reshape(bsz * n_blocks, x.shape[1], x.shape[3], d)  # noqa: E731
     out = gqa_attention(fold(qb), fold(kn), fold(vn), mask=None if bool(valid.all()) else valid.repeat(bsz, 1, 1)[:, None, None])
     out = out.view(bsz, n_blocks, hq, nb, d).transpose(1, 2).reshape(bsz, hq, length, d)
-    result = torch.empty_like(out)
-    result[:, :, order] = out
-    return result
+    return out[:, :, bna_token_order(config, h, w)]  # block-major -> token order: a gather (coremltools converts no scatter)
 
 
 DENSE_BNA_MAX_TOKENS = 256
@@ -391,6 +406,7 @@ class EfficientDiT(nn.Module):
     def __init__(self, config: ModelConfig):
         super().__init__()
         self.config = c = config
+        self.narrowed_to: float | None = None  # model/elastic.narrow_to_width: the largest width it still holds
         full = c.dims(1.0)
         p = c.patch_size
         self.patch_embed = nn.Conv2d(c.latent_channels, full.hidden, p, stride=p)
@@ -448,9 +464,16 @@ class EfficientDiT(nn.Module):
         c = self.config
         return self.caption_proj2(F.gelu(self.caption_proj1(text, c.text_dim, d.hidden), approximate="tanh"), d.hidden, d.hidden)
 
+    def check_width(self, width: float) -> None:
+        """Refuse a width this model no longer holds (loaded for smaller widths only)."""
+        if self.narrowed_to is not None and width > self.narrowed_to:
+            raise ValueError(f"this model holds widths up to {self.narrowed_to:g} only (loaded for them): width {width:g} "
+                             "needs the whole checkpoint, load_checkpoint(path) without `width`")
+
     def forward(self, x: torch.Tensor, t: torch.Tensor, text: torch.Tensor, width: float = 1.0,
                 text_mask: torch.Tensor | None = None) -> torch.Tensor:
         """`text_mask` (B, T): 1 for a token, 0 for padding (configs with text_mask; None attends to every token)."""
+        self.check_width(width)
         c = self.config
         text_bias = text_mask_bias(text_mask)
         d = c.dims(width)
