@@ -76,3 +76,19 @@ def export_summary(step: dict, out: Path, width: str | None = None) -> dict:
         "recipe": str(folder / "recipe.json") if (folder / "recipe.json").exists() else None,
     })
     return step
+
+
+def plain_conversion(model, example: tuple, names: tuple[str, ...] = ("latent", "timestep", "text")):
+    """coremltools' own conversion of a torch model as it is (the baseline edgecompile's convert is measured
+    against): trace, fp16, iOS17, the default pass pipeline. Returns the MLModel, not saved."""
+    import numpy as np
+    import torch
+
+    from edgecompile.coremltools_loader import import_coremltools, quiet_coremltools
+
+    ct = import_coremltools()
+    with torch.no_grad():
+        traced = torch.jit.trace(model, example, check_trace=False)
+    with quiet_coremltools():
+        return ct.convert(traced, inputs=[ct.TensorType(name=n, shape=tuple(x.shape), dtype=np.float32) for n, x in zip(names, example)],
+                          convert_to="mlprogram", minimum_deployment_target=ct.target.iOS17, compute_precision=ct.precision.FLOAT16)

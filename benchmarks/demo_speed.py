@@ -30,14 +30,13 @@ TARGET_HELDOUT_DB = 50.6  # the issue's figure for today's demo export
 
 def plain_child(width: float, out: str) -> None:
     """coremltools' conversion of the reference model of one width as it is."""
-    import numpy as np
     import torch
 
-    from edgecompile.coremltools_loader import import_coremltools, quiet_coremltools
+    from edgecompile.coremltools_loader import import_coremltools
     from edgecompile.model.checkpoint import load_checkpoint
     from edgecompile.model.elastic import extract_width
 
-    ct = import_coremltools()
+    import_coremltools()  # imported before the clock starts, as the export has it
     start = time.perf_counter()
     ckpt = load_checkpoint()
     model = extract_width(ckpt.model, width, share=True).eval()
@@ -45,12 +44,7 @@ def plain_child(width: float, out: str) -> None:
     example = (torch.randn(1, c.latent_channels, *c.sample_size), torch.tensor([500.0]), torch.randn(1, c.text_len, c.text_dim))
     with torch.no_grad():
         model(*example)  # warm the constant caches (BNA mask, positions) so that the trace sees constants
-        traced = torch.jit.trace(model, example, check_trace=False)
-    with quiet_coremltools():
-        ml = ct.convert(traced, inputs=[ct.TensorType(name=n, shape=tuple(x.shape), dtype=np.float32)
-                                        for n, x in zip(("latent", "timestep", "text"), example)],
-                        convert_to="mlprogram", minimum_deployment_target=ct.target.iOS17, compute_precision=ct.precision.FLOAT16)
-    ml.save(out)
+    _common.plain_conversion(model, example).save(out)
     print(json.dumps({"seconds_inside": round(time.perf_counter() - start, 2)}))
 
 

@@ -51,13 +51,12 @@ def make_child(out: str) -> None:
 
 def plain_child(source: str, latent: str, out: str) -> None:
     """coremltools' conversion of the diffusers model as it is: trace, fp16, the default pass pipeline."""
-    import numpy as np
     import torch
     from diffusers import PixArtTransformer2DModel
 
-    from edgecompile.coremltools_loader import import_coremltools, quiet_coremltools
+    from edgecompile.coremltools_loader import import_coremltools
 
-    ct = import_coremltools()
+    import_coremltools()  # imported before the clock starts, as the export has it
     h, w = (int(v) for v in latent.split("x"))
     model = PixArtTransformer2DModel.from_pretrained(source, torch_dtype=torch.float32).eval()
 
@@ -71,12 +70,7 @@ def plain_child(source: str, latent: str, out: str) -> None:
 
     example = (torch.randn(1, 4, h, w), torch.tensor([500.0]), torch.randn(1, TEXT_LEN, 4096))
     start = time.perf_counter()
-    with torch.no_grad():
-        traced = torch.jit.trace(Denoiser(model), example, check_trace=False)
-    with quiet_coremltools():
-        ml = ct.convert(traced, inputs=[ct.TensorType(name=n, shape=tuple(x.shape), dtype=np.float32)
-                                        for n, x in zip(("latent", "timestep", "text"), example)],
-                        convert_to="mlprogram", minimum_deployment_target=ct.target.iOS17, compute_precision=ct.precision.FLOAT16)
+    ml = _common.plain_conversion(Denoiser(model), example)
     seconds = time.perf_counter() - start
     ml.save(out)
     ops = Counter(op.type for f in ml.get_spec().mlProgram.functions.values() for b in f.block_specializations.values() for op in b.operations)

@@ -34,15 +34,14 @@ def plain_child(checkpoint: str, width: float, latent: str, out: str) -> None:
     import time
     from collections import Counter
 
-    import numpy as np
     import torch
 
-    from edgecompile.coremltools_loader import import_coremltools, quiet_coremltools
+    from edgecompile.coremltools_loader import import_coremltools
     from edgecompile.model import dit
     from edgecompile.model.checkpoint import load_checkpoint
     from edgecompile.model.elastic import extract_width
 
-    ct = import_coremltools()
+    import_coremltools()  # imported before the clock starts, as the export has it
     ckpt = load_checkpoint(checkpoint, width=width)
     model = extract_width(ckpt.model, width, share=True).eval()
     c = ckpt.config
@@ -55,12 +54,7 @@ def plain_child(checkpoint: str, width: float, latent: str, out: str) -> None:
     with torch.no_grad():
         model(*example)  # warm the constant caches (BNA layout, positions) so that the trace sees constants
     start = time.perf_counter()
-    with torch.no_grad():
-        traced = torch.jit.trace(model, example, check_trace=False)
-    with quiet_coremltools():
-        ml = ct.convert(traced, inputs=[ct.TensorType(name=n, shape=tuple(x.shape), dtype=np.float32)
-                                        for n, x in zip(("latent", "timestep", "text"), example)],
-                        convert_to="mlprogram", minimum_deployment_target=ct.target.iOS17, compute_precision=ct.precision.FLOAT16)
+    ml = _common.plain_conversion(model, example)
     ml.save(out)
     seconds = time.perf_counter() - start
     ops = Counter(op.type for f in ml.get_spec().mlProgram.functions.values() for b in f.block_specializations.values() for op in b.operations)
