@@ -34,7 +34,7 @@ from edgecompile.errors import EdgeCompileError
 REPORT_FILE = "report.json"
 # what changes from run to run of the same export: the clock and the memory meter (report.json, recipe.json)
 TIMING_KEYS = frozenset({"seconds", "kmeans_seconds", "forward_seconds", "cost_forward_passes", "stage_seconds",
-                         "step_seconds", "stage_peak_memory_gib"})
+                         "step_seconds", "stage_peak_memory_gib", "package_seconds", "reference_seconds", "chunks_seconds"})
 
 
 def without_timings(value):

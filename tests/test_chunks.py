@@ -117,6 +117,37 @@ def test_verify_command_runs_the_chain_from_any_chunk(chunked, tiny_checkpoint, 
     assert code == 0 and "chain of 3 chunks" in out and "chunks alone" in out
 
 
+def test_verification_runs_the_first_chunk_once_per_input(chunked, tiny_checkpoint, monkeypatch):
+    """The first chunk alone is fed the package inputs, as in the chain: its chain outputs are its check alone, so
+    verification runs it once per input, and each later chunk twice (the chain, and alone on the reference's
+    tensors). The chunk PSNRs are those of running every chunk again."""
+    from edgecompile.coreml import verify as verify_module
+    from edgecompile.commands.verify import verify_exported
+
+    report, folder = chunked
+    runs: dict[str, int] = {}
+    real_run = MILInterpreter.run
+
+    def counting_run(self, inputs):
+        key = next(iter(self.function.outputs)).name  # each chunk's first output names it
+        runs[key] = runs.get(key, 0) + 1
+        return real_run(self, inputs)
+
+    monkeypatch.setattr(MILInterpreter, "run", counting_run)
+    result = verify_exported(folder / report.package, tiny_checkpoint, runtime="interpreter")
+    n = verify_module.N_VERIFY_INPUTS
+    assert sorted(runs.values()) == [n, 2 * n, 2 * n]
+    monkeypatch.setattr(MILInterpreter, "run", real_run)
+    views = load_chain(load_package(folder / report.package))
+    ckpt = load_checkpoint(tiny_checkpoint)
+    from edgecompile.compress.simulate import simulated_model_for_package
+
+    inputs = verify_module.verification_inputs(ckpt.config, views[0].latent_hw, ckpt=ckpt, width=views[0].width)
+    again = verify_module.verify_chunks(views, simulated_model_for_package(views[0], ckpt, torch.device("cpu")), inputs, "fp32",
+                                        "interpreter", "cpu")
+    assert again == result.chunk_psnr_db
+
+
 def test_a_missing_chunk_is_a_one_line_error(chunked, tiny_checkpoint, tmp_path, capsys):
     report, folder = chunked
     copy = tmp_path / "w"

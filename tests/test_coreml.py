@@ -8,6 +8,7 @@ from edgecompile.coreml.interpreter import MILInterpreter
 from edgecompile.coreml.package import layout_ops_per_block, load_package, weight_census
 from edgecompile.errors import EdgeCompileError
 from edgecompile.export import verify_exported
+from edgecompile.export_report import without_timings
 
 
 def run_cli(args, capsys):
@@ -131,7 +132,11 @@ def test_cli_inspect_and_verify_json(exported, tiny_checkpoint, capsys):
     assert code == 0 and {"ops", "inputs", "outputs", "metadata", "weight_bytes"} <= set(data)
     assert data["ops"]["einsum"] > 0 and data["weight_bytes"] == weight_census(load_package(path))["weight_bytes"]
     code, out, _ = run_cli(["verify", path, "--checkpoint", str(tiny_checkpoint), "--json"], capsys)
-    assert code == 0 and json.loads(out)["psnr_db"] >= 60
+    data = json.loads(out)
+    assert code == 0 and data["psnr_db"] >= 60
+    # where its time went: the package's runs and the torch reference's (no chunks here); timings, not results
+    assert data["package_seconds"] > 0 and data["reference_seconds"] > 0 and "chunks_seconds" in data
+    assert not {"package_seconds", "reference_seconds", "chunks_seconds"} & set(without_timings(data))
 
 
 def test_cli_export_json_and_onnx(tiny_checkpoint, tmp_path, capsys):

@@ -95,6 +95,20 @@ def test_activation_checkpointing_where_it_pays():
     assert training_batch_for(toy, 0.5, (8, 8), 23 * 2**30, cap=16, on_cpu=True) == (16, False)  # small: it would only recompute
 
 
+def test_the_statistics_backward_batch_fits_the_free_memory():
+    """The layer statistics' backward pass keeps every activation of its batch: its batch shrinks with the free
+    memory, down to one input, and never passes its cap."""
+    from edgecompile.model.budget import gradient_batch_for
+    from edgecompile.model.config import ModelConfig
+
+    config = ModelConfig.load("recipes/snapgenpp.yaml")
+    assert gradient_batch_for(config, 0.375, (32, 32), 23 * 2**30, cap=4) == 4
+    assert gradient_batch_for(config, 0.375, (32, 32), None, cap=4) == 4  # unknown free memory
+    tight = gradient_batch_for(config, 1.0, (64, 64), 23 * 2**30, cap=64)
+    assert 1 <= tight < gradient_batch_for(config, 1.0, (64, 64), 80 * 2**30, cap=64)
+    assert gradient_batch_for(config, 1.0, (128, 128), 2**30, cap=4) == 1
+
+
 def test_checkpointed_blocks_give_the_same_gradients():
     from edgecompile.compress.distill import detach_trainables
     from edgecompile.deploy.rewrite import deploy_model
@@ -114,6 +128,8 @@ def test_checkpointed_blocks_give_the_same_gradients():
 
 
 def test_batch_size_is_recorded_and_checked(tiny_checkpoint, tmp_path, capsys):
+    from edgecompile.compress.importance import GRADIENT_BATCH
+
     code, _, err = run_cli(["export", str(tiny_checkpoint), "--bits", "4", "--batch-size", "0", "-o", str(tmp_path / "o")], capsys)
     assert code == 2 and "--batch-size" in err and not (tmp_path / "o").exists()
     code, _, err = run_cli(["export", str(tiny_checkpoint), "--width", "1.0", "--bits", "4", "--batch-size", "5", "--distill-steps", "5",
@@ -121,6 +137,7 @@ def test_batch_size_is_recorded_and_checked(tiny_checkpoint, tmp_path, capsys):
     assert code == 0, err
     calibration = json.loads((tmp_path / "p" / "w1.0" / "report.json").read_text())["calibration"]
     assert calibration["batch_size"] == 5 and calibration["distill_batch_size"] == 5
+    assert calibration["gradient_batch_size"] == min(5, GRADIENT_BATCH)  # the statistics' backward pass
     assert calibration["distill_activation_checkpointing"] is False  # small activations on the CPU
 
 

@@ -164,3 +164,23 @@ def test_palette_cache_does_not_touch_the_checkpoint():
 
     palettize_deploy(deploy, uniform_bits(deploy, 4))
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_a_second_graph_given_the_same_palettes_shares_their_decoded_weights():
+    """The distillation student takes the export graph's decoded weights (one copy, not two) and computes what a
+    graph decoding its own would; without `share_with` a graph decodes its own."""
+    from edgecompile.compress.palettize_model import apply_palettes, palettize_deploy, uniform_bits
+
+    model = trained_like(TINY)
+    export_graph = deploy_model(model, 1.0)
+    palettes = palettize_deploy(export_graph, uniform_bits(export_graph, 4))
+    student, alone = deploy_model(model, 1.0).fuse_attention(), deploy_model(model, 1.0).fuse_attention()
+    apply_palettes(student, palettes, share_with=export_graph)
+    apply_palettes(alone, palettes)
+    shared, own = palettizable_layers(export_graph), palettizable_layers(student)
+    assert all(own[n].weight is shared[n].weight for n in palettes)
+    assert all(palettizable_layers(alone)[n].weight is not shared[n].weight for n in palettes)
+    c = model.config
+    x = (torch.randn(2, c.latent_channels, *student.latent_hw), torch.rand(2) * c.max_timestep, torch.randn(2, c.text_dim, 1, c.text_len))
+    with torch.no_grad():
+        assert torch.equal(student(*x), alone(*x))

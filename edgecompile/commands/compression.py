@@ -15,16 +15,16 @@ import torch
 from edgecompile.choices import Bits, PaletteMethod, SweepMode
 from edgecompile.compress.calibration import CalibrationSet, check_finite, default_calibration
 from edgecompile.compress.distill import DistillSettings, distill, load_trained_state, trained_state
-from edgecompile.compress.importance import measure_statistics
-from edgecompile.compress.palettize_model import PaletteCache, palettizable_layers, palettize_deploy, uniform_bits
+from edgecompile.compress.importance import GRADIENT_BATCH, measure_statistics
+from edgecompile.compress.palettize_model import PaletteCache, apply_palettes, palettes_for, palettizable_layers, uniform_bits
 from edgecompile.compress.recipe import Recipe, make_recipe
 from edgecompile.compress.sensitivity import calibration_outputs, output_psnr
 from edgecompile.deploy.dit import DeployDiT
 from edgecompile.deploy.rewrite import deploy_model
 from edgecompile.export_report import CompressionResult
-from edgecompile.model.budget import MAX_BATCH, available_memory_bytes, batch_size_for, training_batch_for
+from edgecompile.model.budget import MAX_BATCH, available_memory_bytes, batch_size_for, gradient_batch_for, training_batch_for
 from edgecompile.model.checkpoint import Checkpoint
-from edgecompile.model.device import free_memory_bytes, peak_memory_gib, reset_peak_memory
+from edgecompile.model.device import free_memory_bytes, peak_memory_gib, release_freed_host_memory, reset_peak_memory
 
 from edgecompile.commands.options import CompressionOptions, ResolvedCompression, SweepSettings
 
@@ -68,13 +68,14 @@ def graph_at_calibration_size(dense, calib: CalibrationSet, query_chunk: int | N
 
 
 def palette_cache(teacher: DeployDiT, calib: CalibrationSet, method: PaletteMethod, group_size: int | None, sweep_mode: SweepMode | None,
-                  batch_size: int, progress: Progress | None = None) -> PaletteCache:
+                  batches: BatchPlan, progress: Progress | None = None) -> PaletteCache:
     """The palettes of `teacher`'s layers; the layer statistics (a forward and backward pass on a third of the
     calibration inputs, a forward pass on the rest) are measured once when the palette method or the propagated sweep
     needs them."""
     stats = None
     if method != PaletteMethod.PLAIN or sweep_mode == SweepMode.PROPAGATED:
-        stats = measure_statistics(teacher, palettizable_layers(teacher), calib, batch_size, progress=progress)
+        stats = measure_statistics(teacher, palettizable_layers(teacher), calib, batches.inference, progress=progress,
+                                   gradient_batch_size=batches.gradient)
     return PaletteCache(teacher, group_size, method, stats)
 
 
@@ -89,6 +90,7 @@ class BatchPlan:
     inference: int  # the sweep's passes, teacher outputs, evaluations
     training: int  # self-distillation
     checkpointing: bool  # activation checkpointing in self-distillation
+    gradient: int  # the layer statistics' backward pass (no checkpointing)
 
 
 def batch_plan(ckpt: Checkpoint, width: float, calib: CalibrationSet, device: torch.device, given: int | None) -> BatchPlan:
@@ -99,7 +101,8 @@ def batch_plan(ckpt: Checkpoint, width: float, calib: CalibrationSet, device: to
     infer = given or batch_size_for(ckpt.config, width, hw, free)
     train, checkpointing = training_batch_for(ckpt.config, width, hw, free, cap=min(DistillSettings.batch_size, given or MAX_BATCH),
                                               on_cpu=device.type == "cpu")
-    return BatchPlan(inference=infer, training=train, checkpointing=checkpointing)
+    gradient = gradient_batch_for(ckpt.config, width, hw, free, cap=min(GRADIENT_BATCH, given or GRADIENT_BATCH))
+    return BatchPlan(inference=infer, training=train, checkpointing=checkpointing, gradient=gradient)
 
 
 def compress(ckpt: Checkpoint, dense, deploy: DeployDiT, width: float, opts: CompressionOptions, resolved: ResolvedCompression,
@@ -116,7 +119,7 @@ def compress(ckpt: Checkpoint, dense, deploy: DeployDiT, width: float, opts: Com
     infer_batch, train_batch = batches.inference, batches.training
     sweeping = bits is Bits.MIXED and resolved.recipe is None
     with timer.stage("statistics"):
-        cache = palette_cache(teacher, calib, opts.palettes, opts.group_size, opts.sweep.mode if sweeping else None, infer_batch, progress)
+        cache = palette_cache(teacher, calib, opts.palettes, opts.group_size, opts.sweep.mode if sweeping else None, batches, progress)
     recipe = None
     if bits is Bits.MIXED:
         recipe = resolved.recipe
@@ -127,11 +130,15 @@ def compress(ckpt: Checkpoint, dense, deploy: DeployDiT, width: float, opts: Com
     else:
         bits_map = uniform_bits(deploy, bits.uniform)
     with timer.stage("palettize"):
-        palettes = palettize_deploy(deploy, bits_map, opts.group_size, cache)
+        palettes = palettes_for(deploy, bits_map, opts.group_size, cache)
+        # the layer statistics (H and F, each as large as the weights) and the other candidates' palettes are freed
+        # before any weight is decoded: at the paper's width 1.0 they are 10.6 GiB, the decoded weights 5.5 GiB
+        del cache
+        release_freed_host_memory()
+        apply_palettes(deploy, palettes)
         student = graph_at_calibration_size(dense, calib, query_chunk, resolved.device)
-        palettize_deploy(student, bits_map, opts.group_size, cache)
+        apply_palettes(student, palettes, share_with=deploy)  # one decoded copy where both graphs live on one device
         student.checkpoint_blocks = batches.checkpointing
-    del cache  # the layer statistics (one matrix per layer) are not needed past here
     sizes = {n: m.weight.numel() for n, m in palettizable_layers(deploy).items()}
     sets = {"calibration": calib, "held_out": held_out if held_out is not None else calib}
     with torch.no_grad():
@@ -148,7 +155,7 @@ def compress(ckpt: Checkpoint, dense, deploy: DeployDiT, width: float, opts: Com
     return CompressionResult(
         calibration={**calib.meta, "latent": list(calib.latent_hw), "inputs": len(calib),
                      "held_out": len(held_out) if held_out is not None else 0, "device": resolved.device.type,
-                     "batch_size": infer_batch, "distill_batch_size": train_batch,
+                     "batch_size": infer_batch, "gradient_batch_size": batches.gradient, "distill_batch_size": train_batch,
                      "distill_activation_checkpointing": batches.checkpointing},
         recipe=recipe, bits_per_layer=bits_map,
         average_bits=round(sum(bits_map[n] * sizes[n] for n in bits_map) / sum(sizes[n] for n in bits_map), 4),

@@ -66,8 +66,8 @@ def run_sweep(ckpt: Checkpoint, opts: SweepOptions, on_stage: Callable[[str], No
     calib = calibration_for(ckpt, opts.width, run.calibration, opts.latent_hw, run.device, progress)
     teacher = graph_at_calibration_size(extract_width(ckpt.model, opts.width, share=True), calib, device=run.device)
     on_stage(f"{opts.settings.mode} sweep")
-    infer_batch = batch_plan(ckpt, opts.width, calib, run.device, None).inference
-    cache = palette_cache(teacher, calib, opts.palettes, opts.group_size, opts.settings.mode, infer_batch, progress)
-    recipe = sweep_recipe(teacher, ckpt.config.name, opts.width, calib, opts.settings, cache, progress, infer_batch)
+    batches = batch_plan(ckpt, opts.width, calib, run.device, None)
+    cache = palette_cache(teacher, calib, opts.palettes, opts.group_size, opts.settings.mode, batches, progress)
+    recipe = sweep_recipe(teacher, ckpt.config.name, opts.width, calib, opts.settings, cache, progress, batches.inference)
     recipe.save(opts.output, force=opts.force, inputs=[ckpt.path, opts.calibration])
     return recipe

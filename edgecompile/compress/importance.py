@@ -223,15 +223,48 @@ class LayerStatistics:
 
 
 FLOOR = 1e-3
+TIMED_INPUTS = 8  # a plain forward pass is timed on this many inputs and scaled to the set ...
+SCALED_ABOVE_SECONDS = 2.0  # ... when they take this long: below it per-call overhead, not arithmetic, dominates
+
+
+def _timed_pass(model: nn.Module, calib: CalibrationSet, batch_size: int) -> float:
+    device = device_of(model)
+    start = time.perf_counter()
+    with torch.no_grad():
+        for x, t, c in calib.batches(batch_size, device):
+            model(x, t, c)
+    return time.perf_counter() - start
+
+
+def plain_forward_seconds(model: nn.Module, calib: CalibrationSet, batch_size: int = 64) -> float:
+    """Seconds of one plain forward pass over `calib`, the unit a sweep's cost is counted in. Timed on
+    TIMED_INPUTS spread inputs and scaled by the set's size where those take SCALED_ABOVE_SECONDS or more (the
+    pass is bound by arithmetic, which scales with the inputs); over the whole set otherwise, where per-call overhead
+    would make a scaled figure too large. A pass over the whole set only to time it was a sixth of the statistics'
+    time at the paper's width 0.375 (58 inputs)."""
+    timed = calib.subset(min(TIMED_INPUTS, batch_size))
+    seconds = _timed_pass(model, timed, batch_size)
+    if len(timed) == len(calib) or seconds < SCALED_ABOVE_SECONDS:
+        return seconds if len(timed) == len(calib) else _timed_pass(model, calib, batch_size)
+    return seconds * len(calib) / len(timed)
+
 GRADIENT_SHARE = 3  # the backward pass sees every 3rd input: the backward of split-einsum attention costs two
 # forward passes (it differentiates both operands of each einsum), and a few dozen inputs estimate F well
 MIN_GRADIENT_INPUTS = 16
+GRADIENT_BATCH = 4  # the backward pass's batch, at most: it keeps every activation of the batch. At the paper's
+# width 0.375 (58 inputs at 32x32) batches of 2, 4, 8 and 19 took 96, 102, 101 and 130 s at peaks of 6.8, 6.8, 8.9
+# and 14.0 GiB: smaller batches lose no speed on a CPU, whose products are large enough at one input
 
 
 def measure_statistics(model: nn.Module, layers: dict[str, nn.Module], calib: CalibrationSet, batch_size: int = 64,
-                       seed: int = 0, progress: Callable[[str, int, int], None] | None = None) -> LayerStatistics:
+                       seed: int = 0, progress: Callable[[str, int, int], None] | None = None,
+                       gradient_batch_size: int | None = None) -> LayerStatistics:
     """A forward and backward pass over a spread third of the calibration inputs (F, and H), and a forward pass over
     the others (H): hooks accumulate each layer's H over every input, and the outputs are the reference.
+
+    `batch_size` batches the forward-only pass; `gradient_batch_size` (default: GRADIENT_BATCH, or `batch_size` if
+    smaller) the backward pass, which keeps every activation of its batch (model/budget.py: gradient_batch_for
+    sizes it to the free memory).
 
     H and F stay on the model's device, in float32. H's terms are float32 products (2x the speed of float64's), so
     summing a few batches of them in float64 added no digits that mattered; it cost 1.5 GiB and 5 s at the paper's
@@ -322,7 +355,8 @@ def measure_statistics(model: nn.Module, layers: dict[str, nn.Module], calib: Ca
     # calibration set when the backward saw them all): the forward-only pass covers the other inputs
     grad_idx, rest_idx = in_grad.nonzero()[:, 0], (~in_grad).nonzero()[:, 0]
     grad_set, rest = calib.take(grad_idx), calib.take(rest_idx)
-    n_batches = -(-len(rest) // batch_size) + -(-n_grad // batch_size)
+    gradient_batch_size = gradient_batch_size or min(batch_size, GRADIENT_BATCH)
+    n_batches = -(-len(rest) // batch_size) + -(-n_grad // gradient_batch_size)
     what = "layer statistics (a forward and backward pass on a third, a forward pass on the rest)"
     done = 0
     start = time.perf_counter()
@@ -340,7 +374,7 @@ def measure_statistics(model: nn.Module, layers: dict[str, nn.Module], calib: Ca
         p.requires_grad_(False)  # no weight gradients: only activation gradients flow
     try:
         with forward_hooks(layers, gram_hook), forward_hooks(layers, output_hook):
-            for x, t, c in grad_set.batches(batch_size, device):
+            for x, t, c in grad_set.batches(gradient_batch_size, device):
                 captured.clear()
                 calls.clear()
                 with torch.enable_grad():
@@ -365,11 +399,7 @@ def measure_statistics(model: nn.Module, layers: dict[str, nn.Module], calib: Ca
             p.requires_grad_(flag)
         captured.clear()
     seconds = time.perf_counter() - start
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        for x, t, c in calib.batches(batch_size, device):
-            model(x, t, c)
-    forward_seconds = time.perf_counter() - t0
+    forward_seconds = plain_forward_seconds(model, calib, batch_size)
     reference = torch.empty((len(calib), *outputs[0].shape[1:]), dtype=outputs[0].dtype)
     reference[torch.cat([rest_idx, grad_idx])] = torch.cat(outputs)  # back in calibration order
     for name, mod in layers.items():

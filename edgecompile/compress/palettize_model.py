@@ -182,26 +182,42 @@ class PaletteCache:
 
 
 @torch.no_grad()
-def apply_palettes(model: nn.Module, palettes: dict[str, Palette]) -> None:
+def apply_palettes(model: nn.Module, palettes: dict[str, Palette], share_with: nn.Module | None = None) -> None:
     """Give each layer its decoded palette as a new parameter (not written into: deploy weights may be views of
-    the checkpoint)."""
+    the checkpoint). `share_with`: a model already given these palettes (the export graph), whose decoded weights
+    this one takes where they live on its device: the distillation student trains biases and norms only, and a
+    second decoded copy of every weight was 5.9 GiB at the paper's width 1.0."""
     layers = palettizable_layers(model)
     unknown = sorted(set(palettes) - set(layers))
     if unknown:
         raise EdgeCompileError(f"palettes name layer(s) this model does not have or cannot palettize: {', '.join(unknown[:3])}")
+    given = palettizable_layers(share_with) if share_with is not None else {}
     for name, p in palettes.items():
-        if tuple(p.indices.shape) != tuple(layers[name].weight.shape):
-            raise EdgeCompileError(f"the palette of layer {name} has shape {tuple(p.indices.shape)}, the layer {tuple(layers[name].weight.shape)}")
-        decoded = torch.from_numpy(p.decode().astype(np.float32)).to(layers[name].weight.device)
+        weight = layers[name].weight
+        if tuple(p.indices.shape) != tuple(weight.shape):
+            raise EdgeCompileError(f"the palette of layer {name} has shape {tuple(p.indices.shape)}, the layer {tuple(weight.shape)}")
+        other = given[name].weight if name in given else None
+        if other is not None and other.device == weight.device and other.shape == weight.shape and not other.requires_grad:
+            layers[name].weight = other  # the same decoded parameter, not a copy
+            continue
+        decoded = torch.from_numpy(p.decode().astype(np.float32)).to(weight.device)
         layers[name].weight = nn.Parameter(decoded, requires_grad=False)
 
 
 @torch.no_grad()
-def palettize_deploy(model: nn.Module, bits: dict[str, int], group_size: int | None = None, cache=None) -> dict[str, Palette]:
+def palettize_deploy(model: nn.Module, bits: dict[str, int], group_size: int | None = None, cache=None,
+                     share_with: nn.Module | None = None) -> dict[str, Palette]:
     """Replace each listed layer's weight by its decoded palette; return the palettes.
 
     `cache` (a PaletteCache over a model with the same weights) supplies palettes already computed by the sweep,
-    and decides the palette method (plain k-means without one)."""
+    and decides the palette method (plain k-means without one). `share_with`: see apply_palettes."""
+    palettes = palettes_for(model, bits, group_size, cache)
+    apply_palettes(model, palettes, share_with)
+    return palettes
+
+
+def palettes_for(model: nn.Module, bits: dict[str, int], group_size: int | None = None, cache=None) -> dict[str, Palette]:
+    """The palette of each listed layer at its bit-width (`palettize_deploy` without replacing any weight)."""
     layers = palettizable_layers(model)
     cache = cache or PaletteCache(model, group_size)
     unknown = sorted(set(bits) - set(layers))
@@ -209,9 +225,7 @@ def palettize_deploy(model: nn.Module, bits: dict[str, int], group_size: int | N
         raise EdgeCompileError(f"recipe names layer(s) this model does not have or cannot palettize: {', '.join(unknown[:3])}")
     for nbits in sorted({b for b in bits.values() if b < KEEP_FP16}):  # layers sharing an H rounded together
         cache.prepare([n for n, b in bits.items() if b == nbits], [nbits])
-    palettes = {name: cache.palette(name, nbits) for name, nbits in bits.items() if nbits < KEEP_FP16}
-    apply_palettes(model, palettes)
-    return palettes
+    return {name: cache.palette(name, nbits) for name, nbits in bits.items() if nbits < KEEP_FP16}
 
 
 def uniform_bits(model: nn.Module, nbits: int) -> dict[str, int]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -77,6 +78,12 @@ class VerifyResult:
     generation: GenerationSummary | None = None  # --generate: the app's sampling loop through the package
     function: str | None = None  # the function verified, of a multifunction package
     changed_weight_files: list[str] = field(default_factory=list)  # weight files whose SHA-256 differs from the recorded one
+    # where verification's time went (wall seconds): running the package (the chain), the torch references of the
+    # whole model, and the chunks alone (their references and packages); the rest is reading the package and the
+    # checkpoint. The first two are its floor on a machine: what target 1 of issue 29 compares with conversion.
+    package_seconds: float = 0.0
+    reference_seconds: float = 0.0
+    chunks_seconds: float = 0.0
 
     @property
     def passed(self) -> bool:
@@ -253,25 +260,35 @@ def run_chain(views: list[PackageView], runners: list[Callable[[dict], dict]], f
 
 def run_package(view: PackageView, inputs, precision: str = "fp32", runtime: str = "auto",
                 progress: Callable[[str, int, int], None] | None = None, masks: list | None = None,
-                chain: list[PackageView] | None = None) -> tuple[list[np.ndarray], str]:
+                chain: list[PackageView] | None = None, runners: list[tuple[Callable[[dict], dict], str]] | None = None,
+                first_chunk_outputs: list[dict[str, np.ndarray]] | None = None) -> tuple[list[np.ndarray], str]:
     """The denoiser output of `view` for each (latent, t, text); a chunk runs with the chain it belongs to
-    (`chain`, when the caller has read it already)."""
+    (`chain` and its `runners` from package_runner, when the caller has them already). `first_chunk_outputs`, a
+    list, receives each input's outputs of the chain's first chunk (verify_chunks' check of that chunk alone)."""
     views = chain or load_chain(view)
-    runners, labels = zip(*(package_runner(v, precision, runtime) for v in views))
+    runners, labels = zip(*(runners or [package_runner(v, precision, runtime) for v in views]))
     label = labels[0] + (f", a chain of {len(views)} chunks" if len(views) > 1 else "")
     outs = []
     for (latent, t, text), mask in zip(inputs, masks or [None] * len(inputs)):
-        outs.append(run_chain(views, runners, package_feeds(latent, t, text, mask))[OUTPUT])
+        values = run_chain(views, runners, package_feeds(latent, t, text, mask))
+        outs.append(values[OUTPUT])
+        if first_chunk_outputs is not None:
+            first_chunk_outputs.append({f["name"]: values[f["name"]] for f in views[0].outputs})
         if progress:
             progress(f"running the package ({label})", len(outs), len(inputs))
     return outs, label
 
 
 def verify_chunks(views: list[PackageView], reference: DeployDiT, inputs, precision: str, runtime: str,
-                  device: torch.device | str, inside: Callable[[tuple], tuple] | None = None) -> list[float]:
+                  device: torch.device | str, inside: Callable[[tuple], tuple] | None = None,
+                  runners: list[Callable[[dict], dict]] | None = None,
+                  first_chunk_outputs: list[dict[str, np.ndarray]] | None = None) -> list[float]:
     """Each chunk alone: fed the torch reference's own carried tensors, its outputs against the reference's (the
     worst output and input), so a chunk's error is measured without the error of the chunks before it.
-    `inside`: the package inputs as `reference` takes them (an fp16 graph's casts at its boundary)."""
+    `inside`: the package inputs as `reference` takes them (an fp16 graph's casts at its boundary).
+    `first_chunk_outputs` (run_package's, same inputs): the first chunk alone is fed the package inputs, as it is
+    in the chain, so its chain outputs are reused rather than computed again (without `inside` only)."""
+    reuse_first = first_chunk_outputs is not None and inside is None
     inside = inside or (lambda xs: xs)
     chunks, io = split_deploy(reference, len(views), inside(tuple(x.to(device) for x in inputs[0])))
     for view, names in zip(views, io):
@@ -279,16 +296,19 @@ def verify_chunks(views: list[PackageView], reference: DeployDiT, inputs, precis
         if have != (names.inputs, names.outputs):
             raise EdgeCompileError(f"chunk {view.path} does not take and return what edgecompile's split of this model does: "
                                    "re-export the chunks together")
-    runners = [package_runner(v, precision, runtime)[0] for v in views]
+    runners = runners or [package_runner(v, precision, runtime)[0] for v in views]
     worst_per_chunk = [math.inf] * len(views)
-    for latent, t, text in inputs:
+    for i, (latent, t, text) in enumerate(inputs):
         ref_inputs = chunk_example(chunks, io, inside(tuple(x.to(device) for x in (latent, t, text))))
         for k, (chunk, names, args) in enumerate(zip(chunks, io, ref_inputs)):
             with torch.no_grad():
                 want = chunk(*args)
             want = want if isinstance(want, tuple) else (want,)
-            feeds = {n: a.float().cpu().numpy() if a.is_floating_point() else a.cpu().numpy() for n, a in zip(names.inputs, args)}
-            got = runners[k](feeds)
+            if k == 0 and reuse_first:
+                got = first_chunk_outputs[i]
+            else:
+                feeds = {n: a.float().cpu().numpy() if a.is_floating_point() else a.cpu().numpy() for n, a in zip(names.inputs, args)}
+                got = runners[k](feeds)
             for name, w in zip(names.outputs, want):
                 worst_per_chunk[k] = min(worst_per_chunk[k], psnr_db(w.float().cpu().numpy(), np.asarray(got[name], dtype=np.float32)))
     return worst_per_chunk
@@ -315,7 +335,12 @@ def verify_package(view: PackageView, ckpt: Checkpoint, simulated: DeployDiT | N
                             psnr_db=math.nan, psnr_vs_checkpoint_db=math.nan, min_psnr_db=min_psnr_db, changed_weight_files=changed)
     inputs = verification_inputs(ckpt.config, view.latent_hw, ckpt=ckpt, width=width)
     masks = verification_masks(ckpt.config, len(inputs))
-    outs, label = run_package(view, inputs, precision=precision, runtime=runtime, progress=progress, masks=masks, chain=views)
+    start = time.perf_counter()
+    runners = [package_runner(v, precision, runtime) for v in views]  # each package's runner made once
+    first_chunk_outputs: list[dict[str, np.ndarray]] = []
+    outs, label = run_package(view, inputs, precision=precision, runtime=runtime, progress=progress, masks=masks, chain=views,
+                              runners=runners, first_chunk_outputs=first_chunk_outputs)
+    package_seconds = time.perf_counter() - start
     reference_name = "edgecompile's compressed torch simulation" if simulated is not None else "fp32 torch reference of the checkpoint"
     chunk_reference = simulated if simulated is not None else None
     inside, computed_in = None, precision
@@ -330,6 +355,7 @@ def verify_package(view: PackageView, ckpt: Checkpoint, simulated: DeployDiT | N
         simulated = Float16Boundary(chunk_reference, names, DENOISER_FP16.fp32_inputs)
         inside = lambda xs: fp16_inputs(xs, names, DENOISER_FP16)  # noqa: E731
         computed_in, reference_name = "fp16", f"{reference_name.replace('fp32 torch reference', 'deploy graph')} in torch's fp16"
+    start = time.perf_counter()
     reference = extract_width(ckpt.model, width, share=True).to(device)  # on the CPU: views, bit-identical to the supernetwork
     per, per_ckpt = [], []
     with torch.no_grad():
@@ -340,14 +366,19 @@ def verify_package(view: PackageView, ckpt: Checkpoint, simulated: DeployDiT | N
             sim = ref if simulated is None else simulated(latent, t, text, mask).cpu().numpy()
             per.append(psnr_db(sim, out))
             per_ckpt.append(psnr_db(ref, out))
+    reference_seconds = time.perf_counter() - start
+    start = time.perf_counter()
     chunk_psnr = []
     if len(views) > 1:
         if chunk_reference is None:
             chunk_reference = deploy_model(ckpt.model, width, latent_hw=view.latent_hw).to(device)
-        chunk_psnr = verify_chunks(views, chunk_reference, inputs, precision, runtime, device, inside)
+        chunk_psnr = verify_chunks(views, chunk_reference, inputs, precision, runtime, device, inside,
+                                   runners=[run for run, _ in runners], first_chunk_outputs=first_chunk_outputs)
     return VerifyResult(
         package=str(view.path), runtime=label, function=view.function if view.functions else None, precision=computed_in, width=width,
         psnr_db=worst(per), psnr_vs_checkpoint_db=worst(per_ckpt), per_input_psnr_db=per, chunk_psnr_db=chunk_psnr,
         reference=reference_name,
         min_psnr_db=min_psnr_db, non_finite_outputs=sum(not np.isfinite(o).all() for o in outs), changed_weight_files=changed,
+        package_seconds=round(package_seconds, 3), reference_seconds=round(reference_seconds, 3),
+        chunks_seconds=round(time.perf_counter() - start, 3),
     )
