@@ -109,6 +109,24 @@ def test_the_statistics_backward_batch_fits_the_free_memory():
     assert gradient_batch_for(config, 1.0, (128, 128), 2**30, cap=4) == 1
 
 
+def test_the_statistics_batches_fit_what_their_sums_leave():
+    """The statistics' own sums (F and H) come out of the free memory first: at the paper's width 1.0 on a 24 GiB
+    machine the batches shrink to what is left (the export's 64 and 4 were killed there); at width 0.375 they do not."""
+    from edgecompile.compress.importance import statistics_bytes
+    from edgecompile.compress.palettize_model import layer_shapes
+    from edgecompile.model.budget import statistics_batches_for
+    from edgecompile.model.config import ModelConfig
+
+    config = ModelConfig.load("recipes/snapgenpp.yaml")
+    held = {w: statistics_bytes(layer_shapes(config, w, (32, 32))) for w in (0.375, 1.0)}
+    assert held[0.375] < held[1.0] / 3 and held[1.0] > 11 * 2**30  # F alone is the float32 weights, 5.5 GiB at width 1.0
+    assert statistics_batches_for(config, 0.375, (32, 32), 21 * 2**30, held[0.375], 64, 4) == (64, 4)
+    forward, gradient = statistics_batches_for(config, 1.0, (32, 32), 17 * 2**30, held[1.0], 64, 4)  # 24 GiB less the weights
+    assert 1 <= forward < 16 and gradient == 1
+    assert statistics_batches_for(config, 1.0, (32, 32), None, held[1.0], 64, 4) == (64, 4)  # unknown free memory
+    assert statistics_batches_for(config, 1.0, (32, 32), held[1.0] // 2, held[1.0], 64, 4) == (1, 1)  # never below one
+
+
 def test_checkpointed_blocks_give_the_same_gradients():
     from edgecompile.compress.distill import detach_trainables
     from edgecompile.deploy.rewrite import deploy_model
@@ -138,6 +156,7 @@ def test_batch_size_is_recorded_and_checked(tiny_checkpoint, tmp_path, capsys):
     calibration = json.loads((tmp_path / "p" / "w1.0" / "report.json").read_text())["calibration"]
     assert calibration["batch_size"] == 5 and calibration["distill_batch_size"] == 5
     assert calibration["gradient_batch_size"] == min(5, GRADIENT_BATCH)  # the statistics' backward pass
+    assert calibration["statistics_batch_size"] == 5  # and its forward-only pass: what fits, at most --batch-size
     assert calibration["distill_activation_checkpointing"] is False  # small activations on the CPU
 
 

@@ -15,14 +15,14 @@ import torch
 from edgecompile.choices import Bits, PaletteMethod, SweepMode
 from edgecompile.compress.calibration import CalibrationSet, check_finite, default_calibration
 from edgecompile.compress.distill import DistillSettings, distill, load_trained_state, trained_state
-from edgecompile.compress.importance import GRADIENT_BATCH, measure_statistics
-from edgecompile.compress.palettize_model import PaletteCache, apply_palettes, palettes_for, palettizable_layers, uniform_bits
+from edgecompile.compress.importance import GRADIENT_BATCH, measure_statistics, statistics_bytes
+from edgecompile.compress.palettize_model import PaletteCache, apply_palettes, layer_shapes, palettes_for, palettizable_layers, uniform_bits
 from edgecompile.compress.recipe import Recipe, make_recipe
 from edgecompile.compress.sensitivity import calibration_outputs, output_psnr
 from edgecompile.deploy.dit import DeployDiT
 from edgecompile.deploy.rewrite import deploy_model
 from edgecompile.export_report import CompressionResult
-from edgecompile.model.budget import MAX_BATCH, available_memory_bytes, batch_size_for, gradient_batch_for, training_batch_for
+from edgecompile.model.budget import MAX_BATCH, available_memory_bytes, batch_size_for, statistics_batches_for, training_batch_for
 from edgecompile.model.checkpoint import Checkpoint
 from edgecompile.model.device import free_memory_bytes, peak_memory_gib, release_freed_host_memory, reset_peak_memory
 
@@ -74,7 +74,7 @@ def palette_cache(teacher: DeployDiT, calib: CalibrationSet, method: PaletteMeth
     needs them."""
     stats = None
     if method != PaletteMethod.PLAIN or sweep_mode == SweepMode.PROPAGATED:
-        stats = measure_statistics(teacher, palettizable_layers(teacher), calib, batches.inference, progress=progress,
+        stats = measure_statistics(teacher, palettizable_layers(teacher), calib, batches.statistics, progress=progress,
                                    gradient_batch_size=batches.gradient)
     return PaletteCache(teacher, group_size, method, stats)
 
@@ -90,6 +90,7 @@ class BatchPlan:
     inference: int  # the sweep's passes, teacher outputs, evaluations
     training: int  # self-distillation
     checkpointing: bool  # activation checkpointing in self-distillation
+    statistics: int  # the layer statistics' forward-only pass
     gradient: int  # the layer statistics' backward pass (no checkpointing)
 
 
@@ -101,8 +102,10 @@ def batch_plan(ckpt: Checkpoint, width: float, calib: CalibrationSet, device: to
     infer = given or batch_size_for(ckpt.config, width, hw, free)
     train, checkpointing = training_batch_for(ckpt.config, width, hw, free, cap=min(DistillSettings.batch_size, given or MAX_BATCH),
                                               on_cpu=device.type == "cpu")
-    gradient = gradient_batch_for(ckpt.config, width, hw, free, cap=min(GRADIENT_BATCH, given or GRADIENT_BATCH))
-    return BatchPlan(inference=infer, training=train, checkpointing=checkpointing, gradient=gradient)
+    # the statistics' batches fit what is left once their sums are held (F and H: 11 GiB at the paper's width 1.0)
+    statistics, gradient = statistics_batches_for(ckpt.config, width, hw, free, statistics_bytes(layer_shapes(ckpt.config, width, hw)),
+                                                  forward_cap=infer, gradient_cap=min(GRADIENT_BATCH, infer))
+    return BatchPlan(inference=infer, training=train, checkpointing=checkpointing, statistics=statistics, gradient=gradient)
 
 
 def compress(ckpt: Checkpoint, dense, deploy: DeployDiT, width: float, opts: CompressionOptions, resolved: ResolvedCompression,
@@ -155,7 +158,8 @@ def compress(ckpt: Checkpoint, dense, deploy: DeployDiT, width: float, opts: Com
     return CompressionResult(
         calibration={**calib.meta, "latent": list(calib.latent_hw), "inputs": len(calib),
                      "held_out": len(held_out) if held_out is not None else 0, "device": resolved.device.type,
-                     "batch_size": infer_batch, "gradient_batch_size": batches.gradient, "distill_batch_size": train_batch,
+                     "batch_size": infer_batch, "statistics_batch_size": batches.statistics, "gradient_batch_size": batches.gradient,
+                     "distill_batch_size": train_batch,
                      "distill_activation_checkpointing": batches.checkpointing},
         recipe=recipe, bits_per_layer=bits_map,
         average_bits=round(sum(bits_map[n] * sizes[n] for n in bits_map) / sum(sizes[n] for n in bits_map), 4),

@@ -39,6 +39,16 @@ from edgecompile.errors import EdgeCompileError
 from edgecompile.model.device import device_of, release_freed_host_memory
 
 
+def statistics_bytes(layers: dict[str, nn.Module]) -> int:
+    """At most what measure_statistics holds for `layers` (meta-device layers will do): F as large as the float32
+    weights, and H as if no two layers shared an input (q, k and v share theirs, so it is less)."""
+    total = 0
+    for mod in layers.values():
+        rows, cols = as_matrix(mod, mod.weight).shape  # columns of one group
+        total += 4 * (rows * cols + groups_of(mod) * cols**2)
+    return total
+
+
 def as_matrix(mod: nn.Module, weight: torch.Tensor | np.ndarray):
     """The weight as (rows, columns): Conv2d (O, I*kh*kw) in `unfold`'s column order; ConvTranspose2d
     (O*kh*kw, I) (each output tap is its own row)."""
@@ -252,8 +262,9 @@ GRADIENT_SHARE = 3  # the backward pass sees every 3rd input: the backward of sp
 # forward passes (it differentiates both operands of each einsum), and a few dozen inputs estimate F well
 MIN_GRADIENT_INPUTS = 16
 GRADIENT_BATCH = 4  # the backward pass's batch, at most: it keeps every activation of the batch. At the paper's
-# width 0.375 (58 inputs at 32x32) batches of 2, 4, 8 and 19 took 96, 102, 101 and 130 s at peaks of 6.8, 6.8, 8.9
-# and 14.0 GiB: smaller batches lose no speed on a CPU, whose products are large enough at one input
+# width 0.375 (58 inputs at 32x32) batches of 2, 4, 8 and 19 took 103, 98, 101 and 116 s at statistics peaks of 5.6,
+# 6.8, 8.8 and 13.4 GiB, about 0.46 GiB an input (benchmarks/statistics_memory.py): smaller batches lose no speed
+# on a CPU, whose products are large enough at one input
 
 
 def measure_statistics(model: nn.Module, layers: dict[str, nn.Module], calib: CalibrationSet, batch_size: int = 64,

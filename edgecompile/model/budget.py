@@ -134,14 +134,30 @@ def training_batch_for(config: ModelConfig, width: float, latent_hw: tuple[int, 
     return (checkpointed, True) if checkpointed > plain else (plain, False)
 
 
+def statistics_batches_for(config: ModelConfig, width: float, latent_hw: tuple[int, int], free_bytes: int | None, held_bytes: int,
+                           forward_cap: int, gradient_cap: int) -> tuple[int, int]:
+    """(forward-only batch, backward batch) of the layer statistics (compress/importance.py): what fits MEMORY_SHARE of
+    the memory left once their own sums are held (`held_bytes`: F and H, as large as the weights and more). At the
+    paper's width 1.0 those are 11 GiB: batches sized from the free memory alone, 64 and 4, were killed at 24.4 GiB
+    on a 24 GiB machine, and 8 and 1 peaked at 21.2 (benchmarks/statistics_memory.py)."""
+    left = None if free_bytes is None else max(free_bytes - held_bytes, 0)
+    per_input = STATISTICS_MARGIN * ACTIVATION_MARGIN * forward_activation_bytes(config, width, latent_hw, 1).bytes
+    return _batch_fitting(per_input, left, forward_cap), gradient_batch_for(config, width, latent_hw, left, gradient_cap)
+
+
+STATISTICS_MARGIN = 6  # a forward batch of the statistics held 0.22-0.33 GiB an input at the paper's width 1.0 (its sums
+# of x x^T grow with it), 3.7-5.7x ACTIVATION_MARGIN x forward_activation_bytes
+
+
 def gradient_batch_for(config: ModelConfig, width: float, latent_hw: tuple[int, int], free_bytes: int | None, cap: int) -> int:
     """The layer statistics' backward batch (compress/importance.py): the largest up to `cap` whose activations fit
     MEMORY_SHARE of `free_bytes`. It keeps every activation and, per layer in turn, each input's weight gradient:
-    measured at 0.5 GiB per input at the paper's width 0.375 at 32x32, 2.3x training_activation_bytes' 0.22."""
+    measured at 0.46 GiB per input at the paper's width 0.375 at 32x32 (benchmarks/statistics_memory.py), 2.1x
+    training_activation_bytes' 0.22."""
     return _batch_fitting(GRADIENT_MARGIN * training_activation_bytes(config, width, latent_hw, 1, False), free_bytes, cap)
 
 
-GRADIENT_MARGIN = 3  # measured 2.3x the estimate (gradient_batch_for), rounded up
+GRADIENT_MARGIN = 3  # measured 2.1x the estimate (gradient_batch_for), with room
 
 
 def _gib(n: int) -> str:
