@@ -250,8 +250,9 @@ def plain_forward_seconds(model: nn.Module, calib: CalibrationSet, batch_size: i
     """Seconds of one plain forward pass over `calib`, the unit a sweep's cost is counted in. Timed on
     TIMED_INPUTS spread inputs and scaled by the set's size where those take SCALED_ABOVE_SECONDS or more (the
     pass is bound by arithmetic, which scales with the inputs); over the whole set otherwise, where per-call overhead
-    would make a scaled figure too large. A pass over the whole set only to time it was a sixth of the statistics'
-    time at the paper's width 0.375 (58 inputs)."""
+    would make a scaled figure too large. A pass over the whole set only to time it was 42 s of the statistics'
+    184 s at the paper's width 0.375 (58 inputs); the scaled figure there was 37.5 s, if anything overstating the
+    sweep's cost in passes."""
     timed = calib.subset(min(TIMED_INPUTS, batch_size))
     seconds = _timed_pass(model, timed, batch_size)
     if len(timed) == len(calib) or seconds < SCALED_ABOVE_SECONDS:
