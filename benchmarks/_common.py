@@ -66,7 +66,7 @@ def export_summary(step: dict, out: Path, width: str | None = None) -> dict:
     step.update({
         "stage_seconds": r["stage_seconds"], "stage_peak_memory_gib": r.get("stage_peak_memory_gib"),
         "calibration": {k: r["calibration"].get(k) for k in ("latent", "inputs", "device", "batch_size", "statistics_batch_size",
-                                                             "gradient_batch_size", "distill_batch_size")}
+                                                             "gradient_batch_size", "statistics_groups", "distill_batch_size")}
         if "calibration" in r else None,
         "average_bits": r.get("average_bits"), "size_bytes": r["size_bytes"],
         "distill": {k: (r.get("distill") or {}).get(k) for k in ("planned_steps", "steps_run", "stopped", "step_seconds",

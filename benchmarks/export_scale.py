@@ -16,6 +16,8 @@ Sections, each a child process measured on its own (wall time; peak RSS from wai
    export's recipe (same bits per layer); the full-resolution verification PSNR against the checkpoint of both.
 5. chunks: an fp16 export of --chunk-width with --chunks N (each weight file under the Neural Engine's 2 GiB),
    each chunk verified alone and the chain end to end.
+6. full: issue 29's target 2, the mixed-bit export of --full-width (the paper's 1.0, 1.46B) at --latent with --chunks N,
+   calibrating at --calibration-latent, verified: wall time against 90 minutes, peak RSS against 16 GiB.
 --sections runs some of them and adds to the committed results. Results go to benchmarks/results/export_scale.json after every section.
 """
 
@@ -37,7 +39,7 @@ EDGECOMPILE = [sys.executable, "-m", "edgecompile"]
 PAPER_WIDTHS = ("0.375", "0.5", "1.0")
 
 
-ALL_SECTIONS = ("convert", "export", "compare", "chunks")
+ALL_SECTIONS = ("convert", "export", "compare", "chunks", "full")
 
 
 def convert_child(args: argparse.Namespace) -> None:
@@ -83,6 +85,7 @@ def main() -> None:
     ap.add_argument("--distill-budget", help="minutes, passed to export (default: export's own default)")
     ap.add_argument("--chunks", type=int, default=2, help="the chunks section: --chunks of an fp16 export of --chunk-width")
     ap.add_argument("--chunk-width", default="1.0")
+    ap.add_argument("--full-width", default="1.0", help="the full section's width")
     ap.add_argument("--sections", default=",".join(ALL_SECTIONS))
     ap.add_argument("--workdir")
     ap.add_argument("--output")
@@ -180,6 +183,17 @@ def main() -> None:
         if step.get("chunks"):
             step["largest_weight_file_gib"] = round(max(c["weight_file_bytes"] for c in step["chunks"]) / 2**30, 3)
         report("export_chunks", step)
+    if "full" in sections:
+        out = work / "export-full"
+        step = _common.run_child(EDGECOMPILE + ["export", str(ckpt), "--width", args.full_width, "--latent", args.latent, "--bits", "mixed",
+                                                "--chunks", str(args.chunks), "--device", args.device, "--calibration-latent",
+                                                args.calibration_latent, "--force", "--json", "-o", str(out)])
+        step = _common.export_summary(step, out, args.full_width)
+        step["targets"] = {"minutes": 90, "peak_rss_gib": 16}
+        step["within_targets"] = step["rc"] == 0 and step["wall_s"] <= 90 * 60 and step["peak_rss_gib"] <= 16
+        report(f"export_w{args.full_width}_mixed_chunks{args.chunks}", step)
+        print(json.dumps({k: step.get(k) for k in ("stage_seconds", "stage_peak_memory_gib", "verify_psnr_db", "verify_psnr_vs_checkpoint_db",
+                                                    "calibration", "within_targets")}))
     print(f"wrote {_common.RESULTS / 'export_scale.json' if output is None else output / 'export_scale.json'}")
 
 

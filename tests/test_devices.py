@@ -75,6 +75,12 @@ def test_batches_are_sized_from_free_memory():
     big, small = batch_size_for(config, 1.0, (128, 128), 80 * 2**30), batch_size_for(config, 1.0, (128, 128), 4 * 2**30)
     assert 1 <= small < big <= MAX_BATCH
     assert batch_size_for(config, 1.0, (128, 128), 1) == 1  # never below one input
+    # on the CPU, large activations get no larger batch than they need: 17 at the paper's width 1.0 at 32x32, where
+    # one batch of 46 inputs was slower than batches of 16 and held 2.7x the memory; small models keep 64
+    assert batch_size_for(config, 1.0, (32, 32), 23 * 2**30) == MAX_BATCH
+    assert 8 <= batch_size_for(config, 1.0, (32, 32), 23 * 2**30, on_cpu=True) <= 24
+    toy = ModelConfig.load("recipes/toy.yaml")
+    assert batch_size_for(toy, 0.5, (8, 8), 23 * 2**30, on_cpu=True) == MAX_BATCH
 
 
 def test_activation_checkpointing_where_it_pays():
@@ -272,3 +278,19 @@ def test_freed_host_memory_is_released_where_glibc_is_and_skipped_elsewhere(monk
     monkeypatch.setattr(device_module, "_LIBC", None)
     device_module.release_freed_host_memory()
     assert device_module._LIBC is not None
+
+
+def test_the_statistics_are_measured_in_groups_where_their_sums_do_not_fit():
+    """At the paper's width 1.0 on a 24 GiB machine (16.5 GiB free beside the weights) the statistics' 13.8 GiB are
+    measured in 4 groups of layers; widths 0.375 and 0.5 stay one pass, as does a machine with room."""
+    from edgecompile.compress.importance import statistics_bytes
+    from edgecompile.compress.palettize_model import layer_shapes
+    from edgecompile.model.budget import statistics_groups_for
+    from edgecompile.model.config import ModelConfig
+
+    config = ModelConfig.load("recipes/snapgenpp.yaml")
+    held = {w: statistics_bytes(layer_shapes(config, w, (32, 32))) for w in (0.375, 0.5, 1.0)}
+    free = int(16.5 * 2**30)
+    assert statistics_groups_for(held[0.375], free + 3 * 2**30) == 1 and statistics_groups_for(held[0.5], free + 3 * 2**30) == 1
+    assert statistics_groups_for(held[1.0], free) == 4
+    assert statistics_groups_for(held[1.0], 100 * 2**30) == 1 and statistics_groups_for(held[1.0], None) == 1

@@ -329,3 +329,59 @@ def test_statistics_of_few_inputs_hold_columns_and_equal_each_layers_h(tiny_chec
     assert any(h.columns is not None for h in stats.hessian.values())
     for name in layers:
         assert torch.allclose(stats.hessian[name].matrix().double(), grams[name], rtol=1e-4, atol=1e-5), name
+
+
+def test_statistics_in_groups_of_layers_give_the_palettes_and_scores_of_one_pass(setup):
+    """The statistics measured a group of layers at a time (let go between groups, as a width that does not fit its
+    sums does) give every palette and every propagated score that one pass over all layers gives; the cache then
+    holds palettes, not statistics, and refuses to make a palette it was not asked for."""
+    from edgecompile.compress.importance import statistics_groups
+    from edgecompile.compress.sensitivity import propagated_scores
+    from edgecompile.errors import EdgeCompileError
+
+    _, calib, model, layers, _ = setup
+    runs = {}
+    for count, groups in ((1, statistics_groups(layers, 1)), (len(layers), [[n] for n in layers])):  # one pass; one per layer
+        cache = PaletteCache(model, None, "output-aware")
+        scores = propagated_scores(model, calib, cache, [4, 8], groups, batch_size=16, gradient_batch_size=4)
+        assert cache.statistics is None and scores.statistics.groups == count
+        runs[count] = cache, scores
+    (one, one_scores), (three, three_scores) = runs[1], runs[len(layers)]
+    assert torch.equal(one_scores.statistics.reference, three_scores.statistics.reference)
+    for name in layers:
+        for bits in (4, 8):
+            a, b = one.palette(name, bits), three.palette(name, bits)
+            assert np.array_equal(a.lut, b.lut) and np.array_equal(a.indices, b.indices), (name, bits)
+            assert three_scores.sensitivity[name][bits] == pytest.approx(one_scores.sensitivity[name][bits], rel=1e-5, abs=1e-12)
+    with pytest.raises(EdgeCompileError, match="not held"):
+        three.palette(next(iter(layers)), 6)
+
+
+def test_statistics_groups_never_split_a_module(setup):
+    from edgecompile.compress.importance import statistics_bytes, statistics_groups
+
+    layers = setup[3]
+    assert statistics_groups(layers, 1) == [list(layers)]
+    many = statistics_groups(layers, 1000)  # as many groups as modules at most
+    assert sum(many, []) == list(layers)
+    for group in many:
+        assert len({n.rpartition(".")[0] or n for n in group}) == 1
+    two = statistics_groups(layers, 2)
+    sizes = [statistics_bytes({n: layers[n] for n in g}) for g in two]
+    assert len(two) == 2 and sum(two, []) == list(layers) and max(sizes) < statistics_bytes(layers)
+
+
+def test_palettes_decoded_on_call_equal_palettes_swapped_in(setup):
+    from edgecompile.compress.sensitivity import decoded_on_call
+
+    _, calib, model, layers, stats = setup
+    cache = PaletteCache(model, None, "output-aware", stats)
+    bits = {n: (4 if i % 2 else 8) for i, n in enumerate(layers)}
+    bits[next(iter(layers))] = 16  # fp16: left as it is
+    before = {n: m.weight for n, m in layers.items()}
+    with decoded_on_call(cache, bits):
+        on_call = calibration_outputs(model, calib, 16)
+    with swapped_weights(layers, {n: cache.decoded(n, b) for n, b in bits.items() if b < 16}):
+        swapped = calibration_outputs(model, calib, 16)
+    assert torch.equal(on_call, swapped)
+    assert all(m.weight is before[n] for n, m in layers.items())  # every weight given back

@@ -12,17 +12,17 @@ from typing import Callable
 
 import torch
 
-from edgecompile.choices import Bits, PaletteMethod, SweepMode
+from edgecompile.choices import KEEP_FP16, Bits, PaletteMethod, SweepMode
 from edgecompile.compress.calibration import CalibrationSet, check_finite, default_calibration
 from edgecompile.compress.distill import DistillSettings, distill, load_trained_state, trained_state
-from edgecompile.compress.importance import GRADIENT_BATCH, measure_statistics, statistics_bytes
-from edgecompile.compress.palettize_model import PaletteCache, apply_palettes, layer_shapes, palettes_for, palettizable_layers, uniform_bits
+from edgecompile.compress.importance import GRADIENT_BATCH, statistics_bytes, statistics_groups
+from edgecompile.compress.palettize_model import PaletteCache, apply_palettes, layer_shapes, palettes_for, palettizable_layers, prepare_in_groups, uniform_bits
 from edgecompile.compress.recipe import Recipe, make_recipe
-from edgecompile.compress.sensitivity import calibration_outputs, output_psnr
+from edgecompile.compress.sensitivity import PropagatedScores, calibration_outputs, output_psnr, propagated_scores
 from edgecompile.deploy.dit import DeployDiT
 from edgecompile.deploy.rewrite import deploy_model
 from edgecompile.export_report import CompressionResult
-from edgecompile.model.budget import MAX_BATCH, available_memory_bytes, batch_size_for, statistics_batches_for, training_batch_for
+from edgecompile.model.budget import MAX_BATCH, available_memory_bytes, batch_size_for, statistics_batches_for, statistics_groups_for, training_batch_for
 from edgecompile.model.checkpoint import Checkpoint
 from edgecompile.model.device import free_memory_bytes, peak_memory_gib, release_freed_host_memory, reset_peak_memory
 
@@ -68,21 +68,28 @@ def graph_at_calibration_size(dense, calib: CalibrationSet, query_chunk: int | N
 
 
 def palette_cache(teacher: DeployDiT, calib: CalibrationSet, method: PaletteMethod, group_size: int | None, sweep_mode: SweepMode | None,
-                  batches: BatchPlan, progress: Progress | None = None) -> PaletteCache:
-    """The palettes of `teacher`'s layers; the layer statistics (a forward and backward pass on a third of the
-    calibration inputs, a forward pass on the rest) are measured once when the palette method or the propagated sweep
-    needs them."""
-    stats = None
-    if method != PaletteMethod.PLAIN or sweep_mode == SweepMode.PROPAGATED:
-        stats = measure_statistics(teacher, palettizable_layers(teacher), calib, batches.statistics, progress=progress,
-                                   gradient_batch_size=batches.gradient)
-    return PaletteCache(teacher, group_size, method, stats)
+                  needed: dict[str, list[int]], batches: BatchPlan,
+                  progress: Progress | None = None) -> tuple[PaletteCache, PropagatedScores | None]:
+    """The palettes of `teacher`'s layers (`needed`: {layer: bit-widths} the export may use) and, for the propagated
+    sweep (`sweep_mode`), its scores. Where the palette method or the sweep needs the layer statistics (a forward and
+    backward pass on a third of the calibration inputs, a forward pass on the rest), they are measured in
+    `batches.statistics_groups` groups of layers, each let go once its palettes are made and its layers scored;
+    plain palettes without the propagated sweep are made when asked for."""
+    cache = PaletteCache(teacher, group_size, method)
+    groups = statistics_groups({n: cache.layers[n] for n in needed}, batches.statistics_groups)
+    if sweep_mode == SweepMode.PROPAGATED:
+        candidates = sorted({b for bits in needed.values() for b in bits})
+        return cache, propagated_scores(teacher, calib, cache, candidates, groups, batches.statistics, batches.gradient, progress)
+    if method != PaletteMethod.PLAIN:
+        prepare_in_groups(cache, teacher, calib, needed, groups, batches.statistics, batches.gradient, progress=progress)
+    return cache, None
 
 
 def sweep_recipe(teacher: DeployDiT, config_name: str, width: float, calib: CalibrationSet, settings: SweepSettings,
-                 cache: PaletteCache, progress: Progress | None = None, batch_size: int = MAX_BATCH) -> Recipe:
+                 cache: PaletteCache, progress: Progress | None = None, batch_size: int = MAX_BATCH,
+                 scores: PropagatedScores | None = None) -> Recipe:
     return make_recipe(teacher, config_name, width, calib, list(settings.candidates), settings.mode, settings.target_bits,
-                       settings.target_psnr_db, cache=cache, progress=progress, batch_size=batch_size)
+                       settings.target_psnr_db, cache=cache, progress=progress, batch_size=batch_size, scores=scores)
 
 
 @dataclass(frozen=True)
@@ -92,6 +99,7 @@ class BatchPlan:
     checkpointing: bool  # activation checkpointing in self-distillation
     statistics: int  # the layer statistics' forward-only pass
     gradient: int  # the layer statistics' backward pass (no checkpointing)
+    statistics_groups: int = 1  # groups of layers the statistics are measured in, one at a time
 
 
 def batch_plan(ckpt: Checkpoint, width: float, calib: CalibrationSet, device: torch.device, given: int | None) -> BatchPlan:
@@ -99,13 +107,17 @@ def batch_plan(ckpt: Checkpoint, width: float, calib: CalibrationSet, device: to
     most the default 16, with activation checkpointing where it pays (model/budget.py: training_batch_for)."""
     hw = calib.latent_hw
     free = free_memory_bytes(device, available_memory_bytes())
-    infer = given or batch_size_for(ckpt.config, width, hw, free)
+    infer = given or batch_size_for(ckpt.config, width, hw, free, on_cpu=device.type == "cpu")
     train, checkpointing = training_batch_for(ckpt.config, width, hw, free, cap=min(DistillSettings.batch_size, given or MAX_BATCH),
                                               on_cpu=device.type == "cpu")
-    # the statistics' batches fit what is left once their sums are held (F and H: 11 GiB at the paper's width 1.0)
-    statistics, gradient = statistics_batches_for(ckpt.config, width, hw, free, statistics_bytes(layer_shapes(ckpt.config, width, hw)),
+    # the statistics are measured in groups of layers where all their sums (F and H: 11 GiB at the paper's width 1.0)
+    # would not fit a share of the free memory, and their batches fit what is left once one group's are held
+    held = statistics_bytes(layer_shapes(ckpt.config, width, hw))
+    groups = statistics_groups_for(held, free)
+    statistics, gradient = statistics_batches_for(ckpt.config, width, hw, free, -(-held // groups),
                                                   forward_cap=infer, gradient_cap=min(GRADIENT_BATCH, infer))
-    return BatchPlan(inference=infer, training=train, checkpointing=checkpointing, statistics=statistics, gradient=gradient)
+    return BatchPlan(inference=infer, training=train, checkpointing=checkpointing, statistics=statistics, gradient=gradient,
+                     statistics_groups=groups)
 
 
 def compress(ckpt: Checkpoint, dense, deploy: DeployDiT, width: float, opts: CompressionOptions, resolved: ResolvedCompression,
@@ -121,14 +133,20 @@ def compress(ckpt: Checkpoint, dense, deploy: DeployDiT, width: float, opts: Com
     batches = batch_plan(ckpt, width, calib, resolved.device, opts.batch_size)
     infer_batch, train_batch = batches.inference, batches.training
     sweeping = bits is Bits.MIXED and resolved.recipe is None
-    with timer.stage("statistics"):
-        cache = palette_cache(teacher, calib, opts.palettes, opts.group_size, opts.sweep.mode if sweeping else None, batches, progress)
+    if sweeping:
+        needed = dict.fromkeys(palettizable_layers(teacher), list(opts.sweep.candidates))
+    else:
+        chosen = resolved.recipe.bits if bits is Bits.MIXED else uniform_bits(teacher, bits.uniform)
+        needed = {n: [b] for n, b in chosen.items() if b < KEEP_FP16}
+    with timer.stage("statistics"):  # and, while a group of layers' are held, the palettes they need and their scores
+        cache, scores = palette_cache(teacher, calib, opts.palettes, opts.group_size, opts.sweep.mode if sweeping else None,
+                                      needed, batches, progress)
     recipe = None
     if bits is Bits.MIXED:
         recipe = resolved.recipe
         if recipe is None:
             with timer.stage("sweep"):
-                recipe = sweep_recipe(teacher, ckpt.config.name, width, calib, opts.sweep, cache, progress, infer_batch)
+                recipe = sweep_recipe(teacher, ckpt.config.name, width, calib, opts.sweep, cache, progress, infer_batch, scores)
         bits_map = recipe.bits
     else:
         bits_map = uniform_bits(deploy, bits.uniform)
@@ -159,6 +177,7 @@ def compress(ckpt: Checkpoint, dense, deploy: DeployDiT, width: float, opts: Com
         calibration={**calib.meta, "latent": list(calib.latent_hw), "inputs": len(calib),
                      "held_out": len(held_out) if held_out is not None else 0, "device": resolved.device.type,
                      "batch_size": infer_batch, "statistics_batch_size": batches.statistics, "gradient_batch_size": batches.gradient,
+                     "statistics_groups": batches.statistics_groups,
                      "distill_batch_size": train_batch,
                      "distill_activation_checkpointing": batches.checkpointing},
         recipe=recipe, bits_per_layer=bits_map,

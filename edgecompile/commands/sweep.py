@@ -12,7 +12,7 @@ import torch
 from edgecompile.atomic import check_output_path
 from edgecompile.choices import PaletteMethod
 from edgecompile.compress.calibration import CalibrationSet
-from edgecompile.compress.palettize_model import DEFAULT_PALETTE_METHOD, check_group_size, layer_shapes
+from edgecompile.compress.palettize_model import DEFAULT_PALETTE_METHOD, check_group_size, layer_shapes, palettizable_layers
 from edgecompile.compress.recipe import Recipe
 from edgecompile.model.budget import check_fits
 from edgecompile.model.checkpoint import Checkpoint
@@ -67,7 +67,8 @@ def run_sweep(ckpt: Checkpoint, opts: SweepOptions, on_stage: Callable[[str], No
     teacher = graph_at_calibration_size(extract_width(ckpt.model, opts.width, share=True), calib, device=run.device)
     on_stage(f"{opts.settings.mode} sweep")
     batches = batch_plan(ckpt, opts.width, calib, run.device, None)
-    cache = palette_cache(teacher, calib, opts.palettes, opts.group_size, opts.settings.mode, batches, progress)
-    recipe = sweep_recipe(teacher, ckpt.config.name, opts.width, calib, opts.settings, cache, progress, batches.inference)
+    needed = dict.fromkeys(palettizable_layers(teacher), list(opts.settings.candidates))
+    cache, scores = palette_cache(teacher, calib, opts.palettes, opts.group_size, opts.settings.mode, needed, batches, progress)
+    recipe = sweep_recipe(teacher, ckpt.config.name, opts.width, calib, opts.settings, cache, progress, batches.inference, scores)
     recipe.save(opts.output, force=opts.force, inputs=[ckpt.path, opts.calibration])
     return recipe

@@ -49,6 +49,24 @@ def statistics_bytes(layers: dict[str, nn.Module]) -> int:
     return total
 
 
+def statistics_groups(layers: dict[str, nn.Module], count: int) -> list[list[str]]:
+    """`layers` (in the model's order) cut into `count` runs of about equal statistics (statistics_bytes), measured one
+    run at a time (compress/palettize_model.prepare_in_groups): a run's statistics are let go before the next is
+    measured. A cut falls only between modules, never inside one: q, k and v of one attention read one input, whose
+    H is summed once. Fewer runs where there are fewer modules."""
+    units: dict[str, list[str]] = {}
+    for name in layers:
+        units.setdefault(name.rpartition(".")[0] or name, []).append(name)  # a top-level layer is a module of its own
+    sizes = [statistics_bytes({n: layers[n] for n in names}) for names in units.values()]
+    share = max(sum(sizes), 1) / max(count, 1)
+    groups: list[list[str]] = [[] for _ in range(max(count, 1))]
+    before = 0
+    for names, size in zip(units.values(), sizes):  # each module to the run its middle byte falls in
+        groups[min(len(groups) - 1, int((before + size / 2) // share))] += names
+        before += size
+    return [g for g in groups if g]
+
+
 def as_matrix(mod: nn.Module, weight: torch.Tensor | np.ndarray):
     """The weight as (rows, columns): Conv2d (O, I*kh*kw) in `unfold`'s column order; ConvTranspose2d
     (O*kh*kw, I) (each output tap is its own row)."""
@@ -270,13 +288,17 @@ GRADIENT_BATCH = 4  # the backward pass's batch, at most: it keeps every activat
 
 def measure_statistics(model: nn.Module, layers: dict[str, nn.Module], calib: CalibrationSet, batch_size: int = 64,
                        seed: int = 0, progress: Callable[[str, int, int], None] | None = None,
-                       gradient_batch_size: int | None = None) -> LayerStatistics:
+                       gradient_batch_size: int | None = None, forward_seconds: float | None = None) -> LayerStatistics:
     """A forward and backward pass over a spread third of the calibration inputs (F, and H), and a forward pass over
     the others (H): hooks accumulate each layer's H over every input, and the outputs are the reference.
 
     `batch_size` batches the forward-only pass; `gradient_batch_size` (default: GRADIENT_BATCH, or `batch_size` if
     smaller) the backward pass, which keeps every activation of its batch (model/budget.py: gradient_batch_for
-    sizes it to the free memory).
+    sizes it to the free memory). `forward_seconds`: a plain forward pass's time already measured on this model and
+    set (a later group of layers, compress/palettize_model.prepare_in_groups), else measured here.
+
+    The statistics of a layer do not depend on which other layers are measured with it: the same inputs, batches
+    and random signs give the same F and H whether `layers` is every layer or a group of them.
 
     H and F stay on the model's device, in float32. H's terms are float32 products (2x the speed of float64's), so
     summing a few batches of them in float64 added no digits that mattered; it cost 1.5 GiB and 5 s at the paper's
@@ -411,7 +433,8 @@ def measure_statistics(model: nn.Module, layers: dict[str, nn.Module], calib: Ca
             p.requires_grad_(flag)
         captured.clear()
     seconds = time.perf_counter() - start
-    forward_seconds = plain_forward_seconds(model, calib, batch_size)
+    if forward_seconds is None:
+        forward_seconds = plain_forward_seconds(model, calib, batch_size)
     reference = torch.empty((len(calib), *outputs[0].shape[1:]), dtype=outputs[0].dtype)
     reference[torch.cat([rest_idx, grad_idx])] = torch.cat(outputs)  # back in calibration order
     for name, mod in layers.items():

@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import collections
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
 
-from edgecompile.compress.importance import LayerStatistics, SecondMoment, as_matrix, from_matrix
+from edgecompile.compress.calibration import CalibrationSet
+from edgecompile.compress.importance import LayerStatistics, SecondMoment, as_matrix, from_matrix, measure_statistics
 from edgecompile.compress.kmeans import Palette, palettize
 from edgecompile.compress.rounding import inverse_cholesky_upper, output_aware_indices, rounding_dtype
 from edgecompile.deploy.dit import DeployDiT
@@ -72,13 +74,12 @@ def check_group_size(layers: dict[str, nn.Module], group_size: int, width: float
 class PaletteCache:
     """Palettes of a deploy model's layers, computed once per (layer, bits) and reused by the sweep, the
     allocation's checks and the export. `statistics` (importance.measure_statistics on the same model) is what
-    the weighted and output-aware methods need."""
+    the weighted and output-aware methods need: given here, or a group of layers' at a time (prepare_in_groups),
+    each released once its layers' palettes are made."""
 
     def __init__(self, model: nn.Module, group_size: int | None = None, method: str = "plain",
                  statistics: LayerStatistics | None = None):
         method = PaletteMethod.parse(method, "--palettes")
-        if method != "plain" and statistics is None:
-            raise EdgeCompileError(f"internal: --palettes {method} needs layer statistics from calibration data")
         self.layers = palettizable_layers(model)
         self.group_size = group_size
         self.method = method
@@ -99,12 +100,20 @@ class PaletteCache:
             self.prepare([layer], [nbits])
         return self._palettes[(layer, nbits)]
 
+    def release_statistics(self) -> None:
+        """Let go of the statistics (and the factors of their H): the palettes made from them stay."""
+        self.statistics = None
+        self._factors.clear()
+
     def prepare(self, layers: list[str], candidates: list[int], progress: Callable[[int, int], None] | None = None) -> None:
         """The palettes of every layer at every candidate bit-width: k-means for each, then, for output-aware ones,
         error-compensating indices for all the layers and bit-widths that share one H at once (their rows stacked
         under one factor: one pass over the columns where there was one per layer and bit-width; q, k and v, and
         every block's text K and V, share theirs). `progress(done, total)` counts layers."""
         todo = [(n, b) for n in layers for b in candidates if (n, b) not in self._palettes]
+        if todo and self.method != "plain" and (self.statistics is None or todo[0][0] not in self.statistics.fisher):
+            raise EdgeCompileError(f"internal: --palettes {self.method} needs the layer statistics of {todo[0][0]} for its "
+                                   f"{todo[0][1]}-bit palette, and they are not held (prepare_in_groups makes every palette it is given)")
         plain: dict[tuple[str, int], Palette] = {}
         for i, (name, nbits) in enumerate(todo):
             start = time.perf_counter()
@@ -179,6 +188,60 @@ class PaletteCache:
         """The decoded weight, on the layer's device (k-means itself runs on the CPU, where it is fast)."""
         weight = torch.from_numpy(self.palette(layer, nbits).decode().astype(np.float32))
         return weight.to(self.layers[layer].weight.device)
+
+
+@dataclass
+class StatisticsPass:
+    """What prepare_in_groups measured, its sums let go."""
+
+    reference: torch.Tensor  # the unquantized outputs on the calibration inputs (CPU)
+    seconds: float  # the statistics' passes, every group's
+    forward_seconds: float  # one plain forward pass over the same inputs, in the same run
+    palette_seconds: float  # k-means and error-compensating rounding of the palettes made
+    groups: int
+
+    @property
+    def cost_forward_passes(self) -> float:
+        return self.seconds / max(self.forward_seconds, 1e-9)
+
+
+def prepare_in_groups(cache: PaletteCache, model: nn.Module, calib: CalibrationSet, needed: dict[str, list[int]],
+                      groups: list[list[str]], batch_size: int = 64, gradient_batch_size: int | None = None,
+                      on_group: Callable[[LayerStatistics, list[str]], None] | None = None,
+                      progress: Callable[[str, int, int], None] | None = None) -> StatisticsPass:
+    """Every palette `needed` ({layer: bit-widths}) into `cache`, the layer statistics measured one group of layers at a
+    time (importance.statistics_groups) and let go before the next: `on_group(statistics, layers)` reads a group's
+    while they are held (the propagated sweep scores its layers). `cache` keeps the palettes, not the statistics.
+
+    Why groups: F and H are each about as large as the weights (11 GiB at the paper's width 1.0, with 5.5 GiB of
+    weights), and a pass held them all. A layer's statistics do not depend on the other layers measured with it, so
+    groups give the palettes one pass would; each group costs one more forward pass over the calibration inputs
+    (and a backward pass from the output to the group's first layer)."""
+    seconds, palette_seconds, forward_seconds, reference = 0.0, 0.0, None, None
+    for i, group in enumerate(groups):
+        label = (lambda what: f"{what}, layer group {i + 1} of {len(groups)}") if len(groups) > 1 else (lambda what: what)
+        stats = measure_statistics(model, {n: cache.layers[n] for n in group}, calib, batch_size, gradient_batch_size=gradient_batch_size,
+                                   forward_seconds=forward_seconds,
+                                   progress=(lambda what, done, total: progress(label(what), done, total)) if progress else None)
+        seconds += stats.seconds
+        forward_seconds = stats.forward_seconds
+        reference = stats.reference if reference is None else reference
+        cache.statistics = stats
+        start = time.perf_counter()
+        by_bits: dict[tuple[int, ...], list[str]] = {}
+        for name in group:
+            if needed.get(name):
+                by_bits.setdefault(tuple(sorted(needed[name])), []).append(name)
+        for bits, names in by_bits.items():  # layers sharing an H rounded together
+            cache.prepare(names, list(bits), (lambda done, total: progress(label("palettes"), done, total)) if progress else None)
+        palette_seconds += time.perf_counter() - start
+        if on_group is not None:
+            on_group(stats, group)
+        cache.release_statistics()
+        del stats
+        release_freed_host_memory()
+    return StatisticsPass(reference=reference, seconds=seconds, forward_seconds=forward_seconds or 0.0,
+                          palette_seconds=palette_seconds, groups=len(groups))
 
 
 @torch.no_grad()

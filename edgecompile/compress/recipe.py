@@ -24,7 +24,7 @@ from edgecompile.atomic import atomic_path
 from edgecompile.compress.allocation import allocate_for_psnr, average_bits, greedy
 from edgecompile.compress.calibration import CalibrationSet
 from edgecompile.compress.palettize_model import PaletteCache
-from edgecompile.compress.sensitivity import calibration_outputs, output_psnr, swapped_weights, sweep
+from edgecompile.compress.sensitivity import PropagatedScores, calibration_outputs, decoded_on_call, output_psnr, sweep
 from edgecompile.choices import KEEP_FP16, LAYER_BITS, PALETTE_BITS
 from edgecompile.errors import EdgeCompileError
 from edgecompile.jsonutil import dumps
@@ -127,21 +127,23 @@ def check_recipe_fits(recipe: Recipe, layers: dict[str, nn.Module], width: float
 
 def simulated_psnr(model: nn.Module, cache: PaletteCache, bits: dict[str, int], calib: CalibrationSet,
                    reference: torch.Tensor, batch_size: int = 64) -> float:
-    """Denoiser-output PSNR on the calibration set of the model with `bits` applied (k-means palettes)."""
-    weights = {n: cache.decoded(n, b) for n, b in bits.items() if b < KEEP_FP16}
-    with swapped_weights(cache.layers, weights):
+    """Denoiser-output PSNR on the calibration set of the model with `bits` applied (the cache's palettes, decoded a
+    layer at a time as it is called)."""
+    with decoded_on_call(cache, bits):
         return output_psnr(reference, calibration_outputs(model, calib, batch_size))
 
 
 def make_recipe(model: nn.Module, config_name: str, width: float, calib: CalibrationSet, candidates: list[int],
                 mode: str = "propagated", target_bits: float | None = DEFAULT_TARGET_BITS, target_psnr_db: float | None = None,
-                cache: PaletteCache | None = None, progress=None, batch_size: int = 64) -> Recipe:
-    """Sweep a deploy model on calibration inputs and allocate bits for a target average or a target PSNR."""
+                cache: PaletteCache | None = None, progress=None, batch_size: int = 64,
+                scores: PropagatedScores | None = None) -> Recipe:
+    """Sweep a deploy model on calibration inputs and allocate bits for a target average or a target PSNR (`scores`:
+    the propagated sweep's, measured before with the cache's palettes)."""
     bad = [b for b in candidates if b not in PALETTE_BITS]
     if bad or not candidates:
         raise EdgeCompileError(f"--bits candidates {candidates} must be from {PALETTE_BITS} (e.g. --bits 4,8)")
     cache = cache or PaletteCache(model)
-    result = sweep(model, calib, candidates, mode, cache, batch_size, progress)
+    result = sweep(model, calib, candidates, mode, cache, batch_size, progress, scores)
     reference = result.reference
     if target_psnr_db is not None:
         bits, psnr = allocate_for_psnr(result.sensitivity, result.sizes, candidates, target_psnr_db,

@@ -28,9 +28,9 @@ from torch import nn
 
 from edgecompile.compress.hooks import forward_hooks
 from edgecompile.compress.calibration import CalibrationSet
-from edgecompile.compress.importance import measure_statistics
-from edgecompile.compress.palettize_model import PaletteCache
-from edgecompile.choices import SweepMode
+from edgecompile.compress.importance import LayerStatistics
+from edgecompile.compress.palettize_model import PaletteCache, StatisticsPass, prepare_in_groups
+from edgecompile.choices import KEEP_FP16, SweepMode
 from edgecompile.metrics import psnr_db
 from edgecompile.model.device import device_of
 
@@ -49,6 +49,35 @@ def swapped_weights(layers: dict[str, nn.Module], weights: dict[str, torch.Tenso
     finally:
         for name, w in saved.items():
             layers[name].weight = w
+
+
+@contextmanager
+def decoded_on_call(cache: PaletteCache, bits: dict[str, int]):
+    """Give each layer in `bits` (below KEEP_FP16) its decoded palette for the length of each call only: one layer's
+    decoded weight is held at a time, where swapping them all in held a second copy of every weight (5.5 GiB at the
+    paper's width 1.0, on top of the weights and the palettes). Decoding is a gather per call, small beside the call."""
+    def before(name):
+        def hook(mod, inputs):
+            saved[name] = mod.weight
+            mod.weight = nn.Parameter(cache.decoded(name, bits[name]), requires_grad=False)
+        return hook
+
+    def after(name):
+        def hook(mod, inputs, output):
+            mod.weight = saved.pop(name)
+        return hook
+
+    saved: dict[str, nn.Parameter] = {}
+    chosen = {n: cache.layers[n] for n, b in bits.items() if b < KEEP_FP16}
+    handles = [m.register_forward_pre_hook(before(n)) for n, m in chosen.items()]
+    handles += [m.register_forward_hook(after(n)) for n, m in chosen.items()]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for name, w in saved.items():  # a call that raised
+            cache.layers[name].weight = w
 
 
 @torch.no_grad()
@@ -81,51 +110,99 @@ class SweepResult:
     forward_seconds: float = 0.0  # one plain forward pass over the calibration set, measured in the same run
     cost_forward_passes: float = 0.0  # (sweep time excluding k-means) / forward_seconds
     reference: torch.Tensor | None = None  # the unquantized outputs on the calibration set
+    statistics_groups: int | None = None  # propagated: the layer groups the statistics were measured in
 
     def to_dict(self) -> dict:
         return {
             "mode": self.mode, "candidates": self.candidates, "seconds": round(self.seconds, 3),
             "kmeans_seconds": round(self.kmeans_seconds, 3), "forward_seconds": round(self.forward_seconds, 4),
             "cost_forward_passes": round(self.cost_forward_passes, 2),
+            **({"statistics_groups": self.statistics_groups} if self.statistics_groups is not None else {}),
         }
+
+
+@dataclass
+class PropagatedScores:
+    """The propagated sweep's signal, measured before the sweep allocates (propagated_scores)."""
+
+    sensitivity: dict[str, dict[int, float]]  # denoiser-output MSE per layer and candidate
+    statistics: StatisticsPass
+    scoring_seconds: float
+
+
+def _layer_scores(stats: LayerStatistics, cache: PaletteCache, layers: list[str], candidates: list[int]) -> dict[str, dict[int, float]]:
+    return {n: dict(zip(candidates, stats.predicted_mses(cache.layers[n], n, [cache.decoded(n, b) - cache.layers[n].weight.detach() for b in candidates])))
+            for n in layers}
+
+
+@torch.no_grad()
+def propagated_scores(model: nn.Module, calib: CalibrationSet, cache: PaletteCache, candidates: list[int],
+                      groups: list[list[str]] | None = None, batch_size: int = 64, gradient_batch_size: int | None = None,
+                      progress: Progress | None = None) -> PropagatedScores:
+    """Every layer's predicted denoiser-output MSE at each candidate bit-width, and every candidate's palette in `cache`.
+
+    The layer statistics are measured a group of layers at a time (`groups`, importance.statistics_groups; default
+    one group) and let go once the group is scored and its palettes made (palettize_model.prepare_in_groups); where
+    `cache` already holds statistics of every layer, those are used and kept."""
+    layers, scoring = list(cache.layers), 0.0
+    sensitivity: dict[str, dict[int, float]] = {}
+
+    def score(stats: LayerStatistics, group: list[str]) -> None:
+        nonlocal scoring
+        start = time.perf_counter()
+        sensitivity.update(_layer_scores(stats, cache, group, candidates))
+        scoring += time.perf_counter() - start
+
+    held = cache.statistics
+    if held is not None:
+        start = time.perf_counter()
+        cache.prepare(layers, list(candidates), (lambda done, total: progress("palettes", done, total)) if progress else None)
+        run = StatisticsPass(reference=held.reference, seconds=held.seconds, forward_seconds=held.forward_seconds,
+                             palette_seconds=time.perf_counter() - start, groups=1)
+        score(held, layers)
+    else:
+        run = prepare_in_groups(cache, model, calib, dict.fromkeys(layers, list(candidates)), groups or [layers], batch_size,
+                                gradient_batch_size, on_group=score, progress=progress)
+    return PropagatedScores(sensitivity={n: sensitivity[n] for n in layers}, statistics=run, scoring_seconds=scoring)
 
 
 @torch.no_grad()
 def sweep(model: nn.Module, calib: CalibrationSet, candidates: list[int], mode: str = DEFAULT_MODE,
-          cache: PaletteCache | None = None, batch_size: int = 64, progress: Progress | None = None) -> SweepResult:
+          cache: PaletteCache | None = None, batch_size: int = 64, progress: Progress | None = None,
+          scores: PropagatedScores | None = None) -> SweepResult:
     """Sensitivity of every palettizable layer of a deploy model to each candidate bit-width.
 
-    The propagated mode uses the cache's layer statistics (measured here if the cache has none)."""
+    The propagated mode takes `scores` (propagated_scores, measured before), or measures them here from the cache's
+    statistics or, where it holds none, new ones."""
     mode = SweepMode.parse(mode, "--sweep-mode")
     cache = cache or PaletteCache(model)
     layers = cache.layers
     start = time.perf_counter()
-    kmeans_before = cache.kmeans_seconds + cache.rounding_seconds
-    stats = cache.statistics
-    if mode == "propagated" and stats is None:
-        stats = measure_statistics(model, layers, calib, batch_size, progress=progress)
+    if mode == "propagated":
+        scores = scores or propagated_scores(model, calib, cache, list(candidates), batch_size=batch_size, progress=progress)
+        run = scores.statistics
+        result = SweepResult(mode, list(candidates), {n: m.weight.numel() for n, m in layers.items()}, dict(scores.sensitivity),
+                             reference=run.reference, statistics_groups=run.groups)
+        result.seconds = run.seconds + run.palette_seconds + scores.scoring_seconds  # the sweep's work, wherever it ran
+        result.kmeans_seconds = run.palette_seconds
+        result.forward_seconds = run.forward_seconds
+        result.cost_forward_passes = (run.seconds + scores.scoring_seconds) / max(run.forward_seconds, 1e-9)  # the statistics pass is the sweep's cost
+        return result
     # palettes first, timed apart from the measurement
+    kmeans_before = cache.kmeans_seconds + cache.rounding_seconds
     cache.prepare(list(layers), list(candidates), (lambda done, total: progress("palettes", done, total)) if progress else None)
     kmeans_seconds = cache.kmeans_seconds + cache.rounding_seconds - kmeans_before
-    if mode == "propagated":
-        t_measure = time.perf_counter()
-        result = SweepResult(mode, list(candidates), {n: m.weight.numel() for n, m in layers.items()}, {}, reference=stats.reference)
-        result.sensitivity = {n: dict(zip(candidates, stats.predicted_mses(m, n, [cache.decoded(n, b) - m.weight.detach() for b in candidates])))
-                              for n, m in layers.items()}
-        forward_seconds = stats.forward_seconds
-        measure_seconds = stats.seconds + time.perf_counter() - t_measure  # the statistics pass is the sweep's cost
+    t0 = time.perf_counter()
+    reference = calibration_outputs(model, calib, batch_size)  # also the cost unit: one plain forward pass
+    forward_seconds = time.perf_counter() - t0
+    result = SweepResult(mode, list(candidates), {n: m.weight.numel() for n, m in layers.items()}, {}, reference=reference)
+    t_measure = time.perf_counter()
+    if mode == "local":
+        _local(model, calib, candidates, cache, batch_size, result, progress)
+        measure_seconds = time.perf_counter() - t_measure
     else:
-        t0 = time.perf_counter()
-        reference = calibration_outputs(model, calib, batch_size)  # also the cost unit: one plain forward pass
-        forward_seconds = time.perf_counter() - t0
-        result = SweepResult(mode, list(candidates), {n: m.weight.numel() for n, m in layers.items()}, {}, reference=reference)
-        t_measure = time.perf_counter()
-        if mode == "local":
-            _local(model, calib, candidates, cache, batch_size, result, progress)
-            measure_seconds = time.perf_counter() - t_measure
-        else:
-            _e2e(model, calib, candidates, cache, batch_size, result, reference, progress)
-            measure_seconds = time.perf_counter() - t_measure + forward_seconds  # the reference pass is part of it
+        _e2e(model, calib, candidates, cache, batch_size, result, reference, progress)
+        measure_seconds = time.perf_counter() - t_measure + forward_seconds  # the reference pass is part of it
     result.seconds = time.perf_counter() - start
     result.kmeans_seconds = kmeans_seconds
     result.forward_seconds = forward_seconds

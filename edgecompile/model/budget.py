@@ -8,6 +8,7 @@ the lower bound cannot fit the memory this machine has available.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -107,10 +108,20 @@ def _batch_fitting(per_sample_bytes: int, free_bytes: int | None, cap: int) -> i
     return max(1, min(cap, int(free_bytes * MEMORY_SHARE // max(per_sample_bytes, 1))))
 
 
+# On the CPU a larger inference batch buys no speed once one batch's activations are large: at the paper's width 1.0
+# at 32x32, a pass over 46 inputs took 144.9 s in one batch of 46 (3.42 GiB beside the weights) and 93.5 s in
+# batches of 16 (1.25 GiB; benchmarks/inference_batch_memory.py), and the larger batch set the width's export peak.
+CPU_BATCH_ABOVE_BYTES = 2**30
+
+
 def batch_size_for(config: ModelConfig, width: float, latent_hw: tuple[int, int], free_bytes: int | None,
-                   cap: int = MAX_BATCH) -> int:
-    """The largest inference batch whose activations fit MEMORY_SHARE of `free_bytes` (at least 1, at most cap)."""
-    return _batch_fitting(ACTIVATION_MARGIN * forward_activation_bytes(config, width, latent_hw, 1).bytes, free_bytes, cap)
+                   cap: int = MAX_BATCH, on_cpu: bool = False) -> int:
+    """The largest inference batch whose activations fit MEMORY_SHARE of `free_bytes` (at least 1, at most cap); on
+    the CPU also at most what keeps one batch's estimated activations under CPU_BATCH_ABOVE_BYTES."""
+    per_input = ACTIVATION_MARGIN * forward_activation_bytes(config, width, latent_hw, 1).bytes
+    if on_cpu:
+        cap = max(1, min(cap, CPU_BATCH_ABOVE_BYTES // per_input))
+    return _batch_fitting(per_input, free_bytes, cap)
 
 
 # On the CPU, checkpointing pays where the activations are large: allocating them costs more than recomputing
@@ -143,6 +154,21 @@ def statistics_batches_for(config: ModelConfig, width: float, latent_hw: tuple[i
     left = None if free_bytes is None else max(free_bytes - held_bytes, 0)
     per_input = STATISTICS_MARGIN * ACTIVATION_MARGIN * forward_activation_bytes(config, width, latent_hw, 1).bytes
     return _batch_fitting(per_input, left, forward_cap), gradient_batch_for(config, width, latent_hw, left, gradient_cap)
+
+
+STATISTICS_SHARE = 0.25  # of the free memory, for the layer statistics' sums (F and H) of one group of layers: the
+# palettes made from them (a byte a weight and candidate), the backward pass's activations and, in the sweep, a decoded
+# layer at a time come on top. At the paper's width 1.0 (13.8 GiB at most, 16.5 GiB free beside its weights) this is 4
+# groups; widths 0.375 and 0.5 (3.5 and 4.9 GiB) stay one.
+
+
+def statistics_groups_for(held_bytes: int, free_bytes: int | None) -> int:
+    """How many groups of layers the layer statistics are measured in, each a pass over the calibration inputs
+    (compress/palettize_model.prepare_in_groups): one where all their sums (`held_bytes`, importance.statistics_bytes)
+    fit STATISTICS_SHARE of `free_bytes`, else as few as bring each group's under it."""
+    if free_bytes is None:
+        return 1
+    return max(1, math.ceil(held_bytes / max(free_bytes * STATISTICS_SHARE, 1)))
 
 
 STATISTICS_MARGIN = 6  # a forward batch of the statistics held 0.22-0.33 GiB an input at the paper's width 1.0 (its sums
