@@ -20,27 +20,13 @@ import time
 from pathlib import Path
 
 import _common
-from statistics_memory import high_water_gib, resident_gib
+from statistics_memory import high_water_gib, random_graph, resident_gib
 
 
 def child(config_path: str, width: float, batch: int, n_inputs: int) -> dict:
-    import torch
-
-    from edgecompile.compress.calibration import CalibrationSet
     from edgecompile.compress.sensitivity import calibration_outputs
-    from edgecompile.deploy.rewrite import deploy_model
-    from edgecompile.model.config import ModelConfig
-    from edgecompile.model.dit import EfficientDiT
-    from edgecompile.model.elastic import narrow_to_width
 
-    config = ModelConfig.load(config_path)
-    torch.manual_seed(0)
-    model = narrow_to_width(EfficientDiT(config).eval(), width)
-    g = torch.Generator().manual_seed(0)
-    calib = CalibrationSet(torch.randn(n_inputs, config.latent_channels, 32, 32, generator=g),
-                           torch.rand(n_inputs, generator=g) * config.max_timestep,
-                           torch.randn(n_inputs, config.text_len, config.text_dim, generator=g))
-    deploy = deploy_model(model, width, latent_hw=(32, 32)).fuse_attention()
+    deploy, calib = random_graph(config_path, width, n_inputs)
     gc.collect()
     open("/proc/self/clear_refs", "w").write("5")  # the high-water mark from here on
     before = resident_gib()

@@ -40,12 +40,11 @@ def resident_gib() -> float:
     return float("nan")
 
 
-def child(config_path: str, width: float, forward_batch: int, gradient_batch: int, n_inputs: int) -> dict:
+def random_graph(config_path: str, width: float, n_inputs: int):
+    """(the deploy graph at 32x32 of a random model of the config narrowed to `width`, random inputs at 32x32)."""
     import torch
 
     from edgecompile.compress.calibration import CalibrationSet
-    from edgecompile.compress.importance import measure_statistics
-    from edgecompile.compress.palettize_model import palettizable_layers
     from edgecompile.deploy.rewrite import deploy_model
     from edgecompile.model.config import ModelConfig
     from edgecompile.model.dit import EfficientDiT
@@ -58,7 +57,14 @@ def child(config_path: str, width: float, forward_batch: int, gradient_batch: in
     calib = CalibrationSet(torch.randn(n_inputs, config.latent_channels, 32, 32, generator=g),
                            torch.rand(n_inputs, generator=g) * config.max_timestep,
                            torch.randn(n_inputs, config.text_len, config.text_dim, generator=g))
-    deploy = deploy_model(model, width, latent_hw=(32, 32)).fuse_attention()
+    return deploy_model(model, width, latent_hw=(32, 32)).fuse_attention(), calib
+
+
+def child(config_path: str, width: float, forward_batch: int, gradient_batch: int, n_inputs: int) -> dict:
+    from edgecompile.compress.importance import measure_statistics
+    from edgecompile.compress.palettize_model import palettizable_layers
+
+    deploy, calib = random_graph(config_path, width, n_inputs)
     layers = palettizable_layers(deploy)
     gc.collect()
     open("/proc/self/clear_refs", "w").write("5")  # the high-water mark from here on
